@@ -1,0 +1,59 @@
+"""A small name -> factory registry shared by encoders and fusion heads (as timm's)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from .errors import RegistryError
+
+T = TypeVar("T")
+
+__all__ = ["Registry"]
+
+
+class Registry(Generic[T]):
+    """Maps names to factories; a duplicate name is an error, not a warning."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator that registers a factory (function or class) under ``name`` (default: its own name)."""
+
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            key = name or factory.__name__
+            if key in self._entries and self._entries[key] is not factory:
+                raise RegistryError(
+                    f"{self.kind} name {key!r} is already registered by "
+                    f"{self._entries[key].__module__}; choose another name."
+                )
+            self._entries[key] = factory
+            return factory
+
+        return decorator
+
+    def get(self, name: str) -> Callable[..., T]:
+        """Return the factory registered as ``name``, or raise a RegistryError listing close names."""
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, list(self._entries), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries)) or 'none'}."
+            )
+        return self._entries[name]
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        """Build the component registered as ``name`` with ``kwargs``."""
+        return self.get(name)(**kwargs)
+
+    def list(self, pattern: str | None = None) -> list[str]:
+        """Sorted registered names, optionally filtered by a shell-style pattern (``"*lstm*"``)."""
+        names = sorted(self._entries)
+        return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries

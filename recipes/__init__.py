@@ -1,0 +1,1 @@
+"""Lightning recipes: the fused model, data, training and the CLI."""

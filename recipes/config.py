@@ -1,0 +1,197 @@
+"""Typed, serialisable configs of the fused model (``config.json`` of every checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from encoders import FINETUNE_POLICIES, MODALITIES
+from encoders.errors import ConfigError
+
+__all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS"]
+
+FORMAT_VERSION = 1
+STAGES = ("early", "late", "hybrid")
+TASKS = ("multiclass", "multilabel", "regression")
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """Raise ConfigError naming ``where`` when ``value`` does not match the type ``hint`` (shallow)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{where}={value!r} is not one of {get_args(hint)}.")
+        return
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in get_args(hint):
+            try:
+                _check_type(where, value, arg)
+                return
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}={value!r} has the wrong type; expected {hint}.")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where} must be null.")
+        return
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if base in (tuple, list) and isinstance(value, (list, tuple)):
+        return
+    if isinstance(base, type) and dataclasses.is_dataclass(base):
+        if not isinstance(value, (base, dict)):
+            raise ConfigError(f"{where} must be a mapping of {base.__name__} fields, got {type(value).__name__}.")
+        return
+    if isinstance(base, type) and (not isinstance(value, base) or (base is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {base.__name__}, got {type(value).__name__} {value!r}.")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}.")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key(s) {missing} in {where}.")
+    for key, value in data.items():
+        _check_type(f"{where}.{key}", value, hints[key])
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One modality's encoder: a registered name, its options and its fine-tuning policy."""
+
+    name: str
+    finetune: Literal["frozen", "full", "last_n", "lora"] = "frozen"
+    last_n: int = 1
+    lora_r: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_POLICIES:
+            raise ConfigError(f"finetune={self.finetune!r} is not one of {FINETUNE_POLICIES}.")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | EncoderSpec, where: str = "encoder") -> EncoderSpec:
+        """Accept a bare name (``"minilm-l6"``), a mapping of fields, or an EncoderSpec."""
+        if isinstance(value, str):
+            return cls(name=value)
+        return _from_dict(cls, value, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FusionModelConfig:
+    """Everything needed to rebuild a :class:`recipes.model.FusionModel`.
+
+    Attributes:
+        encoders: modality ("text" | "image" | "audio") -> encoder spec.
+        fusion_head: a registered fusion head name (``fusion_heads.list_fusion_heads()``).
+        head_options: the head's own keyword options.
+        stage: ``early`` | ``late`` | ``hybrid`` (docs/stages.md).
+        task: ``multiclass`` | ``multilabel`` | ``regression``.
+        labels: class names (classification) or target names (regression).
+        hidden_dim: shared width D of projections, the fused vector and the trunk.
+        trunk_layers: layers of the shared trunk after the head.
+        dropout: dropout in projections, trunk and task heads.
+        modality_dropout: modality -> probability of hiding it for a training sample.
+        late_loss_weight: weight of the per-modality losses in late and hybrid stages.
+    """
+
+    encoders: dict[str, EncoderSpec]
+    labels: tuple[str, ...]
+    fusion_head: str = "concat"
+    head_options: dict[str, Any] = field(default_factory=dict)
+    stage: Literal["early", "late", "hybrid"] = "late"
+    task: Literal["multiclass", "multilabel", "regression"] = "multiclass"
+    hidden_dim: int = 128
+    trunk_layers: int = 1
+    dropout: float = 0.1
+    modality_dropout: dict[str, float] = field(default_factory=dict)
+    late_loss_weight: float = 0.5
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        encs = {}
+        for m, spec in dict(self.encoders).items():
+            if m not in MODALITIES:
+                raise ConfigError(f"encoders key {m!r} is not a modality; use one of {MODALITIES}.")
+            encs[m] = EncoderSpec.parse(spec, f"encoders.{m}")
+        if not encs:
+            raise ConfigError("encoders is empty: give at least one, e.g. {'text': 'minilm-l6'}.")
+        object.__setattr__(self, "encoders", {m: encs[m] for m in sorted(encs)})
+        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage!r} is not one of {STAGES}.")
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not one of {TASKS}.")
+        if not self.labels:
+            raise ConfigError("labels is empty: give the class names (or target names for regression).")
+        if self.task != "regression" and len(self.labels) < 2:
+            raise ConfigError(f"a {self.task} task needs at least 2 labels, got {list(self.labels)}.")
+        for m, p in self.modality_dropout.items():
+            if m not in self.encoders:
+                raise ConfigError(f"modality_dropout names {m!r}, which has no encoder; use {list(self.encoders)}.")
+            if not 0.0 <= float(p) < 1.0:
+                raise ConfigError(f"modality_dropout[{m!r}]={p} must be in [0, 1).")
+        if self.hidden_dim < 1 or self.trunk_layers < 0:
+            raise ConfigError("hidden_dim must be >= 1 and trunk_layers >= 0.")
+        if self.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"config format_version {self.format_version} is newer than this fusion-zoo understands "
+                f"({FORMAT_VERSION}); upgrade fusion-zoo: pip install -U fusion-zoo."
+            )
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    def replace(self, **changes: Any) -> FusionModelConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FusionModelConfig:
+        """Validate ``data`` against the schema (unknown keys and wrong types name the key) and build."""
+        data = dict(data)
+        if "encoders" in data and isinstance(data["encoders"], dict):
+            data["encoders"] = {m: EncoderSpec.parse(v, f"config.encoders.{m}") for m, v in data["encoders"].items()}
+        return _from_dict(cls, data, "config")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FusionModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON ({e}); re-save it with model.save_pretrained().") from e
+        return cls.from_dict(data)

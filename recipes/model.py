@@ -1,0 +1,282 @@
+"""``FusionModel``: encoders + fusion head + task head, at an early, late or hybrid stage.
+
+A plain ``nn.Module`` (no Lightning inside) built from one :class:`FusionModelConfig`.
+What each stage computes is written down in docs/stages.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from encoders import Encoder, ModalityOutput, create_encoder
+from encoders.errors import ConfigError, InputError
+from fusion_heads import FusionHead, create_fusion_head
+
+from .config import FusionModelConfig
+
+__all__ = ["FusionModel", "FusionModelOutput"]
+
+
+@dataclass
+class FusionModelOutput:
+    """Output of :meth:`FusionModel.forward`.
+
+    Attributes:
+        logits: [B, C] final prediction (logits for classification, values for regression).
+        fused: [B, D] the fused representation.
+        modality_logits: modality -> [B, C] per-modality predictions (late and hybrid stages).
+        present: modality -> [B] bool, which samples had the modality after modality dropout.
+        aux: the head's auxiliary losses (``*_loss``) and diagnostics.
+    """
+
+    logits: Tensor
+    fused: Tensor
+    modality_logits: dict[str, Tensor] = field(default_factory=dict)
+    present: dict[str, Tensor] = field(default_factory=dict)
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum of the head's auxiliary losses (a scalar; 0 when there are none)."""
+        losses = [v for k, v in self.aux.items() if k.endswith("_loss")]
+        return torch.stack(losses).sum() if losses else self.logits.new_zeros(())
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+class _ResidualBlock(nn.Module):
+    """Pre-norm residual MLP block of the shared trunk: x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = _mlp(dim, 2 * dim, dim, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class _Trunk(nn.Module):
+    """Shared trunk after the head: transformer layers over [fused; head tokens] when the head keeps tokens,
+    residual MLP blocks over the fused vector otherwise."""
+
+    def __init__(self, dim: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        heads = 4 if dim % 4 == 0 else 1
+        self.attn = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.mlp = nn.ModuleList(_ResidualBlock(dim, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, fused: Tensor, tokens: Tensor | None, token_mask: Tensor | None) -> Tensor:
+        if tokens is None or not len(self.attn):
+            for block in self.mlp:
+                fused = block(fused)  # [B, D]
+            return self.norm(fused)
+        seq = torch.cat([fused[:, None], tokens], dim=1)  # [B, 1+T, D]
+        if token_mask is None:
+            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        keep = torch.cat([torch.ones_like(token_mask[:, :1]), token_mask], dim=1)  # [B, 1+T]
+        for layer in self.attn:
+            seq = layer(seq, src_key_padding_mask=~keep)
+        return self.norm(seq[:, 0])  # [B, D]
+
+
+class FusionModel(nn.Module):
+    """Encoders (``ModuleDict``) + a fusion head + task heads, wired by ``config.stage``.
+
+    Args:
+        config: the full model config.
+        encoders: pre-built encoders by modality (default: built from ``config.encoders``).
+        embed_dims: modality -> width, to build a head-only model that runs on cached features (no encoders).
+    """
+
+    def __init__(
+        self,
+        config: FusionModelConfig,
+        encoders: Mapping[str, Encoder] | None = None,
+        embed_dims: Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities: list[str] = config.modalities
+        if encoders is None and embed_dims is None:
+            encoders = {
+                m: create_encoder(s.name, finetune=s.finetune, last_n=s.last_n, lora_r=s.lora_r, **s.options)
+                for m, s in config.encoders.items()
+            }
+        self.encoders = nn.ModuleDict(dict(encoders or {}))
+        if encoders is not None:
+            embed_dims = {m: int(e.embed_dim) for m, e in self.encoders.items()}
+        assert embed_dims is not None
+        if sorted(embed_dims) != self.modalities:
+            raise ConfigError(f"encoders/embed_dims cover {sorted(embed_dims)} but the config names {self.modalities}.")
+        self.embed_dims = {m: int(embed_dims[m]) for m in self.modalities}
+        d, c, p = config.hidden_dim, config.num_outputs, config.dropout
+        if config.stage in ("early", "hybrid"):
+            if config.stage == "early":
+                self.proj = nn.ModuleDict({m: nn.Linear(self.embed_dims[m], d) for m in self.modalities})
+                self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m in self.modalities})
+            else:
+                self.proj = nn.ModuleDict({m: _mlp(self.embed_dims[m], d, d, p) for m in self.modalities})
+        if config.stage in ("late", "hybrid"):
+            late_in = d if config.stage == "hybrid" else None
+            self.late_heads = nn.ModuleDict(
+                {m: _mlp(late_in or self.embed_dims[m], d, c, p) for m in self.modalities}
+            )
+        if config.stage == "hybrid":
+            # mixing weights over [fused, *modalities]; fused starts favoured
+            self.mix_logits = nn.Parameter(torch.tensor([1.0] + [0.0] * len(self.modalities)))
+        self.fusion_head: FusionHead
+        self.trunk: _Trunk
+        self.classifier: nn.Linear
+        self._build_head(config.fusion_head, dict(config.head_options))
+
+    # ---------------------------------------------------------------------------------------------
+    def _head_dims(self) -> dict[str, int]:
+        if self.config.stage == "late":
+            return {m: self.config.num_outputs for m in self.modalities}
+        return {m: self.config.hidden_dim for m in self.modalities}
+
+    def _build_head(self, name: str, options: dict[str, Any]) -> None:
+        d = self.config.hidden_dim
+        self.fusion_head = create_fusion_head(name, self._head_dims(), d, **options)
+        self.trunk = _Trunk(d, self.config.trunk_layers, self.config.dropout)
+        self.classifier = nn.Linear(d, self.config.num_outputs)
+
+    def swap_fusion_head(self, name: str, **options: Any) -> FusionModel:
+        """Replace the fusion head (and the trunk and classifier after it), keeping encoders and projections.
+
+        Returns ``self``; ``self.config`` records the new head.
+        """
+        self._build_head(name, options)
+        self.config = self.config.replace(fusion_head=name, head_options=dict(options))
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the fusion head, trunk and classifier (what a head swap retrains)."""
+        return [*self.fusion_head.parameters(), *self.trunk.parameters(), *self.classifier.parameters()]
+
+    # ---------------------------------------------------------------------------------------------
+    def preprocess(self, **raw: Any) -> dict[str, dict[str, Tensor]]:
+        """Raw inputs by modality (lists of strings, images, waveforms or paths; None = missing) -> a batch."""
+        unknown = set(raw) - set(self.modalities)
+        if unknown:
+            raise InputError(f"this model takes {self.modalities}, not {sorted(unknown)}; drop those inputs.")
+        sizes = {m: len(v) for m, v in raw.items() if v is not None}
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"inputs have different numbers of samples {sizes}; give each the same count.")
+        return {m: self.encoders[m].preprocessor(v) for m, v in raw.items() if v is not None}
+
+    def encode(self, batch: Mapping[str, Mapping[str, Tensor] | ModalityOutput]) -> dict[str, ModalityOutput]:
+        """Run each modality's encoder; values that are already ``ModalityOutput`` (cached features) pass through."""
+        out: dict[str, ModalityOutput] = {}
+        for m in sorted(batch):
+            if m not in self.modalities:
+                raise InputError(f"batch has modality {m!r}, but this model takes {self.modalities}.")
+            value = batch[m]
+            if isinstance(value, ModalityOutput):
+                out[m] = value
+            else:
+                if m not in self.encoders:
+                    raise InputError(f"{m!r} came as raw inputs but this head-only model needs cached features.")
+                out[m] = self.encoders[m](dict(value))
+        return out
+
+    def _modality_dropout(self, feats: dict[str, ModalityOutput]) -> dict[str, ModalityOutput]:
+        probs = self.config.modality_dropout
+        if not self.training or not probs or len(feats) < 2:
+            return feats
+        ref = next(iter(feats.values()))
+        keep = {m: torch.rand(ref.batch_size, device=ref.pooled.device) >= probs.get(m, 0.0) for m in feats}
+        present = {m: f.present & keep[m] for m, f in feats.items()}
+        none_left = ~torch.stack(list(present.values())).any(0)  # [B]
+        out = {}
+        for m, f in feats.items():
+            k = keep[m] | (none_left & f.present)  # never drop a sample's last modality
+            out[m] = ModalityOutput(f.tokens, f.mask & k[:, None], f.pooled * k[:, None].to(f.pooled.dtype))
+        return out
+
+    def fuse(self, feats: Mapping[str, ModalityOutput]) -> FusionModelOutput:
+        """Fuse encoder outputs (any non-empty subset of modalities) into predictions."""
+        if not feats:
+            raise InputError(f"every modality is missing: give at least one of {self.modalities}.")
+        feats = self._modality_dropout({m: feats[m].validate(m) for m in sorted(feats)})
+        present = {m: f.present for m, f in feats.items()}
+        stage = self.config.stage
+        modality_logits: dict[str, Tensor] = {}
+        if stage == "late":
+            for m, f in feats.items():
+                modality_logits[m] = self.late_heads[m](f.pooled)  # [B, C]
+            head_in = {
+                m: ModalityOutput(z[:, None], present[m][:, None], z) for m, z in modality_logits.items()
+            }
+        else:
+            head_in = {}
+            for m, f in feats.items():
+                tokens, pooled = self.proj[m](f.tokens), self.proj[m](f.pooled)  # [B, T, D], [B, D]
+                if stage == "early":
+                    tokens, pooled = tokens + self.modality_embed[m], pooled + self.modality_embed[m]
+                head_in[m] = ModalityOutput(tokens, f.mask, pooled)
+                if stage == "hybrid":
+                    modality_logits[m] = self.late_heads[m](pooled)  # [B, C]
+        out = self.fusion_head(head_in)
+        fused = self.trunk(out.fused, out.tokens, out.token_mask)  # [B, D]
+        logits = self.classifier(fused)  # [B, C]
+        if stage == "hybrid":
+            logits = self._mix(logits, modality_logits, present)
+        return FusionModelOutput(logits, fused, modality_logits, present, dict(out.aux))
+
+    def _mix(self, fused_logits: Tensor, modality_logits: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
+        """Hybrid: softmax-weighted mean of the fused and the present modalities' predictions."""
+        b = fused_logits.shape[0]
+        avail = torch.ones(b, 1 + len(self.modalities), dtype=torch.bool, device=fused_logits.device)
+        stacked = [fused_logits]
+        for i, m in enumerate(self.modalities, start=1):
+            if m in modality_logits:
+                stacked.append(modality_logits[m])
+                avail[:, i] = present[m]
+            else:
+                stacked.append(torch.zeros_like(fused_logits))
+                avail[:, i] = False
+        w = self.mix_logits.expand(b, -1).masked_fill(~avail, float("-inf")).softmax(-1)  # [B, 1+M]
+        return (torch.stack(stacked, dim=1) * w[..., None]).sum(1)  # [B, C]
+
+    def forward(self, batch: Mapping[str, Mapping[str, Tensor] | ModalityOutput]) -> FusionModelOutput:
+        """Encode then fuse. ``batch`` maps modality -> preprocessed inputs or cached ``ModalityOutput``."""
+        return self.fuse(self.encode(batch))
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, **raw: Any) -> list[dict[str, Any]]:
+        """Predict from raw inputs (``text=[...]``, ``image=[...]``, ``audio=[...]``; any subset).
+
+        Returns one dict per sample: ``label`` and ``probs`` (label -> probability) for classification,
+        ``values`` (target -> value) for regression.
+        """
+        from zoo.predict import predict
+
+        return predict(self, **raw)
+
+    def save_pretrained(self, path: str | Path, **card: Any) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``path`` atomically."""
+        from zoo.hub import save_pretrained
+
+        return save_pretrained(self, path, **card)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> FusionModel:
+        """Load from a local folder, a zoo name (``zoo.list_pretrained()``) or ``hf-hub:org/name``."""
+        from zoo.hub import from_pretrained
+
+        return from_pretrained(name_or_path, **kwargs)
