@@ -114,6 +114,8 @@ class FusionModelConfig:
         dropout: dropout in projections, trunk and task heads.
         modality_dropout: modality -> probability of hiding it for a training sample.
         late_loss_weight: weight of the per-modality losses in late and hybrid stages.
+        late_decision: what the head fuses in the late stage: each modality's decision ``embedding``
+            (width D) or its ``logits`` (width C, classic stacking).
     """
 
     encoders: dict[str, EncoderSpec]
@@ -127,6 +129,7 @@ class FusionModelConfig:
     dropout: float = 0.1
     modality_dropout: dict[str, float] = field(default_factory=dict)
     late_loss_weight: float = 0.5
+    late_decision: Literal["embedding", "logits"] = "embedding"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -152,6 +155,8 @@ class FusionModelConfig:
                 raise ConfigError(f"modality_dropout names {m!r}, which has no encoder; use {list(self.encoders)}.")
             if not 0.0 <= float(p) < 1.0:
                 raise ConfigError(f"modality_dropout[{m!r}]={p} must be in [0, 1).")
+        if self.late_decision not in ("embedding", "logits"):
+            raise ConfigError(f"late_decision={self.late_decision!r} is not 'embedding' or 'logits'.")
         if self.hidden_dim < 1 or self.trunk_layers < 0:
             raise ConfigError("hidden_dim must be >= 1 and trunk_layers >= 0.")
         if self.format_version > FORMAT_VERSION:

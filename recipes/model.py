@@ -129,11 +129,12 @@ class FusionModel(nn.Module):
                 self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m in self.modalities})
             else:
                 self.proj = nn.ModuleDict({m: _mlp(self.embed_dims[m], d, d, p) for m in self.modalities})
-        if config.stage in ("late", "hybrid"):
-            late_in = d if config.stage == "hybrid" else None
-            self.late_heads = nn.ModuleDict(
-                {m: _mlp(late_in or self.embed_dims[m], d, c, p) for m in self.modalities}
-            )
+        if config.stage == "late":
+            # per-modality decision embedding e_m and its own prediction z_m = W_m e_m
+            self.late_encoders = nn.ModuleDict({m: _mlp(self.embed_dims[m], d, d, p) for m in self.modalities})
+            self.late_heads = nn.ModuleDict({m: nn.Linear(d, c) for m in self.modalities})
+        elif config.stage == "hybrid":
+            self.late_heads = nn.ModuleDict({m: _mlp(d, d, c, p) for m in self.modalities})
         if config.stage == "hybrid":
             # mixing weights over [fused, *modalities]; fused starts favoured
             self.mix_logits = nn.Parameter(torch.tensor([1.0] + [0.0] * len(self.modalities)))
@@ -144,7 +145,7 @@ class FusionModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def _head_dims(self) -> dict[str, int]:
-        if self.config.stage == "late":
+        if self.config.stage == "late" and self.config.late_decision == "logits":
             return {m: self.config.num_outputs for m in self.modalities}
         return {m: self.config.hidden_dim for m in self.modalities}
 
@@ -216,11 +217,12 @@ class FusionModel(nn.Module):
         stage = self.config.stage
         modality_logits: dict[str, Tensor] = {}
         if stage == "late":
+            head_in = {}
             for m, f in feats.items():
-                modality_logits[m] = self.late_heads[m](f.pooled)  # [B, C]
-            head_in = {
-                m: ModalityOutput(z[:, None], present[m][:, None], z) for m, z in modality_logits.items()
-            }
+                e = self.late_encoders[m](f.pooled)  # [B, D] decision embedding
+                modality_logits[m] = self.late_heads[m](e)  # [B, C]
+                z = modality_logits[m] if self.config.late_decision == "logits" else e
+                head_in[m] = ModalityOutput(z[:, None], present[m][:, None], z)
         else:
             head_in = {}
             for m, f in feats.items():
