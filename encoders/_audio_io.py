@@ -1,0 +1,181 @@
+"""Audio input handling: ``load_audio`` (decoded with ``soundfile`` only) and ``AudioPreprocessor``."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._contract import Preprocessor
+from .errors import ConfigError, InputError
+
+__all__ = ["load_audio", "AudioPreprocessor", "frame_mask"]
+
+_HINT = (
+    "Pass a file path, encoded bytes (wav/flac/ogg), an (array, rate) tuple, a bare array at the encoder's rate, "
+    "or a datasets-style {'array', 'sampling_rate'} / {'bytes', 'path'} dict."
+)
+
+
+def _decode(data: bytes | str, name: str) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        wav, rate = sf.read(io.BytesIO(data) if isinstance(data, bytes) else data, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise InputError(
+            f"{name}: cannot decode audio ({e}); the file is corrupt, truncated or in a format soundfile cannot "
+            "read (convert it to WAV or FLAC)."
+        ) from e
+    return wav, int(rate)  # [N, C]
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    arr = x.detach().cpu().float().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise InputError(f"{name}: audio array has dtype {arr.dtype}; expected float or integer samples.")
+    if arr.dtype.kind in "iu":  # integer PCM -> [-1, 1]
+        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    if arr.ndim == 1:
+        return arr.astype(np.float32)[:, None]  # [N, 1]
+    if arr.ndim == 2:
+        # channels-first (C, N) with few channels -> (N, C)
+        return (arr.T if arr.shape[0] < arr.shape[1] and arr.shape[0] <= 8 else arr).astype(np.float32)
+    raise InputError(f"{name}: audio array of shape {arr.shape} must be [N] or [N, C] / [C, N].")
+
+
+def load_audio(
+    x: Any, target_rate: int, allow_resample: bool = True, rate: int | None = None, name: str = "audio"
+) -> tuple[Tensor, int]:
+    """Load any supported audio input as a mono float32 waveform at ``target_rate``.
+
+    Args:
+        x: file path, encoded bytes, numpy array / tensor ([N], [N, C] or [C, N]), ``(array, rate)`` tuple, or a
+            datasets dict ``{"array", "sampling_rate"}`` / ``{"bytes", "path"}``. A bare array is taken to be at
+            ``rate`` if given, else at ``target_rate``.
+        target_rate: the encoder's sample rate in Hz.
+        allow_resample: resample other rates (torchaudio.functional.resample); if False a mismatch is an error.
+        rate: sample rate of a bare array.
+        name: how error messages call this input.
+
+    Returns:
+        (waveform [N] float32 mono, target_rate).
+
+    Raises:
+        InputError: unreadable, empty, corrupt or non-finite audio, or a rate mismatch with resampling disabled.
+    """
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer)):
+        x, rate = x
+    if isinstance(x, Mapping):
+        if x.get("array") is not None:
+            sr = x.get("sampling_rate")
+            wav, src = _as_array(x["array"], name), int(sr) if sr is not None else int(rate or target_rate)
+        elif x.get("bytes"):
+            wav, src = _decode(bytes(x["bytes"]), f"{name} ({x.get('path') or 'bytes'})")
+        elif x.get("path"):
+            return load_audio(x["path"], target_rate, allow_resample, None, name)
+        else:
+            raise InputError(f"{name}: dict has no 'array', 'bytes' or 'path'. {_HINT}")
+    elif isinstance(x, (str, Path)):
+        path = Path(x)
+        if not path.is_file():
+            raise InputError(f"{name}: audio file {str(path)!r} does not exist; check the path.")
+        if path.stat().st_size == 0:
+            raise InputError(f"{name}: audio file {str(path)!r} is empty (0 bytes).")
+        wav, src = _decode(str(path), f"{name} ({str(path)!r})")
+    elif isinstance(x, (bytes, bytearray, memoryview)):
+        if len(x) == 0:
+            raise InputError(f"{name}: empty bytes; pass the encoded audio file content.")
+        wav, src = _decode(bytes(x), name)
+    elif isinstance(x, (np.ndarray, Tensor, list)):
+        wav, src = _as_array(x, name), int(rate or target_rate)
+    else:
+        raise InputError(f"{name}: unsupported audio type {type(x).__name__}. {_HINT}")
+    if wav.shape[0] == 0:
+        raise InputError(f"{name}: audio has no samples; pass None for a missing clip.")
+    if not np.isfinite(wav).all():
+        raise InputError(f"{name}: audio holds NaN or inf samples; clean or drop the clip.")
+    mono = torch.from_numpy(np.ascontiguousarray(wav.mean(axis=1)))  # [N], stereo -> mono by mean
+    if src != target_rate:
+        if not allow_resample:
+            raise InputError(
+                f"{name}: sample rate {src} Hz differs from the encoder's {target_rate} Hz; resample it first "
+                "or set allow_resample=True."
+            )
+        import torchaudio.functional as AF
+
+        mono = AF.resample(mono, src, target_rate)  # [N']
+    return mono.float(), target_rate
+
+
+class AudioPreprocessor(Preprocessor):
+    """Loads clips as mono waveforms at ``sample_rate``, crops to ``max_seconds`` and zero-pads to a batch.
+
+    Output: ``waveform`` [B, N] float32, ``lengths`` [B] long (valid samples; 0 where missing) and
+    ``present`` [B] bool. ``N`` is the longest clip, at least ``min_seconds`` (so convolutional front-ends
+    always get enough samples), or ``max_seconds`` when ``pad_to_max``.
+    """
+
+    modality = "audio"
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        max_seconds: float = 10.0,
+        min_seconds: float = 0.1,
+        allow_resample: bool = True,
+        pad_to_max: bool = False,
+    ) -> None:
+        if sample_rate <= 0 or max_seconds <= 0 or not 0 <= min_seconds <= max_seconds:
+            raise ConfigError(
+                f"need sample_rate > 0 and 0 <= min_seconds <= max_seconds; got {sample_rate}, "
+                f"{min_seconds}, {max_seconds}."
+            )
+        self.sample_rate = int(sample_rate)
+        self.max_seconds = float(max_seconds)
+        self.min_seconds = float(min_seconds)
+        self.allow_resample = bool(allow_resample)
+        self.pad_to_max = bool(pad_to_max)
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        if isinstance(items, (str, bytes, np.ndarray, Tensor, Mapping, tuple)):
+            raise InputError("audio batch must be a list of clips; wrap a single clip as [clip].")
+        max_n = max(1, round(self.max_seconds * self.sample_rate))
+        clips: list[Tensor | None] = []
+        for i, item in enumerate(items):
+            if item is None:
+                clips.append(None)
+                continue
+            wav, _ = load_audio(item, self.sample_rate, self.allow_resample, name=f"audio item {i}")
+            clips.append(wav[:max_n])  # crop long clips
+        lengths = torch.tensor([0 if c is None else c.numel() for c in clips], dtype=torch.long)  # [B]
+        min_n = round(self.min_seconds * self.sample_rate)
+        n = max_n if self.pad_to_max else max(int(lengths.max()) if len(clips) else 0, min_n, 1)
+        waveform = torch.zeros(len(clips), n)  # [B, N]
+        for i, c in enumerate(clips):
+            if c is not None:
+                waveform[i, : c.numel()] = c
+        present = torch.tensor([c is not None for c in clips], dtype=torch.bool)  # [B]
+        return {"waveform": waveform, "lengths": lengths, "present": present}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample_rate": self.sample_rate,
+            "max_seconds": self.max_seconds,
+            "min_seconds": self.min_seconds,
+            "allow_resample": self.allow_resample,
+            "pad_to_max": self.pad_to_max,
+        }
+
+
+def frame_mask(lengths: Tensor, n_frames: int, present: Tensor | None = None) -> Tensor:
+    """[B, n_frames] bool from per-sample frame counts ``lengths`` [B]; present rows keep at least one frame."""
+    counts = lengths.clamp(max=n_frames)
+    if present is not None:
+        counts = torch.where(present.to(counts.device), counts.clamp_min(1), counts)
+    return torch.arange(n_frames, device=lengths.device)[None, :] < counts[:, None]  # [B, T]

@@ -1,0 +1,177 @@
+"""Image input handling: ``load_image`` (anything image-like → RGB PIL image) and ``ImagePreprocessor``."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from ._contract import Preprocessor
+from .errors import ConfigError, InputError
+
+__all__ = ["load_image", "ImagePreprocessor"]
+
+_HINT = "Pass a PIL image, an HxW/HxWxC array or tensor, a file path, image bytes or a {'bytes','path'} dict."
+
+
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{name}: cannot decode image ({e}); the file is corrupt, truncated or not an image.") from e
+    return img
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise InputError(f"{name}: array of shape {arr.shape} is not an image; expected HxW, HxWx3 or HxWx4.")
+    if arr.size == 0:
+        raise InputError(f"{name}: image array of shape {arr.shape} is empty (zero size).")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InputError(f"{name}: float image holds NaN or inf values; clean it before encoding.")
+        scale = 255.0 if arr.max() <= 1.0 else 1.0  # floats in [0, 1] (or already 0..255)
+        arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
+    elif arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
+        arr = (arr.astype(np.float64) / max(float(arr.max()), 1.0) * 255).round().astype(np.uint8)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    else:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise InputError(f"{name}: image has zero size ({img.width}x{img.height}).")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)  # 16/32-bit greyscale: rescale to 0..255
+        span = arr.max() - arr.min()
+        arr = (arr - arr.min()) / (span if span > 0 else 1.0) * 255.0
+        img = Image.fromarray(arr.round().astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # alpha composited on white
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(x: Any, name: str = "image") -> Image.Image:
+    """Turn any supported image input into an RGB ``PIL.Image``.
+
+    Accepts PIL images, numpy arrays / torch tensors (HW, HWC or CHW; uint8, uint16 or float in [0, 1]),
+    file paths (``str``/``Path``), encoded bytes and datasets-style ``{"bytes": ..., "path": ...}`` dicts.
+    Modes L, LA, P, RGBA (alpha composited on white), CMYK and I;16 become RGB.
+
+    Raises:
+        InputError: zero-size, unreadable or corrupt images (naming the path), unsupported types.
+    """
+    if isinstance(x, Image.Image):
+        img = x
+    elif isinstance(x, Tensor):
+        img = _from_array(x.detach().cpu().numpy(), name)
+    elif isinstance(x, np.ndarray):
+        img = _from_array(x, name)
+    elif isinstance(x, (bytes, bytearray, memoryview)):
+        if len(x) == 0:
+            raise InputError(f"{name}: empty bytes; pass the encoded image file content.")
+        img = _open_bytes(bytes(x), name)
+    elif isinstance(x, (str, Path)):
+        path = Path(x)
+        if not path.is_file():
+            raise InputError(f"{name}: image file {str(path)!r} does not exist; check the path.")
+        img = _open_bytes(path.read_bytes(), f"{name} ({str(path)!r})")
+    elif isinstance(x, Mapping) and ("bytes" in x or "path" in x):
+        if x.get("bytes"):
+            return load_image(x["bytes"], f"{name} ({x.get('path') or 'bytes'})")
+        if x.get("path"):
+            return load_image(x["path"], name)
+        raise InputError(f"{name}: dict has neither 'bytes' nor 'path' content. {_HINT}")
+    else:
+        raise InputError(f"{name}: unsupported image type {type(x).__name__}. {_HINT}")
+    return _to_rgb(img, name)
+
+
+class ImagePreprocessor(Preprocessor):
+    """Resize (shorter side to ``image_size / crop_pct``), centre-crop and normalise images.
+
+    Output: ``pixel_values`` [B, 3, S, S] float32 (missing items are zeros) and ``present`` [B] bool.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+    ) -> None:
+        if image_size < 8:
+            raise ConfigError(f"image_size={image_size} must be >= 8 pixels.")
+        if not 0 < crop_pct <= 1:
+            raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1].")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"mean={mean} and std={std} need 3 values each, std > 0.")
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
+
+    def _resample(self) -> int:
+        r = Image.Resampling
+        modes = {"bicubic": r.BICUBIC, "bilinear": r.BILINEAR, "nearest": r.NEAREST}
+        if self.interpolation not in modes:
+            raise ConfigError(f"interpolation={self.interpolation!r} must be one of {sorted(modes)}.")
+        return modes[self.interpolation]
+
+    def to_tensor(self, img: Image.Image) -> Tensor:
+        """One RGB image → normalised [3, S, S] float32."""
+        s = self.image_size
+        scale = round(s / self.crop_pct)
+        w, h = img.size
+        ratio = scale / min(w, h)
+        img = img.resize((max(s, round(w * ratio)), max(s, round(h * ratio))), self._resample())
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, S, S]
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        if isinstance(items, (str, bytes, Image.Image, np.ndarray, Tensor, Mapping)):
+            raise InputError("image batch must be a list of images; wrap a single image as [image].")
+        s = self.image_size
+        pixels = torch.zeros(len(items), 3, s, s)  # [B, 3, S, S]
+        present = torch.zeros(len(items), dtype=torch.bool)  # [B]
+        for i, item in enumerate(items):
+            if item is None:
+                continue
+            pixels[i] = self.to_tensor(load_image(item, f"image item {i}"))
+            present[i] = True
+        return {"pixel_values": pixels, "present": present}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+        }

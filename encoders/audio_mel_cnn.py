@@ -1,0 +1,126 @@
+"""``mel-cnn``: a small log-mel spectrogram CNN (optionally followed by transformer layers), trained from scratch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from . import register_encoder
+from ._audio_io import AudioPreprocessor, frame_mask
+from ._contract import Encoder, ModalityOutput
+from .errors import ConfigError
+
+__all__ = ["MelCNNEncoder"]
+
+
+class _ConvBlock(nn.Module):
+    """Conv3x3 → BatchNorm → GELU → 2x2 max-pool on [B, C, M, T]."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+        self.act = nn.GELU()
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.act(self.norm(self.conv(x))))
+
+
+class MelCNNEncoder(Encoder):
+    """Log-mel (25 ms window, 10 ms hop) → conv blocks (each halves mel and time) → mean over mel →
+    linear to ``embed_dim`` → optional transformer layers.
+
+    tokens: [B, T', embed_dim] with T' = frames / 2**len(channels); pooled: masked mean of tokens.
+    Padded frames are zeroed after every block, so a clip's output does not depend on the batch's padding
+    (in eval mode).
+    """
+
+    modality = "audio"
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_mels: int = 64,
+        channels: Sequence[int] = (32, 64, 128),
+        embed_dim: int = 128,
+        num_layers: int = 0,
+        num_heads: int = 4,
+        max_seconds: float = 10.0,
+    ) -> None:
+        super().__init__()
+        import torchaudio
+
+        if not channels or embed_dim % num_heads:
+            raise ConfigError(f"need >= 1 conv channel and embed_dim={embed_dim} divisible by num_heads={num_heads}.")
+        self.embed_dim = int(embed_dim)
+        self.hop = round(0.010 * sample_rate)
+        self.preprocessor = AudioPreprocessor(sample_rate=sample_rate, max_seconds=max_seconds, min_seconds=0.1)
+        n_fft = round(0.025 * sample_rate)
+        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=self.hop, n_mels=n_mels)
+        widths = [1, *channels]
+        self.blocks = nn.ModuleList([_ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
+        self.proj = nn.Linear(widths[-1], embed_dim)
+        self.layers = nn.ModuleList(
+            [
+                nn.TransformerEncoderLayer(embed_dim, num_heads, 2 * embed_dim, dropout=0.1, batch_first=True)
+                for _ in range(num_layers)
+            ]
+        )
+
+    def encode(self, batch: dict[str, Tensor]) -> ModalityOutput:
+        device = self.proj.weight.device
+        wav = batch["waveform"].to(device)  # [B, N]
+        lengths = batch["lengths"].to(device)  # [B]
+        present = batch.get("present", lengths > 0).to(device)
+        logmel = (self.mel(wav) + 1e-6).log()  # [B, M, F]
+        n = lengths // self.hop + 1  # valid frames
+        mask = frame_mask(n, logmel.shape[-1], present)  # [B, F]
+        w = mask[:, None, :].to(logmel.dtype)  # [B, 1, F]
+        count = (w.sum(-1, keepdim=True) * logmel.shape[1]).clamp_min(1.0)  # [B, 1, 1]
+        mean = (logmel * w).sum((1, 2), keepdim=True) / count
+        std = (((logmel - mean) * w).pow(2).sum((1, 2), keepdim=True) / count).sqrt().clamp_min(1e-3)
+        x = ((logmel - mean) / std * w)[:, None]  # [B, 1, M, F] per-clip normalised
+        for block in self.blocks:
+            x = block(x)  # [B, C, M/2, F/2]
+            n = (n + 1) // 2
+            mask = frame_mask(n, x.shape[-1], present)  # [B, F']
+            x = x * mask[:, None, None, :]
+        tokens = self.proj(x.mean(2).transpose(1, 2))  # [B, T, D]
+        ignore = ~mask & present[:, None]  # absent rows attend everywhere (no all-masked rows → no NaN)
+        for layer in self.layers:
+            tokens = layer(tokens, src_key_padding_mask=ignore)  # [B, T, D]
+        tokens = tokens * mask[..., None]
+        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
+        return ModalityOutput(tokens, mask, pooled)
+
+    def trainable_blocks(self) -> list[nn.Module]:
+        return [*self.blocks, self.proj, *self.layers]
+
+    def lora_target_modules(self) -> list[str]:
+        return ["linear1", "linear2"] if len(self.layers) else []
+
+
+@register_encoder("mel-cnn")
+def mel_cnn(
+    sample_rate: int = 16000,
+    n_mels: int = 64,
+    channels: list[int] | None = None,
+    embed_dim: int = 128,
+    num_layers: int = 0,
+    num_heads: int = 4,
+    max_seconds: float = 10.0,
+) -> MelCNNEncoder:
+    """A log-mel CNN trained from scratch (random init; no pretrained weights).
+
+    Args:
+        sample_rate: input rate in Hz (other rates are resampled by the preprocessor).
+        n_mels: mel bands.
+        channels: conv widths, one block each (default ``[32, 64, 128]``); tests use ``[8, 16]``.
+        embed_dim: token / pooled width.
+        num_layers, num_heads: transformer layers after the CNN (0 = none).
+        max_seconds: clips are cropped to this length.
+    """
+    return MelCNNEncoder(sample_rate, n_mels, tuple(channels or (32, 64, 128)), embed_dim, num_layers, num_heads,
+                         max_seconds)

