@@ -1,0 +1,141 @@
+"""Small fake encoders (one per modality, random but seeded weights) and tiny fused models for zoo tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from encoders import Encoder, ModalityOutput, Preprocessor, register_encoder
+from recipes.config import FusionModelConfig
+from recipes.model import FusionModel
+
+LABELS = ("a", "b", "c")
+FAKE = {"audio": "zoo-fake-audio", "image": "zoo-fake-image", "text": "zoo-fake-text"}
+
+
+class TextPre(Preprocessor):
+    modality = "text"
+
+    def __init__(self, max_len: int = 8) -> None:
+        self.max_len = max_len
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        ids = torch.zeros(len(items), self.max_len, dtype=torch.long)
+        for i, s in enumerate(items):
+            codes = [1 + ord(c) % 50 for c in (s or "")[: self.max_len]]
+            ids[i, : len(codes)] = torch.tensor(codes, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": ids > 0,
+                "present": torch.tensor([s is not None for s in items])}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_len": self.max_len}
+
+
+class ImagePre(Preprocessor):
+    modality = "image"
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        px = torch.zeros(len(items), 3, 8, 8)
+        for i, img in enumerate(items):
+            if img is not None:
+                arr = np.asarray(img.convert("RGB").resize((8, 8)), dtype=np.float32) / 255.0  # [8, 8, 3]
+                px[i] = torch.from_numpy(arr).permute(2, 0, 1)
+        return {"pixel_values": px, "present": torch.tensor([x is not None for x in items])}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": 8}
+
+
+class AudioPre(Preprocessor):
+    modality = "audio"
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        wav = torch.zeros(len(items), 64)
+        for i, x in enumerate(items):
+            if x is not None:
+                arr = np.asarray(x[0] if isinstance(x, tuple) else x, dtype=np.float32)[:64]
+                wav[i, : len(arr)] = torch.from_numpy(arr)
+        return {"waveform": wav, "present": torch.tensor([x is not None for x in items])}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": 64}
+
+
+class FakeEncoder(Encoder):
+    """A seeded random encoder: ``seed`` changes the weights (and so the weights hash)."""
+
+    def __init__(self, modality: str, dim: int = 6, seed: int = 0) -> None:
+        super().__init__()
+        self.modality = modality  # type: ignore[misc]
+        self.embed_dim = dim
+        g = torch.Generator().manual_seed(seed)
+        if modality == "text":
+            self.preprocessor = TextPre()
+            self.embed = nn.Embedding(51, dim)
+            self.proj = nn.Linear(dim, dim)
+        elif modality == "image":
+            self.preprocessor = ImagePre()
+            self.conv = nn.Conv2d(3, dim, 3, padding=1)
+            self.proj = nn.Linear(dim, dim)
+        else:
+            self.preprocessor = AudioPre()
+            self.frame = nn.Linear(16, dim)
+            self.proj = nn.Linear(dim, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def lora_target_modules(self) -> list[str]:
+        return ["proj"]
+
+    def encode(self, batch: dict[str, Tensor]) -> ModalityOutput:
+        if self.modality == "text":
+            tokens = self.proj(self.embed(batch["input_ids"]))  # [B, T, D]
+            mask = batch["attention_mask"].bool()
+        elif self.modality == "image":
+            x = self.conv(batch["pixel_values"])  # [B, D, 8, 8]
+            tokens = self.proj(x.flatten(2).transpose(1, 2))  # [B, 64, D]
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        else:
+            frames = batch["waveform"].reshape(batch["waveform"].shape[0], 4, 16)  # [B, 4, 16]
+            tokens = self.proj(torch.tanh(self.frame(frames)))  # [B, 4, D]
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        w = mask.float()[..., None]
+        pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B, D]
+        return ModalityOutput(tokens, mask, pooled)
+
+
+for _m, _name in FAKE.items():
+    register_encoder(_name)(lambda dim=6, seed=0, _m=_m: FakeEncoder(_m, dim, seed))
+
+
+@pytest.fixture
+def make_model() -> Callable[..., FusionModel]:
+    """Build a tiny fused model over fake encoders: ``make_model(stage=..., fusion_head=..., finetune=...)``."""
+
+    def make(modalities: Sequence[str] = ("audio", "image", "text"), finetune: str | dict[str, str] = "frozen",
+             **kw: Any) -> FusionModel:
+        torch.manual_seed(0)
+        pol = finetune if isinstance(finetune, dict) else dict.fromkeys(modalities, finetune)
+        encs = {m: {"name": FAKE[m], "finetune": pol.get(m, "frozen")} for m in modalities}
+        kw.setdefault("hidden_dim", 8)
+        cfg = FusionModelConfig(encoders=encs, labels=LABELS, **kw)
+        return FusionModel(cfg).eval()
+
+    return make
+
+
+@pytest.fixture
+def raw() -> dict[str, list[Any]]:
+    """Three raw samples per modality (PIL images, (waveform, rate) tuples, strings)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)) for _ in range(3)]
+    audio = [(rng.standard_normal(80).astype(np.float32), 16000) for _ in range(3)]
+    return {"text": ["one", "two two", "three"], "image": images, "audio": audio}

@@ -1,0 +1,67 @@
+"""Lightning .ckpt <-> model folder conversion, and ONNX / TorchScript export matching eager."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoders.errors import CheckpointError
+from zoo.convert import convert, convert_checkpoint
+from zoo.export import export, sidecar_path, verify_export
+from zoo.hub import from_pretrained, save_pretrained
+
+
+def test_ckpt_folder_ckpt_round_trip(make_model, raw, tmp_path: Path) -> None:
+    from recipes.module import FusionTask
+
+    model = make_model(stage="hybrid", finetune={"text": "full"})
+    ckpt = {"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"config": model.config.to_dict(), "lr": 1e-3}}
+    torch.save(ckpt, tmp_path / "best.ckpt")
+    folder = convert_checkpoint(tmp_path / "best.ckpt", tmp_path / "folder")
+    loaded = from_pretrained(folder)
+    with torch.no_grad():
+        want = model(model.preprocess(**raw)).logits
+        torch.testing.assert_close(loaded(loaded.preprocess(**raw)).logits, want, rtol=0, atol=0)
+    back = convert(folder, tmp_path / "again.ckpt")
+    task = FusionTask.from_checkpoint(back)
+    for k, v in model.state_dict().items():
+        assert torch.equal(task.model.state_dict()[k], v), k
+    again = torch.load(back, weights_only=True)
+    assert again["hyper_parameters"]["config"] == model.config.to_dict()
+
+
+def test_convert_errors(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not written by.*FusionTask"):
+        convert_checkpoint(tmp_path / "other.ckpt", tmp_path / "out")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable Lightning checkpoint"):
+        convert(tmp_path / "junk.ckpt", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert(tmp_path / "missing.ckpt", tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_eager(make_model, raw, tmp_path: Path, fmt: str) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="verifying ONNX needs onnxruntime")
+    model = make_model(fusion_head="gating")
+    out = export(model, tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'pt'}", format=fmt, example=raw)
+    assert verify_export(model, out, example=raw) <= 1e-4
+    other = {"text": ["a much longer sentence", "b", "c"], "image": raw["image"][::-1], "audio": raw["audio"]}
+    assert verify_export(model, out, example=other) <= 1e-4  # new values, same shapes
+    side = json.loads(sidecar_path(out).read_text())
+    assert [i["name"] for i in side["inputs"]][:2] == ["audio.present", "audio.waveform"]
+    assert side["preprocessing"]["text"] == {"max_len": 8}
+
+
+def test_export_by_folder_and_bad_format(make_model, tmp_path: Path) -> None:
+    folder = save_pretrained(make_model(modalities=("text",)), tmp_path / "ck")
+    out = export(folder, tmp_path / "m.pt", format="torchscript", example={"text": ["hi", "there"]})
+    assert verify_export(folder, out, example={"text": ["yo", "ho"]}) <= 1e-4
+    with pytest.raises(Exception, match="format='tflite' is not one of"):
+        export(folder, tmp_path / "m.tfl", format="tflite")

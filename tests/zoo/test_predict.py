@@ -1,0 +1,85 @@
+"""zoo.predict: raw inputs of any subset of modalities -> labels with probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from encoders.errors import InputError
+from zoo.predict import predict
+
+
+@pytest.mark.parametrize("subset", [("text",), ("image", "audio"), ("audio", "image", "text")])
+def test_predict_subsets(make_model, raw, subset: tuple[str, ...]) -> None:
+    rows = predict(make_model(), **{m: raw[m] for m in subset})
+    assert len(rows) == 3
+    for row in rows:
+        assert row["label"] in ("a", "b", "c")
+        assert set(row["probs"]) == {"a", "b", "c"}
+        assert abs(sum(row["probs"].values()) - 1.0) < 1e-5
+        assert row["label"] == max(row["probs"], key=row["probs"].get)
+
+
+def test_predict_matches_forward_and_batches(make_model, raw) -> None:
+    model = make_model(stage="early")
+    with torch.no_grad():
+        want = model(model.preprocess(**raw)).logits.softmax(-1)
+    rows = predict(model, **raw, batch_size=2)
+    got = torch.tensor([[r["probs"][k] for k in ("a", "b", "c")] for r in rows])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_single_items_files_and_missing(make_model, raw, tmp_path: Path) -> None:
+    img_path, wav_path = tmp_path / "x.png", tmp_path / "x.wav"
+    raw["image"][0].save(img_path)
+    sf.write(wav_path, np.stack([raw["audio"][0][0]] * 2, axis=1), 16000)  # stereo file -> mono
+    model = make_model()
+    one = predict(model, text="hello", image=str(img_path), audio=str(wav_path))
+    assert len(one) == 1 and "label" in one[0]
+    arr = predict(model, image=np.asarray(raw["image"][0]), audio=raw["audio"][0][0])
+    assert len(arr) == 1
+    mixed = predict(model, text=["x", None], audio=[None, raw["audio"][1]])
+    assert len(mixed) == 2
+
+
+def test_errors(make_model, raw) -> None:
+    model = make_model(modalities=("image", "text"))
+    with pytest.raises(InputError, match="every modality is missing"):
+        predict(model)
+    with pytest.raises(InputError, match="sample 1 has every modality missing"):
+        predict(model, text=["x", None], image=[raw["image"][0], None])
+    with pytest.raises(InputError, match=r"takes \['image', 'text'\], not \['audio'\]"):
+        predict(model, audio=raw["audio"])
+    with pytest.raises(InputError, match="different numbers of samples"):
+        predict(model, text=["a", "b"], image=raw["image"])
+    with pytest.raises(InputError, match="does not exist"):
+        predict(model, image="/no/such/file.png")
+
+
+def test_nan_output_names_the_sample(make_model, raw) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    with pytest.raises(InputError, match=r"NaN/inf for sample 0 \(inputs .*'one'"):
+        predict(model, **raw)
+
+
+def test_explain_gates_and_routing(make_model, raw) -> None:
+    rows = predict(make_model(fusion_head="gating"), **raw)
+    gates = rows[0]["explain"]["gates"]
+    assert set(gates) == {"audio", "image", "text"} and abs(sum(gates.values()) - 1) < 1e-5
+    rows = predict(make_model(fusion_head="moe"), **raw)
+    assert "routing_probs" in rows[0]["explain"]
+    assert "explain" not in predict(make_model(fusion_head="concat"), **raw)[0]
+
+
+def test_multilabel_and_regression(make_model, raw) -> None:
+    rows = predict(make_model(task="multilabel"), **raw)
+    assert all(set(r["labels"]) <= {"a", "b", "c"} and len(r["probs"]) == 3 for r in rows)
+    assert all(r["labels"] == [k for k, p in r["probs"].items() if p > 0.5] for r in rows)
+    rows = predict(make_model(task="regression"), **raw)
+    assert all(set(r["values"]) == {"a", "b", "c"} for r in rows)

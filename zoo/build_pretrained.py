@@ -1,0 +1,131 @@
+"""Regenerate every shipped zoo model: ``python -m zoo.build_pretrained [--only NAME ...] [--epochs N]``.
+
+Each entry of :data:`GRID` is trained with the recipes (``fusion-zoo fit`` on the default dataset with the
+frozen offline encoders), its run's saved model folder is copied to ``zoo/pretrained/<name>/``, and the copy
+is reloaded and evaluated from raw test inputs to check that it reproduces the accuracy its card reports.
+Runs top to bottom unattended; a failed entry is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .registry import PRETRAINED_DIR
+
+__all__ = ["GRID", "model_name", "build_one", "raw_split", "raw_accuracy", "main"]
+
+DATASET = "tridigits"
+# every stage, and every one of the five named heads
+GRID: list[tuple[str, str]] = [
+    ("late", "concat"), ("late", "average"), ("late", "cross_attention"), ("late", "gating"), ("late", "moe"),
+    ("early", "concat"), ("early", "cross_attention"), ("hybrid", "concat"), ("hybrid", "gating"),
+]
+RUNS_DIR = Path("runs") / "zoo-build"
+TOLERANCE = 0.005  # card vs re-measured test accuracy (0.5 points)
+
+
+def model_name(stage: str, head: str) -> str:
+    """``<dataset>-<stage>-<head>``, e.g. ``tridigits-late-cross-attention``."""
+    return f"{DATASET}-{stage}-{head.replace('_', '-')}"
+
+
+def raw_split(split: str = "test", limit: int | None = None) -> tuple[dict[str, list[Any]], list[str]]:
+    """Raw inputs (strings, PIL images, ``(waveform, rate)``) and label names of a tridigits split."""
+    import soundfile as sf
+
+    from recipes.tridigits import load_tridigits
+
+    ds = load_tridigits(split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    names = ds.features["label"].names
+    audio = []
+    for blob in ds["audio"]:
+        wav, rate = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)  # [N, channels]
+        audio.append((wav.mean(axis=1), int(rate)))
+    raw = {"text": list(ds["text"]), "image": list(ds["image"]), "audio": audio}
+    return raw, [names[i] for i in ds["label"]]
+
+
+def raw_accuracy(model: Any, split: str = "test", limit: int | None = None, batch_size: int = 64) -> float:
+    """Accuracy of ``model`` on a tridigits split, fed raw inputs through :func:`zoo.predict.predict`."""
+    from .predict import predict
+
+    raw, labels = raw_split(split, limit)
+    raw = {m: v for m, v in raw.items() if m in model.modalities}
+    rows = predict(model, **raw, batch_size=batch_size)
+    return sum(r["label"] == y for r, y in zip(rows, labels, strict=True)) / max(1, len(labels))
+
+
+def card_accuracy(folder: Path, split: str = "test") -> float | None:
+    """The fused accuracy a model folder's config.json reports for ``split`` (None when absent)."""
+    metrics = json.loads((folder / "config.json").read_text()).get("metrics", {})
+    value = metrics.get(split, {}).get("fused", {}).get("accuracy")
+    return None if value is None else float(value)
+
+
+def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = PRETRAINED_DIR) -> dict[str, Any]:
+    """Train one (stage, head) with the recipes, ship its model folder, re-check its test accuracy."""
+    from recipes.cli import main as recipes_main
+
+    from .hub import from_pretrained
+
+    name = model_name(stage, head)
+    run_dir = RUNS_DIR / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    argv = ["fit", "--model.stage", stage, "--model.fusion_head", head,
+            "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
+    start = time.time()
+    status = recipes_main(argv)
+    if status:
+        raise RuntimeError(f"fusion-zoo {' '.join(argv)} exited with {status}")
+    saved = run_dir / "model"
+    if not (saved / "config.json").is_file():
+        raise RuntimeError(f"the run wrote no model folder at {saved}")
+    target = out_dir / name
+    tmp = out_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(saved, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    reported = card_accuracy(target)
+    measured = raw_accuracy(from_pretrained(target))
+    ok = reported is not None and abs(measured - reported) <= TOLERANCE
+    return {"name": name, "seconds": round(time.time() - start, 1), "card_test_accuracy": reported,
+            "raw_test_accuracy": measured, "consistent": ok}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the grid (or ``--only`` names); print one JSON line per model; exit 1 if any failed."""
+    parser = argparse.ArgumentParser(prog="python -m zoo.build_pretrained", description=__doc__)
+    parser.add_argument("--only", nargs="*", help="model names to build (default: the whole grid)")
+    parser.add_argument("--epochs", type=int, help="override trainer.max_epochs")
+    parser.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="where the model folders go")
+    args = parser.parse_args(argv)
+    extra = ["--trainer.max_epochs", str(args.epochs)] if args.epochs else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for stage, head in GRID:
+        if args.only and model_name(stage, head) not in args.only:
+            continue
+        try:
+            result = build_one(stage, head, extra, args.out)
+        except Exception as e:  # keep going: report and build the rest
+            result = {"name": model_name(stage, head), "error": f"{type(e).__name__}: {e}"}
+        failed += "error" in result or not result.get("consistent", False)
+        print(json.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``fusion-zoo predict | zoo list | zoo info | export | convert`` (dispatched here by ``recipes.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from encoders.errors import FusionZooError, InputError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the zoo commands (the first argument is the command)."""
+    parser = argparse.ArgumentParser(prog="fusion-zoo", description="Use, inspect, export and convert fused models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="predict from raw inputs with a saved or zoo model")
+    p.add_argument("--model", required=True, help="zoo name, model folder or hf-hub:org/name")
+    p.add_argument("--text", action="append", help="a text input (repeat for several samples)")
+    p.add_argument("--image", action="append", help="an image file (repeat for several samples)")
+    p.add_argument("--audio", action="append", help="an audio file (repeat for several samples)")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per sample")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+
+    z = sub.add_parser("zoo", help="list and describe the pretrained fused models")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zl = zsub.add_parser("list", help="names of the pretrained models")
+    zl.add_argument("pattern", nargs="?", help="shell pattern, e.g. '*-late-*'")
+    zi = zsub.add_parser("info", help="card and metrics of one model")
+    zi.add_argument("name")
+    zi.add_argument("--json", action="store_true", help="print config, encoders and metrics as JSON")
+
+    e = sub.add_parser("export", help="export a fused model to ONNX or TorchScript")
+    e.add_argument("name", help="zoo name or model folder")
+    e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    e.add_argument("--output", required=True, help="file to write (a .preprocessing.json sidecar goes next to it)")
+    e.add_argument("--verify", action="store_true", help="compare with the eager model and print the max abs diff")
+
+    c = sub.add_parser("convert", help="Lightning .ckpt -> model folder, or model folder -> .ckpt")
+    c.add_argument("source", help="a .ckpt file or a model folder")
+    c.add_argument("--output", required=True)
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .hub import from_pretrained
+    from .predict import predict
+
+    if not (args.text or args.image or args.audio):
+        raise InputError("give at least one input: --text '...', --image PATH or --audio PATH.")
+    model = from_pretrained(args.model)
+    rows = predict(model, text=args.text, image=args.image, audio=args.audio)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for i, row in enumerate(rows):
+        if "values" in row:
+            print(f"[{i}] " + ", ".join(f"{k}={v:.4g}" for k, v in row["values"].items()))
+            continue
+        top = sorted(row["probs"].items(), key=lambda kv: -kv[1])[: max(1, args.top)]
+        head = row["label"] if "label" in row else ",".join(row["labels"]) or "(none)"
+        print(f"[{i}] {head}  (" + ", ".join(f"{k}: {p:.3f}" for k, p in top) + ")")
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from .registry import info, list_pretrained
+
+    if args.zoo_command == "list":
+        names = list_pretrained(args.pattern)
+        if not names:
+            print("no pretrained models" + (f" match {args.pattern!r}" if args.pattern else " are shipped"))
+        for name in names:
+            print(name)
+        return 0
+    data: dict[str, Any] = info(args.name)
+    if args.json:
+        print(json.dumps({k: v for k, v in data.items() if k != "card"}, indent=2, default=str))
+    else:
+        print(data.get("card") or json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export, sidecar_path, verify_export
+    from .hub import from_pretrained
+
+    model = from_pretrained(args.name)
+    out = export(model, args.output, format=args.format)
+    print(f"exported {args.name} to {out} ({args.format}); preprocessing settings in {sidecar_path(out)}")
+    if args.verify:
+        print(f"max abs difference vs eager: {verify_export(model, out, format=args.format):.3g}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = convert(args.source, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one zoo command; a :class:`FusionZooError` prints one line to stderr and returns 2."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    handlers = {"predict": _predict, "zoo": _zoo, "export": _export, "convert": _convert}
+    try:
+        return handlers[args.command](args)
+    except FusionZooError as e:
+        print(f"fusion-zoo {args.command}: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

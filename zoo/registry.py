@@ -1,0 +1,93 @@
+"""Named pretrained fused models: folders shipped under ``zoo/pretrained/<name>/`` plus registered sources.
+
+Names read ``<dataset>-<stage>-<head>``, e.g. ``tridigits-late-gating``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from encoders.errors import RegistryError
+
+if TYPE_CHECKING:
+    from recipes.model import FusionModel
+
+__all__ = ["PRETRAINED_DIR", "list_pretrained", "load", "info", "register_pretrained", "source_of"]
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REGISTERED: dict[str, dict[str, Any]] = {}
+
+
+def _shipped() -> dict[str, Path]:
+    if not PRETRAINED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(PRETRAINED_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def list_pretrained(pattern: str | None = None) -> list[str]:
+    """Sorted names of the shipped and registered models, optionally filtered by a shell pattern (``"*-late-*"``)."""
+    names = sorted(set(_shipped()) | set(_REGISTERED))
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def source_of(name: str) -> str:
+    """Where ``name`` lives: a local folder path or ``hf-hub:org/name``."""
+    shipped = _shipped()
+    if name in shipped:
+        return str(shipped[name])
+    if name in _REGISTERED:
+        return str(_REGISTERED[name]["source"])
+    import difflib
+
+    close = difflib.get_close_matches(name, list_pretrained(), n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise RegistryError(f"unknown pretrained model {name!r}.{hint} Known: {', '.join(list_pretrained()) or 'none'}.")
+
+
+def register_pretrained(name: str, source: str | Path, **meta: Any) -> None:
+    """Register ``name`` for a folder path or ``hf-hub:org/name`` source; ``meta`` is shown by :func:`info`.
+
+    A name already shipped or registered is an error.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RegistryError(f"pretrained name {name!r} must be lowercase letters, digits, '.', '_' or '-'.")
+    if name in _shipped() or name in _REGISTERED:
+        raise RegistryError(f"pretrained model {name!r} is already registered ({source_of(name)}); "
+                            "choose another name.")
+    text = str(source)
+    if not text.startswith("hf-hub:") and not Path(text).expanduser().is_dir():
+        raise RegistryError(f"source {text!r} for {name!r} is neither 'hf-hub:org/name' nor an existing folder.")
+    _REGISTERED[name] = {"source": text, **meta}
+
+
+def load(name: str, **kwargs: Any) -> FusionModel:
+    """Load the pretrained model ``name`` (keyword arguments go to :func:`zoo.hub.from_pretrained`)."""
+    from .hub import from_pretrained
+
+    return from_pretrained(source_of(name), **kwargs)
+
+
+def info(name: str) -> dict[str, Any]:
+    """Name, source, model config, encoders, metrics and card text of ``name`` (remote entries: their ``meta``)."""
+    source = source_of(name)
+    out: dict[str, Any] = {"name": name, "source": source, **{k: v for k, v in _REGISTERED.get(name, {}).items()
+                                                                 if k != "source"}}
+    folder = Path(source)
+    if source.startswith("hf-hub:") or not (folder / "config.json").is_file():
+        return out
+    doc = json.loads((folder / "config.json").read_text())
+    card = folder / "README.md"
+    out.update({
+        "model": doc.get("model", {}),
+        "encoders": doc.get("encoders", {}),
+        "metrics": doc.get("metrics", {}),
+        "recipe_command": doc.get("recipe_command"),
+        "format_version": doc.get("format_version"),
+        "card": card.read_text() if card.is_file() else "",
+    })
+    return out
