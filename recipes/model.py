@@ -52,42 +52,31 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequentia
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
-class _ResidualBlock(nn.Module):
-    """Pre-norm residual MLP block of the shared trunk: x + MLP(LN(x))."""
-
-    def __init__(self, dim: int, dropout: float) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = _mlp(dim, 2 * dim, dim, dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.mlp(self.norm(x))
-
-
 class _Trunk(nn.Module):
-    """Shared trunk after the head: transformer layers over [fused; head tokens] when the head keeps tokens,
-    residual MLP blocks over the fused vector otherwise."""
+    """Shared trunk after the head: pre-norm transformer layers over ``[fused; head tokens]``.
+
+    Heads without tokens give a one-token sequence, where each layer reduces to a residual
+    value-projection plus a residual MLP; one code path keeps every parameter in use (plain DDP works).
+    """
 
     def __init__(self, dim: int, layers: int, dropout: float) -> None:
         super().__init__()
         heads = 4 if dim % 4 == 0 else 1
-        self.attn = nn.ModuleList(
+        self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
             for _ in range(layers)
         )
-        self.mlp = nn.ModuleList(_ResidualBlock(dim, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, fused: Tensor, tokens: Tensor | None, token_mask: Tensor | None) -> Tensor:
-        if tokens is None or not len(self.attn):
-            for block in self.mlp:
-                fused = block(fused)  # [B, D]
-            return self.norm(fused)
-        seq = torch.cat([fused[:, None], tokens], dim=1)  # [B, 1+T, D]
-        if token_mask is None:
-            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        keep = torch.cat([torch.ones_like(token_mask[:, :1]), token_mask], dim=1)  # [B, 1+T]
-        for layer in self.attn:
+        seq = fused[:, None]  # [B, 1, D]
+        keep = torch.ones_like(seq[..., 0], dtype=torch.bool)  # [B, 1]
+        if tokens is not None:
+            if token_mask is None:
+                token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            seq = torch.cat([seq, tokens], dim=1)  # [B, 1+T, D]
+            keep = torch.cat([keep, token_mask], dim=1)  # [B, 1+T]
+        for layer in self.layers:
             seq = layer(seq, src_key_padding_mask=~keep)
         return self.norm(seq[:, 0])  # [B, D]
 

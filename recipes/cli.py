@@ -1,0 +1,230 @@
+"""The ``fusion-zoo`` command: ``fit | validate | test`` (LightningCLI), ``predict | zoo | export | convert``
+(``zoo.cli``) and ``sweep`` (``recipes.sweep``).
+
+``fusion-zoo fit`` with no arguments trains the default recipe (recipes/configs/default.yaml); every run writes
+into its own directory ``runs/<subcommand>-<YYYYmmdd-HHMMSS>/`` (see docs/recipes.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from .metrics import format_table, write_metrics_json
+from .module import FusionTask
+
+__all__ = ["main", "FusionCLI", "CONFIG_DIR", "resolve_config_args"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+ZOO_COMMANDS = ("predict", "zoo", "export", "convert")
+_STAMP_ENV = "FUSION_ZOO_RUN_STAMP"  # shared with DDP child processes so every rank uses one run directory
+
+USAGE = """usage: fusion-zoo <command> [options]
+
+commands:
+  fit        train a recipe, then test the best checkpoint, print the metrics table, write metrics.json
+             and a fused model folder (default recipe: late fusion, concat head, tridigits)
+  validate   evaluate a model on the validation split (--ckpt_path run/checkpoints/best.ckpt)
+  test       evaluate on the test split, fused and each modality alone
+  predict    predict from raw text/image/audio with a saved or zoo model
+  zoo        list and describe the pretrained fused models
+  export     export a fused model (ONNX, TorchScript)
+  convert    convert a Lightning .ckpt into a fused model folder
+  sweep      run a grid of recipes and collect their metrics
+
+options:
+  -h, --help     show this message; `fusion-zoo <command> --help` shows a command's options
+  --version      show the version
+
+recipes: {configs}
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fusion-zoo")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """Let ``--config NAME`` name a packaged recipe when no file ``NAME`` exists in the working directory."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = _resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + _resolve_config(arg.split("=", 1)[1])
+    return out
+
+
+def _resolve_config(value: str) -> str:
+    if Path(value).exists() or value.lstrip().startswith(("{", "[")):
+        return value
+    for candidate in (CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return value
+
+
+def _run_stamp(subcommand: str) -> str:
+    """``<subcommand>-<YYYYmmdd-HHMMSS>``; DDP children (LOCAL_RANK > 0) reuse the launcher's stamp."""
+    inherited = os.environ.get(_STAMP_ENV)
+    if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return inherited
+    stamp = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base, n = stamp, 2
+    while (Path("runs") / stamp).exists():
+        stamp, n = f"{base}-{n}", n + 1
+    os.environ[_STAMP_ENV] = stamp
+    return stamp
+
+
+class FusionCLI(LightningCLI):
+    """LightningCLI over :class:`FusionTask` and ``FusionDataModule`` with the recipe defaults.
+
+    Adds configurable ``checkpoint`` (ModelCheckpoint) and ``early_stopping`` groups, links ``data.labels`` to
+    ``model.labels``, logs to CSV in the run directory and, after ``fit``, evaluates the best checkpoint.
+    """
+
+    def __init__(self, *args: Any, recipe_command: str = "", **kwargs: Any) -> None:
+        self.recipe_command = recipe_command
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_COMMANDS}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/fused/accuracy", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/fused/accuracy", "early_stopping.mode": "max",
+                             "early_stopping.patience": 5})
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        if cfg.trainer.strategy in ("ddp", "ddp_spawn"):
+            # missing-modality embeddings, unrouted experts and the unused trunk branch get no gradient every step
+            cfg.trainer.strategy = f"{cfg.trainer.strategy}_find_unused_parameters_true"
+        if cfg.model.task == "regression":  # accuracy does not exist: watch the mean absolute error
+            for group in ("checkpoint", "early_stopping"):
+                if cfg[group].monitor == "val/fused/accuracy":
+                    cfg[group].monitor, cfg[group].mode = "val/fused/mae", "min"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):  # log into the run directory itself, as CSV
+            kwargs["logger"] = CSVLogger(trainer_cfg["default_root_dir"], name="", version="")
+        return super().instantiate_trainer(**kwargs)
+
+    # after each subcommand ---------------------------------------------------------------------
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") or None
+        if best is None:
+            rank_zero_warn("no best checkpoint was saved (fast_dev_run or no validation); evaluating the last weights.")
+        trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        self._report(save_model=True, best=best)
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+    def _report(self, save_model: bool = False, best: str | None = None) -> None:
+        """Print the metrics tables, write ``metrics.json`` (and the fused model) on rank 0."""
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective: call on every rank
+        task: FusionTask = self.model
+        metrics = {split: task.results[split] for split in ("validation", "test") if split in task.results}
+        if not self.trainer.is_global_zero:
+            return
+        for split, table in metrics.items():
+            print("\n" + format_table(table, title=f"{split} metrics" + (f" (checkpoint {best})" if best else "")))
+        path = write_metrics_json(run_dir / "metrics.json", metrics)
+        rank_zero_info(f"metrics written to {path}")
+        if save_model:
+            self._save_model(run_dir / "model", metrics)
+
+    def _save_model(self, path: Path, metrics: dict[str, Any]) -> None:
+        from zoo.hub import save_pretrained
+
+        seed = self.config[self.subcommand].get("seed_everything")
+        dataset = getattr(self.datamodule, "dataset", None)
+        save_pretrained(self.model.model, path, metrics=metrics, recipe_command=self.recipe_command,
+                        dataset=dataset if isinstance(dataset, str) else None,
+                        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+        print(f"fused model saved to {path} (load it with FusionModel.from_pretrained({str(path)!r}))")
+
+
+def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionCLI:
+    if datamodule_class is None:
+        from .data import FusionDataModule
+
+        datamodule_class = FusionDataModule
+    subcommand = argv[0]
+    run_dir = Path("runs") / _run_stamp(subcommand)
+    default_files = {"default_config_files": [str(DEFAULT_CONFIG)]}
+    return FusionCLI(
+        FusionTask,
+        datamodule_class,
+        args=resolve_config_args(argv),
+        trainer_defaults={"default_root_dir": str(run_dir)},
+        parser_kwargs={cmd: dict(default_files) for cmd in LIGHTNING_COMMANDS},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        recipe_command=shlex.join(["fusion-zoo", *argv]),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fusion-zoo``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.format(configs=", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))))
+        return 0
+    command = args[0]
+    if command == "--version":
+        print(f"fusion-zoo {_version()}")
+        return 0
+    if command in LIGHTNING_COMMANDS:
+        _lightning(args)
+        return 0
+    if command in ZOO_COMMANDS:
+        from zoo.cli import main as zoo_main
+
+        return int(zoo_main(args) or 0)
+    if command == "sweep":
+        from .sweep import main as sweep_main
+
+        return int(sweep_main(args[1:]) or 0)
+    print(f"fusion-zoo: unknown command {command!r}; choose one of "
+          f"{', '.join([*LIGHTNING_COMMANDS, *ZOO_COMMANDS, 'sweep'])} (see fusion-zoo --help).", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""``FusionTask``: the LightningModule that trains and evaluates a :class:`~recipes.model.FusionModel`.
+
+Every ``__init__`` argument is a plain typed value, so ``LightningCLI`` exposes it as a flag
+(``--model.fusion_head gating --model.stage early``) and the saved ``.ckpt`` is self-describing:
+``hyper_parameters["config"]`` is the resolved :class:`FusionModelConfig` and loads with
+``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.errors import CheckpointError, ConfigError, FusionZooError
+
+from .config import FusionModelConfig
+from .metrics import SplitMetrics
+from .model import FusionModel, FusionModelOutput
+
+__all__ = ["FusionTask", "DEFAULT_ENCODERS"]
+
+DEFAULT_ENCODERS: dict[str, Any] = {"audio": "resemblyzer-lstm", "image": "efficientnet-lite0", "text": "minilm-l6"}
+SPLITS = {"val": "validation", "test": "test"}
+
+
+def warmup_cosine(step: int, total: float, warmup: int) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not math.isfinite(total) or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FusionTask(pl.LightningModule):
+    """Train a fused text/image/audio model on one task.
+
+    Args:
+        encoders: modality -> encoder name or spec (``{"name": ..., "finetune": "frozen"|"full"|"last_n"|"lora"}``).
+        labels: class names (or regression target names); linked from ``data.labels`` by the CLI.
+        fusion_head: registered fusion head; None = ``concat`` for a new model, the loaded head under ``init_from``.
+        head_options: the head's keyword options; None = {} (or the loaded ones under ``init_from``).
+        stage: ``early`` | ``late`` | ``hybrid`` fusion (docs/stages.md).
+        task: ``multiclass`` | ``multilabel`` | ``regression``.
+        hidden_dim: shared width D of projections, fused vector and trunk.
+        trunk_layers: layers of the trunk after the head.
+        dropout: dropout in projections, trunk and task heads.
+        modality_dropout: modality -> probability of hiding it for a training sample (a float: every modality).
+        late_loss_weight: weight of the mean per-modality loss (late and hybrid stages).
+        lr: peak learning rate of everything but the encoders.
+        encoder_lr: peak learning rate of the trainable encoder parameters.
+        weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
+        warmup_ratio: fraction of the training steps with linear warm-up before the cosine decay.
+        init_from: a zoo name or saved folder to start from (its encoders, stage and weights are kept).
+        train_only_head: train only ``model.head_parameters()``; None = True when ``init_from`` swapped the head.
+        config: a resolved ``FusionModelConfig.to_dict()``; when given the model is built from it alone
+            (this is how a ``.ckpt`` rebuilds itself) and the model-shape arguments above are ignored.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, Any] = DEFAULT_ENCODERS,
+        labels: list[str] | None = None,
+        fusion_head: str | None = None,
+        head_options: dict[str, Any] | None = None,
+        stage: Literal["early", "late", "hybrid"] = "late",
+        task: Literal["multiclass", "multilabel", "regression"] = "multiclass",
+        hidden_dim: int = 128,
+        trunk_layers: int = 1,
+        dropout: float = 0.1,
+        modality_dropout: dict[str, float] | float | None = None,
+        late_loss_weight: float = 0.5,
+        lr: float = 1e-3,
+        encoder_lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.05,
+        init_from: str | None = None,
+        train_only_head: bool | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        args = {k: copy.deepcopy(v) for k, v in locals().items() if k in inspect.signature(FusionTask).parameters}
+        swapped = False
+        if config is not None:
+            self.model = FusionModel(FusionModelConfig.from_dict(config))
+        elif init_from:
+            self.model = FusionModel.from_pretrained(init_from)
+            want_head = fusion_head or self.model.config.fusion_head
+            want_options = dict(self.model.config.head_options if head_options is None else head_options)
+            if (want_head, want_options) != (self.model.config.fusion_head, dict(self.model.config.head_options)):
+                self.model.swap_fusion_head(want_head, **want_options)
+                swapped = True
+        else:
+            if isinstance(modality_dropout, (int, float)):
+                modality_dropout = {m: float(modality_dropout) for m in encoders} if modality_dropout else {}
+            if not labels:
+                raise ConfigError("FusionTask needs labels: pass --model.labels or use a data module that sets them.")
+            cfg = FusionModelConfig(
+                encoders=dict(encoders), labels=tuple(labels), fusion_head=fusion_head or "concat",
+                head_options=dict(head_options or {}), stage=stage, task=task, hidden_dim=hidden_dim,
+                trunk_layers=trunk_layers, dropout=dropout, modality_dropout=dict(modality_dropout or {}),
+                late_loss_weight=late_loss_weight,
+            )
+            self.model = FusionModel(cfg)
+        have = list(self.model.config.labels)
+        if labels and [str(x) for x in labels] != have:
+            source = "init_from model" if init_from and config is None else "config"
+            raise ConfigError(f"labels {list(labels)} from the data differ from the {source}'s labels {have}; "
+                              "use data with the same labels or start a new model (drop init_from/config).")
+        self.train_only_head = bool(train_only_head if train_only_head is not None else swapped)
+        if self.train_only_head:
+            self.model.requires_grad_(False)
+            for p in self.model.head_parameters():
+                p.requires_grad_(True)
+        self.cfg: FusionModelConfig = self.model.config
+        args["config"] = self.cfg.to_dict()
+        self.save_hyperparameters(args)
+        c, groups, task_ = self.cfg.num_outputs, self.cfg.modalities, self.cfg.task
+        heads = groups if self.cfg.stage in ("late", "hybrid") else []
+        self.split_metrics = nn.ModuleDict({
+            "val": SplitMetrics(task_, c, ["fused"], heads),
+            "test": SplitMetrics(task_, c, ["fused", *groups], heads),
+        })
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FusionTask:
+        """Rebuild a task and its weights from a Lightning ``.ckpt`` (loaded with ``weights_only=True``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist; look under <run_dir>/checkpoints/.")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{str(path)!r} is not a readable Lightning checkpoint ({e}).") from e
+        hparams = ckpt.get("hyper_parameters") or {}
+        if "config" not in hparams or "state_dict" not in ckpt:
+            raise CheckpointError(f"{str(path)!r} was not written by FusionTask (no hyper_parameters.config).")
+        names = set(inspect.signature(cls).parameters)
+        task = cls(**{k: v for k, v in hparams.items() if k in names and k not in ("init_from", "labels")})
+        task.load_state_dict(ckpt["state_dict"])
+        return task
+
+    def train(self, mode: bool = True) -> FusionTask:
+        super().train(mode)
+        if mode and self.train_only_head:  # the fixed parts keep eval behaviour (no dropout)
+            for name in ("encoders", "proj", "late_heads"):
+                if hasattr(self.model, name):
+                    getattr(self.model, name).eval()
+        return self
+
+    def forward(self, inputs: dict[str, Any]) -> FusionModelOutput:
+        return self.model(inputs)
+
+    # losses ------------------------------------------------------------------------------------
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.cfg.task == "multiclass":
+            return F.cross_entropy(logits, labels.long())
+        if self.cfg.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.mse_loss(logits, labels.float().reshape(logits.shape))
+
+    def _late_loss(self, out: FusionModelOutput, labels: Tensor) -> Tensor:
+        """Mean over modalities of each late head's loss on the samples that have that modality."""
+        losses = [self._loss(z[out.present[m]], labels[out.present[m]])
+                  for m, z in out.modality_logits.items() if bool(out.present[m].any())]
+        return torch.stack(losses).mean() if losses else out.logits.new_zeros(())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        labels = batch["labels"]
+        out = self.model(batch["inputs"])
+        task_loss = self._loss(out.logits, labels)
+        late_loss = self._late_loss(out, labels)
+        loss = task_loss + self.cfg.late_loss_weight * late_loss + out.aux_loss
+        if not torch.isfinite(loss):
+            raise FusionZooError(
+                f"training loss is {loss.item()} at batch {batch_idx} (epoch {self.current_epoch}, global step "
+                f"{self.global_step}; task {task_loss.item():.4g}, late {late_loss.item():.4g}, aux "
+                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {self.hparams.lr / 10:g}, "
+                "or clip gradients with --trainer.gradient_clip_val 1.0."
+            )
+        b = labels.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/task_loss", task_loss, batch_size=b)
+        if out.modality_logits:
+            self.log("train/late_loss", late_loss, batch_size=b)
+        for key, value in out.aux.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                self.log(f"train/aux/{key}", value.detach().float().reshape(()), batch_size=b)
+        return loss
+
+    # evaluation --------------------------------------------------------------------------------
+    def _eval_step(self, split: str, batch: dict[str, Any]) -> None:
+        inputs, labels = batch["inputs"], batch["labels"]
+        metrics: SplitMetrics = self.split_metrics[split]
+        out = self.model(inputs)
+        self.log(f"{split}/loss", self._loss(out.logits, labels), batch_size=labels.shape[0], sync_dist=True)
+        metrics.update("fused", out.logits, labels)
+        for m, z in out.modality_logits.items():
+            metrics.update(m, z[out.present[m]], labels[out.present[m]], head=True)
+        if split == "test":  # missing-modality protocol: the fused model fed each modality alone
+            for m in sorted(inputs):
+                alone = self.model({m: inputs[m]})
+                keep = alone.present[m]
+                metrics.update(m, alone.logits[keep], labels[keep])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        metrics: SplitMetrics = self.split_metrics[split]
+        results = metrics.compute()
+        metrics.reset()
+        for group, row in results.items():
+            for name, value in row.items():
+                if name != "n":
+                    bar = group == "fused" and name in ("accuracy", "mae")
+                    self.log(f"{split}/{group}/{name}", value, sync_dist=True, prog_bar=bar)
+        if not self.trainer.sanity_checking:
+            self.results[SPLITS[split]] = results
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # optimisation ------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: encoders at ``encoder_lr``, the rest at ``lr``; no weight decay on 1-D parameters."""
+        hp = self.hparams
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "encoders" if name.startswith("encoders.") else "heads"
+            groups.setdefault((part, p.ndim >= 2), []).append(p)
+        return [
+            {"name": f"{part}{'' if decay else '_no_decay'}", "params": params,
+             "lr": hp.encoder_lr if part == "encoders" else hp.lr, "weight_decay": hp.weight_decay if decay else 0.0}
+            for (part, decay), params in sorted(groups.items())
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.param_groups()
+        if not groups:
+            raise ConfigError("no trainable parameters: unfreeze an encoder or set --model.train_only_head false.")
+        optimizer = torch.optim.AdamW(groups)
+        total = float(self.trainer.estimated_stepping_batches)
+        warmup = int(self.hparams.warmup_ratio * total) if math.isfinite(total) else 0
+
+        def schedule(step: int) -> float:
+            return warmup_cosine(step, total, warmup)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,218 @@
+"""FusionTask: losses, per-module learning rates, NaN guard, metrics protocol and self-describing checkpoints.
+
+Also defines the small fake encoders and the toy data module that tests/recipes/test_cli.py reuses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from encoders import Encoder, ModalityOutput, Preprocessor, list_encoders, register_encoder
+from encoders.errors import CheckpointError, ConfigError, FusionZooError
+from recipes.module import FusionTask, warmup_cosine
+
+LABELS = ["a", "b", "c"]
+FAKES = {"audio": "fake-audio", "image": "fake-image", "text": "fake-text"}
+
+
+class FakePreprocessor(Preprocessor):
+    """Items are 4-d vectors (or None): -> {"x": [B, 4], "present": [B]}."""
+
+    def __call__(self, items):
+        x = torch.stack([torch.zeros(4) if i is None else torch.as_tensor(i, dtype=torch.float) for i in items])
+        return {"x": x, "present": torch.tensor([i is not None for i in items])}
+
+
+class FakeEncoder(Encoder):
+    """A linear map 4 -> embed_dim over one token, with fixed ("pretrained") initial weights."""
+
+    def __init__(self, embed_dim: int = 8) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.lin = nn.Linear(4, embed_dim)
+        g = torch.Generator().manual_seed(embed_dim)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(embed_dim, 4, generator=g))
+            self.lin.bias.zero_()
+        self.preprocessor = FakePreprocessor()
+
+    def encode(self, batch):
+        z = self.lin(batch["x"])  # [B, D]
+        return ModalityOutput(z[:, None], torch.ones(z.shape[0], 1, dtype=torch.bool, device=z.device), z)
+
+
+for _name in FAKES.values():
+    if _name not in list_encoders():
+        register_encoder(_name)(FakeEncoder)
+
+
+class ToyDataModule(pl.LightningDataModule):
+    """Cached-feature batches with class-dependent features; ``labels`` is set right after __init__.
+
+    Like the real data module it reads the encoder widths from ``trainer.lightning_module.model`` in setup.
+    """
+
+    def __init__(self, num_samples: int = 24, batch_size: int = 8, missing_text_every: int = 0) -> None:
+        super().__init__()
+        self.num_samples, self.batch_size, self.missing_text_every = num_samples, batch_size, missing_text_every
+        self.labels = list(LABELS)
+
+    def setup(self, stage: str | None = None) -> None:
+        dims = self.trainer.lightning_module.model.embed_dims
+        self.splits = {s: self._make(dims, seed) for seed, s in enumerate(("train", "validation", "test"))}
+
+    def _make(self, dims: dict[str, int], seed: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, len(self.labels), (self.num_samples,), generator=g)
+        feats = {m: torch.randn(self.num_samples, d, generator=g) + 3 * nn.functional.one_hot(y, d).float()
+                 for m, d in dims.items()}
+        batches = []
+        for start in range(0, self.num_samples, self.batch_size):
+            idx = torch.arange(start, min(start + self.batch_size, self.num_samples))
+            inputs = {}
+            for m, x in feats.items():
+                mask = torch.ones(len(idx), 1, dtype=torch.bool)
+                if m == "text" and self.missing_text_every:
+                    mask[:: self.missing_text_every] = False
+                inputs[m] = ModalityOutput(x[idx][:, None], mask, x[idx] * mask)
+            batches.append({"inputs": inputs, "labels": y[idx], "index": idx})
+        return batches
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def make_task(**kw) -> FusionTask:
+    kw.setdefault("encoders", {m: FAKES[m] for m in ("image", "text")})
+    return FusionTask(labels=LABELS, hidden_dim=16, **kw)
+
+
+def raw_batch(b: int = 6, nan: bool = False) -> dict:
+    x = torch.full((b, 4), float("nan")) if nan else torch.randn(b, 4)
+    inputs = {m: {"x": x.clone(), "present": torch.ones(b, dtype=torch.bool)} for m in ("image", "text")}
+    return {"inputs": inputs, "labels": torch.arange(b) % 3, "index": torch.arange(b)}
+
+
+def tiny_trainer(tmp_path, **kw) -> pl.Trainer:
+    return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, **kw)
+
+
+def test_lr_groups_give_encoders_the_lower_rate():
+    task = make_task(encoders={"image": "fake-image", "text": {"name": "fake-text", "finetune": "full"}},
+                     lr=1e-3, encoder_lr=1e-5)
+    groups = {g["name"]: g for g in task.param_groups()}
+    assert {"encoders", "encoders_no_decay", "heads", "heads_no_decay"} == set(groups)
+    assert groups["encoders"]["lr"] == 1e-5 and groups["heads"]["lr"] == 1e-3
+    assert groups["heads_no_decay"]["weight_decay"] == 0.0
+    enc_ids = {id(p) for g in ("encoders", "encoders_no_decay") for p in groups[g]["params"]}
+    assert enc_ids == {id(p) for p in task.model.encoders["text"].parameters()}  # the frozen image encoder is out
+
+
+def test_warmup_then_cosine_schedule():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10) == pytest.approx(0.0, abs=1e-9)
+    assert warmup_cosine(5, math.inf, 0) == 1.0
+
+
+def test_nan_loss_raises_a_clear_error():
+    task = make_task()
+    with pytest.raises(FusionZooError, match=r"batch 3 .*lower the learning rate"):
+        task.training_step(raw_batch(nan=True), 3)
+
+
+@pytest.mark.parametrize("task_kind", ["multiclass", "multilabel", "regression"])
+def test_loss_is_task_plus_weighted_late_loss(task_kind):
+    task = make_task(stage="late", task=task_kind, late_loss_weight=0.7, dropout=0.0)
+    task.eval()  # no dropout: the same forward twice
+    batch = raw_batch()
+    if task_kind != "multiclass":
+        batch["labels"] = nn.functional.one_hot(batch["labels"], 3).float()
+    out = task.model(batch["inputs"])
+    expected = task._loss(out.logits, batch["labels"]) + 0.7 * task._late_loss(out, batch["labels"]) + out.aux_loss
+    assert task.training_step(batch, 0).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert task._late_loss(out, batch["labels"]).item() > 0
+
+
+def test_late_loss_ignores_absent_samples():
+    task = make_task(stage="late")
+    task.eval()
+    batch = raw_batch()
+    batch["inputs"]["text"]["present"][:] = False
+    out = task.model(batch["inputs"])
+    only_image = task._loss(out.modality_logits["image"], batch["labels"])
+    assert task._late_loss(out, batch["labels"]).item() == pytest.approx(only_image.item())
+
+
+def test_labels_must_match_a_given_config():
+    config = make_task().hparams["config"]
+    with pytest.raises(ConfigError, match="labels"):
+        FusionTask(labels=["x", "y", "z"], config=config)
+
+
+def test_fit_checkpoint_is_self_describing_and_test_metrics_cover_each_modality(tmp_path):
+    task = make_task(stage="hybrid", lr=1e-2)
+    trainer = tiny_trainer(tmp_path, max_epochs=4, enable_checkpointing=False)
+    data = ToyDataModule(missing_text_every=4)
+    trainer.fit(task, datamodule=data)
+    trainer.test(task, datamodule=data, verbose=False)
+    test = task.results["test"]
+    assert set(test) == {"fused", "image", "text"}
+    assert {"accuracy", "macro_f1", "auroc", "n"} <= set(test["fused"])
+    assert test["fused"]["n"] == 24 and test["image"]["n"] == 24 and test["text"]["n"] == 18  # text alone: present only
+    assert 0.0 <= test["text"]["head_accuracy"] <= 1.0 and test["fused"]["accuracy"] > 0.5
+    assert set(task.results["validation"]["fused"]) >= {"accuracy", "macro_f1", "auroc"}
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["hyper_parameters"]["config"] == task.cfg.to_dict()
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    back = FusionTask.from_checkpoint(path)
+    assert back.cfg == task.cfg
+    for k, v in task.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    same = FusionTask.load_from_checkpoint(path, weights_only=True)
+    assert same.cfg == task.cfg
+
+
+def test_from_checkpoint_rejects_other_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        FusionTask.from_checkpoint(tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not written by FusionTask"):
+        FusionTask.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_init_from_with_a_new_head_trains_only_the_head(tmp_path):
+    pytest.importorskip("zoo.hub", reason="zoo/hub.py (save_pretrained/from_pretrained) is not written yet")
+    base = make_task(stage="late", encoders={"image": {"name": "fake-image", "finetune": "full"}, "text": "fake-text"})
+    base.model.save_pretrained(tmp_path / "base")
+    task = FusionTask(labels=LABELS, init_from=str(tmp_path / "base"), fusion_head="average")
+    assert task.train_only_head and task.cfg.fusion_head == "average"
+    trainable = {id(p) for p in task.model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in task.model.head_parameters()}
+    fixed = {k: v.clone() for k, v in task.model.state_dict().items() if k.startswith(("encoders.", "late_heads."))}
+    head = [p.clone() for p in task.model.head_parameters()]
+    tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=False).fit(task, datamodule=ToyDataModule())
+    for k, v in task.model.state_dict().items():
+        if k in fixed:
+            assert torch.equal(v, fixed[k]), f"{k} changed although only the head trains"
+    assert any(not torch.equal(a, b) for a, b in zip(head, task.model.head_parameters(), strict=True))
