@@ -14,7 +14,9 @@ from torch import Tensor
 from ._contract import Preprocessor
 from .errors import ConfigError, InputError
 
-__all__ = ["load_audio", "AudioPreprocessor", "frame_mask"]
+__all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "MAX_AMPLITUDE"]
+
+MAX_AMPLITUDE = 1e6  # float samples beyond this overflow float32 power spectra: a scaling mistake, not audio
 
 _HINT = (
     "Pass a file path, encoded bytes (wav/flac/ogg), an (array, rate) tuple, a bare array at the encoder's rate, "
@@ -93,13 +95,19 @@ def load_audio(
             raise InputError(f"{name}: empty bytes; pass the encoded audio file content.")
         wav, src = _decode(bytes(x), name)
     elif isinstance(x, (np.ndarray, Tensor, list)):
-        wav, src = _as_array(x, name), int(rate or target_rate)
+        wav, src = _as_array(x, name), int(target_rate if rate is None else rate)
     else:
         raise InputError(f"{name}: unsupported audio type {type(x).__name__}. {_HINT}")
     if wav.shape[0] == 0:
         raise InputError(f"{name}: audio has no samples; pass None for a missing clip.")
     if not np.isfinite(wav).all():
         raise InputError(f"{name}: audio holds NaN or inf samples; clean or drop the clip.")
+    peak = float(np.abs(wav).max())
+    if peak > MAX_AMPLITUDE:
+        raise InputError(f"{name}: audio peak |x| = {peak:.3g} is far outside [-1, 1] (spectrograms would overflow); "
+                         "scale float audio to [-1, 1] (integer PCM: divide by its maximum, e.g. 32768).")
+    if src <= 0:
+        raise InputError(f"{name}: sample rate {src} Hz must be a positive number of Hz.")
     mono = torch.from_numpy(np.ascontiguousarray(wav.mean(axis=1)))  # [N], stereo -> mono by mean
     if src != target_rate:
         if not allow_resample:
@@ -145,6 +153,8 @@ class AudioPreprocessor(Preprocessor):
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
         if isinstance(items, (str, bytes, np.ndarray, Tensor, Mapping, tuple)):
             raise InputError("audio batch must be a list of clips; wrap a single clip as [clip].")
+        if not isinstance(items, Sequence):
+            raise InputError(f"audio batch is a {type(items).__name__}; pass a list of clips (None = missing).")
         max_n = max(1, round(self.max_seconds * self.sample_rate))
         clips: list[Tensor | None] = []
         for i, item in enumerate(items):

@@ -30,6 +30,8 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
 
 
 def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name}: image array has dtype {arr.dtype}; expected uint8, uint16, bool or float pixels.")
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -157,6 +159,8 @@ class ImagePreprocessor(Preprocessor):
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
         if isinstance(items, (str, bytes, Image.Image, np.ndarray, Tensor, Mapping)):
             raise InputError("image batch must be a list of images; wrap a single image as [image].")
+        if not isinstance(items, Sequence):
+            raise InputError(f"image batch is a {type(items).__name__}; pass a list of images (None = missing).")
         s = self.image_size
         pixels = torch.zeros(len(items), 3, s, s)  # [B, 3, S, S]
         present = torch.zeros(len(items), dtype=torch.bool)  # [B]

@@ -25,6 +25,8 @@ def check_texts(items: Sequence[Any]) -> list[str | None]:
     """Validate raw texts: ``str`` (non-blank) or ``None`` (missing); raise InputError naming the index otherwise."""
     if isinstance(items, str):
         raise InputError("text batch is a single string; pass a list of strings, e.g. [text].")
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
+        raise InputError(f"text batch is a {type(items).__name__}; pass a list of strings (None = missing).")
     out: list[str | None] = []
     for i, item in enumerate(items):
         if item is None:
@@ -36,9 +38,22 @@ def check_texts(items: Sequence[Any]) -> list[str | None]:
             )
         elif not item.strip():
             raise InputError(f"text item {i} is empty; pass None for a missing text instead of an empty string.")
+        elif not item.isascii() and not _is_utf8(item):
+            raise InputError(
+                f"text item {i} holds characters that are not valid Unicode (lone surrogates); decode the source "
+                "bytes with errors='replace' or strip them."
+            )
         else:
             out.append(item)
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TextPreprocessor(Preprocessor):
@@ -70,6 +85,8 @@ class TextPreprocessor(Preprocessor):
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
         texts = check_texts(items)
+        if not texts:
+            raise InputError("text batch is empty; pass at least one text (None = missing).")
         present = torch.tensor([t is not None for t in texts], dtype=torch.bool)  # [B]
         filled = [t if t is not None else "" for t in texts]  # placeholder: special tokens only
         enc = self.tokenizer(

@@ -7,6 +7,7 @@ into its own directory ``runs/<subcommand>-<YYYYmmdd-HHMMSS>/`` (see docs/recipe
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -20,6 +21,9 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from encoders.errors import FusionZooError
+
+from .callbacks import AtomicCheckpointIO, ResumeCallback
 from .metrics import format_table, write_metrics_json
 from .module import FusionTask
 
@@ -134,7 +138,11 @@ class FusionCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):  # log into the run directory itself, as CSV
             kwargs["logger"] = CSVLogger(trainer_cfg["default_root_dir"], name="", version="")
-        return super().instantiate_trainer(**kwargs)
+        if not trainer_cfg.get("plugins"):  # a kill during a save never corrupts the last good checkpoint
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(ResumeCallback())  # exact mid-epoch resume (recipes/callbacks.py)
+        return trainer
 
     # after each subcommand ---------------------------------------------------------------------
     def after_fit(self) -> None:
@@ -166,8 +174,24 @@ class FusionCLI(LightningCLI):
             print("\n" + format_table(table, title=f"{split} metrics" + (f" (checkpoint {best})" if best else "")))
         path = write_metrics_json(run_dir / "metrics.json", metrics)
         rank_zero_info(f"metrics written to {path}")
+        self._write_environment(run_dir / "environment.json")
         if save_model:
             self._save_model(run_dir / "model", metrics)
+
+    def _write_environment(self, path: Path) -> None:
+        """Record the seed and library versions of this run next to its metrics (for reruns and audits)."""
+        from zoo._format import library_versions
+
+        seed = self.config[self.subcommand].get("seed_everything")
+        import numpy
+        import pytorch_lightning
+
+        libraries = {**library_versions(), "pytorch-lightning": pytorch_lightning.__version__,
+                     "numpy": numpy.__version__}
+        doc = {"seed": seed, "command": self.recipe_command, "libraries": libraries}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(path)
 
     def _save_model(self, path: Path, metrics: dict[str, Any]) -> None:
         from zoo.hub import save_pretrained
@@ -211,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fusion-zoo {_version()}")
         return 0
     if command in LIGHTNING_COMMANDS:
-        _lightning(args)
+        try:
+            _lightning(args)
+        except FusionZooError as e:  # a user mistake: one line naming the fix, not a traceback
+            print(f"fusion-zoo {command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
         return 0
     if command in ZOO_COMMANDS:
         from zoo.cli import main as zoo_main

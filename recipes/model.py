@@ -170,6 +170,9 @@ class FusionModel(nn.Module):
 
     def encode(self, batch: Mapping[str, Mapping[str, Tensor] | ModalityOutput]) -> dict[str, ModalityOutput]:
         """Run each modality's encoder; values that are already ``ModalityOutput`` (cached features) pass through."""
+        if not isinstance(batch, Mapping):
+            raise InputError(f"batch is a {type(batch).__name__}; pass {{modality: inputs}} "
+                             "(e.g. model.preprocess(...)).")
         out: dict[str, ModalityOutput] = {}
         for m in sorted(batch):
             if m not in self.modalities:
@@ -180,8 +183,40 @@ class FusionModel(nn.Module):
             else:
                 if m not in self.encoders:
                     raise InputError(f"{m!r} came as raw inputs but this head-only model needs cached features.")
-                out[m] = self.encoders[m](dict(value))
+                out[m] = self._run_encoder(m, value)
         return out
+
+    def _run_encoder(self, m: str, value: Any) -> ModalityOutput:
+        """Encode one modality; a malformed tensor batch becomes an InputError naming its keys and shapes."""
+        if not isinstance(value, Mapping):
+            raise InputError(f"{m!r} inputs are a {type(value).__name__}; pass the dict of tensors that "
+                             f"model.preprocess({m}=[...]) returns, or a ModalityOutput of cached features.")
+        try:
+            return self.encoders[m](dict(value))
+        except torch.OutOfMemoryError:
+            raise
+        except (KeyError, TypeError, IndexError, RuntimeError) as e:
+            shapes = {k: (tuple(v.shape), str(v.dtype)) if isinstance(v, Tensor) else type(v).__name__
+                      for k, v in value.items()}
+            raise InputError(f"{m!r} encoder {type(self.encoders[m]).__name__} cannot run on inputs {shapes} "
+                             f"({type(e).__name__}: {e}); build them with model.preprocess({m}=[...]).") from e
+
+    def _check_features(self, m: str, f: Any) -> ModalityOutput:
+        """Validate one modality's features against this model: known key, ModalityOutput, width, dtype."""
+        if m not in self.modalities:
+            raise InputError(f"features for modality {m!r}, but this model takes {self.modalities}; drop them.")
+        if not isinstance(f, ModalityOutput):
+            raise InputError(f"{m!r} features are a {type(f).__name__}; pass ModalityOutput(tokens, mask, pooled).")
+        f.validate(m)
+        if f.dim != self.embed_dims[m]:
+            raise InputError(f"{m!r} features have width {f.dim} but this model's {m} encoder gives "
+                             f"{self.embed_dims[m]}; cache features with the encoder in config.encoders[{m!r}].")
+        want = self.classifier.weight.dtype
+        if not f.pooled.is_floating_point() or (
+                f.pooled.dtype != want and not torch.is_autocast_enabled(f.pooled.device.type)):
+            raise InputError(f"{m!r} features are {f.pooled.dtype} but the model runs in {want}; "
+                             f"convert them with .to({want}).")
+        return f
 
     def _modality_dropout(self, feats: dict[str, ModalityOutput]) -> dict[str, ModalityOutput]:
         probs = self.config.modality_dropout
@@ -201,7 +236,7 @@ class FusionModel(nn.Module):
         """Fuse encoder outputs (any non-empty subset of modalities) into predictions."""
         if not feats:
             raise InputError(f"every modality is missing: give at least one of {self.modalities}.")
-        feats = self._modality_dropout({m: feats[m].validate(m) for m in sorted(feats)})
+        feats = self._modality_dropout({m: self._check_features(m, feats[m]) for m in sorted(feats)})
         present = {m: f.present for m, f in feats.items()}
         stage = self.config.stage
         modality_logits: dict[str, Tensor] = {}
@@ -257,6 +292,10 @@ class FusionModel(nn.Module):
         """
         from zoo.predict import predict
 
+        unknown = sorted(set(raw) - {"text", "image", "audio", "batch_size"})
+        if unknown:
+            raise InputError(f"predict() takes text=, image=, audio= (and batch_size=), not {unknown}; "
+                             f"this model's modalities are {self.modalities}.")
         return predict(self, **raw)
 
     def save_pretrained(self, path: str | Path, **card: Any) -> Path:

@@ -204,6 +204,11 @@ class FusionTask(pl.LightningModule):
         inputs, labels = batch["inputs"], batch["labels"]
         metrics: SplitMetrics = self.split_metrics[split]
         out = self.model(inputs)
+        if not torch.isfinite(out.logits).all():
+            raise FusionZooError(
+                f"the model produced NaN/inf predictions in {SPLITS[split]} batch (indices "
+                f"{batch.get('index', torch.tensor([])).tolist()[:8]}...); check those rows' inputs and the weights."
+            )
         self.log(f"{split}/loss", self._loss(out.logits, labels), batch_size=labels.shape[0], sync_dist=True)
         metrics.update("fused", out.logits, labels)
         for m, z in out.modality_logits.items():

@@ -33,10 +33,10 @@ def load_image(item: Any) -> Any:
                 return img.convert("RGB")
         except OSError as e:
             raise InputError(f"cannot read image {str(path)!r} ({e}); give a PNG/JPEG file or a PIL image.") from e
-    if isinstance(item, np.ndarray):
-        scale = 255 if item.dtype != np.uint8 and item.max() <= 1 else 1
-        arr = np.clip(item * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
+    if isinstance(item, np.ndarray):  # dtype, shape and NaN checks live in the encoders' loader
+        from encoders._image_io import load_image as load_array
+
+        return load_array(item, "image")
     return item
 
 

@@ -1,0 +1,217 @@
+"""Crash-safe training: atomic checkpoint writes and exact mid-epoch resume.
+
+- :class:`AtomicCheckpointIO` writes each ``.ckpt`` to a temporary file in the checkpoint's own folder, fsyncs it and
+  ``os.replace``-s it over the target, so a kill during a save leaves the previous checkpoint intact.
+- :class:`ResumableDataLoader` draws its order from ``(seed, epoch)`` only and reports how many batches of the
+  current epoch were consumed (Lightning stores that in the checkpoint); after ``--ckpt_path`` it skips them.
+- :class:`ResumeCallback` stores the torch / numpy / python random states in the checkpoint and restores them
+  right before the first training batch after a resume, so dropout and modality dropout continue as if
+  training had never stopped; it also hands the saved loader position to the training loaders (Lightning skips
+  that when ``configure_optimizers`` already built the loaders to count the training steps).
+
+Together they make ``fusion-zoo fit --ckpt_path <run>/checkpoints/last.ckpt`` after a crash give the same weights
+as an uninterrupted run on CPU (tests/reliability/test_resume.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = ["AtomicCheckpointIO", "EpochSampler", "ResumableDataLoader", "ResumeCallback"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic: temp file in the same folder + fsync + ``os.replace``.
+
+    Lightning's own writer stages the file in the system temp folder and moves it, which is a copy (not a rename)
+    when that folder is on another file system. Remote paths (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename (the directory entry) where the OS allows opening folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices ``0..n-1``, shuffled by a generator seeded with ``seed + epoch`` (or in order).
+
+    ``skip`` drops the first samples of one given epoch (set by :class:`ResumableDataLoader` on resume);
+    the order therefore never depends on the global random state.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
+        self.epoch = 0
+        self.skip: tuple[int, int] | None = None  # (epoch, samples to drop)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> list[int]:
+        """The full index order of ``epoch``."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        if self.skip is not None:
+            if self.skip[0] == self.epoch:
+                start = self.skip[1]
+            self.skip = None
+        yield from self.order(self.epoch)[start:]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over :class:`EpochSampler` that Lightning can checkpoint mid-epoch.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: samples per batch.
+        seed: base seed of the per-epoch shuffle.
+        shuffle: shuffle each epoch (False: dataset order).
+        sampler: leave None; Lightning passes its own (distributed) sampler here when it rebuilds the loader,
+            and mid-epoch skipping is then off (resume from epoch-end checkpoints under DDP).
+        **kwargs: any other ``DataLoader`` argument (``collate_fn``, ``num_workers``, ...).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 sampler: Sampler | None = None, **kwargs: Any) -> None:
+        kwargs.pop("batch_sampler", None)
+        if sampler is None:
+            assert isinstance(dataset, Sized)
+            sampler = EpochSampler(len(dataset), seed, shuffle)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self.seed, self.shuffle = seed, shuffle
+        self._consumed = 0  # batches of the current epoch handed to the training loop
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        skipped = 0
+        if isinstance(sampler, EpochSampler) and sampler.skip is not None and sampler.skip[0] == sampler.epoch:
+            skipped = sampler.skip[1] // max(1, self.batch_size or 1)
+        self._consumed = skipped
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch = self.sampler.epoch if isinstance(self.sampler, EpochSampler) else 0
+        return {"epoch": epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, EpochSampler) and 0 < state["batches"] < len(self):
+            self.sampler.skip = (int(state["epoch"]), int(state["batches"]) * int(self.batch_size or 1))
+
+
+class ResumeCallback(pl.Callback):
+    """Saves the global random states with every checkpoint; on resume restores them before the first batch and
+    gives each stateful training loader its saved position."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, Any]] = []
+
+    @property
+    def state_key(self) -> str:
+        return "ResumeCallback"
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = list(fit_state.get("combined_loader", []))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        states, self._loader_states = self._loader_states, []
+        loaders = [dl for dl in _flatten(trainer.train_dataloader) if isinstance(dl, ResumableDataLoader)]
+        if states and len(states) == len(loaders):
+            for loader, state in zip(loaders, states, strict=True):
+                loader.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        states: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(legacy=True),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return _plain(states)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _flatten(loaders: Any) -> list[Any]:
+    if isinstance(loaders, dict):
+        return [x for v in loaders.values() for x in _flatten(v)]
+    if isinstance(loaders, (list, tuple)):
+        return [x for v in loaders for x in _flatten(v)]
+    return [] if loaders is None else [loaders]
+
+
+def _plain(obj: Any) -> Any:
+    """Numpy arrays and tuples -> lists/tensors so the checkpoint stays loadable with ``weights_only=True``."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (tuple, list)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
