@@ -1,0 +1,327 @@
+"""Data sources, splits, labels and cell checks behind :class:`recipes.data.FusionDataModule` (docs/data.md)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+
+from encoders.errors import DataError
+
+__all__ = ["load_source", "pick_splits", "infer_labels", "LabelEncoder", "is_missing", "resolve", "cell_problem",
+           "IMAGE_EXTS", "AUDIO_EXTS"]
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+                 "test": ("test", "testing", "eval")}
+
+
+def _as_path(p: str | Path, data_dir: Path | None) -> str:
+    path = Path(p).expanduser()
+    if not path.is_absolute() and data_dir is not None and not path.exists():
+        path = data_dir / path
+    return str(path)
+
+
+def _first_file(data_files: Any) -> str:
+    if isinstance(data_files, dict):
+        data_files = next(iter(data_files.values()))
+    if isinstance(data_files, (list, tuple)):
+        data_files = data_files[0]
+    return str(data_files)
+
+
+def _folder_tables(root: Path) -> dict[str, str]:
+    """``{split}.{csv,jsonl,json,parquet}`` files in ``root``, else ``metadata.*`` as the train split."""
+    tables: dict[str, str] = {}
+    for split in ("train", "validation", "valid", "val", "dev", "test"):
+        for ext in FORMATS:
+            if (root / f"{split}{ext}").is_file():
+                tables.setdefault(split, str(root / f"{split}{ext}"))
+    for ext in FORMATS:
+        if not tables and (root / f"metadata{ext}").is_file():
+            tables["train"] = str(root / f"metadata{ext}")
+    return tables
+
+
+def _load_folder(root: Path, kind: str) -> datasets.DatasetDict:
+    """An ``imagefolder``/``audiofolder``: files in class sub-folders (label = folder name), split sub-folders
+    (train/validation/test) optional."""
+    exts = IMAGE_EXTS if kind == "imagefolder" else AUDIO_EXTS
+    column = "image" if kind == "imagefolder" else "audio"
+    subdirs = {p.name: p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+    split_dirs = {s: subdirs[a] for s, aliases in SPLIT_ALIASES.items() for a in aliases if a in subdirs}
+    out = {}
+    for split, folder in (split_dirs or {"train": root}).items():
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
+        if not files:
+            raise DataError(f"no {column} files ({', '.join(sorted(exts))}) under {folder}; check --data.data_dir.")
+        labels = [p.parent.relative_to(folder).parts[0] if p.parent != folder else None for p in files]
+        rows: dict[str, list[Any]] = {column: [str(p) for p in files]}
+        if any(x is not None for x in labels):
+            rows["label"] = labels
+        out[split] = datasets.Dataset.from_dict(rows)
+    return datasets.DatasetDict(out)
+
+
+def load_source(dataset: str, data_files: Any, data_format: str | None,
+                data_dir: str | None) -> tuple[datasets.DatasetDict, Path | None, str | None]:
+    """Load the data a FusionDataModule names.
+
+    Returns:
+        (the splits, the folder relative paths in cells are resolved against, a dataset name for model cards or
+        None for local data).
+    """
+    root = Path(data_dir).expanduser().resolve() if data_dir else None
+    if data_files is None and root is None:
+        if dataset == "tridigits":
+            from .tridigits import load_tridigits
+
+            return load_tridigits(), None, "tridigits"
+        local = Path(dataset).expanduser()
+        if local.is_dir():
+            root = local.resolve()
+        elif local.is_file():
+            data_files = str(local.resolve())
+        else:
+            try:
+                return datasets.load_dataset(dataset), None, dataset
+            except Exception as e:  # hub errors come in many types; all mean "cannot load this name"
+                raise DataError(
+                    f"cannot load dataset {dataset!r} ({type(e).__name__}: {e}). Give a Hugging Face hub name (needs "
+                    "internet or a local datasets cache), or local data with --data.data_files / --data.data_dir."
+                ) from e
+    if data_format in ("imagefolder", "audiofolder"):
+        if root is None:
+            raise DataError(f"data_format={data_format!r} needs --data.data_dir (the folder of files).")
+        if not _folder_tables(root):  # with a metadata table the folder is read like any table (below)
+            return _load_folder(root, data_format), root, None
+        data_format = None
+    if data_files is None:
+        assert root is not None
+        tables = _folder_tables(root)
+        if not tables:
+            has = {p.suffix.lower() for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+            kind = "audiofolder" if has & AUDIO_EXTS else "imagefolder" if has & IMAGE_EXTS else None
+            if kind is None:
+                raise DataError(f"{root} holds no metadata table (metadata.csv/.jsonl/.parquet or train.csv, ...) "
+                                "and no image or audio files; point --data.data_dir at your data folder.")
+            return _load_folder(root, kind), root, None
+        data_files = tables
+    if isinstance(data_files, dict):
+        data_files = {k: [_as_path(f, root) for f in v] if isinstance(v, (list, tuple)) else _as_path(v, root)
+                      for k, v in data_files.items()}
+    elif isinstance(data_files, (list, tuple)):
+        data_files = [_as_path(f, root) for f in data_files]
+    else:
+        data_files = _as_path(data_files, root)
+    first = _first_file(data_files)
+    fmt = data_format or FORMATS.get(Path(first).suffix.lower())
+    if fmt not in ("csv", "json", "parquet"):
+        raise DataError(f"cannot tell the format of {first!r}; pass --data.data_format csv|json|parquet "
+                        "(or imagefolder|audiofolder with --data.data_dir).")
+    kwargs = {"delimiter": "\t"} if fmt == "csv" and first.lower().endswith(".tsv") else {}
+    try:
+        loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+    except FileNotFoundError as e:
+        raise DataError(f"data file not found: {e}; check --data.data_files (relative paths are taken from the "
+                        "working directory, then from --data.data_dir).") from e
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):
+            raise DataError(f"cannot read {first!r} as {fmt} ({e}); check the file or --data.data_format.") from e
+        raise DataError(f"a split of --data.data_files is empty ({e}); every split needs rows: fill or drop "
+                        "that file.") from e
+    except Exception as e:  # parser errors from pandas/pyarrow
+        raise DataError(f"cannot read {first!r} as {fmt} ({type(e).__name__}: {e}); check the file or "
+                        "pass the right --data.data_format.") from e
+    return loaded, root or Path(first).resolve().parent, None
+
+
+def pick_splits(dd: datasets.DatasetDict, splits: dict[str, str] | None, val_fraction: float, test_fraction: float,
+                seed: int) -> dict[str, tuple[datasets.Dataset, str, np.ndarray]]:
+    """train/validation/test, named by ``splits``, found by usual names, or carved from train at random (seeded).
+
+    Returns:
+        role -> (rows, the data's split they come from, their row numbers in that split).
+    """
+    available = list(dd)
+    chosen: dict[str, str] = {}
+    for role, name in (splits or {}).items():
+        if role not in SPLIT_ALIASES:
+            raise DataError(f"splits key {role!r} is not one of {list(SPLIT_ALIASES)}.")
+        if name not in dd:
+            raise DataError(f"split {name!r} (for {role}) is not in the data; available splits: {available}. "
+                            f"Map it with --data.splits '{{\"{role}\": \"<split>\"}}'.")
+        chosen[role] = name
+    for role, aliases in SPLIT_ALIASES.items():
+        found = [a for a in aliases if a in dd and a not in chosen.values()]
+        if role not in chosen and found:
+            chosen[role] = found[0]
+    if "train" not in chosen:
+        if len(available) != 1:
+            raise DataError(f"no train split among {available}; name it with "
+                            "--data.splits '{\"train\": \"<split>\"}'.")
+        chosen["train"] = available[0]
+    out = {role: (dd[name], name, np.arange(len(dd[name]))) for role, name in chosen.items()}
+    carve = [r for r in ("validation", "test") if r not in out]
+    if carve:
+        train, name, _ = out["train"]
+        n = len(train)
+        fractions = {"validation": val_fraction, "test": test_fraction}
+        counts = {r: max(1, round(n * fractions[r])) for r in carve}
+        if n - sum(counts.values()) < 1:
+            raise DataError(f"train split has {n} rows: too few to carve {carve} from it with val_fraction="
+                            f"{val_fraction}, test_fraction={test_fraction}; add rows or give those splits.")
+        perm = np.random.default_rng(seed).permutation(n)
+        at = 0
+        for r in [*carve, "train"]:
+            rows = np.sort(perm[at:at + counts[r]] if r in counts else perm[at:])
+            out[r] = (train.select(rows), name, rows)
+            at += counts.get(r, 0)
+    return out
+
+
+def _inner(feature: Any) -> Any:
+    return getattr(feature, "feature", None)
+
+
+def infer_labels(parts: Sequence[datasets.Dataset], column: str) -> list[str]:
+    """Label names: a ClassLabel's names, sorted unique values, or target names for float (regression) columns."""
+    feature = parts[0].features[column]
+    for f in (feature, _inner(feature)):
+        if isinstance(f, datasets.ClassLabel):
+            return list(f.names)
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
+        return [column]
+    values: set[Any] = set()
+    width = 0
+    for ds in parts:
+        for v in ds[column]:
+            if isinstance(v, (list, tuple)):
+                values.update(x for x in v if x is not None)
+                width = max(width, len(v))
+            elif v is not None and not (isinstance(v, float) and math.isnan(v)):
+                values.add(v)
+    if isinstance(_inner(feature), datasets.Value) and _inner(feature).dtype.startswith("float"):
+        return [f"{column}_{i}" for i in range(width)]
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [_name(v) for v in sorted(values)]
+    return sorted({_name(v) for v in values})
+
+
+def _name(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+class LabelEncoder:
+    """Turns label cells into the batch's label tensor for ``task`` over ``labels``."""
+
+    def __init__(self, labels: Sequence[str], task: str, feature: Any) -> None:
+        self.labels, self.task = list(labels), task
+        self.index = {name: i for i, name in enumerate(self.labels)}
+        inner = feature if isinstance(feature, datasets.ClassLabel) else _inner(feature)
+        self.names = list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
+
+    def _lookup(self, v: Any) -> int | None:
+        if self.names is not None and isinstance(v, int) and 0 <= v < len(self.names):
+            v = self.names[v]
+        return self.index.get(_name(v))
+
+    def encode(self, values: Sequence[Any]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Returns the labels ([N] long, or [N, C] float) and {row: problem} for unusable cells."""
+        problems: dict[int, str] = {}
+        c = len(self.labels)
+        out = torch.zeros(len(values), dtype=torch.long) if self.task == "multiclass" else torch.zeros(len(values), c)
+        for i, v in enumerate(values):
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                problems[i] = "the label is empty"
+            elif self.task == "regression":
+                vec = list(v) if isinstance(v, (list, tuple)) else [v]
+                if len(vec) != c or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vec):
+                    problems[i] = f"label {v!r} is not {c} finite number(s) for targets {self.labels}"
+                else:
+                    out[i] = torch.tensor(vec, dtype=torch.float32)
+            elif self.task == "multilabel":
+                idx = [self._lookup(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+                if None in idx:
+                    problems[i] = f"label {v!r} holds a name outside the label set {self.labels}"
+                else:
+                    out[i, idx] = 1.0
+            else:
+                j = None if isinstance(v, (list, tuple)) else self._lookup(v)
+                if j is None:
+                    problems[i] = f"label {v!r} is not in the label set {self.labels}"
+                else:
+                    out[i] = j
+        return out, problems
+
+
+def is_missing(v: Any) -> bool:
+    """None, NaN, an empty or blank string, empty bytes or an empty datasets dict: a missing modality."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return True
+    if isinstance(v, (str, bytes)):
+        return not v.strip()
+    if isinstance(v, dict):
+        return not v.get("bytes") and not v.get("path") and v.get("array") is None
+    return False
+
+
+def resolve(v: Any, base: Path | None) -> Any:
+    """A relative path (bare or in a ``{"bytes", "path"}`` dict without bytes) made absolute against ``base``."""
+    if base is None:
+        return v
+    if isinstance(v, str) and not Path(v).expanduser().is_absolute() and "://" not in v:
+        return str(base / v)
+    if isinstance(v, dict) and not v.get("bytes") and isinstance(v.get("path"), str) and v.get("array") is None:
+        return {**v, "path": resolve(v["path"], base)}
+    return v
+
+
+def _source(v: Any) -> tuple[str | None, bytes | None]:
+    if isinstance(v, str):
+        return v, None
+    if isinstance(v, (bytes, bytearray)):
+        return None, bytes(v)
+    if isinstance(v, dict) and v.get("array") is None:
+        return v.get("path"), v.get("bytes")
+    return None, None
+
+
+def cell_problem(modality: str, v: Any) -> str | None:
+    """Why a non-missing cell cannot be used (file absent, empty or not decodable), or None if it looks fine.
+
+    Images are opened and verified, audio headers read; full decoding happens when the batch is built.
+    """
+    if modality == "text":
+        return None if isinstance(v, (str, int, float)) else f"text cell is a {type(v).__name__}, not a string"
+    path, data = _source(v)
+    if path is None and data is None:
+        return None  # arrays, PIL images, {"array", "sampling_rate"} dicts are checked when preprocessed
+    if data is None:
+        assert path is not None
+        p = Path(path).expanduser()
+        if not p.is_file():
+            return f"file {str(p)!r} does not exist"
+        if p.stat().st_size == 0:
+            return f"file {str(p)!r} is empty"
+    try:
+        if modality == "image":
+            with Image.open(io.BytesIO(data) if data else str(path)) as img:
+                img.verify()
+        else:
+            sf.info(io.BytesIO(data) if data else str(path))
+    except Exception as e:  # PIL and libsndfile raise many types for unreadable content
+        where = repr(str(path)) if path else "bytes"
+        return f"{modality} {where} is not readable ({type(e).__name__}: {e})"
+    return None

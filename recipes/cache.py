@@ -1,0 +1,282 @@
+"""On-disk cache of frozen-encoder features: encode a dataset column once, reuse it in every later run.
+
+An entry is one safetensors file ``<root>/<key>.safetensors`` holding ``tokens`` [N, T, D] float32, ``mask`` [N, T]
+bool and ``pooled`` [N, D] float32 for all N rows of one (split, column). ``key`` is the sha256 of everything the
+features depend on: the encoder's spec (name and options) and ``weights_hash()``, the preprocessor's class and
+``to_dict()``, the dataset fingerprint, split, column, whether tokens are stored, and an ``extra`` string (the data
+module passes a digest of the sizes and modification times of files the column points to). Change any of these
+and the entry is simply not found; nothing is ever invalidated in place. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from encoders import Encoder, ModalityOutput
+from encoders.errors import DataError, InputError
+
+__all__ = ["FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
+
+CACHE_ENV = "FUSION_ZOO_CACHE"
+FORMAT_VERSION = 1
+MEMORY_LIMIT_BYTES = 4 << 30  # the in-process index keeps at most this much, least recently used dropped first
+_MEMORY: OrderedDict[str, ModalityOutput] = OrderedDict()
+
+
+def default_cache_dir() -> Path:
+    """``$FUSION_ZOO_CACHE`` if set, else ``~/.cache/fusion-zoo/features``."""
+    given = os.environ.get(CACHE_ENV)
+    return Path(given).expanduser() if given else Path.home() / ".cache" / "fusion-zoo" / "features"
+
+
+def raw_view(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
+    """``dataset`` with ``column`` undecoded: ``datasets.Image``/``Audio`` give ``{"bytes", "path"}`` dicts.
+
+    Audio decoding in ``datasets`` needs torchcodec/FFmpeg; the encoders' preprocessors decode raw forms themselves.
+    """
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.Audio) and feature.decode:
+        return dataset.cast_column(column, datasets.Audio(sampling_rate=feature.sampling_rate, decode=False))
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _nbytes(out: ModalityOutput) -> int:
+    return sum(t.numel() * t.element_size() for t in (out.tokens, out.mask, out.pooled))
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, (str, Path)):
+        return repr(str(item))
+    if isinstance(item, dict) and item.get("path"):
+        return repr(str(item["path"]))
+    return type(item).__name__
+
+
+@dataclass
+class CacheStats:
+    """How one ``get_or_compute`` call was served.
+
+    Attributes:
+        key: the entry's sha256 key.
+        source: ``memory`` (in-process index), ``disk`` (safetensors file) or ``computed`` (a miss, now stored).
+        rows: N, rows in the entry.
+        bytes: size of the features in memory.
+        seconds: wall time of the call.
+    """
+
+    key: str
+    source: Literal["memory", "disk", "computed"]
+    rows: int
+    bytes: int
+    seconds: float
+
+    @property
+    def hit(self) -> bool:
+        return self.source != "computed"
+
+
+class FeatureCache:
+    """Features of frozen encoders over dataset columns, on disk under ``root`` and indexed in memory.
+
+    Args:
+        root: folder of the safetensors entries (default :func:`default_cache_dir`).
+        memory: keep loaded entries in a process-wide index, so repeated calls are free.
+    """
+
+    def __init__(self, root: str | Path | None = None, memory: bool = True) -> None:
+        self.root = Path(root).expanduser() if root else default_cache_dir()
+        self.memory = memory
+
+    @staticmethod
+    def clear_memory() -> None:
+        """Forget every entry of the in-process index (files on disk stay)."""
+        _MEMORY.clear()
+
+    def key_parts(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str,
+                  store_tokens: bool, extra: str = "") -> dict[str, Any]:
+        """Everything an entry depends on, as a JSON-able dict (the key is its sha256)."""
+        pre = encoder.preprocessor
+        return {
+            "format": FORMAT_VERSION,
+            "encoder": getattr(encoder, "spec", None) or {"name": type(encoder).__qualname__},
+            "weights": encoder.weights_hash(),
+            "preprocessor": {"class": type(pre).__qualname__, **pre.to_dict()},
+            "dataset": dataset._fingerprint,
+            "extra": extra,
+            "split": split,
+            "column": column,
+            "tokens": bool(store_tokens),
+        }
+
+    def key(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str = "train",
+            store_tokens: bool = True, extra: str = "") -> str:
+        """sha256 hex digest of :meth:`key_parts`."""
+        parts = self.key_parts(encoder, dataset, column, split, store_tokens, extra)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get_or_compute(
+        self,
+        encoder: Encoder,
+        dataset: datasets.Dataset,
+        column: str,
+        split: str = "train",
+        *,
+        store_tokens: bool = True,
+        batch_size: int = 64,
+        transform: Callable[[Any], Any] | None = None,
+        extra: str = "",
+        device: torch.device | str | None = None,
+        row_ids: Sequence[int] | None = None,
+    ) -> tuple[ModalityOutput, CacheStats]:
+        """Features of ``encoder`` over every row of ``dataset[column]``, from the cache or computed and stored.
+
+        Args:
+            encoder: a (frozen) encoder; its ``preprocessor`` turns the raw cells into a batch.
+            dataset: the rows, in order; a None cell is a missing modality (mask all False, pooled zeros).
+            column: the column holding the raw items.
+            split: split name (part of the key and of error messages).
+            store_tokens: keep per-token features; False keeps pooled only, as one token with mask = present.
+            batch_size: rows per encoder call on a miss.
+            transform: applied to each non-None cell before preprocessing (e.g. resolving relative paths).
+            extra: more text for the key (e.g. a digest of the files the column points to).
+            device: where to run the encoder on a miss (default: where its parameters are).
+            row_ids: the row numbers error messages name (default 0..N-1).
+
+        Returns:
+            (ModalityOutput with tokens [N, T, D] float32, mask [N, T] bool, pooled [N, D] float32 on the CPU,
+            CacheStats). T is the longest token count over all batches; shorter rows are padded with mask False.
+        """
+        start = time.perf_counter()
+        dataset = raw_view(dataset, column)
+        key = self.key(encoder, dataset, column, split, store_tokens, extra)
+        out, source = (_MEMORY.get(key) if self.memory else None), "memory"
+        if out is not None:
+            _MEMORY.move_to_end(key)
+        else:
+            out, source = self._load(self.path(key), len(dataset)), "disk"
+            if out is None:
+                out, source = self._compute(encoder, dataset, column, split, store_tokens, batch_size, transform,
+                                            device, row_ids), "computed"
+                self._save(self.path(key), out, self.key_parts(encoder, dataset, column, split, store_tokens, extra))
+            self._remember(key, out)
+        return out, CacheStats(key, source, out.batch_size, _nbytes(out), time.perf_counter() - start)  # type: ignore
+
+    # storage -----------------------------------------------------------------------------------
+    def _remember(self, key: str, out: ModalityOutput) -> None:
+        if not self.memory:
+            return
+        _MEMORY[key] = out
+        while len(_MEMORY) > 1 and sum(_nbytes(o) for o in _MEMORY.values()) > MEMORY_LIMIT_BYTES:
+            _MEMORY.popitem(last=False)
+
+    @staticmethod
+    def _load(path: Path, rows: int) -> ModalityOutput | None:
+        if not path.is_file():
+            return None
+        try:
+            t = load_file(str(path))
+            out = ModalityOutput(t["tokens"], t["mask"], t["pooled"]).validate(str(path))
+        except (SafetensorError, KeyError, InputError, OSError) as e:
+            rank_zero_warn(f"feature cache entry {path} is unreadable ({e}); encoding again.")
+            return None
+        if out.batch_size != rows:
+            rank_zero_warn(f"feature cache entry {path} has {out.batch_size} rows, expected {rows}; encoding again.")
+            return None
+        return out
+
+    @staticmethod
+    def _save(path: Path, out: ModalityOutput, parts: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        tensors = {"tokens": out.tokens.contiguous(), "mask": out.mask.contiguous(), "pooled": out.pooled.contiguous()}
+        try:
+            save_file(tensors, str(tmp), metadata={"key_parts": json.dumps(parts, sort_keys=True, default=str)})
+            os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # encoding ----------------------------------------------------------------------------------
+    def _compute(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
+                 batch_size: int, transform: Callable[[Any], Any] | None, device: torch.device | str | None,
+                 row_ids: Sequence[int] | None) -> ModalityOutput:
+        n = len(dataset)
+        name = (getattr(encoder, "spec", None) or {}).get("name", type(encoder).__name__)
+        home = next(encoder.parameters(), torch.empty(0)).device
+        device = torch.device(device) if device is not None else home
+        was_training = encoder.training
+        encoder.to(device).eval()
+        parts: list[ModalityOutput] = []
+        step = max(1, (n // batch_size + 1) // 10) * batch_size
+        rank_zero_info(f"feature cache: encoding {split}/{column} ({n} rows) with {name} on {device}")
+        try:
+            start = -batch_size
+            for chunk in dataset.select_columns([column]).iter(batch_size=batch_size):
+                start += batch_size
+                items = [None if v is None else transform(v) if transform else v for v in chunk[column]]
+                batch = self._preprocess(encoder, items, split, column, start, row_ids)
+                with torch.inference_mode():
+                    out = encoder({k: v.to(device) for k, v in batch.items()})
+                    if not store_tokens:
+                        out = ModalityOutput(out.pooled[:, None], out.present[:, None], out.pooled)
+                    parts.append(ModalityOutput(out.tokens.float().cpu(), out.mask.cpu(), out.pooled.float().cpu()))
+                done = start + len(items)
+                if done % step == 0 and done < n:
+                    rank_zero_info(f"feature cache: {split}/{column} {done}/{n} rows")
+        finally:
+            encoder.to(home).train(was_training)
+        return self._stack(parts, n)
+
+    @staticmethod
+    def _preprocess(encoder: Encoder, items: list[Any], split: str, column: str, start: int,
+                    row_ids: Sequence[int] | None) -> dict[str, torch.Tensor]:
+        """Preprocess one batch; an unusable item becomes a DataError naming its row, column and file."""
+        try:
+            return encoder.preprocessor(items)
+        except InputError as batch_error:
+            for j, item in enumerate(items):
+                try:
+                    encoder.preprocessor([item])
+                except InputError as e:
+                    row = row_ids[start + j] if row_ids is not None else start + j
+                    raise DataError(f"split {split!r}, row {row}, column {column!r} ({_describe(item)}): {e} Fix or "
+                                    "remove it, or pass --data.on_bad_rows skip to drop unreadable rows.") from e
+            raise DataError(f"split {split!r}, rows {start}..{start + len(items) - 1}, column {column!r}: "
+                            f"{batch_error}") from batch_error
+
+    @staticmethod
+    def _stack(parts: list[ModalityOutput], n: int) -> ModalityOutput:
+        """Concatenate batches (made outside inference mode, so training may use them), padding T with mask False."""
+        if not parts:
+            raise DataError("nothing to encode: the split has no rows.")
+        t = max(p.tokens.shape[1] for p in parts)
+        d = parts[0].dim
+        tokens = torch.zeros(n, t, d)  # [N, T, D]
+        mask = torch.zeros(n, t, dtype=torch.bool)  # [N, T]
+        pooled = torch.zeros(n, d)  # [N, D]
+        row = 0
+        for p in parts:
+            b, tp = p.batch_size, p.tokens.shape[1]
+            tokens[row:row + b, :tp] = p.tokens
+            mask[row:row + b, :tp] = p.mask
+            pooled[row:row + b] = p.pooled
+            row += b
+        return ModalityOutput(tokens, mask, pooled)

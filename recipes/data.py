@@ -1,0 +1,360 @@
+"""``FusionDataModule``: any Hugging Face ``datasets`` source as batches for a :class:`~recipes.model.FusionModel`.
+
+Batches are ``{"inputs": {modality: preprocessed tensors | cached ModalityOutput}, "labels": ..., "index": [B]}``.
+With frozen encoders the features are computed once per split and served from :class:`recipes.cache.FeatureCache`.
+How to point it at your own data: docs/data.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from encoders import MODALITIES, ModalityOutput, Preprocessor
+from encoders.errors import DataError, InputError
+
+from ._columns import LabelEncoder, cell_problem, infer_labels, is_missing, load_source, pick_splits, resolve
+from .cache import FeatureCache, raw_view
+from .callbacks import ResumableDataLoader
+
+__all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS"]
+
+DEFAULT_COLUMNS = {"audio": "audio", "image": "image", "label": "label", "text": "text"}
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
+                "predict": ("test",), None: ("train", "validation", "test")}
+BAD_ROWS_SHOWN = 5
+
+
+def _cell(modality: str, v: Any, base: Path | None) -> Any:
+    """A raw cell as the preprocessor takes it: None when missing, text as str, relative paths resolved."""
+    if is_missing(v):
+        return None
+    return str(v) if modality == "text" else resolve(v, base)
+
+
+def _stamp(v: Any) -> str:
+    """Path, size and modification time of a file a cell points to ('' for in-line data)."""
+    path = v if isinstance(v, str) else v.get("path") if isinstance(v, dict) and not v.get("bytes") else None
+    if not path or not Path(path).is_file():
+        return ""
+    st = Path(path).stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns};"
+
+
+@dataclass
+class _Split:
+    """One checked split: its usable rows, their labels and their row numbers in the source split."""
+
+    name: str
+    rows: datasets.Dataset
+    labels: Tensor  # [N] long | [N, C] float
+    row_ids: np.ndarray  # [N]
+    stamps: dict[str, str]  # modality -> digest of the files its column points to
+
+
+class _Rows(Dataset):
+    """Row ``i`` -> (raw cells, label, source row id); preprocessing happens in the collate function."""
+
+    def __init__(self, split: _Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.rows)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], Tensor, int]:
+        return self.split.rows[int(i)], self.split.labels[i], int(self.split.row_ids[i])
+
+
+class RawCollate:
+    """Picklable collate: rows of raw cells -> a batch of preprocessed inputs (runs in loader workers).
+
+    Args:
+        preprocessors: modality -> the encoder's preprocessor.
+        columns: modality -> the column holding its raw items.
+        base: folder relative paths are resolved against.
+        split: split name for error messages.
+    """
+
+    def __init__(self, preprocessors: Mapping[str, Preprocessor], columns: Mapping[str, str], base: Path | None,
+                 split: str) -> None:
+        self.preprocessors, self.columns, self.base, self.split = dict(preprocessors), dict(columns), base, split
+
+    def __call__(self, rows: Sequence[tuple[dict[str, Any], Tensor, int]]) -> dict[str, Any]:
+        index = torch.tensor([r[2] for r in rows], dtype=torch.long)  # [B]
+        inputs = {}
+        for m in sorted(self.preprocessors):
+            items = [_cell(m, r[0][self.columns[m]], self.base) for r in rows]
+            try:
+                inputs[m] = self.preprocessors[m](items)
+            except InputError as e:
+                raise DataError(self._explain(m, items, index, e)) from e
+        return {"inputs": inputs, "labels": torch.stack([r[1] for r in rows]), "index": index}
+
+    def _explain(self, m: str, items: list[Any], index: Tensor, error: InputError) -> str:
+        for j, item in enumerate(items):
+            try:
+                self.preprocessors[m]([item])
+            except InputError as e:
+                return (f"split {self.split!r}, row {int(index[j])}, column {self.columns[m]!r}: {e} Fix or remove "
+                        "that cell (an empty cell is a missing modality).")
+        return f"split {self.split!r}, rows {index.tolist()}, column {self.columns[m]!r}: {error}"
+
+
+class _Positions(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return int(i)
+
+
+class CachedCollate:
+    """Picklable collate over cached features: row positions -> a batch of ``ModalityOutput`` slices.
+
+    Tokens are cut to the longest valid token count in the batch (padding beyond it is masked anyway).
+    """
+
+    def __init__(self, feats: Mapping[str, ModalityOutput], labels: Tensor, row_ids: np.ndarray) -> None:
+        self.feats, self.labels, self.row_ids = dict(feats), labels, torch.as_tensor(row_ids, dtype=torch.long)
+
+    def __call__(self, positions: Sequence[int]) -> dict[str, Any]:
+        idx = torch.tensor(list(positions), dtype=torch.long)  # [B]
+        inputs = {}
+        for m in sorted(self.feats):
+            f = self.feats[m].index(idx)
+            valid = f.mask.any(0).nonzero()  # token positions valid for some sample
+            t = int(valid.max()) + 1 if valid.numel() else 1
+            inputs[m] = ModalityOutput(f.tokens[:, :t], f.mask[:, :t], f.pooled)
+        return {"inputs": inputs, "labels": self.labels[idx], "index": self.row_ids[idx]}
+
+
+class FusionDataModule(pl.LightningDataModule):
+    """Train/validation/test batches from the bundled ``tridigits``, a hub dataset or local files.
+
+    Args:
+        dataset: ``tridigits`` (bundled, offline), a Hugging Face hub name, or a local file/folder path.
+        data_files: local csv/json/parquet file(s): a path, a list, or {split: path(s)}; overrides ``dataset``.
+        data_format: ``csv|json|parquet|imagefolder|audiofolder``; None = from the file extension.
+        data_dir: a folder with a metadata table (path columns relative to it) or an image/audio folder.
+        columns: role -> column name for ``text``, ``image``, ``audio`` and ``label`` (each defaults to its role).
+        splits: role -> split name for ``train``, ``validation``, ``test``; missing roles are found by usual names
+            or carved at random from train.
+        val_fraction: share of train carved out as validation when the data has none.
+        test_fraction: share of train carved out as test when the data has none.
+        seed: seed of that random carving.
+        batch_size: rows per batch.
+        num_workers: DataLoader worker processes.
+        cache_features: serve cached encoder features when every encoder of the model is frozen.
+        cache_dir: feature cache folder (default ``$FUSION_ZOO_CACHE`` or ``~/.cache/fusion-zoo/features``).
+        on_bad_rows: ``raise`` on a bad row (bad label, unreadable file) or ``skip`` it (counted in ``bad_rows``).
+        max_samples: keep at most this many rows per split (smoke tests).
+        labels: label names; None = the ClassLabel names or the sorted unique values of the label column.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "tridigits",
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        data_format: Literal["csv", "json", "parquet", "imagefolder", "audiofolder"] | None = None,
+        data_dir: str | None = None,
+        columns: dict[str, str] | None = None,
+        splits: dict[str, str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
+        on_bad_rows: Literal["raise", "skip"] = "raise",
+        max_samples: int | None = None,
+        labels: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(columns or {}) - set(DEFAULT_COLUMNS))
+        if unknown:
+            raise DataError(f"columns keys {unknown} are not roles; use {sorted(DEFAULT_COLUMNS)} -> column names.")
+        if on_bad_rows not in ("raise", "skip"):
+            raise DataError(f"on_bad_rows={on_bad_rows!r} must be 'raise' or 'skip'.")
+        if batch_size < 1 or num_workers < 0 or (max_samples is not None and max_samples < 1):
+            raise DataError("batch_size and max_samples must be >= 1 and num_workers >= 0.")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
+            raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1).")
+        self.columns = {**DEFAULT_COLUMNS, **(columns or {})}
+        self.batch_size, self.num_workers, self.on_bad_rows = batch_size, num_workers, on_bad_rows
+        self.cache_features, self.cache = cache_features, FeatureCache(cache_dir)
+        source, self._base, self.dataset = load_source(dataset, data_files, data_format, data_dir)
+        self.seed = seed
+        self._parts = pick_splits(source, splits, val_fraction, test_fraction, seed)
+        if max_samples is not None:
+            self._parts = {r: (ds.select(range(min(max_samples, len(ds)))), name, ids[:max_samples])
+                           for r, (ds, name, ids) in self._parts.items()}
+        for role in self._parts:
+            self._need_column(role, "label")
+        self.labels: list[str] = [str(x) for x in labels] if labels else infer_labels(
+            [ds for ds, _, _ in self._parts.values()], self.columns["label"])
+        if not self.labels:
+            raise DataError(f"label column {self.columns['label']!r} has no values; fill it or pass --data.labels.")
+        self.bad_rows: dict[str, int] = {}
+        self._model: Any = None
+        self._signature: tuple[Any, ...] | None = None
+        self._checked: dict[str, _Split] = {}
+
+    # the model ---------------------------------------------------------------------------------
+    def attach(self, model: Any) -> FusionDataModule:
+        """Use ``model`` (a FusionModel) for preprocessing and features without a Trainer; returns self."""
+        self._model = model
+        return self
+
+    def _get_model(self) -> Any:
+        if self._model is not None:
+            return self._model
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise DataError("FusionDataModule has no model: pass it to a Trainer with a FusionTask, or call "
+                            "dm.attach(model) first.")
+        return getattr(module, "model", module)
+
+    def _use_cache(self, model: Any) -> bool:
+        encs = [model.encoders[m] for m in model.modalities if m in model.encoders]
+        return self.cache_features and len(encs) == len(model.modalities) and all(
+            e.finetune == "frozen" for e in encs)
+
+    # checks ------------------------------------------------------------------------------------
+    def _need_column(self, role: str, key: str) -> None:
+        ds, source, _ = self._parts[role]
+        col = self.columns[key]
+        if col not in ds.column_names:
+            drop = "" if key == "label" else f", or leave {key} out of --model.encoders"
+            raise DataError(f"column {col!r} (the {key} column) is not in split {source!r}; available columns: "
+                            f"{ds.column_names}. Map yours with --data.columns '{{\"{key}\": \"<column>\"}}'{drop}.")
+
+    def _check(self, role: str, model: Any) -> _Split:
+        """Validate labels and cells of one split; drop (and count) bad rows or raise naming them."""
+        ds, source, ids = self._parts[role]
+        mods = [m for m in MODALITIES if m in model.modalities]
+        if len(ds) == 0:
+            raise DataError(f"split {source!r} (used as {role}) is empty; add rows or choose another split.")
+        for key in ["label", *mods]:
+            self._need_column(role, key)
+        cols = {m: self.columns[m] for m in mods}
+        for c in cols.values():
+            ds = raw_view(ds, c)
+        label_col = self.columns["label"]
+        encoder = LabelEncoder(model.config.labels, model.config.task, ds.features[label_col])
+        labels, label_problems = encoder.encode(list(ds[label_col]))
+        problems = {i: [f"column {label_col!r}: {p}"] for i, p in label_problems.items()}
+        digests = {m: hashlib.sha256() for m in mods}
+        chunk_rows, start = 256, -256
+        for chunk in ds.select_columns(sorted(set(cols.values()))).iter(batch_size=chunk_rows):
+            start += chunk_rows
+            for m, c in cols.items():
+                for j, v in enumerate(chunk[c]):
+                    v = _cell(m, v, self._base)
+                    if v is None:
+                        continue
+                    problem = cell_problem(m, v)
+                    if problem:
+                        problems.setdefault(start + j, []).append(f"column {c!r}: {problem}")
+                    digests[m].update(_stamp(v).encode())
+        bad = sorted(problems)
+        if bad and self.on_bad_rows == "raise":
+            shown = "\n  ".join(f"row {ids[i]}: {'; '.join(problems[i])}" for i in bad[:BAD_ROWS_SHOWN])
+            more = f"\n  ... and {len(bad) - BAD_ROWS_SHOWN} more" if len(bad) > BAD_ROWS_SHOWN else ""
+            raise DataError(f"{len(bad)} bad row(s) in split {source!r} (used as {role}; rows are 0-based in that "
+                            f"split):\n  {shown}{more}\nFix them, or pass --data.on_bad_rows skip to drop and count "
+                            "them.")
+        if bad:
+            keep = np.setdiff1d(np.arange(len(ds)), bad)
+            ds, labels, ids = ds.select(keep), labels[torch.as_tensor(keep)], ids[keep]
+        if len(ds) == 0:
+            raise DataError(f"every row of split {source!r} (used as {role}) is bad; fix the data.")
+        self.bad_rows[role] = len(bad)
+        ds = ds.select_columns(sorted(set(cols.values())))
+        return _Split(role, ds, labels, ids, {m: d.hexdigest() for m, d in digests.items()})
+
+    # Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Check the splits ``stage`` needs and, with frozen encoders, compute (or load) their features."""
+        model = self._get_model()
+        signature = (id(model), tuple(model.modalities), model.config.task, tuple(model.config.labels))
+        if signature != self._signature:
+            self._signature, self._checked, self.bad_rows = signature, {}, {}
+        roles = STAGE_SPLITS.get(stage, STAGE_SPLITS[None])
+        for role in roles:
+            if role not in self._checked:
+                self._checked[role] = self._check(role, model)
+        if self._use_cache(model):
+            for role in roles:
+                self._features(role, model)
+        skipped = {r: n for r, n in self.bad_rows.items() if n}
+        if skipped:
+            rank_zero_info(f"data: skipped bad rows per split {skipped} (on_bad_rows='skip').")
+
+    def _features(self, role: str, model: Any) -> dict[str, ModalityOutput]:
+        split = self._checked[role]
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        feats = {}
+        for m in sorted(model.modalities):
+            col, start = self.columns[m], time.perf_counter()
+            feats[m], stats = self.cache.get_or_compute(
+                model.encoders[m], split.rows, col, split=role, store_tokens=model.config.stage != "late",
+                batch_size=max(self.batch_size, 64), transform=functools.partial(_cell, m, base=self._base),
+                extra=split.stamps[m], device=device, row_ids=split.row_ids.tolist())
+            if stats.source != "memory":
+                rank_zero_info(f"feature cache {stats.source:<8} {role}/{m}: {stats.rows} rows, "
+                               f"{stats.bytes / 2**20:.1f} MiB in {time.perf_counter() - start:.2f}s "
+                               f"({self.cache.path(stats.key)})")
+        return feats
+
+    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+        model = self._get_model()
+        if role not in self._checked or self._signature is None or self._signature[0] != id(model):
+            self.setup({"train": "fit", "validation": "validate"}.get(role, "test"))
+        split = self._checked[role]
+        workers: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self._use_cache(model):  # asked again here: a restored checkpoint may have changed the weights
+            cached = CachedCollate(self._features(role, model), split.labels, split.row_ids)
+            return self._make_loader(_Positions(len(split.rows)), shuffle, cached, workers)
+        missing = [m for m in model.modalities if m not in model.encoders]
+        if missing:
+            raise DataError(f"this head-only model has no {missing} encoder(s) to preprocess raw data; build it "
+                            "with encoders (FusionModel(config)).")
+        preprocessors = {m: model.encoders[m].preprocessor for m in model.modalities}
+        collate = RawCollate(preprocessors, {m: self.columns[m] for m in model.modalities}, self._base, role)
+        return self._make_loader(_Rows(split), shuffle, collate, workers)
+
+    def _make_loader(self, dataset: Any, shuffle: bool, collate: Any, workers: dict[str, Any]) -> DataLoader:
+        """Training order is a seeded shuffle per epoch that Lightning can checkpoint and resume mid-epoch."""
+        if shuffle:
+            return ResumableDataLoader(dataset, self.batch_size, seed=self.seed, shuffle=True, collate_fn=collate,
+                                       **workers)
+        return DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate, **workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,153 @@
+"""FeatureCache: keys, bit-identical hits, padding, pooled-only entries, atomic files, error rows."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from torch import nn
+
+from encoders import Encoder, ModalityOutput, Preprocessor
+from encoders.errors import DataError, InputError
+from recipes.cache import FeatureCache
+
+TEXTS = ["a b c", "dd", None, "e f g h i", "j", "k l"]
+
+
+class WordPreprocessor(Preprocessor):
+    """One token per word (ids from the letters); None = missing."""
+
+    modality = "text"
+
+    def __init__(self, lowercase: bool = True) -> None:
+        self.lowercase = lowercase
+
+    def __call__(self, items):
+        for i, x in enumerate(items):
+            if x is not None and not isinstance(x, str):
+                raise InputError(f"text item {i} is a {type(x).__name__}, not a string.")
+        words = [[] if x is None else (x.lower() if self.lowercase else x).split() for x in items]
+        t = max([1, *map(len, words)])
+        ids = torch.zeros(len(items), t, dtype=torch.long)
+        mask = torch.zeros(len(items), t, dtype=torch.bool)
+        for i, ws in enumerate(words):
+            for j, w in enumerate(ws):
+                ids[i, j], mask[i, j] = sum(map(ord, w)) % 50 + 1, True
+        return {"ids": ids, "mask": mask, "present": torch.tensor([x is not None for x in items])}
+
+    def to_dict(self):
+        return {"lowercase": self.lowercase}
+
+
+class WordEncoder(Encoder):
+    modality = "text"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(51, 4)
+        self.embed_dim, self.preprocessor, self.calls = 4, WordPreprocessor(), 0
+        self.spec = {"name": "words"}
+
+    def encode(self, batch):
+        self.calls += 1
+        tokens = self.emb(batch["ids"])  # [B, T, 4]
+        m = batch["mask"]
+        pooled = (tokens * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        return ModalityOutput(tokens, m, pooled)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory():
+    FeatureCache.clear_memory()
+    yield
+    FeatureCache.clear_memory()
+
+
+@pytest.fixture
+def enc():
+    return WordEncoder().set_finetune("frozen")
+
+
+def rows(texts=TEXTS):
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def test_key_changes_with_weights_preprocessing_data_and_layout(tmp_path, enc):
+    cache, ds = FeatureCache(tmp_path), rows()
+    base = cache.key(enc, ds, "text", "train")
+    assert base == FeatureCache(tmp_path / "other").key(WordEncoder().set_finetune("frozen"), rows(), "text", "train")
+    variants = {
+        "split": cache.key(enc, ds, "text", "test"),
+        "tokens": cache.key(enc, ds, "text", "train", store_tokens=False),
+        "extra": cache.key(enc, ds, "text", "train", extra="file:1:2"),
+        "data": cache.key(enc, rows(["changed", *TEXTS[1:]]), "text", "train"),
+        "rows": cache.key(enc, ds.select([0, 1]), "text", "train"),
+    }
+    with torch.no_grad():
+        enc.emb.weight[0, 0] += 1e-3
+    variants["weights"] = cache.key(enc, ds, "text", "train")
+    enc.preprocessor.lowercase = False
+    variants["preprocessing"] = cache.key(enc, ds, "text", "train")
+    assert len({base, *variants.values()}) == len(variants) + 1, variants
+
+
+def test_hit_is_bit_identical_and_skips_the_encoder(tmp_path, enc):
+    cache = FeatureCache(tmp_path)
+    first, s1 = cache.get_or_compute(enc, rows(), "text", "train", batch_size=2)
+    assert s1.source == "computed" and not s1.hit and enc.calls == 3
+    assert [p.suffix for p in tmp_path.iterdir()] == [".safetensors"]  # no temp files left behind
+    FeatureCache.clear_memory()
+    again, s2 = cache.get_or_compute(enc, rows(), "text", "train", batch_size=2)
+    assert s2.source == "disk" and s2.key == s1.key and enc.calls == 3
+    for a, b in zip((first.tokens, first.mask, first.pooled), (again.tokens, again.mask, again.pooled), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    _, s3 = cache.get_or_compute(enc, rows(), "text", "train", batch_size=2)
+    assert s3.source == "memory" and enc.calls == 3
+    assert s1.bytes == s2.bytes > 0 and s1.rows == 6
+
+
+def test_tokens_padded_across_batches_and_equal_to_direct_encoding(tmp_path, enc):
+    out, _ = FeatureCache(tmp_path).get_or_compute(enc, rows(), "text", "train", batch_size=2)
+    assert out.tokens.shape == (6, 5, 4) and out.tokens.dtype == torch.float32
+    assert out.mask.sum(1).tolist() == [3, 1, 0, 5, 1, 2]  # row 2 is missing: no valid token
+    assert torch.equal(out.pooled[2], torch.zeros(4))
+    with torch.no_grad():
+        direct = enc(enc.preprocessor(TEXTS))
+    assert torch.allclose(out.pooled, direct.pooled, atol=1e-6)
+    assert torch.allclose(out.tokens * out.mask[..., None], direct.tokens * direct.mask[..., None], atol=1e-6)
+    head = nn.Linear(4, 2)  # cached features are ordinary tensors: training on them works
+    head(out.pooled).sum().backward()
+    assert head.weight.grad is not None
+
+
+def test_pooled_only_entry_is_one_token_with_mask_present(tmp_path, enc):
+    cache = FeatureCache(tmp_path)
+    full, _ = cache.get_or_compute(enc, rows(), "text", "train")
+    small, stats = cache.get_or_compute(enc, rows(), "text", "train", store_tokens=False)
+    assert stats.source == "computed" and small.tokens.shape == (6, 1, 4)
+    assert torch.equal(small.mask[:, 0], full.present) and torch.equal(small.pooled, full.pooled)
+    assert torch.equal(small.tokens[:, 0], small.pooled)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_corrupt_entry_is_recomputed(tmp_path, enc):
+    cache = FeatureCache(tmp_path)
+    first, stats = cache.get_or_compute(enc, rows(), "text", "train")
+    cache.path(stats.key).write_bytes(b"truncated")
+    FeatureCache.clear_memory()
+    again, stats2 = cache.get_or_compute(enc, rows(), "text", "train")
+    assert stats2.source == "computed" and torch.equal(again.pooled, first.pooled)
+
+
+def test_transform_applies_before_preprocessing(tmp_path, enc):
+    cache = FeatureCache(tmp_path)
+    upper, _ = cache.get_or_compute(enc, rows(), "text", "train", transform=lambda s: s + " extra")
+    assert upper.mask.sum(1).tolist() == [4, 2, 0, 6, 2, 3]
+
+
+def test_bad_item_names_row_and_column(tmp_path, enc):
+    ds = datasets.Dataset.from_dict({"text": ["ok", "fine", "also ok"]})
+    with pytest.raises(DataError, match=r"split 'validation', row 11, column 'text'.*text item 0 is a int"):
+        FeatureCache(tmp_path).get_or_compute(enc, ds, "text", "validation", batch_size=2,
+                                              transform=lambda s: 7 if s == "also ok" else s, row_ids=[9, 10, 11])
