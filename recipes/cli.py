@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from encoders.errors import FusionZooError
 
-from .callbacks import AtomicCheckpointIO, ResumeCallback
+from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
 from .metrics import format_table, write_metrics_json
 from .module import FusionTask
 
@@ -142,6 +142,7 @@ class FusionCLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumeCallback())  # exact mid-epoch resume (recipes/callbacks.py)
+        trainer.callbacks.append(CachedFeatureThreads())  # tiny head steps run best on one thread
         return trainer
 
     # after each subcommand ---------------------------------------------------------------------

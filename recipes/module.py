@@ -56,6 +56,7 @@ class FusionTask(pl.LightningModule):
         dropout: dropout in projections, trunk and task heads.
         modality_dropout: modality -> probability of hiding it for a training sample (a float: every modality).
         late_loss_weight: weight of the mean per-modality loss (late and hybrid stages).
+        late_decision: what the late stage fuses: decision ``embedding``s or per-modality ``logits``.
         lr: peak learning rate of everything but the encoders.
         encoder_lr: peak learning rate of the trainable encoder parameters.
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
@@ -79,6 +80,7 @@ class FusionTask(pl.LightningModule):
         dropout: float = 0.1,
         modality_dropout: dict[str, float] | float | None = None,
         late_loss_weight: float = 0.5,
+        late_decision: Literal["embedding", "logits"] = "embedding",
         lr: float = 1e-3,
         encoder_lr: float = 1e-5,
         weight_decay: float = 0.01,
@@ -108,7 +110,7 @@ class FusionTask(pl.LightningModule):
                 encoders=dict(encoders), labels=tuple(labels), fusion_head=fusion_head or "concat",
                 head_options=dict(head_options or {}), stage=stage, task=task, hidden_dim=hidden_dim,
                 trunk_layers=trunk_layers, dropout=dropout, modality_dropout=dict(modality_dropout or {}),
-                late_loss_weight=late_loss_weight,
+                late_loss_weight=late_loss_weight, late_decision=late_decision,
             )
             self.model = FusionModel(cfg)
         have = list(self.model.config.labels)

@@ -1,0 +1,186 @@
+"""Module fusion for inference: fold BatchNorm into the convolution (or linear layer) before it.
+
+Optionally the fused convolutions are stored channels-last and the module is wrapped in ``torch.compile``.
+
+``fuse_for_inference(model)`` finds every ``Conv2d -> BatchNorm2d`` (and ``Linear -> BatchNorm1d``) pair by data
+flow — one forward pass with hooks records which norm reads exactly the tensor a conv wrote — so the fold does
+not depend on how a backbone names or orders its submodules. timm's ``BatchNormAct2d`` (a BatchNorm2d subclass
+that also applies dropout and an activation) is folded the same way and replaced by its ``drop`` + ``act``.
+The fused copy is checked against the original on the same example input before it is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from encoders import Encoder
+from encoders.errors import InputError
+
+__all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms"]
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def example_image_batch(encoder: Encoder, batch_size: int = 2, size: int = 96) -> dict[str, Tensor]:
+    """A preprocessed batch of ``batch_size`` random RGB images (``size`` px) for an image encoder."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (batch_size, size, size, 3), generator=gen, dtype=torch.uint8).numpy()
+    return encoder.preprocessor([Image.fromarray(p) for p in pixels])
+
+
+def _call(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, Mapping) and isinstance(model, Encoder):
+        return model(dict(example))
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
+
+
+def find_foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]:
+    """``(conv_name, norm_name)`` pairs where the norm's input is exactly the conv's (or linear's) output.
+
+    Runs ``model`` once in eval mode on ``example`` with forward hooks. A conv whose output feeds more than one
+    module is skipped (folding would change what the others see).
+    """
+    names = {mod: name for name, mod in model.named_modules()}
+    produced: dict[int, nn.Module] = {}
+    kept: list[Any] = []  # keep every seen tensor alive so ids stay unique during the pass
+    readers: dict[int, list[nn.Module]] = {}
+    hooks = []
+
+    def on_out(mod: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
+        if isinstance(out, Tensor):
+            produced[id(out)] = mod
+
+    def on_in(mod: nn.Module, inp: tuple[Any, ...]) -> None:
+        for x in inp:
+            if isinstance(x, Tensor):
+                kept.append(x)
+                readers.setdefault(id(x), []).append(mod)
+
+    for mod in model.modules():
+        if not list(mod.children()):  # leaves (a BatchNormAct2d is a leaf: its act is a child only by name)
+            hooks.append(mod.register_forward_pre_hook(on_in))
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            hooks.append(mod.register_forward_hook(on_out))
+        elif isinstance(mod, _NORMS):
+            hooks.append(mod.register_forward_pre_hook(on_in))
+    was_training = model.training
+    model.eval()
+    keeper = [m.register_forward_hook(lambda _m, _i, o: kept.append(o)) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            _call(model, example)
+    finally:
+        for h in hooks + keeper:
+            h.remove()
+        model.train(was_training)
+    pairs = []
+    for tid, conv in produced.items():
+        mods = list(dict.fromkeys(readers.get(tid, [])))
+        if len(mods) == 1 and isinstance(mods[0], _NORMS) and mods[0].track_running_stats:
+            norm = mods[0]
+            ok_conv = isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+            ok_lin = isinstance(conv, nn.Linear) and type(norm) is nn.BatchNorm1d
+            if (ok_conv or ok_lin) and norm.num_features == (conv.out_channels if ok_conv else conv.out_features):
+                pairs.append((names[conv], names[norm]))
+    return sorted(pairs)
+
+
+def _norm_replacement(norm: nn.Module) -> nn.Module:
+    """What stays of a norm after folding: timm's drop + activation for BatchNormAct, else nothing."""
+    drop, act = getattr(norm, "drop", None), getattr(norm, "act", None)
+    rest = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not rest:
+        return nn.Identity()
+    return rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    """Fold each ``(conv, norm)`` pair in place (``model`` must be in eval mode); returns ``model``."""
+    for conv_name, norm_name in pairs:
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        fold: Callable[..., nn.Module] = fuse_conv_bn_eval if isinstance(conv, nn.Conv2d) else fuse_linear_bn_eval
+        fused = fold(conv.eval(), norm.eval())  # reads running stats, eps and affine of any BN subclass
+        fused.requires_grad_(False)
+        _set(model, conv_name, fused)
+        _set(model, norm_name, _norm_replacement(norm))
+    return model
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    """Number of BatchNorm modules left (0 after a complete fold of a conv-BN backbone)."""
+    return sum(isinstance(m, _NORMS) for m in model.modules())
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    ta = [a.tokens, a.pooled] if hasattr(a, "pooled") else [a]
+    tb = [b.tokens, b.pooled] if hasattr(b, "pooled") else [b]
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(ta, tb, strict=True) if x.numel())
+
+
+def fuse_for_inference(
+    model: nn.Module,
+    example: Any = None,
+    compile: bool = False,
+    channels_last: bool = True,
+    atol: float = 1e-4,
+    inplace: bool = False,
+) -> nn.Module:
+    """An eval-mode copy of ``model`` with BatchNorms folded into the conv/linear layers that feed them.
+
+    Args:
+        model: a ``FusionModel`` (its image encoder is fused), an ``Encoder``, or any module (give ``example``).
+        example: an input for ``model`` to trace data flow; by default a few random images through the image
+            encoder's preprocessor.
+        compile: wrap the fused module in ``torch.compile`` (needs a C++ compiler on CPU; first call compiles).
+        channels_last: store the fused convolution weights as NHWC (``torch.channels_last``), which CPU
+            depthwise/pointwise kernels run much faster; outputs are unchanged up to float rounding.
+        atol: largest allowed absolute output difference between fused and original on ``example``.
+        inplace: fuse ``model`` itself instead of a deep copy.
+
+    Returns:
+        The fused model (a FusionModel keeps its type; only its encoder submodules change).
+    """
+    out = model if inplace else copy.deepcopy(model)
+    out.eval()
+    targets: list[tuple[nn.Module, Any]] = []
+    if example is not None:
+        targets.append((out, example))
+    elif isinstance(out, Encoder):
+        if out.modality != "image":
+            raise InputError(f"no default example for a {out.modality!r} encoder; pass example=<its input batch>.")
+        targets.append((out, example_image_batch(out)))
+    elif isinstance(getattr(out, "encoders", None), nn.ModuleDict):
+        targets += [(e, example_image_batch(e)) for e in out.encoders.values() if getattr(e, "modality", "") == "image"]
+    else:
+        raise InputError(f"pass example=<an input batch> to fuse a {type(out).__name__} (no image encoder found).")
+    for target, ex in targets:
+        with torch.no_grad():
+            before = _call(target, ex)
+        fold_pairs(target, find_foldable_pairs(target, ex))
+        if channels_last:
+            target.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            diff = _max_diff(before, _call(target, ex))
+        if diff > atol:
+            raise InputError(f"fused {type(target).__name__} differs by {diff:.2e} > atol={atol}; "
+                             "this module has a non-foldable norm; use it unfused.")
+    if compile:
+        for target, _ in targets:
+            target.forward = torch.compile(target.forward, dynamic=False)  # type: ignore[method-assign]
+    return out

@@ -1,0 +1,280 @@
+"""``fusion-zoo sweep``: a grid of fusion heads × stages × seeds on cached encoder features, resumable.
+
+Encoder features are computed once through the feature cache (recipes/sweep_features.py); every cell trains only
+the head side. Each finished cell is appended to ``<output-dir>/cells.jsonl`` as one JSON line; a rerun skips the
+cells already there (same settings) and finishes only the missing ones. See docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from encoders.errors import ConfigError
+
+from .config import FusionModelConfig
+from .robustness import DEFAULT_NOISE, DEFAULT_TOKEN_DROP, primary_metric
+from .sweep_features import pooled_view
+from .sweep_report import fmt_seconds, write_results
+from .sweep_train import SplitFeatures, train_cell
+
+__all__ = ["SweepSettings", "FeatureSet", "run_sweep", "parse_args", "main", "DEFAULT_HEADS", "DEFAULT_STAGES"]
+
+DEFAULT_HEADS = ("concat", "average", "cross_attention", "gating", "moe")
+DEFAULT_STAGES = ("early", "late", "hybrid")
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_EPOCHS = 6
+DEFAULT_BATCH = 64
+_MODEL_KEYS = ("encoders", "head_options", "task", "hidden_dim", "trunk_layers", "dropout", "modality_dropout",
+               "late_loss_weight")
+_OPTIM_KEYS = ("lr", "weight_decay", "warmup_ratio")
+
+
+@dataclass
+class SweepSettings:
+    """Everything that defines a sweep (its hash decides which finished cells a rerun may reuse)."""
+
+    heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEADS))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    output_dir: str = "runs/sweep"
+    max_epochs: int = DEFAULT_EPOCHS
+    batch_size: int = DEFAULT_BATCH
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    noise: list[float] = field(default_factory=lambda: list(DEFAULT_NOISE))
+    token_drop: list[float] = field(default_factory=lambda: list(DEFAULT_TOKEN_DROP))
+
+    def signature(self) -> str:
+        """Hash of what changes a cell's result (not the grid axes or the output folder)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("heads", "stages", "seeds", "output_dir")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of the train and test splits for one stage family (pooled-only or with tokens)."""
+
+    train: SplitFeatures
+    test: SplitFeatures
+    labels: list[str]
+    task: str
+    info: dict[str, Any] = field(default_factory=dict)
+    encoders: dict[str, Any] = field(default_factory=dict)  # modality -> the encoder spec behind the features
+
+
+FeatureProvider = Callable[[SweepSettings, bool], FeatureSet]  # (settings, need_tokens) -> features
+"""Returns train/test features; with ``need_tokens`` False the features may hold pooled vectors only."""
+
+
+def _cell_key(head: str, stage: str, seed: int) -> str:
+    return f"{head}@{stage}@seed{seed}"
+
+
+def read_cells(path: Path, signature: str) -> dict[str, dict[str, Any]]:
+    """Finished cells in ``cells.jsonl`` with this ``signature``; a torn last line (killed mid-write) is ignored."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("signature") == signature and "key" in rec:
+            done[rec["key"]] = rec
+    return done
+
+
+def append_cell(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line with a single ``write`` on an O_APPEND descriptor, then fsync."""
+    data = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and not path.read_bytes().endswith(b"\n"):
+            data = b"\n" + data  # a previous run was killed mid-line: start on a fresh line
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cell_config(settings: SweepSettings, fs: FeatureSet, head: str, stage: str) -> FusionModelConfig:
+    model = {k: v for k, v in settings.model.items() if k in _MODEL_KEYS and v is not None}
+    md = model.get("modality_dropout")
+    if isinstance(md, (int, float)):  # one probability for every modality, as in the recipes
+        model["modality_dropout"] = {m: float(md) for m in fs.train.feats} if md else {}
+    model.setdefault("task", fs.task)
+    model["encoders"] = fs.encoders or model.get("encoders") or {m: "cached-features" for m in fs.train.feats}
+    return FusionModelConfig(labels=tuple(fs.labels), fusion_head=head, stage=stage, **model)
+
+
+def run_sweep(
+    settings: SweepSettings,
+    features: FeatureProvider | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Run the missing cells of the grid, then write results.csv, results.md and the plots.
+
+    Args:
+        settings: the grid and the training settings.
+        features: where cached features come from (default: the encoders and dataset of ``settings``
+            through the feature cache); tests pass synthetic features.
+        echo: progress output.
+    """
+    for h in settings.heads:
+        from fusion_heads import list_fusion_heads
+
+        if h not in list_fusion_heads():
+            raise ConfigError(f"--heads names {h!r}, which is not a fusion head; choose from {list_fusion_heads()}.")
+    bad = [s for s in settings.stages if s not in DEFAULT_STAGES]
+    if bad or not settings.heads or not settings.stages or not settings.seeds:
+        raise ConfigError(f"--stages must be a non-empty subset of {DEFAULT_STAGES} (got {bad or 'none'}), "
+                          "and --heads/--seeds non-empty.")
+    if features is None:
+        from .sweep_features import cached_features
+
+        features = cached_features
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sig = settings.signature()
+    (out / "sweep.json").write_text(json.dumps({**asdict(settings), "signature": sig}, indent=2) + "\n")
+    cells_path = out / "cells.jsonl"
+    done = read_cells(cells_path, sig)
+    grid = [(h, s, seed) for h in settings.heads for s in settings.stages for seed in settings.seeds]
+    todo = [c for c in grid if _cell_key(*c) not in done]
+    echo(f"sweep: {len(grid)} cells ({len(settings.heads)} heads × {len(settings.stages)} stages × "
+         f"{len(settings.seeds)} seeds), {len(grid) - len(todo)} already done in {cells_path}")
+    start = time.perf_counter()
+    fs: FeatureSet | None = None
+    if todo:  # one encoder pass serves every stage: late cells read a pooled-only view of the same features
+        need_tokens = any(stage != "late" for _, stage, _ in todo)
+        fs = features(settings, need_tokens)
+        echo(f"features ({fs.info.get('token caps', 'tokens' if need_tokens else 'pooled only')}): "
+             f"{fs.info.get('source', '')}, ready after {fmt_seconds(time.perf_counter() - start)}")
+        pooled = FeatureSet(pooled_view(fs.train), pooled_view(fs.test), fs.labels, fs.task, fs.info, fs.encoders)
+    n_run, cells_start = 0, time.perf_counter()
+    for i, (head, stage, seed) in enumerate(grid, start=1):
+        key = _cell_key(head, stage, seed)
+        tag = f"[{i}/{len(grid)}] {head}@{stage} seed={seed}"
+        if key in done:
+            echo(f"{tag} done earlier (skipped)")
+            continue
+        assert fs is not None
+        cell_fs = pooled if stage == "late" else fs
+        config = _cell_config(settings, cell_fs, head, stage)
+        optim = {k: float(settings.model[k]) for k in _OPTIM_KEYS if k in settings.model}
+        elapsed = time.perf_counter() - cells_start
+        eta = f", ~{fmt_seconds(elapsed / n_run * (len(todo) - n_run))} left" if n_run else ""
+        echo(f"{tag} ...{eta}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small head-side models: one thread is fastest and immune to oversubscription
+        try:
+            result = train_cell(config, cell_fs.train, cell_fs.test, seed, settings.max_epochs, settings.batch_size,
+                                optim, {"noise": settings.noise, "token_drop": settings.token_drop}, echo=echo,
+                                prefix=tag)
+        finally:
+            torch.set_num_threads(threads)
+        metric = primary_metric(config.task)
+        meta = {"labels": list(cell_fs.labels), "task": cell_fs.task, "modalities": sorted(cell_fs.train.feats),
+                "info": {k: v for k, v in cell_fs.info.items() if k != "source"}}
+        record = {"key": key, "signature": sig, "head": head, "stage": stage, "seed": seed, "meta": meta, **result}
+        append_cell(cells_path, record)
+        done[key] = record
+        n_run += 1
+        echo(f"{tag} {metric}={result['fused'].get(metric, float('nan')):.4f} "
+             f"(train {result['train_seconds']:.1f}s)")
+    records = [done[_cell_key(*c)] for c in grid]
+    meta = records[-1]["meta"]
+    metric = primary_metric(meta["task"])
+    header = {"dataset": meta["info"].get("dataset", "custom features"), "labels": meta["labels"],
+              "cells": f"{len(grid)} ({n_run} run now)", "epochs": settings.max_epochs,
+              "batch size": settings.batch_size, "signature": sig,
+              "wall time of this run": fmt_seconds(time.perf_counter() - start),
+              **{k: v for k, v in meta["info"].items() if k != "dataset"}}
+    modalities = meta["modalities"]
+    paths = write_results(out, records, settings.heads, settings.stages, modalities, metric, header)
+    echo(f"sweep done in {fmt_seconds(time.perf_counter() - start)}: {paths['md']} {paths['csv']}")
+    return paths
+
+
+def _csv_list(text: str, cast: type = str) -> list[Any]:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def _load_recipe(path: str | None) -> dict[str, Any]:
+    from .cli import DEFAULT_CONFIG, _resolve_config
+
+    file = Path(_resolve_config(path)) if path else DEFAULT_CONFIG
+    if not file.is_file():
+        raise ConfigError(f"--config {path!r}: no such recipe file; give a YAML path or a name in recipes/configs/.")
+    data = yaml.safe_load(file.read_text()) or {}
+    return {"model": dict(data.get("model") or {}), "data": dict(data.get("data") or {}),
+            "trainer": dict(data.get("trainer") or {})}
+
+
+def _apply_overrides(recipe: dict[str, Any], extra: Sequence[str]) -> None:
+    """``--model.X V``, ``--model.X=V``, ``--data.X V``: values parsed as YAML (``0.1``, ``{a: 1}``, ``null``)."""
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith(("--model.", "--data.")):
+            raise ConfigError(f"unknown sweep option {arg!r}; see fusion-zoo sweep --help.")
+        if "=" in arg:
+            name, value = arg[2:].split("=", 1)
+        elif i + 1 < len(extra):
+            name, value = arg[2:], extra[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{arg} needs a value, e.g. {arg} 64.")
+        section, _, key = name.partition(".")
+        parsed = yaml.safe_load(value)
+        target = recipe[section]
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = parsed
+        i += 1
+
+
+def parse_args(argv: Sequence[str]) -> SweepSettings:
+    """Command line -> SweepSettings (the recipe's model/data sections with the overrides applied)."""
+    p = argparse.ArgumentParser(prog="fusion-zoo sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="base recipe YAML (default: the default recipe)")
+    p.add_argument("--heads", default=",".join(DEFAULT_HEADS), help="comma-separated fusion heads")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated stages")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
+    p.add_argument("--output-dir", default=None, help="results folder (default runs/sweep-<time>)")
+    p.add_argument("--max-epochs", type=int, default=DEFAULT_EPOCHS, help="epochs per cell")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size per cell")
+    p.add_argument("--noise", default=",".join(map(str, DEFAULT_NOISE)), help="image/audio feature noise levels")
+    p.add_argument("--token-drop", default=",".join(map(str, DEFAULT_TOKEN_DROP)), help="text token drop rates")
+    args, extra = p.parse_known_args(list(argv))
+    recipe = _load_recipe(args.config)
+    _apply_overrides(recipe, extra)
+    return SweepSettings(
+        heads=_csv_list(args.heads), stages=_csv_list(args.stages), seeds=_csv_list(args.seeds, int),
+        output_dir=args.output_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+        max_epochs=args.max_epochs, batch_size=args.batch_size, model=recipe["model"], data=recipe["data"],
+        noise=_csv_list(args.noise, float), token_drop=_csv_list(args.token_drop, float),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fusion-zoo sweep [options]``; returns the exit status."""
+    import sys
+
+    settings = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    run_sweep(settings)
+    return 0

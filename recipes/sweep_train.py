@@ -1,0 +1,182 @@
+"""Train and evaluate one sweep cell: a head-only fused model on cached encoder features.
+
+The encoders never run here: every cell reads the same cached ``ModalityOutput`` tensors, so a cell costs only
+the head side (projections, fusion head, trunk, classifier). Training reuses :class:`recipes.module.FusionTask`
+(losses, metrics, optimiser, schedule) through :class:`CachedFeatureTask`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from encoders import ModalityOutput
+
+from .config import FusionModelConfig
+from .metrics import SplitMetrics
+from .model import FusionModel
+from .module import FusionTask
+from .robustness import robustness_report
+
+__all__ = ["SplitFeatures", "CachedFeatureTask", "feature_loader", "train_cell", "gate_matrix"]
+
+GATE_KEYS = ("gates", "routing_probs", "expert_utilisation")
+
+
+@dataclass
+class SplitFeatures:
+    """One split's cached encoder outputs: modality -> ModalityOutput over N samples, and labels [N] / [N, C]."""
+
+    feats: dict[str, ModalityOutput]
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def embed_dims(self) -> dict[str, int]:
+        return {m: f.dim for m, f in sorted(self.feats.items())}
+
+    def batch(self, idx: Tensor) -> dict[str, Any]:
+        """The training batch format of rows ``idx``: inputs, labels and row ids."""
+        return {"inputs": {m: f.index(idx) for m, f in self.feats.items()}, "labels": self.labels[idx], "index": idx}
+
+
+def feature_loader(split: SplitFeatures, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches of cached features (whole batches sliced at once: no per-sample Python work)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(range(len(split)), batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=lambda rows: split.batch(torch.tensor(rows, dtype=torch.long)))
+
+
+class CachedFeatureTask(FusionTask):
+    """``FusionTask`` around a head-only ``FusionModel(config, embed_dims=...)`` for cached features.
+
+    Only construction differs: the model has no encoders. Training, evaluation (fused and each modality
+    alone), losses and the AdamW + warm-up/cosine optimiser are FusionTask's own.
+    """
+
+    def __init__(self, config: dict[str, Any], embed_dims: dict[str, int], lr: float = 1e-3,
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.05) -> None:
+        pl.LightningModule.__init__(self)
+        self.model = FusionModel(FusionModelConfig.from_dict(config), embed_dims=embed_dims)
+        self.cfg = self.model.config
+        self.train_only_head = False
+        self.save_hyperparameters({"config": config, "embed_dims": embed_dims, "lr": lr, "encoder_lr": lr,
+                                   "weight_decay": weight_decay, "warmup_ratio": warmup_ratio})
+        c, groups, task = self.cfg.num_outputs, self.cfg.modalities, self.cfg.task
+        heads = groups if self.cfg.stage in ("late", "hybrid") else []
+        self.split_metrics = nn.ModuleDict({
+            "val": SplitMetrics(task, c, ["fused"], heads),
+            "test": SplitMetrics(task, c, ["fused", *groups], heads),
+        })
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
+
+
+class _EpochPrinter(pl.Callback):
+    """One short line per epoch: the cell's own progress."""
+
+    def __init__(self, prefix: str, echo: Callable[[str], None]) -> None:
+        self.prefix, self.echo, self.start = prefix, echo, time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        text = f"{float(loss):.3f}" if loss is not None else "-"
+        self.echo(f"    {self.prefix} epoch {trainer.current_epoch + 1}/{trainer.max_epochs} loss={text} "
+                  f"({time.perf_counter() - self.start:.1f}s)")
+
+
+@torch.no_grad()
+def gate_matrix(model: FusionModel, split: SplitFeatures, batch_size: int = 512) -> dict[str, Any] | None:
+    """Mean gate weights / routing probabilities per class [C, K] from the head's aux diagnostics, or None."""
+    model.eval()
+    sums: Tensor | None = None
+    counts = torch.zeros(model.config.num_outputs)
+    key = None
+    for start in range(0, len(split), batch_size):
+        idx = torch.arange(start, min(len(split), start + batch_size))
+        aux = model.fuse({m: f.index(idx) for m, f in split.feats.items()}).aux
+        key = key or next((k for k in GATE_KEYS if k in aux and aux[k].dim() == 2
+                           and aux[k].shape[0] == idx.numel()), None)
+        if key is None:
+            return None
+        w = aux[key].float()
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)  # [b, K] rows sum to 1
+        y = split.labels[idx].long()
+        if y.dim() != 1:
+            return None
+        sums = (sums if sums is not None else torch.zeros(model.config.num_outputs, w.shape[1]))
+        sums.index_add_(0, y, w)
+        counts += torch.bincount(y, minlength=counts.numel()).float()
+    if sums is None or key is None:
+        return None
+    mods = model.modalities
+    columns = mods if key == "gates" and sums.shape[1] == len(mods) else [f"expert_{i}" for i in range(sums.shape[1])]
+    return {"key": key, "columns": columns, "matrix": (sums / counts.clamp_min(1)[:, None]).tolist()}
+
+
+@torch.no_grad()
+def head_latency_ms(model: FusionModel, split: SplitFeatures, reps: int = 20) -> float:
+    """Median wall time of one single-sample forward of the head side (cached features in, logits out)."""
+    model.eval()
+    one = {m: f.index(slice(0, 1)) for m, f in split.feats.items()}
+    for _ in range(3):
+        model.fuse(one)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        model.fuse(one)
+        times.append(time.perf_counter() - t)
+    return 1000.0 * statistics.median(times)
+
+
+def train_cell(
+    config: FusionModelConfig,
+    train: SplitFeatures,
+    test: SplitFeatures,
+    seed: int,
+    max_epochs: int,
+    batch_size: int,
+    optim: Mapping[str, float],
+    robustness: Mapping[str, Any],
+    echo: Callable[[str], None] = print,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Train one head-only cell with a Lightning Trainer on CPU and evaluate it.
+
+    Returns:
+        ``fused`` (test metrics), ``alone`` (modality -> test accuracy of the fused model fed that modality
+        alone), ``robustness`` (condition -> metric), ``params``, ``train_seconds``, ``latency_ms`` and, for
+        heads with gate/routing diagnostics, ``gates``.
+    """
+    pl.seed_everything(seed, workers=False, verbose=False)
+    task = CachedFeatureTask(config.to_dict(), train.embed_dims, **optim)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, enable_checkpointing=False, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        gradient_clip_val=1.0, callbacks=[_EpochPrinter(prefix, echo)],
+    )
+    start = time.perf_counter()
+    trainer.fit(task, train_dataloaders=feature_loader(train, batch_size, True, seed))
+    train_seconds = time.perf_counter() - start
+    trainer.test(task, dataloaders=feature_loader(test, 512, False), verbose=False)
+    results = task.results["test"]
+    model = task.model.eval()
+    metric = "mae" if config.task == "regression" else "accuracy"
+    return {
+        "fused": {k: v for k, v in results["fused"].items() if k != "n"},
+        "alone": {m: results[m][metric] for m in config.modalities if m in results and metric in results[m]},
+        "robustness": robustness_report(model, test.feats, test.labels, **robustness),
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": train_seconds,
+        "latency_ms": head_latency_ms(model, test),
+        "gates": gate_matrix(model, test),
+    }
