@@ -211,6 +211,8 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionC
 
         datamodule_class = FusionDataModule
     subcommand = argv[0]
+    # `--init-from NAME` is the documented short form of `--model.init_from NAME`
+    argv = [a.replace("--init-from", "--model.init_from", 1) if a.startswith("--init-from") else a for a in argv]
     run_dir = Path("runs") / _run_stamp(subcommand)
     default_files = {"default_config_files": [str(DEFAULT_CONFIG)]}
     return FusionCLI(

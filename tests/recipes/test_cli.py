@@ -164,3 +164,22 @@ def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
     assert cli.main(["export", "runs/x/model", "--format", "onnx"]) == 0
     assert cli.main(["sweep", "--heads", "concat"]) == 3
     assert seen == [("zoo", ["export", "runs/x/model", "--format", "onnx"]), ("sweep", ["--heads", "concat"])]
+
+
+def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):
+    """`fusion-zoo fit --init-from RUN/model --model.fusion_head gating`: encoders and late heads keep their weights."""
+    from recipes.model import FusionModel
+
+    monkeypatch.chdir(tmp_path)
+    tiny = '{"image": "tiny-image", "text": "tiny-text"}'
+    common = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--data.max_samples", "16"]
+    assert cli.main(["fit", "--model.encoders", tiny, "--model.hidden_dim", "32", *common,
+                     "--trainer.default_root_dir", "base"]) == 0
+    before = FusionModel.from_pretrained(tmp_path / "base" / "model")
+    assert cli.main(["fit", "--init-from", str(tmp_path / "base" / "model"), "--model.fusion_head", "gating",
+                     *common, "--trainer.default_root_dir", "swapped"]) == 0
+    after = FusionModel.from_pretrained(tmp_path / "swapped" / "model")
+    assert after.config.fusion_head == "gating"
+    for name in ("encoders", "late_encoders", "late_heads"):
+        old, new = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old), f"{name} changed during a head-only fine-tune"
