@@ -97,6 +97,10 @@ def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = 
     shutil.copytree(saved, tmp)
     if target.exists():
         shutil.rmtree(target)
+    card = tmp / "README.md"
+    if card.is_file():  # the run saved it as "model"; the shipped card carries its zoo name
+        text = card.read_text().replace("# model\n", f"# {name}\n", 1)
+        card.write_text(text.replace("from_pretrained('model')", f"from_pretrained({name!r})"))
     tmp.rename(target)
     reported = card_accuracy(target)
     measured = raw_accuracy(from_pretrained(target))
