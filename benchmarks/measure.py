@@ -1,0 +1,216 @@
+"""The measurements behind benchmarks/run.py; each returns a dict of results (target keys) and details."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup", "best_time"]
+
+BATCH = 32
+
+
+def best_time(fn: Callable[[], Any], reps: int = 5, warmup: int = 2) -> float:
+    """Best (minimum) wall seconds of ``fn()`` over ``reps`` calls after ``warmup`` calls.
+
+    The minimum, not the mean: on a shared machine other processes only ever add time.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _rows(split: str, n: int) -> list[dict[str, Any]]:
+    from recipes.tridigits import load_tridigits
+
+    ds = load_tridigits(split)
+    return [ds[i] for i in range(min(n, len(ds)))]
+
+
+def _raw(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Raw model inputs from dataset rows (datasets has already decoded the image column to PIL)."""
+    return {"audio": [r["audio"] for r in rows], "image": [r["image"] for r in rows], "text": [r["text"] for r in rows]}
+
+
+def _default_model(stage: str = "late", head: str = "concat") -> Any:
+    from recipes.config import FusionModelConfig
+    from recipes.model import FusionModel
+    from recipes.module import DEFAULT_ENCODERS
+    from recipes.tridigits import TRIDIGITS_LABELS
+
+    cfg = FusionModelConfig(encoders=dict(DEFAULT_ENCODERS), labels=tuple(TRIDIGITS_LABELS), fusion_head=head,
+                            stage=stage)
+    return FusionModel(cfg)
+
+
+def inference_fusion() -> dict[str, Any]:
+    """Image encoder throughput on CPU: eager vs BatchNorm-folded (and + channels_last, + torch.compile)."""
+    from encoders import create_encoder
+    from recipes.inference import example_image_batch, fuse_for_inference
+
+    enc = create_encoder("efficientnet-lite0")
+    batch = example_image_batch(enc, batch_size=8)
+
+    def run(model: Any) -> Callable[[], Any]:
+        return lambda: model(batch)
+
+    variants: dict[str, Any] = {"eager": enc, "bn_fold_only": fuse_for_inference(enc, channels_last=False),
+                                "fused": fuse_for_inference(enc)}
+    t = time.perf_counter()
+    variants["fused+compile"] = fuse_for_inference(enc, compile=True)
+    with torch.no_grad():
+        ref = enc(batch)
+        variants["fused+compile"](batch)  # compiles
+    compile_s = time.perf_counter() - t
+    times: dict[str, float] = {}
+    diffs: dict[str, float] = {}
+    with torch.no_grad():
+        for name, model in variants.items():
+            times[name] = best_time(run(model), reps=7)
+            out = model(batch)
+            diffs[name] = max(float((out.tokens - ref.tokens).abs().max()),
+                              float((out.pooled - ref.pooled).abs().max()))
+    eager_again = best_time(lambda: enc(batch), reps=7)  # guard against drift in machine load
+    eager = min(times["eager"], eager_again)
+    best = min(("fused", "fused+compile"), key=times.__getitem__)
+    return {
+        "inference_fused_speedup": eager / times[best],
+        "inference_max_abs_diff": diffs[best],
+        "best_variant": best,
+        "images_per_s": {n: 8 / t for n, t in times.items()},
+        "max_abs_diff": diffs,
+        "speedup_bn_fold_only": eager / times["bn_fold_only"],
+        "speedup_fused_no_compile": eager / times["fused"],
+        "compile_seconds": compile_s,
+        "batch": "8 images, 224 px, efficientnet-lite0",
+    }
+
+
+def _train_step_parts(model: Any, raw: dict[str, list[Any]], labels: torch.Tensor) -> dict[str, float]:
+    """Seconds per training step in the frozen encoders and in the head side (forward + backward + AdamW)."""
+    batch = model.preprocess(**raw)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with torch.no_grad():
+        feats = model.encode(batch)
+
+    def enc() -> None:
+        with torch.no_grad():
+            model.encode(batch)
+
+    def head() -> None:
+        out = model.fuse(feats)
+        loss = F.cross_entropy(out.logits, labels) + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return {"encoders_s": best_time(enc, reps=5), "head_s": best_time(head, reps=20, warmup=3)}
+
+
+def head_step_share() -> dict[str, Any]:
+    """Share of a training step (default recipe: late concat, frozen pretrained encoders) spent in the head side."""
+    rows = _rows("train", BATCH)
+    model = _default_model()
+    labels = torch.tensor([r["label"] for r in rows])
+    parts = _train_step_parts(model, _raw(rows), labels)
+    step = parts["encoders_s"] + parts["head_s"]
+    return {"head_step_share": parts["head_s"] / step, **parts, "step_samples_per_s": BATCH / step,
+            "batch": BATCH}
+
+
+def pipeline_headroom() -> dict[str, Any]:
+    """Samples/s of decode + preprocess (all three modalities) vs samples/s a training step consumes."""
+    from recipes.tridigits import load_tridigits
+
+    model = _default_model()
+    ds = load_tridigits("train")
+    n = min(4 * BATCH, len(ds))
+
+    def pipeline() -> None:
+        for start in range(0, n, BATCH):
+            rows = ds[start:start + BATCH]  # decodes the images (PIL) from parquet bytes
+            model.preprocess(audio=rows["audio"], image=rows["image"], text=rows["text"])  # audio decoded here
+
+    pre_s = best_time(pipeline, reps=3, warmup=1)
+    rows = _rows("train", BATCH)
+    parts = _train_step_parts(model, _raw(rows), torch.tensor([r["label"] for r in rows]))
+    step_rate = BATCH / (parts["encoders_s"] + parts["head_s"])
+    pipe_rate = n / pre_s
+    return {"pipeline_headroom": pipe_rate / step_rate, "pipeline_samples_per_s": pipe_rate,
+            "train_step_samples_per_s": step_rate, "note": "one process; DataLoader workers multiply the supply"}
+
+
+def sweep_cache_speedup(n: int = 256, batch: int = 16, heads: tuple[str, ...] = ("concat", "gating")) -> dict[str, Any]:
+    """A small sweep (``heads`` × late × 1 seed, one epoch over ``n`` samples) over cached features vs the same
+    sweep re-encoding every step with the frozen encoders; also checks both reach the same losses."""
+    import tempfile
+    from pathlib import Path
+
+    from recipes.cache import FeatureCache
+    from recipes.tridigits import load_tridigits
+
+    rows = load_tridigits("train").select(range(n))
+    labels = torch.tensor(rows["label"])
+    model = _default_model().eval()
+    pre = model.preprocess(audio=rows["audio"], image=rows["image"], text=rows["text"])
+    cache = FeatureCache(Path(tempfile.mkdtemp(prefix="fz-bench-cache-")), memory=False)
+
+    def from_cache() -> dict[str, Any]:
+        return {m: cache.get_or_compute(enc, rows, m, "train", store_tokens=False) for m, enc in
+                model.encoders.items()}
+
+    t = time.perf_counter()
+    from_cache()  # the first sweep fills the cache
+    build_s = time.perf_counter() - t
+
+    def cell(head: str, feats_for: Callable[[torch.Tensor], dict[str, Any]]) -> float:
+        torch.manual_seed(0)
+        m = _head_only(model, head)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        for start in range(0, n, batch):
+            idx = torch.arange(start, min(n, start + batch))
+            out = m.fuse(feats_for(idx))
+            loss = F.cross_entropy(out.logits, labels[idx]) + out.aux_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float(F.cross_entropy(m.eval().fuse(feats_for(torch.arange(n))).logits, labels))
+
+    def encoded(idx: torch.Tensor) -> dict[str, Any]:
+        with torch.no_grad():
+            return model.encode({m: {k: v[idx] for k, v in b.items()} for m, b in pre.items()})
+
+    t = time.perf_counter()
+    slow = {h: cell(h, encoded) for h in heads}
+    slow_s = time.perf_counter() - t
+    t = time.perf_counter()  # a later sweep: read the cache, then train
+    cached = from_cache()  # read from disk (memory index off), as a later sweep process would
+    lookup_s = time.perf_counter() - t
+    assert all(stats.hit for _, stats in cached.values())
+    fast = {h: cell(h, lambda idx: {m: f.index(idx) for m, (f, _) in cached.items()}) for h in heads}
+    fast_s = time.perf_counter() - t
+    fresh = encoded(torch.arange(n))
+    return {"sweep_cache_speedup": slow_s / fast_s, "reencode_seconds": slow_s, "cached_seconds": fast_s,
+            "cache_build_seconds": build_s, "cache_lookup_seconds": lookup_s,
+            "final_loss_reencode": slow, "final_loss_cached": fast,
+            "max_loss_diff": max(abs(slow[h] - fast[h]) for h in heads),
+            "max_feature_diff": max(float((fresh[m].pooled - f.pooled).abs().max()) for m, (f, _) in cached.items()),
+            "setup": f"{len(heads)} heads x late x 1 seed, {n} samples, batch {batch}, 1 epoch; cached time "
+                     "includes reading the cache"}
+
+
+def _head_only(model: Any, head: str) -> Any:
+    from recipes.model import FusionModel
+
+    return FusionModel(model.config.replace(fusion_head=head), embed_dims=model.embed_dims).train()

@@ -1,0 +1,149 @@
+"""Performance benchmarks of fusion-zoo on CPU: ``python benchmarks/run.py [--skip-main-job]``.
+
+Writes benchmarks/results.json (each measured key, its target and ``met``) and benchmarks/report.md.
+Definitions and how to read the numbers: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from benchmarks.measure import (  # noqa: E402
+    head_step_share,
+    inference_fusion,
+    pipeline_headroom,
+    sweep_cache_speedup,
+)
+
+TARGETS: dict[str, tuple[str, float]] = {
+    "sweep_cache_speedup": (">=", 30.0),
+    "head_step_share": ("<=", 0.03),
+    "main_job_seconds": ("<=", 300.0),
+    "main_job_peak_mb": ("<", 4096.0),
+    "inference_fused_speedup": (">=", 1.3),
+    "inference_max_abs_diff": ("<=", 1e-4),
+    "pipeline_headroom": (">=", 3.0),
+}
+
+
+def _met(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    op, target = TARGETS[key]
+    return {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+
+
+def _fit(cwd: str, cache: str, timeout: float) -> tuple[float, subprocess.CompletedProcess]:
+    cmd = [sys.executable, "-c", "import sys; from recipes.cli import main; sys.exit(main(['fit']))"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "FUSION_ZOO_CACHE": cache}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - start, proc
+
+
+def main_job(timeout: float = 1800.0) -> dict[str, Any]:
+    """Run ``fusion-zoo fit`` (the README main job, all defaults) in a subprocess in a scratch folder, first with
+    an empty feature cache (what a new user waits for: encoding included), then again with the cache warm.
+
+    Peak memory is ``ru_maxrss`` of the waited-for children (the largest child's peak RSS; the job is one process).
+    """
+    with tempfile.TemporaryDirectory(prefix="fz-main-job-") as tmp:
+        cache = str(Path(tmp) / "feature-cache")
+        cold_s, proc = _fit(tmp, cache, timeout)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # KiB on Linux
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        if proc.returncode != 0:
+            return {"main_job_seconds": None, "main_job_peak_mb": None, "main_job_error": tail}
+        warm_s, warm = _fit(tmp, cache, timeout)
+    return {"main_job_seconds": cold_s, "main_job_peak_mb": peak_mb, "warm_cache_seconds":
+            warm_s if warm.returncode == 0 else None, "cold_run_tail": tail[-600:]}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "not measured"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}"
+    return str(v)
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    lines = ["# fusion-zoo benchmarks", "", f"Machine: {results['machine']}. Run: `{results['command']}`. "
+             "Definitions: docs/benchmarks.md.", "", "| key | measured | target | met |", "|---|---|---|---|"]
+    for key, (op, target) in TARGETS.items():
+        met = results["met"][key]
+        lines.append(f"| {key} | {_fmt(results.get(key))} | {op} {target:g} | "
+                     f"{'yes' if met else ('**no (missed)**' if met is False else 'skipped')} |")
+    lines += ["", "## Details", "", "```json", json.dumps(results["details"], indent=2, default=str), "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--skip-main-job", action="store_true", help="skip the slow `fusion-zoo fit` measurement")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the in-process measurements (default: torch's); 1 gives stable "
+                        "ratios on a machine shared with other jobs (the main job subprocess keeps its default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    details: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    steps = [("sweep_cache_speedup", sweep_cache_speedup), ("head_step_share", head_step_share),
+             ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom)]
+    for name, fn in steps:
+        t = time.perf_counter()
+        print(f"[bench] {name} ...", flush=True)
+        out = fn()
+        details[name] = {k: v for k, v in out.items() if k not in TARGETS}
+        results |= {k: v for k, v in out.items() if k in TARGETS}
+        print(f"[bench] {name}: {({k: v for k, v in out.items() if k in TARGETS})} "
+              f"({time.perf_counter() - t:.0f}s)", flush=True)
+    if args.skip_main_job:
+        results |= {"main_job_seconds": None, "main_job_peak_mb": None}
+    else:
+        print("[bench] main job (fusion-zoo fit) ...", flush=True)
+        out = main_job()
+        details["main_job"] = {k: v for k, v in out.items() if k not in TARGETS}
+        results |= {k: v for k, v in out.items() if k in TARGETS}
+        print(f"[bench] main job: {out.get('main_job_seconds')} s, {out.get('main_job_peak_mb')} MB", flush=True)
+    final = {key: results.get(key) for key in TARGETS}
+    final["targets"] = {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()}
+    final["met"] = {k: _met(k, final[k]) for k in TARGETS}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(final, indent=2, default=str) + "\n")
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, load average before the run {load_before}")
+    command = " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+    write_report({**final, "machine": machine, "details": details, "command": command}, out_dir / "report.md")
+    missed = [k for k, v in final["met"].items() if v is False]
+    print(f"[bench] wrote {out_dir / 'results.json'}; missed targets: {missed or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The sweep on synthetic cached features: outputs, resume after an interruption, CLI parsing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoders import ModalityOutput
+from encoders.errors import ConfigError
+from recipes import sweep as sweep_mod
+from recipes.sweep import FeatureSet, SweepSettings, parse_args, read_cells, run_sweep
+from recipes.sweep_train import SplitFeatures
+
+DIMS = {"audio": 6, "image": 8, "text": 5}
+
+
+def _split(n: int, seed: int, tokens: bool) -> SplitFeatures:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    t = 3 if tokens else 1
+    feats = {}
+    for m, d in DIMS.items():
+        tok = torch.randn(n, t, d, generator=gen)
+        tok[:, :, 0] += labels[:, None].float() * 2.0
+        feats[m] = ModalityOutput(tok, torch.ones(n, t, dtype=torch.bool), tok.mean(1))
+    return SplitFeatures(feats, labels)
+
+
+def _provider(calls: list[bool]):
+    def provide(settings: SweepSettings, tokens: bool) -> FeatureSet:
+        calls.append(tokens)
+        return FeatureSet(_split(48, 0, tokens), _split(24, 1, tokens), ["a", "b", "c"], "multiclass",
+                          {"dataset": "synthetic"})
+    return provide
+
+
+def _settings(out: Path, **kw) -> SweepSettings:
+    base = dict(heads=["concat", "gating"], stages=["early", "late"], seeds=[0, 1], output_dir=str(out),
+                max_epochs=1, batch_size=16, model={"hidden_dim": 16, "modality_dropout": 0.1},
+                noise=[0.5, 1.0], token_drop=[0.5])
+    return SweepSettings(**(base | kw))
+
+
+def test_sweep_writes_csv_markdown_and_plots(tmp_path: Path) -> None:
+    calls: list[bool] = []
+    lines: list[str] = []
+    paths = run_sweep(_settings(tmp_path), _provider(calls), echo=lines.append)
+    assert calls == [True]  # one encoder pass with tokens serves early and (as a pooled view) late
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 8
+    assert {(r["head"], r["stage"], r["seed"]) for r in rows} == {
+        (h, s, str(k)) for h in ("concat", "gating") for s in ("early", "late") for k in (0, 1)}
+    for col in ("fused_accuracy", "alone_audio", "alone_text", "rob_only:image+text", "rob_image_noise@1",
+                "rob_text_drop@0.5", "params", "train_seconds", "latency_ms"):
+        assert all(r[col] != "" for r in rows), col
+    md = (tmp_path / "results.md").read_text()
+    assert "± " in md and ("larger than seed noise" in md or "within seed noise" in md)
+    assert "| gating | early | 2 |" in md
+    for name in ("accuracy.png", "robustness.png", "gates_early_gating.png", "gates_late_gating.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    assert not (tmp_path / "gates_early_concat.png").exists()
+    assert paths["md"] == tmp_path / "results.md"
+    assert any(line.startswith("[8/8] gating@late seed=1") for line in lines)
+    assert any("epoch 1/1" in line for line in lines)  # per-run progress
+
+
+def test_interrupted_sweep_finishes_only_missing_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sweep_mod.train_cell
+    ran: list[tuple[str, int]] = []
+
+    def flaky(config, *args, **kwargs):
+        if len(ran) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the fourth cell
+        ran.append((f"{config.fusion_head}@{config.stage}", args[2]))
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "train_cell", flaky)
+    settings = _settings(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(settings, _provider([]), echo=lambda s: None)
+    assert len(read_cells(tmp_path / "cells.jsonl", settings.signature())) == 3
+    assert not (tmp_path / "results.csv").exists()
+
+    # a torn last line (killed mid-write) must not break the rerun
+    with open(tmp_path / "cells.jsonl", "a") as f:
+        f.write('{"key": "concat@late@seed1", "sign')
+    ran.clear()
+    monkeypatch.setattr(sweep_mod, "train_cell", lambda config, *a, **k: (ran.append(
+        (f"{config.fusion_head}@{config.stage}", a[2])), real(config, *a, **k))[1])
+    lines: list[str] = []
+    run_sweep(settings, _provider([]), echo=lines.append)
+    assert len(ran) == 5 and len(set(ran)) == 5
+    assert ("concat@late", 0) not in ran and ("concat@late", 1) in ran
+    assert sum("(skipped)" in line for line in lines) == 3
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 8
+    keys = [json.loads(line)["key"] for line in (tmp_path / "cells.jsonl").read_text().splitlines()
+            if line.startswith('{"') and line.endswith("}")]
+    assert len(keys) == 8 and len(set(keys)) == 8
+
+    # a third run has nothing left to do (no features needed); changed settings (epochs) do not reuse old cells
+    ran.clear()
+    calls: list[bool] = []
+    run_sweep(settings, _provider(calls), echo=lambda s: None)
+    assert ran == [] and calls == []
+    run_sweep(_settings(tmp_path, max_epochs=2, seeds=[0], heads=["concat"], stages=["late"]), _provider(calls),
+              echo=lambda s: None)
+    assert ran == [("concat@late", 0)] and calls == [False]  # a late-only grid needs pooled features only
+
+
+def test_parse_args_overrides_and_defaults(tmp_path: Path) -> None:
+    s = parse_args(["--heads", "concat,moe", "--stages", "late", "--seeds", "3", "--output-dir", str(tmp_path),
+                    "--model.hidden_dim", "32", "--model.modality_dropout={image: 0.2}", "--data.batch_size", "8"])
+    assert (s.heads, s.stages, s.seeds) == (["concat", "moe"], ["late"], [3])
+    assert s.model["hidden_dim"] == 32 and s.model["modality_dropout"] == {"image": 0.2}
+    assert s.model["encoders"]["image"] == "efficientnet-lite0"  # from the default recipe
+    assert s.data["batch_size"] == 8
+    d = parse_args([])
+    assert d.heads == ["concat", "average", "cross_attention", "gating", "moe"] and len(d.seeds) == 3
+    with pytest.raises(ConfigError, match="unknown sweep option"):
+        parse_args(["--trainer.max_epochs", "3"])
+
+
+def test_unknown_head_or_stage_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a fusion head"):
+        run_sweep(_settings(tmp_path, heads=["nope"]), _provider([]), echo=lambda s: None)
+    with pytest.raises(ConfigError, match="stages"):
+        run_sweep(_settings(tmp_path, stages=["middle"]), _provider([]), echo=lambda s: None)
+
+
+def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recipes.cache import FeatureCache
+    from recipes.cli import main as cli_main
+
+    common = ["--stages", "early,late", "--seeds", "0", "--max-epochs", "1",
+              "--model.encoders={audio: mel-cnn, image: tiny-image, text: tiny-text}", "--model.hidden_dim", "16",
+              "--data.max_samples", "16", "--data.cache_dir", str(tmp_path / "cache")]
+    assert cli_main(["sweep", "--heads", "concat", "--output-dir", str(tmp_path / "a"), *common]) == 0
+    # 3 modalities × train/validation/test (the data module prepares validation with train), encoded once
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 9
+    rows = list(csv.DictReader((tmp_path / "a" / "results.csv").open()))
+    assert [(r["head"], r["stage"]) for r in rows] == [("concat", "early"), ("concat", "late")]
+    header = (tmp_path / "a" / "results.md").read_text()
+    assert "2x2 pooled patches" in header and "first 16 rows" in header
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a second sweep must read the feature cache, not run the encoders")
+
+    FeatureCache.clear_memory()  # force the disk path, as a new process would see it
+    monkeypatch.setattr(FeatureCache, "_compute", no_encoding)
+    assert cli_main(["sweep", "--heads", "moe", "--output-dir", str(tmp_path / "b"), *common]) == 0
+    assert (tmp_path / "b" / "gates_late_moe.png").is_file()
+
+
+def test_token_caps_and_pooled_view() -> None:
+    from recipes.sweep_features import cap_tokens, pooled_view
+
+    n = 3
+    img = ModalityOutput(torch.arange(n * 49 * 2, dtype=torch.float).reshape(n, 49, 2),
+                         torch.ones(n, 49, dtype=torch.bool), torch.zeros(n, 2))
+    capped = cap_tokens(img, "image")
+    assert capped.tokens.shape == (n, 4, 2) and bool(capped.mask.all())
+    assert torch.equal(capped.pooled, img.pooled)
+    grid = img.tokens.reshape(n, 7, 7, 2)
+    assert torch.allclose(capped.tokens[:, 0], grid[:, :4, :4].mean((1, 2)))  # top-left cell of the 2x2 grid
+    mask = torch.ones(n, 20, dtype=torch.bool)
+    mask[0, 10:] = False
+    audio = cap_tokens(ModalityOutput(torch.randn(n, 20, 4), mask, torch.randn(n, 4)), "audio")
+    assert audio.tokens.shape[1] == 3 and audio.mask[0].tolist() == [True, True, False]
+    view = pooled_view(_split(5, 0, True))
+    assert view.feats["text"].tokens.shape == (5, 1, 5)
+    assert torch.equal(view.feats["text"].tokens[:, 0], view.feats["text"].pooled)
