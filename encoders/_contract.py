@@ -96,6 +96,8 @@ class Encoder(nn.Module):
     """
 
     modality: ClassVar[str] = ""
+    #: rows per call when encoding a whole dataset (feature cache); recurrent encoders want large batches
+    encode_batch_size: ClassVar[int] = 64
     embed_dim: int
     preprocessor: Preprocessor
 
@@ -168,11 +170,20 @@ class Encoder(nn.Module):
         return super().train(mode and self.finetune != "frozen")
 
     def weights_hash(self) -> str:
-        """sha256 over the state dict (names, shapes, bytes): identifies the exact weights."""
+        """sha256 over the state dict (names, shapes, bytes): identifies the exact weights.
+
+        Memoised until a tensor is replaced or modified in place (its storage or version counter changes),
+        so repeated feature-cache look-ups of a frozen encoder do not re-hash ~100 MB each time.
+        """
+        state = self.state_dict()
+        stamp = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
+        if getattr(self, "_hash_stamp", None) == stamp:
+            return str(self._hash_value)
         h = hashlib.sha256()
-        for k, v in sorted(self.state_dict().items()):
+        for k, v in sorted(state.items()):
             h.update(k.encode())
             h.update(str(tuple(v.shape)).encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                      if v.numel() else b"")
-        return h.hexdigest()
+        self._hash_stamp, self._hash_value = stamp, h.hexdigest()
+        return self._hash_value

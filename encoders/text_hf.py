@@ -101,6 +101,8 @@ class TextPreprocessor(Preprocessor):
 class HFTextEncoder(Encoder):
     """Wraps a transformers encoder model; tokens = last hidden states [B, L, D], pooled by ``mean`` or ``cls``."""
 
+    encode_batch_size = 256
+
     modality = "text"
     model: Any  # a transformers PreTrainedModel
 

@@ -315,7 +315,8 @@ class FusionDataModule(pl.LightningDataModule):
             col, start = self.columns[m], time.perf_counter()
             feats[m], stats = self.cache.get_or_compute(
                 model.encoders[m], split.rows, col, split=role, store_tokens=model.config.stage != "late",
-                batch_size=max(self.batch_size, 64), transform=functools.partial(_cell, m, base=self._base),
+                batch_size=max(self.batch_size, model.encoders[m].encode_batch_size),
+                transform=functools.partial(_cell, m, base=self._base),
                 extra=split.stamps[m], device=device, row_ids=split.row_ids.tolist())
             if stats.source != "memory":
                 rank_zero_info(f"feature cache {stats.source:<8} {role}/{m}: {stats.rows} rows, "
