@@ -126,6 +126,10 @@ class FusionTask(pl.LightningModule):
         self.cfg: FusionModelConfig = self.model.config
         args["config"] = self.cfg.to_dict()
         self.save_hyperparameters(args)
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        """Metrics per split: fused (+ each modality alone on test), and each late head in late/hybrid."""
         c, groups, task_ = self.cfg.num_outputs, self.cfg.modalities, self.cfg.task
         heads = groups if self.cfg.stage in ("late", "hybrid") else []
         self.split_metrics = nn.ModuleDict({

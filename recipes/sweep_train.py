@@ -15,13 +15,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from encoders import ModalityOutput
 
 from .config import FusionModelConfig
-from .metrics import SplitMetrics
 from .model import FusionModel
 from .module import FusionTask
 from .robustness import robustness_report
@@ -72,13 +71,7 @@ class CachedFeatureTask(FusionTask):
         self.train_only_head = False
         self.save_hyperparameters({"config": config, "embed_dims": embed_dims, "lr": lr, "encoder_lr": lr,
                                    "weight_decay": weight_decay, "warmup_ratio": warmup_ratio})
-        c, groups, task = self.cfg.num_outputs, self.cfg.modalities, self.cfg.task
-        heads = groups if self.cfg.stage in ("late", "hybrid") else []
-        self.split_metrics = nn.ModuleDict({
-            "val": SplitMetrics(task, c, ["fused"], heads),
-            "test": SplitMetrics(task, c, ["fused", *groups], heads),
-        })
-        self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self._init_metrics()
 
 
 class _EpochPrinter(pl.Callback):
