@@ -1,0 +1,458 @@
+"""``fusion-zoo serve`` through HTTP against real running servers (uvicorn on a free 127.0.0.1 port).
+
+Most tests serve a tiny fused model over fake encoders in a uvicorn thread; the expected answers come from
+calling ``model.predict`` in-process on the same inputs. A slow test runs the real CLI on a shipped model in a
+subprocess and stops it with SIGTERM while a request is in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'fusion-zoo[serve]'")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from fusion_errors import InputError  # noqa: E402
+from zoo.serve import Limits  # noqa: E402
+from zoo.serve.app import ServeConfig, batch_predictor, create_app  # noqa: E402
+
+LABELS = ["a", "b", "c"]  # tests/zoo/conftest.py builds the tiny models with these labels
+MODALITIES = ["audio", "image", "text"]
+
+
+# helpers -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[tuple[str, Any]]:
+    """Serve ``app`` with uvicorn in a thread on a free port; yields (base URL, uvicorn server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+def png(w: int = 12, h: int = 10, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wav(seconds: float = 0.05, rate: int = 16000, seed: int = 0) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    x = np.random.default_rng(seed).standard_normal(int(seconds * rate)).astype(np.float32) * 0.1
+    sf.write(buf, x, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def decoded(image: bytes | None = None, audio: bytes | None = None) -> dict[str, Any]:
+    """The same bytes decoded independently of the server (PIL, soundfile), as predict() inputs."""
+    import soundfile as sf
+    from PIL import Image
+
+    out: dict[str, Any] = {}
+    if image is not None:
+        out["image"] = [Image.open(io.BytesIO(image)).convert("RGB")]
+    if audio is not None:
+        x, rate = sf.read(io.BytesIO(audio), dtype="float32")
+        out["audio"] = [(x, rate)]
+    return out
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["label"] == want["label"]
+    assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)
+    for key, value in want.get("explain", {}).items():
+        assert got["explain"][key] == pytest.approx(value, abs=1e-5)
+
+
+@pytest.fixture
+def model(make_model: Callable[..., Any]) -> Any:
+    return make_model(stage="late", fusion_head="gating")
+
+
+@pytest.fixture
+def server(model: Any) -> Iterator[str]:
+    limits = Limits(max_request_bytes=200_000, max_image_pixels=64 * 64, max_audio_seconds=0.5, max_text_chars=50,
+                    max_batch_items=4)
+    with running(create_app(model, name="tiny", config=ServeConfig(limits=limits))) as (url, _):
+        yield url
+
+
+# endpoints -------------------------------------------------------------------------------------------
+def test_health_model_page_and_openapi(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        info = c.get("/model").json()
+        assert info["labels"] == LABELS and info["modalities"] == MODALITIES
+        assert (info["stage"], info["fusion_head"], info["task"]) == ("late", "gating", "multiclass")
+        assert info["limits"]["max_text_chars"] == 50 and info["limits"]["max_image_pixels"] == 64 * 64
+
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="predict-btn"' in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+        script = c.get("/app.js")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+        # no CDN, no external fetch: neither file names another host
+        assert not re.search(r"https?://|//cdn", page.text + script.text)
+
+        schema = c.get("/openapi.json").json()
+        assert {"/health", "/model", "/predict", "/predict/batch"} <= set(schema["paths"])
+        content = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(content)
+        assert {"413", "422", "503", "504"} <= set(schema["paths"]["/predict"]["post"]["responses"])
+
+
+def test_multipart_prediction_equals_in_process_predict(server: str, model: Any) -> None:
+    image, audio = png(), wav()
+    want = model.predict(text=["two two"], **decoded(image, audio))[0]
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict", data={"text": "two two"},
+                   files={"image": ("x.png", image, "image/png"), "audio": ("x.wav", audio, "audio/wav")})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert_same(got, want)
+    assert got["inputs"] == MODALITIES
+    assert set(got["explain"]["gates"]) == set(MODALITIES)
+
+
+def test_json_base64_equals_multipart(server: str) -> None:
+    image, audio = png(seed=3), wav(seed=3)
+    with httpx.Client(base_url=server) as c:
+        a = c.post("/predict", data={"text": "one"}, files={"image": ("i.png", image), "audio": ("a.wav", audio)})
+        b = c.post("/predict", json={"text": "one", "image": "data:image/png;base64," + b64(image),
+                                     "audio": b64(audio)})
+    assert a.status_code == b.status_code == 200
+    assert_same(b.json(), a.json())
+
+
+@pytest.mark.parametrize("subset", [("text",), ("image",), ("audio",), ("audio", "text"), ("image", "text")])
+def test_any_subset_of_modalities(server: str, model: Any, subset: tuple[str, ...]) -> None:
+    image, audio = png(seed=1), wav(seed=1)
+    kwargs = decoded(image if "image" in subset else None, audio if "audio" in subset else None)
+    if "text" in subset:
+        kwargs["text"] = ["three"]
+    want = model.predict(**kwargs)[0]
+    files = {k: (f"f.{k}", v) for k, v in (("image", image), ("audio", audio)) if k in subset}
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict", data={"text": "three"} if "text" in subset else None, files=files or None)
+    assert r.status_code == 200, r.text
+    assert_same(r.json(), want)
+    assert r.json()["inputs"] == sorted(subset)
+
+
+def test_batch_endpoint_equals_single_predictions(server: str) -> None:
+    items = [{"text": "one"}, {"image": b64(png(seed=5))}, {"audio": b64(wav(seed=5)), "text": "two"}]
+    with httpx.Client(base_url=server) as c:
+        batch = c.post("/predict/batch", json={"items": items})
+        singles = [c.post("/predict", json=item).json() for item in items]
+    assert batch.status_code == 200, batch.text
+    preds = batch.json()["predictions"]
+    assert len(preds) == 3
+    for got, want in zip(preds, singles, strict=True):
+        assert_same(got, want)
+        assert got["inputs"] == want["inputs"]
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(model: Any) -> None:
+    sizes: list[int] = []
+    run = batch_predictor(model)
+
+    def recording(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sizes.append(len(samples))
+        return run(samples)
+
+    texts = ["a", "bb", "ccc dd", "eeee", "f g h", "ij", "klm", "nopq"]
+    wants = {t: model.predict(text=[t])[0] for t in texts}
+    cfg = ServeConfig(max_batch_size=8, max_wait_ms=400)
+    with running(create_app(model, config=cfg, predict_batch=recording)) as (url, _), httpx.Client(base_url=url) as c:
+        with ThreadPoolExecutor(len(texts)) as pool:
+            answers = list(pool.map(lambda t: c.post("/predict", json={"text": t}), texts))
+        health = c.get("/health").json()
+    assert all(a.status_code == 200 for a in answers)
+    for t, a in zip(texts, answers, strict=True):
+        assert_same(a.json(), wants[t])  # each request got the row of its own sample
+    assert max(sizes) > 1, f"no two requests shared a forward pass: batch sizes {sizes}"
+    assert sum(sizes) == len(texts) and health["samples"] == len(texts) and health["batches"] == len(sizes)
+
+
+# errors ------------------------------------------------------------------------------------------
+_BAD_422: list[tuple[str, dict[str, Any], str]] = [
+    ("no input", {"json": {}}, "no input"),
+    ("blank text only", {"json": {"text": "   "}}, "no input"),
+    ("unknown JSON key", {"json": {"video": "eA=="}}, "unknown key"),
+    ("text not a string", {"json": {"text": 5}}, "must be a string"),
+    ("bad base64", {"json": {"image": "not base64!"}}, "base64"),
+    ("not an image", {"json": {"image": b64(b"hello, not a png")}}, "not a readable image"),
+    ("not audio", {"json": {"audio": b64(b"RIFF....WAVEfmt nonsense")}}, "not a readable audio"),
+    ("invalid JSON", {"content": b"{'text': 1", "headers": {"content-type": "application/json"}}, "not valid JSON"),
+    ("JSON array", {"json": ["one"]}, "JSON object"),
+    ("unknown form field", {"files": {"video": ("v.mp4", b"xx")}}, "unknown form field"),
+    ("form field twice", {"files": [("image", ("a.png", png())), ("image", ("b.png", png()))]}, "twice"),
+    ("truncated image", {"files": {"image": ("a.png", png()[:60])}}, "truncated or corrupt"),
+]
+
+
+@pytest.mark.parametrize("name,request_kwargs,needle", _BAD_422, ids=[b[0] for b in _BAD_422])
+def test_unusable_inputs_answer_422_naming_the_problem(server: str, name: str, request_kwargs: dict[str, Any],
+                                                       needle: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict", **request_kwargs)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and needle in detail, detail
+
+
+def test_batch_body_errors_answer_422(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        assert c.post("/predict/batch", json={"items": []}).status_code == 422
+        assert c.post("/predict/batch", json=[{"text": "x"}]).status_code == 422
+        r = c.post("/predict/batch", json={"items": [{"text": "ok"}, {"image": "%%%"}]})
+    assert r.status_code == 422 and "items[1].image" in r.json()["detail"]
+
+
+def test_a_modality_the_model_lacks_answers_422(make_model: Callable[..., Any]) -> None:
+    two = make_model(modalities=("image", "text"))
+    with running(create_app(two)) as (url, _), httpx.Client(base_url=url) as c:
+        r = c.post("/predict", json={"text": "one", "audio": b64(wav())})
+    assert r.status_code == 422
+    assert "takes image, text, not audio" in r.json()["detail"]
+
+
+def _chunks(total: int) -> Iterator[bytes]:
+    for _ in range(total // 10_000):
+        yield b"x" * 10_000
+
+
+_BIG_413: list[tuple[str, dict[str, Any], str]] = [
+    ("text", {"json": {"text": "x" * 51}}, "max_text_chars"),
+    ("image pixels", {"files": {"image": ("big.png", png(65, 65))}}, "max_image_pixels"),
+    ("audio seconds", {"files": {"audio": ("long.wav", wav(seconds=0.6))}}, "max_audio_seconds"),
+    ("body (Content-Length)", {"content": b"x" * 200_001, "headers": {"content-type": "application/json"}},
+     "max_request_bytes"),
+    ("body (chunked)", {"content": _chunks(300_000), "headers": {"content-type": "application/json"}},
+     "max_request_bytes"),
+]
+
+
+@pytest.mark.parametrize("name,request_kwargs,needle", _BIG_413, ids=[b[0] for b in _BIG_413])
+def test_inputs_over_a_limit_answer_413_naming_it(server: str, name: str, request_kwargs: dict[str, Any],
+                                                  needle: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict", **request_kwargs)
+    assert r.status_code == 413, r.text
+    assert needle in r.json()["detail"]
+
+
+def test_just_under_the_limits_is_accepted(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict", data={"text": "x" * 50}, files={"image": ("ok.png", png(64, 64)),
+                                                               "audio": ("ok.wav", wav(seconds=0.5))})
+    assert r.status_code == 200, r.text
+
+
+def test_too_many_batch_items_answer_413(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict/batch", json={"items": [{"text": "x"}] * 5})
+    assert r.status_code == 413 and "max_batch_items" in r.json()["detail"]
+
+
+def test_other_media_types_answer_415_and_unknown_routes_404_405(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict", content=b"one", headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+        r = c.post("/predict/batch", files={"image": ("a.png", png())})
+        assert r.status_code == 415
+        r = c.get("/nothing-here")
+        assert r.status_code == 404 and "/predict" in r.json()["detail"]
+        r = c.get("/predict")
+        assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+def _slow(model: Any, seconds: float) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    run = batch_predictor(model)
+
+    def slow(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        time.sleep(seconds)
+        return run(samples)
+
+    return slow
+
+
+def test_full_queue_answers_503_with_retry_after(model: Any) -> None:
+    cfg = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    app = create_app(model, config=cfg, predict_batch=_slow(model, 0.3))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda i: c.post("/predict", json={"text": f"t{i}"}), range(10)))
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) == {200, 503}, codes
+    # one sample runs, two wait: at most 3 of 10 simultaneous requests can be held at once
+    assert codes.count(503) >= 10 - 3 - 3, codes
+    for a in answers:
+        if a.status_code == 503:
+            assert int(a.headers["retry-after"]) >= 1
+            assert "queue is full" in a.json()["detail"] and "--max-queue" in a.json()["detail"]
+
+
+def test_slow_prediction_answers_504_and_the_server_keeps_serving(model: Any) -> None:
+    cfg = ServeConfig(request_timeout_s=0.2)
+    with running(create_app(model, config=cfg, predict_batch=_slow(model, 1.0))) as (url, _), \
+            httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/predict", json={"text": "late"})
+        assert r.status_code == 504 and "timeout of 0.2 s" in r.json()["detail"]
+        assert c.get("/health").status_code == 200
+
+
+def test_one_bad_sample_fails_only_its_own_request(model: Any) -> None:
+    run = batch_predictor(model)
+    sizes: list[int] = []
+
+    def picky(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sizes.append(len(samples))
+        if any(s.get("text") == "poison" for s in samples):
+            raise InputError("the text 'poison' is refused; send another text.")
+        return run(samples)
+
+    texts = ["one", "poison", "two", "three"]
+    cfg = ServeConfig(max_batch_size=4, max_wait_ms=400)
+    with running(create_app(model, config=cfg, predict_batch=picky)) as (url, _), httpx.Client(base_url=url) as c:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda t: c.post("/predict", json={"text": t}), texts))
+    assert [a.status_code for a in answers] == [200, 422, 200, 200]
+    assert "poison" in answers[1].json()["detail"]
+    assert max(sizes) > 1  # the batch failed as a whole and was retried sample by sample
+
+
+def test_a_server_bug_answers_500_without_a_traceback(model: Any) -> None:
+    def broken(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        raise RuntimeError("boom")
+
+    with running(create_app(model, predict_batch=broken)) as (url, _), httpx.Client(base_url=url) as c:
+        r = c.post("/predict", json={"text": "x"})
+    assert r.status_code == 500
+    assert "RuntimeError" in r.json()["detail"] and "Traceback" not in r.text
+
+
+def test_shutdown_finishes_the_request_in_flight(model: Any) -> None:
+    app = create_app(model, predict_batch=_slow(model, 1.0))
+    with running(app) as (url, server):
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                result["r"] = c.post("/predict", json={"text": "in flight"})
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.monotonic() + 10
+        while app.state.batcher.depth == 0 and app.state.batcher.stats.batches == 0 and not result:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGTERM does
+        t.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["inputs"] == ["text"]
+        time.sleep(0.5)
+        with pytest.raises(httpx.TransportError), httpx.Client(base_url=url, timeout=2) as c:
+            c.get("/health")  # the listener is closed: no new requests once shutdown began
+
+
+# the command ---------------------------------------------------------------------------------------
+def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
+    from zoo.cli import main
+
+    assert main(["serve", "--model", "tridigits-late-gating", "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size 0" in capsys.readouterr().err
+    assert main(["serve", "--model", "no-such-model-xyz"]) == 2
+    assert "no-such-model-xyz" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_cli_serves_a_shipped_model_and_stops_gracefully_on_sigterm(tmp_path: Any) -> None:
+    from recipes.build_pretrained import raw_split
+
+    raw, labels = raw_split("test", limit=1)
+    buf = io.BytesIO()
+    raw["image"][0].save(buf, "PNG")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "zoo.cli", "serve", "--model", "tridigits-late-gating", "--port", str(port),
+           "--threads", "1", "--max-wait-ms", "1500"]
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"the server exited: {(tmp_path / 'server.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the server did not come up in 240 s"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            time.sleep(0.5)
+        info = httpx.get(f"{url}/model").json()
+        assert info["name"] == "tridigits-late-gating" and info["labels"] == [str(i) for i in range(10)]
+        assert info["metrics"]["test"]["fused"]["accuracy"] > 0  # the card's metrics are served
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            result["r"] = httpx.post(f"{url}/predict", data={"text": raw["text"][0]}, timeout=60,
+                                     files={"image": ("d.png", buf.getvalue(), "image/png")})
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.5)  # the request now waits up to 1.5 s for a batch to fill
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["label"] == labels[0]  # the dataset's label of this sample
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out = (tmp_path / "server.log").read_text()
+    assert "Application shutdown complete" in out and "Traceback" not in out

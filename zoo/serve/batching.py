@@ -1,0 +1,214 @@
+"""Dynamic batching: requests from the event loop are queued and run as one forward pass in a worker thread.
+
+The worker takes the oldest waiting sample, then waits until ``max_batch_size`` samples are queued or
+``max_wait_s`` has passed since that sample arrived, and runs them together. Samples that waited while the
+previous batch ran go out at once, so the wait only costs latency when the server is idle. The queue is
+bounded: :meth:`DynamicBatcher.submit` raises :class:`Overloaded` (HTTP 503 + Retry-After) instead of
+growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusion_errors import FusionZooError
+
+__all__ = ["DynamicBatcher", "Overloaded", "BatchStats"]
+
+log = logging.getLogger("zoo.serve")
+
+
+class Overloaded(FusionZooError):
+    """The queue is full or the server is shutting down; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Job:
+    sample: Any
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+@dataclass
+class BatchStats:
+    """Counters of the worker (read by ``GET /health`` and the load benchmark)."""
+
+    batches: int = 0
+    samples: int = 0
+    max_batch: int = 0
+    busy_s: float = 0.0
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "samples": self.samples, "max_batch": self.max_batch,
+                "mean_batch": self.samples / self.batches if self.batches else 0.0,
+                "mean_batch_ms": 1000.0 * self.busy_s / self.batches if self.batches else 0.0}
+
+
+def _deliver(job: _Job, result: Any) -> None:
+    """Runs on the event loop: hand a result or an exception to the waiting request (unless it gave up)."""
+    if job.future.done():
+        return
+    if isinstance(result, BaseException):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)
+
+
+class DynamicBatcher:
+    """Collect samples into batches for ``run_batch`` (a list of samples -> a list of results, same order).
+
+    Args:
+        run_batch: runs in the worker thread; may raise, then each sample of the batch is retried alone so one
+            bad sample fails only its own request.
+        max_batch_size: most samples per call of ``run_batch`` (1 disables batching).
+        max_wait_s: longest time the oldest queued sample waits for others to join it.
+        max_queue: most samples waiting (not counting the batch running); beyond it :meth:`submit` raises.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *, max_batch_size: int = 32,
+                 max_wait_s: float = 0.005, max_queue: int = 256) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, max_wait_s >= 0; got {max_batch_size}, "
+                             f"{max_queue}, {max_wait_s}.")
+        self.run_batch = run_batch
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_s = float(max_wait_s)
+        self.max_queue = int(max_queue)
+        self.stats = BatchStats()
+        self._pending: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    # event-loop side ---------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Samples waiting for the worker."""
+        return len(self._pending)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained (at least 1), from the mean batch time so far."""
+        per_batch = self.stats.busy_s / self.stats.batches if self.stats.batches else 0.1
+        return max(1, math.ceil((self.depth / self.max_batch_size + 1) * per_batch))
+
+    def start(self) -> None:
+        """Start the worker thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="fusion-zoo-batcher", daemon=True)
+            self._thread.start()
+
+    async def submit(self, samples: Sequence[Any]) -> list[Any]:
+        """Queue ``samples`` (all or none) and wait for their results; raises the per-sample exception if any.
+
+        Cancelling the caller (e.g. a request timeout) drops the samples that have not started running.
+        """
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(s, loop.create_future(), loop) for s in samples]
+        with self._cond:
+            if self._closing:
+                raise Overloaded("the server is shutting down; retry on another instance or after the restart.",
+                                 retry_after=5)
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} samples waiting, limit {self.max_queue} "
+                    f"(--max-queue)); retry after the Retry-After seconds.", retry_after=self.retry_after())
+            self._pending.extend(jobs)
+            self._cond.notify()
+        try:
+            return list(await asyncio.gather(*(j.future for j in jobs)))
+        except BaseException:
+            for j in jobs:
+                j.cancelled = True
+                if not j.future.done():
+                    j.future.cancel()
+            raise
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new samples, run the queued ones, stop the worker; True when it finished within ``timeout``."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # worker side -------------------------------------------------------------------------------
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            if not self._pending:
+                return None  # closing and drained
+            deadline = self._pending[0].enqueued + self.max_wait_s
+            while len(self._pending) < self.max_batch_size and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            n = min(self.max_batch_size, len(self._pending))
+            return [self._pending.popleft() for _ in range(n)]
+
+    def _run(self, jobs: list[_Job]) -> list[Any]:
+        samples = [j.sample for j in jobs]
+        try:
+            results = list(self.run_batch(samples))
+            if len(results) != len(samples):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(samples)} samples")
+            return results
+        except Exception as batch_error:
+            if len(samples) == 1:
+                return [batch_error]
+        out: list[Any] = []
+        for s in samples:  # isolate the failing sample(s): every other request still gets its answer
+            try:
+                out.append(self.run_batch([s])[0])
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            jobs = [j for j in jobs if not j.cancelled]
+            if not jobs:
+                continue
+            start = time.perf_counter()
+            try:
+                results = self._run(jobs)
+            except BaseException as e:  # never let the worker die with requests waiting
+                log.exception("batch of %d failed", len(jobs))
+                results = [e] * len(jobs)
+            took = time.perf_counter() - start
+            st = self.stats
+            st.batches += 1
+            st.samples += len(jobs)
+            st.max_batch = max(st.max_batch, len(jobs))
+            st.busy_s += took
+            st.sizes[len(jobs)] = st.sizes.get(len(jobs), 0) + 1
+            for job, result in zip(jobs, results, strict=True):
+                try:
+                    job.loop.call_soon_threadsafe(_deliver, job, result)
+                except RuntimeError:  # the event loop is gone (hard shutdown): nobody is waiting any more
+                    pass
