@@ -152,7 +152,7 @@ class WhisperSpeechEncoder(Encoder):
         x = x + enc.embed_positions.weight[:t]
         x = F.dropout(x, p=enc.dropout, training=self.training)
         bias = None
-        if valid is not None and bool((valid < t).any()):
+        if valid is not None:  # no data-dependent branch here, so torch.export / ONNX can trace it
             keys = torch.arange(t, device=x.device)[None, :] < valid.to(x.device)[:, None]  # [B, T]
             bias = torch.zeros(keys.shape, dtype=x.dtype, device=x.device).masked_fill(~keys, torch.finfo(x.dtype).min)
             bias = bias[:, None, None, :]  # [B, 1, 1, T] additive key-padding mask
