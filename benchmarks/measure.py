@@ -30,7 +30,7 @@ def best_time(fn: Callable[[], Any], reps: int = 5, warmup: int = 2) -> float:
 
 
 def _rows(split: str, n: int) -> list[dict[str, Any]]:
-    from recipes.tridigits import load_tridigits
+    from recipes.tridigits.dataset import load_tridigits
 
     ds = load_tridigits(split)
     return [ds[i] for i in range(min(n, len(ds)))]
@@ -42,10 +42,10 @@ def _raw(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _default_model(stage: str = "late", head: str = "concat") -> Any:
-    from recipes.config import FusionModelConfig
-    from recipes.model import FusionModel
-    from recipes.module import DEFAULT_ENCODERS
-    from recipes.tridigits import TRIDIGITS_LABELS
+    from recipes.task import DEFAULT_ENCODERS
+    from recipes.tridigits.dataset import TRIDIGITS_LABELS
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
 
     cfg = FusionModelConfig(encoders=dict(DEFAULT_ENCODERS), labels=tuple(TRIDIGITS_LABELS), fusion_head=head,
                             stage=stage)
@@ -55,7 +55,7 @@ def _default_model(stage: str = "late", head: str = "concat") -> Any:
 def inference_fusion() -> dict[str, Any]:
     """Image encoder throughput on CPU: eager vs BatchNorm-folded (and + channels_last, + torch.compile)."""
     from encoders import create_encoder
-    from recipes.inference import example_image_batch, fuse_for_inference
+    from zoo.optimize import example_image_batch, fuse_for_inference
 
     enc = create_encoder("efficientnet-lite0")
     batch = example_image_batch(enc, batch_size=8)
@@ -130,7 +130,7 @@ def head_step_share() -> dict[str, Any]:
 
 def pipeline_headroom() -> dict[str, Any]:
     """Samples/s of decode + preprocess (all three modalities) vs samples/s a training step consumes."""
-    from recipes.tridigits import load_tridigits
+    from recipes.tridigits.dataset import load_tridigits
 
     model = _default_model()
     ds = load_tridigits("train")
@@ -157,7 +157,7 @@ def sweep_cache_speedup(n: int = 256, batch: int = 16, heads: tuple[str, ...] = 
     from pathlib import Path
 
     from recipes.cache import FeatureCache
-    from recipes.tridigits import load_tridigits
+    from recipes.tridigits.dataset import load_tridigits
 
     rows = load_tridigits("train").select(range(n))
     labels = torch.tensor(rows["label"])
@@ -211,6 +211,6 @@ def sweep_cache_speedup(n: int = 256, batch: int = 16, heads: tuple[str, ...] = 
 
 
 def _head_only(model: Any, head: str) -> Any:
-    from recipes.model import FusionModel
+    from zoo.model import FusionModel
 
     return FusionModel(model.config.replace(fusion_head=head), embed_dims=model.embed_dims).train()

@@ -6,13 +6,9 @@ encoder family means adding one file with ``@register_encoder`` factories.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
-from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
-from ._registry import Registry
-from .errors import (
+from fusion_errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -21,6 +17,9 @@ from .errors import (
     MissingDependencyError,
     RegistryError,
 )
+
+from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
+from ._registry import Registry
 
 __all__ = [
     "MODALITIES",
@@ -41,19 +40,8 @@ __all__ = [
     "MissingDependencyError",
 ]
 
-_REGISTRY: Registry[Encoder] = Registry("encoder")
+_REGISTRY: Registry[Encoder] = Registry("encoder", package=__name__)
 register_encoder = _REGISTRY.register
-_loaded = False
-
-
-def _load_families() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name != "errors":
-            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def create_encoder(name: str, finetune: str = "frozen", last_n: int = 1, lora_r: int = 8, **kwargs: Any) -> Encoder:
@@ -66,7 +54,6 @@ def create_encoder(name: str, finetune: str = "frozen", last_n: int = 1, lora_r:
         lora_r: LoRA rank under ``lora``.
         **kwargs: the family's typed options (model name, image size, sample rate, ...).
     """
-    _load_families()
     encoder = _REGISTRY.create(name, **kwargs)
     encoder.spec = {"name": name, **kwargs}  # type: ignore[assignment]
     return encoder.set_finetune(finetune, last_n=last_n, lora_r=lora_r)
@@ -74,5 +61,4 @@ def create_encoder(name: str, finetune: str = "frozen", last_n: int = 1, lora_r:
 
 def list_encoders(pattern: str | None = None) -> list[str]:
     """Registered encoder names, optionally filtered by a shell pattern such as ``"*audio*"``."""
-    _load_families()
     return _REGISTRY.list(pattern)

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fusion_errors import ConfigError, InputError
+
 from ._contract import Preprocessor
-from .errors import ConfigError, InputError
 
 __all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "MAX_AMPLITUDE"]
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, InputError
+from fusion_errors import ConfigError, InputError
 
 __all__ = ["MODALITIES", "ModalityOutput", "Encoder", "Preprocessor", "FINETUNE_POLICIES"]
 
@@ -159,7 +159,7 @@ class Encoder(nn.Module):
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as e:  # pragma: no cover - peft is a dependency
-            from .errors import MissingDependencyError
+            from fusion_errors import MissingDependencyError
 
             raise MissingDependencyError("finetune='lora' needs peft: pip install peft") from e
         self.requires_grad_(False)

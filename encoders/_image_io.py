@@ -12,8 +12,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from fusion_errors import ConfigError, InputError
+
 from ._contract import Preprocessor
-from .errors import ConfigError, InputError
 
 __all__ = ["load_image", "ImagePreprocessor"]
 

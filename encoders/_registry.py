@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from .errors import RegistryError
+from fusion_errors import RegistryError
 
 T = TypeVar("T")
 
@@ -17,9 +19,22 @@ __all__ = ["Registry"]
 class Registry(Generic[T]):
     """Maps names to factories; a duplicate name is an error, not a warning."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, package: str | None = None) -> None:
+        """``package``: a package whose public modules (names not starting with ``_``) register entries; they are
+        imported on first lookup, so adding a component is adding one file."""
         self.kind = kind
+        self.package = package
+        self._discovered = package is None
         self._entries: dict[str, Callable[..., T]] = {}
+
+    def _discover(self) -> None:
+        if self._discovered or self.package is None:
+            return
+        self._discovered = True
+        pkg = importlib.import_module(self.package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{info.name}")
 
     def register(self, name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator that registers a factory (function or class) under ``name`` (default: its own name)."""
@@ -38,6 +53,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         """Return the factory registered as ``name``, or raise a RegistryError listing close names."""
+        self._discover()
         if name not in self._entries:
             close = difflib.get_close_matches(name, list(self._entries), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -52,8 +68,10 @@ class Registry(Generic[T]):
 
     def list(self, pattern: str | None = None) -> list[str]:
         """Sorted registered names, optionally filtered by a shell-style pattern (``"*lstm*"``)."""
+        self._discover()
         names = sorted(self._entries)
         return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
     def __contains__(self, name: object) -> bool:
+        self._discover()
         return name in self._entries

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, MissingDependencyError
+from fusion_errors import CheckpointError, MissingDependencyError
 
 __all__ = [
     "minilm_l6_path",

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusion_errors import ConfigError
+
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
-from .errors import ConfigError
 
 __all__ = ["HFAudioPreprocessor", "HFAudioEncoder"]
 

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from fusion_errors import ConfigError
+
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
-from .errors import ConfigError
 
 __all__ = ["MelCNNEncoder"]
 

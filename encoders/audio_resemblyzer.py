@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusion_errors import CheckpointError, ConfigError
+
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
 from ._weights import load_weights_file, resemblyzer_file
-from .errors import CheckpointError, ConfigError
 
 __all__ = ["ResemblyzerEncoder"]
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusion_errors import ConfigError, MissingDependencyError
+
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
-from .errors import ConfigError, MissingDependencyError
 
 __all__ = ["TorchaudioWav2Vec2Encoder"]
 

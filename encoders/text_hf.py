@@ -13,10 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fusion_errors import ConfigError, InputError
+
 from . import register_encoder
 from ._contract import Encoder, ModalityOutput, Preprocessor
 from ._weights import minilm_l6_path
-from .errors import ConfigError, InputError
 
 __all__ = ["TextPreprocessor", "HFTextEncoder", "check_texts"]
 

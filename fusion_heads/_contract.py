@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders import ModalityOutput
-from encoders.errors import ConfigError, InputError
+from fusion_errors import ConfigError, InputError
 
 __all__ = ["FusionOutput", "FusionHead"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders import ModalityOutput
-from encoders.errors import ConfigError
+from fusion_errors import ConfigError
 
 from . import register_fusion_head
 from ._contract import FusionHead, FusionOutput

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from encoders.errors import DataError
+from fusion_errors import DataError
 
 __all__ = ["load_source", "pick_splits", "infer_labels", "LabelEncoder", "is_missing", "resolve", "cell_problem",
            "IMAGE_EXTS", "AUDIO_EXTS"]
@@ -85,7 +85,7 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
     root = Path(data_dir).expanduser().resolve() if data_dir else None
     if data_files is None and root is None:
         if dataset == "tridigits":
-            from .tridigits import load_tridigits
+            from .tridigits.dataset import load_tridigits
 
             return load_tridigits(), None, "tridigits"
         local = Path(dataset).expanduser()

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from encoders import Encoder, ModalityOutput
-from encoders.errors import DataError, InputError
+from fusion_errors import DataError, InputError
 
 __all__ = ["FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 

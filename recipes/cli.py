@@ -21,16 +21,15 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from encoders.errors import FusionZooError
+from fusion_errors import FusionZooError
 
 from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
 from .metrics import format_table, write_metrics_json
-from .module import FusionTask
+from .recipe import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args
+from .task import FusionTask
 
 __all__ = ["main", "FusionCLI", "CONFIG_DIR", "resolve_config_args"]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 ZOO_COMMANDS = ("predict", "zoo", "export", "convert")
 _STAMP_ENV = "FUSION_ZOO_RUN_STAMP"  # shared with DDP child processes so every rank uses one run directory
@@ -63,26 +62,6 @@ def _version() -> str:
         return version("fusion-zoo")
     except PackageNotFoundError:
         return "unknown (not installed)"
-
-
-def resolve_config_args(argv: Sequence[str]) -> list[str]:
-    """Let ``--config NAME`` name a packaged recipe when no file ``NAME`` exists in the working directory."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg in ("-c", "--config") and i + 1 < len(out):
-            out[i + 1] = _resolve_config(out[i + 1])
-        elif arg.startswith("--config="):
-            out[i] = "--config=" + _resolve_config(arg.split("=", 1)[1])
-    return out
-
-
-def _resolve_config(value: str) -> str:
-    if Path(value).exists() or value.lstrip().startswith(("{", "[")):
-        return value
-    for candidate in (CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return value
 
 
 def _run_stamp(subcommand: str) -> str:
@@ -249,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(zoo_main(args) or 0)
     if command == "sweep":
-        from .sweep import main as sweep_main
+        from .sweep.run import main as sweep_main
 
         return int(sweep_main(args[1:]) or 0)
     print(f"fusion-zoo: unknown command {command!r}; choose one of "

@@ -1,4 +1,4 @@
-"""``FusionDataModule``: any Hugging Face ``datasets`` source as batches for a :class:`~recipes.model.FusionModel`.
+"""``FusionDataModule``: any Hugging Face ``datasets`` source as batches for a :class:`~zoo.model.FusionModel`.
 
 Batches are ``{"inputs": {modality: preprocessed tensors | cached ModalityOutput}, "labels": ..., "index": [B]}``.
 With frozen encoders the features are computed once per split and served from :class:`recipes.cache.FeatureCache`.
@@ -24,11 +24,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from encoders import MODALITIES, ModalityOutput, Preprocessor
-from encoders.errors import DataError, InputError
+from fusion_errors import DataError, InputError
 
 from ._columns import LabelEncoder, cell_problem, infer_labels, is_missing, load_source, pick_splits, resolve
 from .cache import FeatureCache, raw_view
-from .callbacks import ResumableDataLoader
+from .loader import ResumableDataLoader
 
 __all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from encoders import Registry
-from encoders.errors import RegistryError
+from fusion_errors import RegistryError
 
 
 def test_register_create_list_and_pattern() -> None:

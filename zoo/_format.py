@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from encoders.errors import CheckpointError
+from fusion_errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMAT",

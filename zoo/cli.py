@@ -1,4 +1,4 @@
-"""``fusion-zoo predict | zoo list | zoo info | export | convert`` (dispatched here by ``recipes.cli``)."""
+"""``fusion-zoo predict | zoo list | zoo info | export | convert | serve`` (dispatched here by ``recipes.cli``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from encoders.errors import FusionZooError, InputError
+from fusion_errors import FusionZooError, InputError
 
 __all__ = ["main", "build_parser"]
 
@@ -43,17 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="Lightning .ckpt -> model folder, or model folder -> .ckpt")
     c.add_argument("source", help="a .ckpt file or a model folder")
     c.add_argument("--output", required=True)
+
+    from .serve import add_arguments as add_serve_arguments  # no web imports until the command runs
+
+    add_serve_arguments(sub.add_parser("serve", help="serve a model over HTTP: API + web page (docs/serve.md)",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     return parser
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .hub import from_pretrained
-    from .predict import predict
+    from .model import FusionModel  # lazy: keeps `fusion-zoo --help` fast
 
     if not (args.text or args.image or args.audio):
         raise InputError("give at least one input: --text '...', --image PATH or --audio PATH.")
-    model = from_pretrained(args.model)
-    rows = predict(model, text=args.text, image=args.image, audio=args.audio)
+    model = FusionModel.from_pretrained(args.model)
+    rows = model.predict(text=args.text, image=args.image, audio=args.audio)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -105,10 +109,16 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one zoo command; a :class:`FusionZooError` prints one line to stderr and returns 2."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    handlers = {"predict": _predict, "zoo": _zoo, "export": _export, "convert": _convert}
+    handlers = {"predict": _predict, "zoo": _zoo, "export": _export, "convert": _convert, "serve": _serve}
     try:
         return handlers[args.command](args)
     except FusionZooError as e:

@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
-from encoders.errors import CheckpointError, ConfigError
+from fusion_errors import CheckpointError, ConfigError
 
-from .hub import from_pretrained, save_pretrained
+from .checkpoint import save_pretrained
+from .config import FusionModelConfig
+from .model import FusionModel
 
 __all__ = ["convert_checkpoint", "to_lightning_checkpoint", "convert"]
 
@@ -22,9 +24,6 @@ def convert_checkpoint(ckpt_path: str | Path, out_dir: str | Path, **card: Any) 
     The checkpoint is read with ``torch.load(weights_only=True)``, so no pickled code runs. ``card`` goes to
     :func:`zoo.hub.save_pretrained` (metrics, recipe_command, dataset, notes).
     """
-    from recipes.config import FusionModelConfig
-    from recipes.model import FusionModel
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; look under <run_dir>/checkpoints/.")
@@ -58,7 +57,7 @@ def to_lightning_checkpoint(folder: str | Path, out_ckpt: str | Path) -> Path:
     loads for fine-tuning: the full ``model.``-prefixed state dict and ``hyper_parameters`` with ``config``."""
     import pytorch_lightning as pl
 
-    model = from_pretrained(folder)
+    model = FusionModel.from_pretrained(folder)
     out = Path(out_ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {

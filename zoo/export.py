@@ -11,16 +11,16 @@ import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from encoders.errors import ConfigError, FusionZooError, InputError, MissingDependencyError
+from fusion_errors import ConfigError, FusionZooError, InputError, MissingDependencyError
 
-if TYPE_CHECKING:
-    from recipes.model import FusionModel
+from .model import FusionModel
+from .predict import as_items
 
 __all__ = ["ExportError", "FlatFusion", "default_example", "export", "verify_export", "sidecar_path"]
 
@@ -69,8 +69,6 @@ def _flatten(model: FusionModel, example: dict[str, Any] | None) -> tuple[list[t
     if all(isinstance(v, dict) for v in raw.values()):
         batch = raw  # already preprocessed
     else:
-        from .predict import as_items
-
         batch = model.preprocess(**{m: as_items(m, v) for m, v in raw.items()})
     names = [(m, k) for m in sorted(batch) for k in sorted(batch[m]) if isinstance(batch[m][k], Tensor)]
     if not names:
@@ -111,9 +109,7 @@ def sidecar_path(out_path: str | Path) -> Path:
 
 def _load(model_or_name: FusionModel | str | Path) -> FusionModel:
     if isinstance(model_or_name, (str, Path)):
-        from .hub import from_pretrained
-
-        return from_pretrained(model_or_name)
+        return FusionModel.from_pretrained(model_or_name)
     return model_or_name
 
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from encoders.errors import InputError
+from fusion_errors import InputError
 
-if TYPE_CHECKING:
-    from recipes.model import FusionModel
+from .config import FusionModelConfig
 
-__all__ = ["predict", "as_items", "load_image", "load_audio"]
+__all__ = ["as_items", "decode", "explain", "describe", "check_samples", "load_image", "load_audio"]
 
 _AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 
@@ -81,7 +79,7 @@ def as_items(modality: str, value: Any) -> list[Any] | None:
     return items
 
 
-def _describe(item: Any) -> str:
+def describe(item: Any) -> str:
     if item is None:
         return "missing"
     if isinstance(item, str):
@@ -91,7 +89,7 @@ def _describe(item: Any) -> str:
     return type(item).__name__
 
 
-def _explain(aux: dict[str, Tensor], modalities: list[str], i: int, b: int) -> dict[str, Any]:
+def explain(aux: dict[str, Tensor], modalities: list[str], i: int, b: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in aux.items():
         if key.endswith("_loss") or not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] != b:
@@ -104,8 +102,8 @@ def _explain(aux: dict[str, Tensor], modalities: list[str], i: int, b: int) -> d
     return out
 
 
-def _decode(model: FusionModel, logits: Tensor) -> list[dict[str, Any]]:
-    cfg = model.config
+def decode(cfg: FusionModelConfig, logits: Tensor) -> list[dict[str, Any]]:
+    """[B, C] logits -> one result dict per sample (label + probs, labels + probs, or values by task)."""
     labels = list(cfg.labels)
     if cfg.task == "regression":
         return [{"values": dict(zip(labels, map(float, row), strict=True))} for row in logits.float().cpu()]
@@ -118,28 +116,13 @@ def _decode(model: FusionModel, logits: Tensor) -> list[dict[str, Any]]:
             for row in probs]
 
 
-@torch.no_grad()
-def predict(model: FusionModel, text: Any = None, image: Any = None, audio: Any = None, *,
-            batch_size: int = 32) -> list[dict[str, Any]]:
-    """Predict from raw inputs of any subset of the model's modalities (at least one).
-
-    Args:
-        model: a fused model (put in eval mode).
-        text: a string or a list of strings (None items = missing).
-        image: a path, PIL image or [H, W, C] array, or a list of them.
-        audio: a path, a [N] waveform or a ``(waveform, sample_rate)`` tuple, or a list of them.
-        batch_size: samples per forward pass.
-
-    Returns:
-        One dict per sample: ``label`` + ``probs`` (multiclass), ``labels`` + ``probs`` (multilabel) or
-        ``values`` (regression), plus ``explain`` with the head's gates / routing when it exposes them.
-    """
-    raw = {m: as_items(m, v) for m, v in (("audio", audio), ("image", image), ("text", text)) if v is not None}
+def check_samples(raw: dict[str, list[Any] | None], modalities: list[str]) -> int:
+    """Validate a predict call's inputs (known modalities, equal counts, no all-missing sample); return the count."""
     if not raw:
-        raise InputError(f"every modality is missing: give at least one of {model.modalities} (e.g. text='...').")
-    unknown = sorted(set(raw) - set(model.modalities))
+        raise InputError(f"every modality is missing: give at least one of {modalities} (e.g. text='...').")
+    unknown = sorted(set(raw) - set(modalities))
     if unknown:
-        raise InputError(f"this model takes {model.modalities}, not {unknown}; drop those inputs.")
+        raise InputError(f"this model takes {modalities}, not {unknown}; drop those inputs.")
     sizes = {m: len(v) for m, v in raw.items() if v is not None}
     if len(set(sizes.values())) != 1:
         raise InputError(f"inputs have different numbers of samples {sizes}; give each the same count "
@@ -148,24 +131,4 @@ def predict(model: FusionModel, text: Any = None, image: Any = None, audio: Any 
     for i in range(n):
         if all(v[i] is None for v in raw.values() if v is not None):
             raise InputError(f"sample {i} has every modality missing; give at least one input for it.")
-    model.eval()
-    results: list[dict[str, Any]] = []
-    for start in range(0, n, batch_size):
-        chunk = {m: v[start:start + batch_size] for m, v in raw.items() if v is not None}
-        batch = model.preprocess(**chunk)
-        device = next(model.parameters()).device
-        batch = {m: {k: t.to(device) if isinstance(t, Tensor) else t for k, t in b.items()} for m, b in batch.items()}
-        out = model(batch)
-        bad = ~torch.isfinite(out.logits).all(dim=-1)  # [B]
-        if bad.any():
-            i = start + int(bad.nonzero()[0])
-            given = {m: _describe(v[i - start]) for m, v in chunk.items()}
-            raise InputError(f"the model produced NaN/inf for sample {i} (inputs {given}); check that input "
-                             "(empty audio, blank text?) and the model weights.")
-        rows = _decode(model, out.logits)
-        for j, row in enumerate(rows):
-            explain = _explain(out.aux, model.modalities, j, out.logits.shape[0])
-            if explain:
-                row["explain"] = explain
-        results.extend(rows)
-    return results
+    return n

@@ -9,14 +9,11 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from encoders.errors import RegistryError
+from fusion_errors import RegistryError
 
-if TYPE_CHECKING:
-    from recipes.model import FusionModel
-
-__all__ = ["PRETRAINED_DIR", "list_pretrained", "load", "info", "register_pretrained", "source_of"]
+__all__ = ["PRETRAINED_DIR", "list_pretrained", "info", "register_pretrained", "source_of"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -63,13 +60,6 @@ def register_pretrained(name: str, source: str | Path, **meta: Any) -> None:
     if not text.startswith("hf-hub:") and not Path(text).expanduser().is_dir():
         raise RegistryError(f"source {text!r} for {name!r} is neither 'hf-hub:org/name' nor an existing folder.")
     _REGISTERED[name] = {"source": text, **meta}
-
-
-def load(name: str, **kwargs: Any) -> FusionModel:
-    """Load the pretrained model ``name`` (keyword arguments go to :func:`zoo.hub.from_pretrained`)."""
-    from .hub import from_pretrained
-
-    return from_pretrained(source_of(name), **kwargs)
 
 
 def info(name: str) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from PIL import Image
 import encoders
 from encoders._audio_io import AudioPreprocessor, load_audio
 from encoders._image_io import ImagePreprocessor, load_image
-from encoders.errors import ConfigError, InputError
 from encoders.text_hf import check_texts
+from fusion_errors import ConfigError, InputError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

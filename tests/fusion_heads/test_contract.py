@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from encoders import ModalityOutput
-from encoders.errors import InputError
+from fusion_errors import InputError
 from fusion_heads import FusionHead, FusionOutput, create_fusion_head, list_fusion_heads
 
 DIMS = {"audio": 5, "image": 7, "text": 6}  # different widths per modality on purpose

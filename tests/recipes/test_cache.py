@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from encoders import Encoder, ModalityOutput, Preprocessor
-from encoders.errors import DataError, InputError
+from fusion_errors import DataError, InputError
 from recipes.cache import FeatureCache
 
 TEXTS = ["a b c", "dd", None, "e f g h i", "j", "k l"]

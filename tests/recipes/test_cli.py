@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from recipes import cli
-from recipes.model import FusionModel
-from recipes.module import FusionTask
+from recipes.task import FusionTask
+from zoo.model import FusionModel
 
 ROOT = Path(__file__).resolve().parents[2]
 TOYS = Path(__file__).with_name("test_module.py")  # fake encoders and the toy data module
@@ -155,12 +155,12 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 
 def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
-    import recipes.sweep
+    import recipes.sweep.run
     import zoo.cli
 
     seen = []
     monkeypatch.setattr(zoo.cli, "main", lambda argv: seen.append(("zoo", argv)) or 0)
-    monkeypatch.setattr(recipes.sweep, "main", lambda argv: seen.append(("sweep", argv)) or 3)
+    monkeypatch.setattr(recipes.sweep.run, "main", lambda argv: seen.append(("sweep", argv)) or 3)
     assert cli.main(["export", "runs/x/model", "--format", "onnx"]) == 0
     assert cli.main(["sweep", "--heads", "concat"]) == 3
     assert seen == [("zoo", ["export", "runs/x/model", "--format", "onnx"]), ("sweep", ["--heads", "concat"])]
@@ -168,7 +168,7 @@ def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
 
 def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):
     """`fusion-zoo fit --init-from RUN/model --model.fusion_head gating`: encoders and late heads keep their weights."""
-    from recipes.model import FusionModel
+    from zoo.model import FusionModel
 
     monkeypatch.chdir(tmp_path)
     tiny = '{"image": "tiny-image", "text": "tiny-text"}'

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from encoders.errors import ConfigError
-from recipes.config import FORMAT_VERSION, EncoderSpec, FusionModelConfig
+from fusion_errors import ConfigError
+from zoo.config import FORMAT_VERSION, EncoderSpec, FusionModelConfig
 
 
 def make(**kw: object) -> FusionModelConfig:

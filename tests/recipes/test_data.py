@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from encoders import ModalityOutput
-from encoders.errors import DataError
+from fusion_errors import DataError
 from recipes.cache import FeatureCache
-from recipes.config import FusionModelConfig
 from recipes.data import FusionDataModule
-from recipes.model import FusionModel
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
 LABELS = ("bird", "cat", "dog")
 N = 12

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from encoders import create_encoder
-from encoders.errors import InputError
-from recipes.inference import count_batchnorms, example_image_batch, find_foldable_pairs, fuse_for_inference
+from fusion_errors import InputError
+from zoo.optimize import count_batchnorms, example_image_batch, find_foldable_pairs, fuse_for_inference
 
 
 def _randomise_norms(model: nn.Module) -> None:
@@ -73,8 +73,8 @@ def test_conv_feeding_two_readers_is_not_folded() -> None:
 
 
 def test_fusion_model_fuses_its_image_encoder() -> None:
-    from recipes.config import FusionModelConfig
-    from recipes.model import FusionModel
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
 
     cfg = FusionModelConfig(encoders={"image": "tiny-image"}, labels=("a", "b"), hidden_dim=16)
     model = FusionModel(cfg).eval()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from encoders import ModalityOutput
-from encoders.errors import InputError
-from recipes.config import FusionModelConfig
-from recipes.model import FusionModel
+from fusion_errors import InputError
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
 DIMS = {"audio": 6, "image": 5, "text": 4}
 

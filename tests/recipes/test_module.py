@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from encoders import Encoder, ModalityOutput, Preprocessor, list_encoders, register_encoder
-from encoders.errors import CheckpointError, ConfigError, FusionZooError
-from recipes.module import FusionTask, warmup_cosine
+from fusion_errors import CheckpointError, ConfigError, FusionZooError
+from recipes.task import FusionTask, warmup_cosine
 
 LABELS = ["a", "b", "c"]
 FAKES = {"audio": "fake-audio", "image": "fake-image", "text": "fake-text"}

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from encoders import ModalityOutput
-from recipes.config import FusionModelConfig
-from recipes.model import FusionModel
-from recipes.robustness import (
+from recipes.sweep.robustness import (
     add_feature_noise,
     drop_tokens,
     evaluate_features,
     modality_subsets,
     robustness_report,
 )
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
 DIMS = {"audio": 6, "image": 8, "text": 5}
 

@@ -7,8 +7,8 @@ import torch
 
 from encoders import ModalityOutput
 from fusion_heads import list_fusion_heads
-from recipes.config import FusionModelConfig
-from recipes.model import FusionModel
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
 DIM, TOKENS = 8, 3
 

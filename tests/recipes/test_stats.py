@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from encoders.errors import InputError
-from recipes.stats import format_mean_ci, paired_ttest, summarize, t_interval
+from fusion_errors import InputError
+from recipes.sweep.stats import format_mean_ci, paired_ttest, summarize, t_interval
 
 T_975_2 = 4.302652729749464  # Student t quantile 0.975 with 2 degrees of freedom
 

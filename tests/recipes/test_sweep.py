@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from encoders import ModalityOutput
-from encoders.errors import ConfigError
-from recipes import sweep as sweep_mod
-from recipes.sweep import FeatureSet, SweepSettings, parse_args, read_cells, run_sweep
-from recipes.sweep_train import SplitFeatures
+from fusion_errors import ConfigError
+from recipes.sweep import run as sweep_mod
+from recipes.sweep.run import FeatureSet, SweepSettings, parse_args, read_cells, run_sweep
+from recipes.sweep.train import SplitFeatures
 
 DIMS = {"audio": 6, "image": 8, "text": 5}
 
@@ -159,7 +159,7 @@ def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
 
 
 def test_token_caps_and_pooled_view() -> None:
-    from recipes.sweep_features import cap_tokens, pooled_view
+    from recipes.sweep.features import cap_tokens, pooled_view
 
     n = 3
     img = ModalityOutput(torch.arange(n * 49 * 2, dtype=torch.float).reshape(n, 49, 2),

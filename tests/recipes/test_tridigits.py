@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from encoders.errors import DataError
-from recipes.tridigits import DATA_DIR, SPLITS, TRIDIGITS_LABELS, describe, load_tridigits
+from fusion_errors import DataError
+from recipes.tridigits.dataset import DATA_DIR, SPLITS, TRIDIGITS_LABELS, describe, load_tridigits
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_checksum_mismatch_raises_naming_file(tmp_path):
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(DataError, match="validation.parquet.*build_tridigits"):
+    with pytest.raises(DataError, match="validation.parquet.*tridigits.build"):
         load_tridigits("validation", data_dir=tmp_path)
     load_tridigits("train", data_dir=tmp_path)  # untouched splits still load
 

@@ -23,10 +23,10 @@ import encoders
 from encoders import ModalityOutput
 from encoders._audio_io import load_audio
 from encoders._image_io import load_image
-from encoders.errors import FusionZooError, InputError
+from fusion_errors import FusionZooError, InputError
 from fusion_heads import create_fusion_head, list_fusion_heads
-from recipes.config import FusionModelConfig
-from recipes.model import FusionModel
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
 HYPO = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -357,7 +357,7 @@ def test_cli_bad_flags_and_config_files_exit_2(toy_cli: Callable[..., int], caps
 
 
 def test_nan_predictions_in_evaluation_stop_with_a_clear_error() -> None:
-    from recipes.module import FusionTask
+    from recipes.task import FusionTask
 
     task = FusionTask(encoders={"image": "tiny-image", "text": "tiny-text"}, labels=["a", "b"], hidden_dim=16)
     with torch.no_grad():

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from recipes import callbacks
-from recipes.callbacks import AtomicCheckpointIO, EpochSampler, ResumableDataLoader
+from recipes.callbacks import AtomicCheckpointIO
+from recipes.loader import EpochSampler, ResumableDataLoader
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = Path(__file__).with_name("toy_fit.py")

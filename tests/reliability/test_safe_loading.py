@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from encoders.errors import CheckpointError, ConfigError
-from recipes.config import FusionModelConfig
+from fusion_errors import CheckpointError, ConfigError
+from zoo.config import FusionModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("encoders", "fusion_heads", "recipes", "zoo", "benchmarks")
@@ -48,7 +48,7 @@ def test_the_checker_catches_an_unsafe_call() -> None:
 
 
 def test_fused_weights_are_read_with_safetensors_only() -> None:
-    hub = (ROOT / "zoo/hub.py").read_text()
+    hub = (ROOT / "zoo/checkpoint.py").read_text()
     assert "safetensors" in hub and "load_file" in hub
     assert not _calls(ast.parse(hub), "torch", "load")
 
@@ -56,7 +56,7 @@ def test_fused_weights_are_read_with_safetensors_only() -> None:
 def test_a_pickle_ckpt_with_code_is_refused(tmp_path: Path) -> None:
     import pickle
 
-    from recipes.module import FusionTask
+    from recipes.task import FusionTask
 
     class Evil:
         def __reduce__(self):

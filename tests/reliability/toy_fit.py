@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from encoders import Encoder, ModalityOutput, Preprocessor, list_encoders, register_encoder  # noqa: E402
 from recipes import cli  # noqa: E402
-from recipes.callbacks import ResumableDataLoader  # noqa: E402
+from recipes.loader import ResumableDataLoader  # noqa: E402
 
 LABELS = ["a", "b", "c"]
 ENCODERS = {"image": "rel-fake-image", "text": "rel-fake-text"}

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from encoders import Encoder, ModalityOutput, Preprocessor, register_encoder
-from recipes.config import FusionModelConfig
-from recipes.model import FusionModel
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
 LABELS = ("a", "b", "c")
 FAKE = {"audio": "zoo-fake-audio", "image": "zoo-fake-image", "text": "zoo-fake-text"}

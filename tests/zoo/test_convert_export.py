@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoders.errors import CheckpointError
+from fusion_errors import CheckpointError
 from zoo.convert import convert, convert_checkpoint
 from zoo.export import export, sidecar_path, verify_export
 from zoo.hub import from_pretrained, save_pretrained
 
 
 def test_ckpt_folder_ckpt_round_trip(make_model, raw, tmp_path: Path) -> None:
-    from recipes.module import FusionTask
+    from recipes.task import FusionTask
 
     model = make_model(stage="hybrid", finetune={"text": "full"})
     ckpt = {"state_dict": {"model." + k: v for k, v in model.state_dict().items()},

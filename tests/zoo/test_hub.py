@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import zoo._format as fmt
-from encoders.errors import CheckpointError, ConfigError, MissingDependencyError, RegistryError
+from fusion_errors import CheckpointError, ConfigError, MissingDependencyError, RegistryError
 from zoo.hub import from_pretrained, read_config, save_pretrained
 
 
@@ -135,7 +135,7 @@ def test_missing_encoder_package(make_model, tmp_path: Path, monkeypatch: pytest
     def no_package(name: str, **kwargs: object) -> None:
         raise ModuleNotFoundError("No module named 'resemblyzer'", name="resemblyzer")
 
-    monkeypatch.setattr("zoo.hub.create_encoder", no_package)
+    monkeypatch.setattr("zoo.checkpoint.create_encoder", no_package)
     with pytest.raises(MissingDependencyError, match="audio encoder 'zoo-fake-audio'.*pip install resemblyzer"):
         from_pretrained(path)
 
@@ -158,7 +158,7 @@ def test_interrupted_save_keeps_previous(make_model, raw, tmp_path: Path, monkey
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("zoo.hub.render_card", boom)  # fails after model.safetensors is written
+    monkeypatch.setattr("zoo.checkpoint.render_card", boom)  # fails after model.safetensors is written
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(make_model(stage="early"), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp folder left behind
@@ -189,9 +189,9 @@ def test_swap_head_on_loaded_model_keeps_encoders(make_model, tmp_path: Path) ->
 def test_registry_tiny_encoders_round_trip(tmp_path: Path) -> None:
     """The library's own tiny encoders (random init, frozen) are stored in full and reload exactly."""
     from encoders import list_encoders
-    from recipes.config import FusionModelConfig
-    from recipes.model import FusionModel
+    from zoo.config import FusionModelConfig
     from zoo.export import default_example
+    from zoo.model import FusionModel
 
     names = {"audio": "mel-cnn", "image": "tiny-image", "text": "tiny-text"}
     if not set(names.values()) <= set(list_encoders()):

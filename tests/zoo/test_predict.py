@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from encoders.errors import InputError
-from zoo.predict import predict
+from fusion_errors import InputError
+from zoo import predict
 
 
 @pytest.mark.parametrize("subset", [("text",), ("image", "audio"), ("audio", "image", "text")])

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoders.errors import RegistryError
+import zoo
+from fusion_errors import RegistryError
 from zoo import registry
 from zoo.cli import main
 from zoo.hub import save_pretrained
@@ -32,10 +33,10 @@ def test_list_info_load_register(zoo_dir: Path, make_model, tmp_path: Path) -> N
     data = registry.info("toy-late-gating")
     assert data["metrics"]["test"]["fused"]["accuracy"] == 0.75
     assert "fusion-zoo fit --model.fusion_head gating" in data["card"]
-    model = registry.load("toy-late-gating")
+    model = zoo.load("toy-late-gating")
     assert model.config.fusion_head == "gating"
     with pytest.raises(RegistryError, match="unknown pretrained model 'toy-late-gatin'.*Did you mean"):
-        registry.load("toy-late-gatin")
+        zoo.load("toy-late-gatin")
     registry.register_pretrained("remote-one", "hf-hub:org/remote-one", description="online only")
     assert "remote-one" in registry.list_pretrained()
     assert registry.info("remote-one") == {"name": "remote-one", "source": "hf-hub:org/remote-one",
@@ -86,7 +87,7 @@ def test_cli_errors_one_line_exit_2(zoo_dir: Path, argv: list[str], capsys: pyte
 
 
 def test_push_to_hub_validates_repo_id(zoo_dir: Path) -> None:
-    from encoders.errors import CheckpointError
+    from fusion_errors import CheckpointError
     from zoo.hub import push_to_hub
 
     for bad in ("no-slash", "a/b/c", "/name"):

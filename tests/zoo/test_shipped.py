@@ -16,19 +16,19 @@ BATCH = 64
 
 
 def _test_split() -> tuple[dict[str, list[object]], list[str]]:
-    from zoo.build_pretrained import raw_split
+    from recipes.build_pretrained import raw_split
 
     try:
         return raw_split("test")
-    except Exception as e:  # the dataset is built by recipes.build_tridigits
+    except Exception as e:  # the dataset is built by recipes.tridigits.build
         pytest.skip(f"the default dataset is not available ({type(e).__name__}: {e})")
 
 
-@pytest.mark.skipif(not SHIPPED, reason="no models shipped yet under zoo/pretrained/ (python -m zoo.build_pretrained)")
+@pytest.mark.skipif(not SHIPPED, reason="no models shipped under zoo/pretrained/ (python -m recipes.build_pretrained)")
 @pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_model_matches_card(folder: Path) -> None:
+    from zoo import predict
     from zoo.hub import from_pretrained
-    from zoo.predict import predict
 
     doc = json.loads((folder / "config.json").read_text())
     reported = doc["metrics"]["test"]["fused"]["accuracy"]

@@ -1,4 +1,4 @@
-"""Regenerate every shipped zoo model: ``python -m zoo.build_pretrained [--only NAME ...] [--epochs N]``.
+"""Regenerate every shipped zoo model: ``python -m recipes.build_pretrained [--only NAME ...] [--epochs N]``.
 
 Each entry of :data:`GRID` is trained with the recipes (``fusion-zoo fit`` on the default dataset with the
 frozen offline encoders), its run's saved model folder is copied to ``zoo/pretrained/<name>/``, and the copy
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .registry import PRETRAINED_DIR
+from zoo.registry import PRETRAINED_DIR
 
 __all__ = ["GRID", "model_name", "build_one", "raw_split", "raw_accuracy", "main"]
 
@@ -41,7 +41,7 @@ def raw_split(split: str = "test", limit: int | None = None) -> tuple[dict[str, 
     """Raw inputs (strings, PIL images, ``(waveform, rate)``) and label names of a tridigits split."""
     import soundfile as sf
 
-    from recipes.tridigits import load_tridigits
+    from recipes.tridigits.dataset import load_tridigits
 
     ds = load_tridigits(split)
     if limit is not None:
@@ -57,7 +57,7 @@ def raw_split(split: str = "test", limit: int | None = None) -> tuple[dict[str, 
 
 def raw_accuracy(model: Any, split: str = "test", limit: int | None = None, batch_size: int = 64) -> float:
     """Accuracy of ``model`` on a tridigits split, fed raw inputs through :func:`zoo.predict.predict`."""
-    from .predict import predict
+    from zoo.predict import predict
 
     raw, labels = raw_split(split, limit)
     raw = {m: v for m, v in raw.items() if m in model.modalities}
@@ -75,8 +75,7 @@ def card_accuracy(folder: Path, split: str = "test") -> float | None:
 def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = PRETRAINED_DIR) -> dict[str, Any]:
     """Train one (stage, head) with the recipes, ship its model folder, re-check its test accuracy."""
     from recipes.cli import main as recipes_main
-
-    from .hub import from_pretrained
+    from zoo.hub import from_pretrained
 
     name = model_name(stage, head)
     run_dir = RUNS_DIR / name
@@ -111,7 +110,7 @@ def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the grid (or ``--only`` names); print one JSON line per model; exit 1 if any failed."""
-    parser = argparse.ArgumentParser(prog="python -m zoo.build_pretrained", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recipes.build_pretrained", description=__doc__)
     parser.add_argument("--only", nargs="*", help="model names to build (default: the whole grid)")
     parser.add_argument("--epochs", type=int, help="override trainer.max_epochs")
     parser.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="where the model folders go")

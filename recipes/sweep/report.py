@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from . import plots
+from recipes import plots
+
 from .stats import format_mean_ci, paired_ttest, summarize
 
 __all__ = ["cell_row", "write_results"]

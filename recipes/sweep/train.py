@@ -1,7 +1,7 @@
 """Train and evaluate one sweep cell: a head-only fused model on cached encoder features.
 
 The encoders never run here: every cell reads the same cached ``ModalityOutput`` tensors, so a cell costs only
-the head side (projections, fusion head, trunk, classifier). Training reuses :class:`recipes.module.FusionTask`
+the head side (projections, fusion head, trunk, classifier). Training reuses :class:`recipes.task.FusionTask`
 (losses, metrics, optimiser, schedule) through :class:`CachedFeatureTask`.
 """
 
@@ -19,10 +19,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from encoders import ModalityOutput
+from recipes.task import FusionTask
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
 
-from .config import FusionModelConfig
-from .model import FusionModel
-from .module import FusionTask
 from .robustness import robustness_report
 
 __all__ = ["SplitFeatures", "CachedFeatureTask", "feature_loader", "train_cell", "gate_matrix"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +25,19 @@ from torch.utils.data import DataLoader
 
 from encoders import Encoder, ModalityOutput, create_encoder
 
-from .sweep_train import SplitFeatures
+from .train import SplitFeatures
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of the train and test splits for one stage family (pooled-only or with tokens)."""
+
+    train: SplitFeatures
+    test: SplitFeatures
+    labels: list[str]
+    task: str
+    info: dict[str, Any] = field(default_factory=dict)
+    encoders: dict[str, Any] = field(default_factory=dict)  # modality -> the encoder spec behind the features
 
 __all__ = ["cached_features", "cap_tokens", "pooled_view", "collect", "CappedEncoder", "IMAGE_GRID",
            "AUDIO_STRIDE"]
@@ -71,9 +84,8 @@ class CappedEncoder(Encoder):
         self._hash = inner.weights_hash()
         fused = inner.modality == "image"
         if fused:
-            from encoders.errors import InputError
-
-            from .inference import fuse_for_inference
+            from fusion_errors import InputError
+            from zoo.optimize import fuse_for_inference
 
             try:
                 inner = fuse_for_inference(inner)
@@ -125,11 +137,10 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
 
     Encoders are the recipe's ``model.encoders`` (default: the offline trio), always frozen here.
     """
-    from .config import FusionModelConfig
-    from .data import FusionDataModule
-    from .model import FusionModel
-    from .module import DEFAULT_ENCODERS
-    from .sweep import FeatureSet
+    from recipes.data import FusionDataModule
+    from recipes.task import DEFAULT_ENCODERS
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
 
     start = time.perf_counter()
     specs = dict(settings.model.get("encoders") or DEFAULT_ENCODERS)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 from encoders import FINETUNE_POLICIES, MODALITIES
-from encoders.errors import ConfigError
+from fusion_errors import ConfigError
 
 __all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS"]
 
@@ -100,7 +100,7 @@ class EncoderSpec:
 
 @dataclass(frozen=True)
 class FusionModelConfig:
-    """Everything needed to rebuild a :class:`recipes.model.FusionModel`.
+    """Everything needed to rebuild a :class:`zoo.model.FusionModel`.
 
     Attributes:
         encoders: modality ("text" | "image" | "audio") -> encoder spec.

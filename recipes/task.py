@@ -1,4 +1,4 @@
-"""``FusionTask``: the LightningModule that trains and evaluates a :class:`~recipes.model.FusionModel`.
+"""``FusionTask``: the LightningModule that trains and evaluates a :class:`~zoo.model.FusionModel`.
 
 Every ``__init__`` argument is a plain typed value, so ``LightningCLI`` exposes it as a flag
 (``--model.fusion_head gating --model.stage early``) and the saved ``.ckpt`` is self-describing:
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.errors import CheckpointError, ConfigError, FusionZooError
+from fusion_errors import CheckpointError, ConfigError, FusionZooError
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel, FusionModelOutput
 
-from .config import FusionModelConfig
 from .metrics import SplitMetrics
-from .model import FusionModel, FusionModelOutput
 
 __all__ = ["FusionTask", "DEFAULT_ENCODERS"]
 

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 
 from encoders import ModalityOutput
-from encoders.errors import InputError
-
-from .metrics import task_metrics
+from fusion_errors import InputError
+from recipes.metrics import task_metrics
 
 __all__ = ["modality_subsets", "add_feature_noise", "drop_tokens", "evaluate_features", "robustness_report",
            "primary_metric", "DEFAULT_NOISE", "DEFAULT_TOKEN_DROP"]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from encoders import Encoder
-from encoders.errors import InputError
+from fusion_errors import InputError
 
 __all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms"]
 

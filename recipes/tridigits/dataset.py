@@ -3,7 +3,7 @@
 Each row holds a degraded 32x32 grayscale digit (``image``), the digit spoken by espeak-ng with background noise
 (``audio``: 16 kHz mono FLAC bytes, decode with ``soundfile``), a text clue that narrows it to 2..5 digits
 (``text``) and the digit itself (``label``). No modality alone is enough; together they are. The files ship in
-``recipes/data/tridigits/`` and load offline; ``python -m recipes.build_tridigits`` rebuilds them.
+``recipes/tridigits/data/`` and load offline; ``python -m recipes.tridigits.build`` rebuilds them.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from typing import Any
 
 import datasets
 
-from encoders.errors import DataError
+from fusion_errors import DataError
 
 __all__ = [
     "TRIDIGITS_LABELS", "FEATURES", "DATA_DIR", "SPLITS", "MODALITIES_ENCODERS",
     "load_tridigits", "describe", "write_manifest",
 ]  # fmt: skip
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "tridigits"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("train", "validation", "test")
 TRIDIGITS_LABELS = [str(d) for d in range(10)]
 MODALITIES_ENCODERS = {"audio": "resemblyzer-lstm", "image": "efficientnet-lite0", "text": "minilm-l6"}  # defaults
 MANIFEST = "manifest.json"
-REBUILD = "rebuild it with `apt install espeak-ng` then `python -m recipes.build_tridigits`"
+REBUILD = "rebuild it with `apt install espeak-ng` then `python -m recipes.tridigits.build`"
 FEATURES = datasets.Features(
     {
         "sample_id": datasets.Value("int32"),

@@ -1,6 +1,6 @@
 """``fusion-zoo sweep``: a grid of fusion heads × stages × seeds on cached encoder features, resumable.
 
-Encoder features are computed once through the feature cache (recipes/sweep_features.py); every cell trains only
+Encoder features are computed once through the feature cache (recipes/sweep/features.py); every cell trains only
 the head side. Each finished cell is appended to ``<output-dir>/cells.jsonl`` as one JSON line; a rerun skips the
 cells already there (same settings) and finishes only the missing ones. See docs/sweeps.md.
 """
@@ -20,13 +20,14 @@ from typing import Any
 import torch
 import yaml
 
-from encoders.errors import ConfigError
+from fusion_errors import ConfigError
+from recipes.recipe import load_recipe
+from zoo.config import FusionModelConfig
 
-from .config import FusionModelConfig
+from .features import FeatureSet, pooled_view
+from .report import fmt_seconds, write_results
 from .robustness import DEFAULT_NOISE, DEFAULT_TOKEN_DROP, primary_metric
-from .sweep_features import pooled_view
-from .sweep_report import fmt_seconds, write_results
-from .sweep_train import SplitFeatures, train_cell
+from .train import train_cell
 
 __all__ = ["SweepSettings", "FeatureSet", "run_sweep", "parse_args", "main", "DEFAULT_HEADS", "DEFAULT_STAGES"]
 
@@ -59,18 +60,6 @@ class SweepSettings:
         """Hash of what changes a cell's result (not the grid axes or the output folder)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("heads", "stages", "seeds", "output_dir")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass
-class FeatureSet:
-    """Cached features of the train and test splits for one stage family (pooled-only or with tokens)."""
-
-    train: SplitFeatures
-    test: SplitFeatures
-    labels: list[str]
-    task: str
-    info: dict[str, Any] = field(default_factory=dict)
-    encoders: dict[str, Any] = field(default_factory=dict)  # modality -> the encoder spec behind the features
 
 
 FeatureProvider = Callable[[SweepSettings, bool], FeatureSet]  # (settings, need_tokens) -> features
@@ -142,7 +131,7 @@ def run_sweep(
         raise ConfigError(f"--stages must be a non-empty subset of {DEFAULT_STAGES} (got {bad or 'none'}), "
                           "and --heads/--seeds non-empty.")
     if features is None:
-        from .sweep_features import cached_features
+        from .features import cached_features
 
         features = cached_features
     out = Path(settings.output_dir)
@@ -212,17 +201,6 @@ def _csv_list(text: str, cast: type = str) -> list[Any]:
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
-def _load_recipe(path: str | None) -> dict[str, Any]:
-    from .cli import DEFAULT_CONFIG, _resolve_config
-
-    file = Path(_resolve_config(path)) if path else DEFAULT_CONFIG
-    if not file.is_file():
-        raise ConfigError(f"--config {path!r}: no such recipe file; give a YAML path or a name in recipes/configs/.")
-    data = yaml.safe_load(file.read_text()) or {}
-    return {"model": dict(data.get("model") or {}), "data": dict(data.get("data") or {}),
-            "trainer": dict(data.get("trainer") or {})}
-
-
 def _apply_overrides(recipe: dict[str, Any], extra: Sequence[str]) -> None:
     """``--model.X V``, ``--model.X=V``, ``--data.X V``: values parsed as YAML (``0.1``, ``{a: 1}``, ``null``)."""
     i = 0
@@ -260,7 +238,7 @@ def parse_args(argv: Sequence[str]) -> SweepSettings:
     p.add_argument("--noise", default=",".join(map(str, DEFAULT_NOISE)), help="image/audio feature noise levels")
     p.add_argument("--token-drop", default=",".join(map(str, DEFAULT_TOKEN_DROP)), help="text token drop rates")
     args, extra = p.parse_known_args(list(argv))
-    recipe = _load_recipe(args.config)
+    recipe = load_recipe(args.config)
     _apply_overrides(recipe, extra)
     return SweepSettings(
         heads=_csv_list(args.heads), stages=_csv_list(args.stages), seeds=_csv_list(args.seeds, int),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from scipy import stats as _st
 
-from encoders.errors import InputError
+from fusion_errors import InputError
 
 __all__ = ["Summary", "PairedTest", "summarize", "t_interval", "paired_ttest", "format_mean_ci"]
 

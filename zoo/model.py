@@ -15,9 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from encoders import Encoder, ModalityOutput, create_encoder
-from encoders.errors import ConfigError, InputError
+from fusion_errors import ConfigError, InputError
 from fusion_heads import FusionHead, create_fusion_head
 
+from . import predict as _predict
+from .checkpoint import load_checkpoint, save_pretrained
 from .config import FusionModelConfig
 
 __all__ = ["FusionModel", "FusionModelOutput"]
@@ -284,29 +286,59 @@ class FusionModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, **raw: Any) -> list[dict[str, Any]]:
-        """Predict from raw inputs (``text=[...]``, ``image=[...]``, ``audio=[...]``; any subset).
+    def predict(self, text: Any = None, image: Any = None, audio: Any = None, *,
+                batch_size: int = 32, **unknown: Any) -> list[dict[str, Any]]:
+        """Predict from raw inputs of any subset of the model's modalities (at least one).
 
-        Returns one dict per sample: ``label`` and ``probs`` (label -> probability) for classification,
-        ``values`` (target -> value) for regression.
+        Args:
+            text: a string or a list of strings (None items = missing).
+            image: a path, PIL image or [H, W, C] array, or a list of them.
+            audio: a path, a [N] waveform or a ``(waveform, sample_rate)`` tuple, or a list of them.
+            batch_size: samples per forward pass.
+
+        Returns:
+            One dict per sample: ``label`` + ``probs`` (multiclass), ``labels`` + ``probs`` (multilabel) or
+            ``values`` (regression), plus ``explain`` with the head's gates / routing when it exposes them.
         """
-        from zoo.predict import predict
-
-        unknown = sorted(set(raw) - {"text", "image", "audio", "batch_size"})
         if unknown:
-            raise InputError(f"predict() takes text=, image=, audio= (and batch_size=), not {unknown}; "
+            raise InputError(f"predict() takes text=, image=, audio= (and batch_size=), not {sorted(unknown)}; "
                              f"this model's modalities are {self.modalities}.")
-        return predict(self, **raw)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r} must be a positive integer, e.g. batch_size=32.")
+        raw = {m: _predict.as_items(m, v) for m, v in (("audio", audio), ("image", image), ("text", text))
+               if v is not None}
+        n = _predict.check_samples(raw, self.modalities)
+        self.eval()
+        device = next(self.parameters()).device
+        results: list[dict[str, Any]] = []
+        for start in range(0, n, batch_size):
+            chunk = {m: v[start:start + batch_size] for m, v in raw.items() if v is not None}
+            batch = self.preprocess(**chunk)
+            batch = {m: {k: t.to(device) if isinstance(t, Tensor) else t for k, t in b.items()}
+                     for m, b in batch.items()}
+            out = self(batch)
+            bad = ~torch.isfinite(out.logits).all(dim=-1)  # [B]
+            if bad.any():
+                i = start + int(bad.nonzero()[0])
+                given = {m: _predict.describe(v[i - start]) for m, v in chunk.items()}
+                raise InputError(f"the model produced NaN/inf for sample {i} (inputs {given}); check that input "
+                                 "(empty audio, blank text?) and the model weights.")
+            rows = _predict.decode(self.config, out.logits)
+            for j, row in enumerate(rows):
+                explain = _predict.explain(out.aux, self.modalities, j, out.logits.shape[0])
+                if explain:
+                    row["explain"] = explain
+            results.extend(rows)
+        return results
 
     def save_pretrained(self, path: str | Path, **card: Any) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``path`` atomically."""
-        from zoo.hub import save_pretrained
-
         return save_pretrained(self, path, **card)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> FusionModel:
-        """Load from a local folder, a zoo name (``zoo.list_pretrained()``) or ``hf-hub:org/name``."""
-        from zoo.hub import from_pretrained
+        """Load from a local folder, a zoo name (``zoo.list_pretrained()``) or ``hf-hub:org/name`` (eval mode).
 
-        return from_pretrained(name_or_path, **kwargs)
+        Keyword arguments: ``map_location``, ``strict``, ``check_hashes`` (see ``zoo.checkpoint.load_checkpoint``).
+        """
+        return load_checkpoint(cls, name_or_path, **kwargs)

@@ -1,8 +1,8 @@
 """Builds the bundled ``tridigits`` dataset: degraded handwritten digit + spoken digit + ambiguous text clue.
 
-Run ``python -m recipes.build_tridigits`` (needs ``apt install espeak-ng`` and scikit-learn) to rewrite
-``recipes/data/tridigits/`` and its manifest; ``--evaluate`` re-measures the frozen-encoder probe accuracies
-(see ``recipes/tridigits_probe.py``). Everything is seeded; rebuilding with one espeak-ng version is byte-identical.
+Run ``python -m recipes.tridigits.build`` (needs ``apt install espeak-ng`` and scikit-learn) to rewrite
+``recipes/tridigits/data/`` and its manifest; ``--evaluate`` re-measures the frozen-encoder probe accuracies
+(see ``recipes/tridigits/probe.py``). Everything is seeded; rebuilding with one espeak-ng version is byte-identical.
 See ``docs/dataset.md`` for the design and the measured numbers.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.errors import MissingDependencyError
-from recipes.tridigits import DATA_DIR, SPLITS, write_manifest
+from fusion_errors import MissingDependencyError
+from recipes.tridigits.dataset import DATA_DIR, SPLITS, write_manifest
 
 SEED = 20240611
 RATE = 16000
@@ -182,7 +182,7 @@ def write_dataset(out_dir: Path = DATA_DIR, seed: int = SEED) -> dict[str, int]:
     """Builds every split, writes ``<split>.parquet`` + ``manifest.json`` into ``out_dir`` → rows per split."""
     import datasets
 
-    from recipes.tridigits import FEATURES
+    from recipes.tridigits.dataset import FEATURES
 
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -196,14 +196,14 @@ def write_dataset(out_dir: Path = DATA_DIR, seed: int = SEED) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the dataset, or ``--evaluate`` the frozen-encoder probes on the shipped files."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.build_tridigits", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recipes.tridigits.build", description=__doc__)
     parser.add_argument("--out", type=Path, default=DATA_DIR, help="output folder (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--evaluate", action="store_true", help="measure single-modality and fused probes")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "tridigits_embeddings")
     args = parser.parse_args(argv)
     if args.evaluate:
-        from recipes.tridigits_probe import evaluate
+        from recipes.tridigits.probe import evaluate
 
         for name, acc in evaluate(args.out, args.cache).items():
             print(f"{name:>20s}: {acc:.4f}")

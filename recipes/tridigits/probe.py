@@ -3,7 +3,7 @@
 The pooled embeddings of the project's offline default encoders (``minilm-l6``, ``efficientnet-lite0``,
 ``resemblyzer-lstm``) are cached as ``.npy`` files; a standardised logistic regression is fit on ``train`` and
 scored on ``test``, once per modality and once on the concatenation of all three (late-fusion upper baseline).
-Needs scikit-learn (a dev dependency). Run it with ``python -m recipes.build_tridigits --evaluate``.
+Needs scikit-learn (a dev dependency). Run it with ``python -m recipes.tridigits.build --evaluate``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.tridigits import DATA_DIR, MODALITIES_ENCODERS, load_tridigits
+from recipes.tridigits.dataset import DATA_DIR, MODALITIES_ENCODERS, load_tridigits
 
 __all__ = ["embed_split", "evaluate"]
 

@@ -1,0 +1,1 @@
+"""tridigits: the bundled tri-modal demo dataset (loader, builder, probe)."""
