@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from encoders._atomic import atomic_write
 from fusion_errors import FusionZooError
 
 from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
@@ -31,7 +32,7 @@ from .task import FusionTask
 __all__ = ["main", "FusionCLI", "CONFIG_DIR", "resolve_config_args"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-ZOO_COMMANDS = ("predict", "zoo", "export", "convert")
+ZOO_COMMANDS = ("predict", "zoo", "export", "convert", "serve")
 _STAMP_ENV = "FUSION_ZOO_RUN_STAMP"  # shared with DDP child processes so every rank uses one run directory
 
 USAGE = """usage: fusion-zoo <command> [options]
@@ -45,6 +46,7 @@ commands:
   zoo        list and describe the pretrained fused models
   export     export a fused model (ONNX, TorchScript)
   convert    convert a Lightning .ckpt into a fused model folder
+  serve      serve a model over HTTP: API + web page (docs/serve.md)
   sweep      run a grid of recipes and collect their metrics
 
 options:
@@ -94,6 +96,7 @@ class FusionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
+        parser.link_arguments("data.modalities", "model.modalities", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/fused/accuracy", "checkpoint.mode": "max", "checkpoint.save_last": True,
@@ -169,9 +172,8 @@ class FusionCLI(LightningCLI):
         libraries = {**library_versions(), "pytorch-lightning": pytorch_lightning.__version__,
                      "numpy": numpy.__version__}
         doc = {"seed": seed, "command": self.recipe_command, "libraries": libraries}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
 
     def _save_model(self, path: Path, metrics: dict[str, Any]) -> None:
         from zoo.hub import save_pretrained

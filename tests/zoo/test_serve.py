@@ -396,12 +396,15 @@ def test_shutdown_finishes_the_request_in_flight(model: Any) -> None:
 
 # the command ---------------------------------------------------------------------------------------
 def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
-    from zoo.cli import main
+    from recipes.cli import main  # `fusion-zoo serve` is dispatched to zoo.cli
 
     assert main(["serve", "--model", "tridigits-late-gating", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size 0" in capsys.readouterr().err
     assert main(["serve", "--model", "no-such-model-xyz"]) == 2
     assert "no-such-model-xyz" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0 and "--max-wait-ms" in capsys.readouterr().out
 
 
 def _free_port() -> int:

@@ -16,14 +16,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusion_errors import ConfigError, MissingDependencyError
+from fusion_errors import ConfigError, FusionZooError, MissingDependencyError
 
 from .inputs import Limits
 
 if TYPE_CHECKING:
     from .app import ServeConfig
 
-__all__ = ["serve", "create_app", "ServeConfig", "Limits", "add_arguments", "config_from_args", "require_web_stack"]
+__all__ = ["serve", "create_app", "ServeConfig", "Limits", "add_arguments", "config_from_args", "require_web_stack",
+           "optimize_for_serving"]
 
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
@@ -72,8 +73,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def optimize_for_serving(model: Any) -> Any:
+    """Fold the image encoder's BatchNorms into its convolutions, channels-last (``zoo.optimize``), in place.
+
+    Outputs match the unfused model within 1e-4 (checked on an example); a model whose norms cannot be folded
+    is served as it is, with a warning. Large batches of a folded channels-last EfficientNet run about as fast
+    per image as small ones, which an unfolded one does not, so this is what lets batching pay on images.
+    """
+    from ..optimize import fuse_for_inference
+
+    try:
+        return fuse_for_inference(model, inplace=True)
+    except FusionZooError as e:
+        print(f"fusion-zoo serve: warning: serving the model unfused ({e})", file=sys.stderr)
+        return model
+
+
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          online: bool = False, threads: int | None = None, log_level: str = "info") -> None:
+          online: bool = False, threads: int | None = None, log_level: str = "info", fuse: bool = True) -> None:
     """Load ``model`` (zoo name, folder or ``hf-hub:org/name``) and serve it until SIGINT/SIGTERM.
 
     Args:
@@ -84,6 +101,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: Serv
         online: allow downloads from the Hugging Face Hub (``hf-hub:`` models, encoder weights).
         threads: torch intra-op threads of the forward pass (default: torch's).
         log_level: uvicorn's log level.
+        fuse: fold BatchNorms for inference first (:func:`optimize_for_serving`).
     """
     require_web_stack()
     import uvicorn
@@ -103,6 +121,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: Serv
         print(f"fusion-zoo serve: warning: binding {host}: anyone who can reach this machine can use the model "
               "(there is no authentication); put it behind a proxy that has.", file=sys.stderr)
     loaded = from_pretrained(model)
+    if fuse:
+        loaded = optimize_for_serving(loaded)
     name = Path(model).name if Path(model).expanduser().is_dir() else model
     app = create_app(loaded, name=name, source=_source_folder(model), config=cfg)
     print(f"fusion-zoo serve: {name} on http://{host}:{port}/ (API: /predict, schema: /openapi.json; "
@@ -128,6 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
     p.add_argument("--max-batch-items", type=int, default=d.max_batch_items, help="samples per /predict/batch")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the forward pass")
+    p.add_argument("--no-fuse", action="store_true", help="serve without folding BatchNorms (zoo.optimize)")
     p.add_argument("--swagger-ui", action="store_true", help="serve /docs (Swagger UI loads its JS from a CDN)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -159,5 +180,5 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 def main(args: argparse.Namespace) -> int:
     """Run ``fusion-zoo serve`` from parsed arguments (called by ``zoo.cli``)."""
     serve(args.model, host=args.host, port=args.port, config=config_from_args(args), online=args.online,
-          threads=args.threads, log_level=args.log_level)
+          threads=args.threads, log_level=args.log_level, fuse=not args.no_fuse)
     return 0

@@ -22,7 +22,6 @@ function showError(message) {
 
 function fmt(x) {
   if (typeof x !== "number") return String(x);
-  if (Number.isInteger(x)) return String(x);
   return Math.abs(x) >= 1000 || (x !== 0 && Math.abs(x) < 0.001) ? x.toExponential(2) : x.toFixed(3);
 }
 
@@ -166,7 +165,7 @@ function metricsTable(metrics) {
   const cols = [...new Set(rows.flatMap(([, , v]) => Object.keys(v)))].sort();
   const head = el("tr", {}, [el("th", { text: "split" }), el("th", { text: "inputs" }), ...cols.map((c) => el("th", { text: c }))]);
   const body = rows.map(([s, g, v]) => el("tr", {}, [el("td", { text: s }), el("td", { text: g }),
-    ...cols.map((c) => el("td", { text: c in v ? fmt(v[c]) : "" }))]));
+    ...cols.map((c) => el("td", { text: !(c in v) ? "" : (Number.isInteger(v[c]) && Math.abs(v[c]) > 1 ? String(v[c]) : fmt(v[c])) }))]));
   return el("table", { id: "metrics-table" }, [el("thead", {}, [head]), el("tbody", {}, body)]);
 }
 
