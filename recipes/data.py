@@ -45,12 +45,20 @@ def _cell(modality: str, v: Any, base: Path | None) -> Any:
     return str(v) if modality == "text" else resolve(v, base)
 
 
-def _stamp(v: Any) -> str:
-    """Path, size and modification time of a file a cell points to ('' for in-line data)."""
-    path = v if isinstance(v, str) else v.get("path") if isinstance(v, dict) and not v.get("bytes") else None
-    if not path or not Path(path).is_file():
+def _stamp(v: Any, modality: str = "image") -> str:
+    """Path, size and modification time of a file an image/audio cell points to ('' for text and in-line data).
+
+    Text is never probed as a path: a long review would make ``stat`` fail with "File name too long".
+    """
+    if modality == "text":
         return ""
-    st = Path(path).stat()
+    path = v if isinstance(v, str) else v.get("path") if isinstance(v, dict) and not v.get("bytes") else None
+    try:
+        if not path or not Path(path).is_file():
+            return ""
+        st = Path(path).stat()
+    except (OSError, ValueError):  # a name too long or with NUL bytes is no file: cell_problem names it
+        return ""
     return f"{path}:{st.st_size}:{st.st_mtime_ns};"
 
 
@@ -272,7 +280,7 @@ class FusionDataModule(pl.LightningDataModule):
                     problem = cell_problem(m, v)
                     if problem:
                         problems.setdefault(start + j, []).append(f"column {c!r}: {problem}")
-                    digests[m].update(_stamp(v).encode())
+                    digests[m].update(_stamp(v, m).encode())
         bad = sorted(problems)
         if bad and self.on_bad_rows == "raise":
             shown = "\n  ".join(f"row {ids[i]}: {'; '.join(problems[i])}" for i in bad[:BAD_ROWS_SHOWN])
