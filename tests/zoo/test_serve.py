@@ -317,7 +317,7 @@ def _slow(model: Any, seconds: float) -> Callable[[list[dict[str, Any]]], list[d
 
 
 def test_full_queue_answers_503_with_retry_after(model: Any) -> None:
-    cfg = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    cfg = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=2, limits=Limits(max_batch_items=2))
     app = create_app(model, config=cfg, predict_batch=_slow(model, 0.3))
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
         with ThreadPoolExecutor(10) as pool:
@@ -394,6 +394,36 @@ def test_shutdown_finishes_the_request_in_flight(model: Any) -> None:
             c.get("/health")  # the listener is closed: no new requests once shutdown began
 
 
+def test_closing_the_batcher_runs_the_queued_samples_then_refuses_new_ones() -> None:
+    import asyncio
+
+    from zoo.serve.batching import DynamicBatcher, Overloaded
+
+    calls: list[list[int]] = []
+
+    def double(samples: list[int]) -> list[int]:
+        calls.append(list(samples))
+        time.sleep(0.1)
+        return [2 * s for s in samples]
+
+    async def scenario() -> tuple[list[list[int]], str]:
+        b = DynamicBatcher(double, max_batch_size=2, max_wait_s=0.0, max_queue=10)
+        b.start()
+        waiting = [asyncio.ensure_future(b.submit([i])) for i in range(5)]
+        await asyncio.sleep(0.02)  # the first batch runs, the rest queue
+        closed = asyncio.ensure_future(asyncio.to_thread(b.close, 10.0))
+        results = await asyncio.gather(*waiting)
+        assert await closed
+        with pytest.raises(Overloaded) as refused:
+            await b.submit([9])
+        return results, str(refused.value)
+
+    results, refused = asyncio.run(scenario())
+    assert results == [[0], [2], [4], [6], [8]]
+    assert sorted(x for c in calls for x in c) == [0, 1, 2, 3, 4] and max(map(len, calls)) == 2
+    assert "shutting down" in refused
+
+
 # the command ---------------------------------------------------------------------------------------
 def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
     from recipes.cli import main  # `fusion-zoo serve` is dispatched to zoo.cli
@@ -402,6 +432,8 @@ def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixtur
     assert "--max-batch-size 0" in capsys.readouterr().err
     assert main(["serve", "--model", "no-such-model-xyz"]) == 2
     assert "no-such-model-xyz" in capsys.readouterr().err
+    assert main(["serve", "--model", "tridigits-late-gating", "--max-queue", "8"]) == 2
+    assert "max_batch_items=64 > max_queue=8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
     assert e.value.code == 0 and "--max-wait-ms" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fusion_errors import FusionZooError, InputError
+from fusion_errors import ConfigError, FusionZooError, InputError
 
 from .batching import DynamicBatcher, Overloaded
 from .inputs import (
@@ -58,6 +58,11 @@ class ServeConfig:
     request_timeout_s: float = 30.0  # --timeout: queue wait + forward pass, then 504
     limits: Limits = field(default_factory=Limits)
     swagger_ui: bool = False  # --swagger-ui: /docs loads Swagger UI's JS from a CDN, so it is off by default
+
+    def __post_init__(self) -> None:
+        if self.limits.max_batch_items > self.max_queue:
+            raise ConfigError(f"max_batch_items={self.limits.max_batch_items} > max_queue={self.max_queue}: such a "
+                              "batch could never be queued; lower --max-batch-items or raise --max-queue.")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,29 +321,21 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
     async def model_info() -> dict[str, Any]:
         return summary
 
-    @app.post("/predict", summary="predict one sample from any subset of text, image and audio",
-              response_model=Prediction, response_model_exclude_none=True, responses=_ERRORS,
-              openapi_extra=_body_schema(PredictJSON, form=True))
-    async def predict(request: Request) -> Any:
-        kind, body = await body_of(request)
+    # bodies are read, parsed and decoded by at most this many requests at once: memory stays bounded by
+    # slots x max_request_bytes (unread bodies wait in the socket, uvicorn applies back-pressure)
+    slots = asyncio.Semaphore(max(2, 2 * cfg.max_batch_size))
+
+    def one_sample(kind: str, content_type: str, body: bytes) -> dict[str, Any]:
         raw: dict[str, bytes | str]
         if kind == "multipart/form-data":
-            raw = parse_multipart(body, request.headers["content-type"])
+            raw = parse_multipart(body, content_type)
         elif kind == "application/json":
             raw = parse_json_sample(parse_json(body))
         else:
             raw = parse_urlencoded(body)
-        sample = await run_in_threadpool(decode_sample, raw, model.modalities, limits)
-        return (await run([sample]))[0]
+        return decode_sample(raw, model.modalities, limits)
 
-    @app.post("/predict/batch", summary="predict several samples (JSON, image/audio as base64)",
-              response_model=BatchPrediction, response_model_exclude_none=True, responses=_ERRORS,
-              openapi_extra=_body_schema(BatchJSON, form=False))
-    async def predict_batch_(request: Request) -> Any:
-        kind, body = await body_of(request)
-        if kind != "application/json":
-            raise _Unsupported("POST /predict/batch takes application/json {\"items\": [{\"text\": ..., \"image\": "
-                               "<base64>, \"audio\": <base64>}, ...]}; for one sample use POST /predict.")
+    def many_samples(body: bytes) -> list[dict[str, Any]]:
         doc = parse_json(body)
         items = doc.get("items") if isinstance(doc, dict) else None
         if not isinstance(items, list) or not items or set(doc) != {"items"}:
@@ -348,8 +345,30 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
             raise LimitError(f"the batch has {len(items)} items; the limit is {limits.max_batch_items} "
                              "(max_batch_items, --max-batch-items); split it into several requests.")
         raws = [parse_json_sample(x, f"items[{i}]") for i, x in enumerate(items)]
-        samples = await run_in_threadpool(
-            lambda: [decode_sample(r, model.modalities, limits, f"items[{i}]") for i, r in enumerate(raws)])
+        return [decode_sample(r, model.modalities, limits, f"items[{i}]") for i, r in enumerate(raws)]
+
+    @app.post("/predict", summary="predict one sample from any subset of text, image and audio",
+              response_model=Prediction, response_model_exclude_none=True, responses=_ERRORS,
+              openapi_extra=_body_schema(PredictJSON, form=True))
+    async def predict(request: Request) -> Any:
+        async with slots:
+            kind, body = await body_of(request)
+            sample = await run_in_threadpool(one_sample, kind, request.headers["content-type"], body)
+            del body
+        return (await run([sample]))[0]
+
+    @app.post("/predict/batch", summary="predict several samples (JSON, image/audio as base64)",
+              response_model=BatchPrediction, response_model_exclude_none=True, responses=_ERRORS,
+              openapi_extra=_body_schema(BatchJSON, form=False))
+    async def predict_batch_(request: Request) -> Any:
+        async with slots:
+            kind, body = await body_of(request)
+            if kind != "application/json":
+                raise _Unsupported("POST /predict/batch takes application/json {\"items\": [{\"text\": ..., "
+                                   "\"image\": <base64>, \"audio\": <base64>}, ...]}; for one sample use "
+                                   "POST /predict.")
+            samples = await run_in_threadpool(many_samples, body)
+            del body
         return {"predictions": await run(samples)}
 
     return app
