@@ -104,6 +104,8 @@ class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.finetune: str = "full"
+        #: False for randomly initialised encoders (trained from scratch, at the heads' learning rate)
+        self.pretrained: bool = True
 
     def encode(self, batch: dict[str, Tensor]) -> ModalityOutput:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from fusion_errors import ConfigError
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
+from ._stft import real_mel_spectrogram
 
 __all__ = ["MelCNNEncoder"]
 
@@ -53,6 +54,8 @@ class MelCNNEncoder(Encoder):
         super().__init__()
         import torchaudio
 
+        self.pretrained = False  # random init: trained at the heads' learning rate
+
         if not channels or embed_dim % num_heads:
             raise ConfigError(f"need >= 1 conv channel and embed_dim={embed_dim} divisible by num_heads={num_heads}.")
         self.embed_dim = int(embed_dim)
@@ -75,7 +78,7 @@ class MelCNNEncoder(Encoder):
         wav = batch["waveform"].to(device)  # [B, N]
         lengths = batch["lengths"].to(device)  # [B]
         present = batch.get("present", lengths > 0).to(device)
-        logmel = (self.mel(wav) + 1e-6).log()  # [B, M, F]
+        logmel = (real_mel_spectrogram(self.mel, wav) + 1e-6).log()  # [B, M, F] (real-valued: exports to ONNX)
         n = lengths // self.hop + 1  # valid frames
         mask = frame_mask(n, logmel.shape[-1], present)  # [B, F]
         w = mask[:, None, :].to(logmel.dtype)  # [B, 1, F]
@@ -103,7 +106,7 @@ class MelCNNEncoder(Encoder):
         return ["linear1", "linear2"] if len(self.layers) else []
 
 
-@register_encoder("mel-cnn")
+@register_encoder("mel-cnn", finetune="full")
 def mel_cnn(
     sample_rate: int = 16000,
     n_mels: int = 64,
@@ -113,7 +116,8 @@ def mel_cnn(
     num_heads: int = 4,
     max_seconds: float = 10.0,
 ) -> MelCNNEncoder:
-    """A log-mel CNN trained from scratch (random init; no pretrained weights).
+    """A log-mel CNN trained from scratch (random init; no pretrained weights), so trainable by default
+    (``finetune: full``); frozen it would give random features.
 
     Args:
         sample_rate: input rate in Hz (other rates are resampled by the preprocessor).

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +30,7 @@ from torch import Tensor, nn
 from fusion_errors import CheckpointError, ConfigError
 
 from . import register_encoder
+from ._atomic import atomic_write
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
 from ._weights import weights_cache_dir, whisper_base_parts
@@ -277,15 +275,8 @@ def load_whisper_base_state() -> tuple[dict[str, Tensor], dict[str, int]]:
             pass
     model = read_ct2_model(parts, select=lambda n: n.startswith("encoder/"), source="whisper-base model.bin")
     state, config = convert_ct2_whisper_encoder(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # a plain cache file, like the ones pip writes
-        save_file(state, tmp, metadata={"format": CACHE_FORMAT, "sha256": digest, "config": json.dumps(config)})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": CACHE_FORMAT, "sha256": digest, "config": json.dumps(config)})
     return state, config
 
 
@@ -315,6 +306,7 @@ def whisper_base(
         state, sizes = None, {"d_model": 512, "num_mel_bins": 80, "encoder_layers": 6, "encoder_attention_heads": 8,
                               "encoder_ffn_dim": 2048, "max_source_positions": 1500}
     encoder = WhisperSpeechEncoder(_whisper_config(**sizes), max_seconds=max_seconds, context=context)
+    encoder.pretrained = pretrained
     if state is not None:
         own = encoder.encoder.state_dict()
         bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]

@@ -123,7 +123,9 @@ def build_timm(
         crop_pct=float(cfg.get("crop_pct", 0.875)),
         interpolation=interp if interp in ("bicubic", "bilinear", "nearest") else "bicubic",
     )
-    return TimmImageEncoder(model, pre)
+    encoder = TimmImageEncoder(model, pre)
+    encoder.pretrained = pretrained or checkpoint_path is not None
+    return encoder
 
 
 @register_encoder("timm-image")

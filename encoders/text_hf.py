@@ -78,7 +78,10 @@ class TextPreprocessor(Preprocessor):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            try:  # never the model folder's own code, never a prompt (issue 14)
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, trust_remote_code=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot load the tokenizer {self.tokenizer_name!r}: {e}") from e
         return self._tokenizer
 
     def __getstate__(self) -> dict[str, Any]:
@@ -138,14 +141,27 @@ class HFTextEncoder(Encoder):
         return []
 
     def trainable_blocks(self) -> list[nn.Module]:
-        """Embeddings, then each transformer layer, then any final norm/pooler."""
+        """Embeddings, then each transformer layer (the last one with any final norm after it).
+
+        ``last_n`` counts transformer layers. The pooler (BERT's dense + tanh over the first token) is left out:
+        ``mean`` and ``cls`` pooling read ``last_hidden_state``, so it never gets a gradient.
+        """
         layers = self._layers()
         if not layers:
             return [self.model]
         emb = self.model.get_input_embeddings()
         embeddings = getattr(self.model, "embeddings", emb)
-        tail = [m for n, m in self.model.named_children() if n in ("pooler", "final_layer_norm", "norm", "ln_f")]
-        return [embeddings, *layers, *tail]
+        norms = [m for n, m in self.model.named_children() if n in ("final_layer_norm", "norm", "ln_f")]
+        last = nn.ModuleList([layers[-1], *norms]) if norms else layers[-1]  # a group, not attached to self
+        return [embeddings, *layers[:-1], last]
+
+    def set_finetune(self, policy: str, last_n: int = 1, lora_r: int = 8) -> HFTextEncoder:
+        """As :meth:`Encoder.set_finetune`; the unused pooler never trains (it would only waste optimizer state)."""
+        super().set_finetune(policy, last_n=last_n, lora_r=lora_r)
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+        return self
 
     def lora_target_modules(self) -> list[str]:
         names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
@@ -175,15 +191,25 @@ def _load_text(model_name: str, pooling: str, max_length: int, pretrained: bool)
     from transformers import AutoConfig, AutoModel
 
     try:
+        # trust_remote_code=False: a folder or hub repo with ``auto_map`` custom code is refused, never run or
+        # prompted for (checkpoints are untrusted input; issue 14)
         if pretrained:
-            model = AutoModel.from_pretrained(model_name)
+            model = AutoModel.from_pretrained(model_name, trust_remote_code=False)
         else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(model_name))
+            model = AutoModel.from_config(AutoConfig.from_pretrained(model_name, trust_remote_code=False),
+                                          trust_remote_code=False)
     except OSError as e:
         raise ConfigError(
             f"cannot load text model {model_name!r}: {e}. Offline? Use 'minilm-l6' or a local folder."
         ) from e
-    return HFTextEncoder(model, TextPreprocessor(model_name, max_length), pooling)
+    except ValueError as e:
+        raise ConfigError(
+            f"cannot load text model {model_name!r}: {str(e).splitlines()[0]} fusion-zoo never runs a model's own "
+            "code (trust_remote_code=False); use a model that transformers supports natively."
+        ) from e
+    encoder = HFTextEncoder(model, TextPreprocessor(model_name, max_length), pooling)
+    encoder.pretrained = pretrained
+    return encoder
 
 
 @register_encoder("minilm-l6")

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from encoders import FINETUNE_POLICIES, MODALITIES
+from encoders import FINETUNE_POLICIES, MODALITIES, default_finetune
 from fusion_errors import ConfigError
 
 __all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS"]
@@ -75,15 +75,21 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """One modality's encoder: a registered name, its options and its fine-tuning policy."""
+    """One modality's encoder: a registered name, its options and its fine-tuning policy.
+
+    ``finetune`` left out (None) takes the encoder's default (``encoders.default_finetune``): ``frozen`` for
+    pretrained encoders, ``full`` for ones trained from scratch (``mel-cnn``); the resolved value is stored.
+    """
 
     name: str
-    finetune: Literal["frozen", "full", "last_n", "lora"] = "frozen"
+    finetune: Literal["frozen", "full", "last_n", "lora"] | None = None
     last_n: int = 1
     lora_r: int = 8
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.finetune is None:
+            object.__setattr__(self, "finetune", default_finetune(self.name))
         if self.finetune not in FINETUNE_POLICIES:
             raise ConfigError(f"finetune={self.finetune!r} is not one of {FINETUNE_POLICIES}.")
 

@@ -73,7 +73,8 @@ def test_encoder_contract(name: str) -> None:
     # full: gradients reach parameters
     enc.train()
     enc.zero_grad()
-    enc(batch).pooled.square().sum().backward()
+    pooled = enc(batch).pooled  # a random projection: the squared norm is constant for L2-normalised encoders
+    (pooled * torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
     grads = [p.grad for p in enc.parameters() if p.requires_grad]
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -93,10 +94,23 @@ def test_encoder_contract(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["tiny-text", "tiny-wav2vec2", "tiny-torchaudio-wav2vec2"])
 def test_lora_trains_only_adapters(name: str) -> None:
+    torch.manual_seed(0)
+    base = encoders.create_encoder(name, finetune="frozen").eval()
+    torch.manual_seed(0)  # the same random base weights; LoRA is injected after them
     enc = encoders.create_encoder(name, finetune="lora", lora_r=4)
-    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    enc(enc.preprocessor(_raw(enc.modality))).pooled.sum().backward()
+    batch = enc.preprocessor(_raw(enc.modality))
+    enc.eval()
+    pooled = enc(batch).pooled
+    # LoRA starts as the identity (B = 0): the adapted encoder gives the base encoder's features
+    torch.testing.assert_close(pooled, base(batch).pooled, rtol=0, atol=1e-5)
+    (pooled * torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    grads = {n: p.grad for n, p in enc.named_parameters()}
+    # every B matrix gets a gradient (A's is zero at init, since it flows through B = 0); the base gets none
+    b_grads = [g for n, g in grads.items() if "lora_B" in n]
+    assert b_grads and all(g is not None and g.abs().sum() > 0 for g in b_grads)
+    assert all(g is None for n, g in grads.items() if n not in trainable)
 
 
 def test_hf_audio_spectrogram_models(tmp_path) -> None:
