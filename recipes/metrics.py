@@ -18,6 +18,8 @@ import torchmetrics
 from torch import Tensor, nn
 from torchmetrics import classification as tmc
 
+from encoders._atomic import atomic_write
+
 __all__ = ["SplitMetrics", "task_metrics", "format_table", "write_metrics_json", "TABLE_ROWS"]
 
 TABLE_ROWS = ("fused", "text", "image", "audio")
@@ -134,8 +136,6 @@ def write_metrics_json(path: str | Path, metrics: Mapping[str, Any]) -> Path:
         return obj
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(metrics), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(clean(metrics), indent=2, sort_keys=True) + "\n")
     return path

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from encoders._atomic import atomic_write
 from fusion_errors import CheckpointError, ConfigError
 
 from .checkpoint import save_pretrained
@@ -59,7 +60,6 @@ def to_lightning_checkpoint(folder: str | Path, out_ckpt: str | Path) -> Path:
 
     model = FusionModel.from_pretrained(folder)
     out = Path(out_ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "state_dict": {PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         "hyper_parameters": {"config": model.config.to_dict(), "labels": list(model.config.labels)},
@@ -67,9 +67,8 @@ def to_lightning_checkpoint(folder: str | Path, out_ckpt: str | Path) -> Path:
         "epoch": 0,
         "global_step": 0,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(out)
+    with atomic_write(out) as tmp:
+        torch.save(ckpt, tmp)
     return out
 
 

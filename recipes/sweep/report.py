@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from encoders._atomic import atomic_write
 from recipes import plots
 
 from .stats import format_mean_ci, paired_ttest, summarize
@@ -44,9 +45,8 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _by_seed(rows: Sequence[Mapping[str, Any]], head: str, stage: str, column: str) -> dict[int, float]:
