@@ -49,7 +49,8 @@ class HFAudioPreprocessor(AudioPreprocessor):
             if self._extractor is None:
                 from transformers import AutoFeatureExtractor
 
-                self._extractor = AutoFeatureExtractor.from_pretrained(self.feature_extractor)
+                self._extractor = AutoFeatureExtractor.from_pretrained(self.feature_extractor,
+                                                                       trust_remote_code=False)
             # missing or very short clips use the whole (zero-padded, >= min_seconds) row
             clips = [(w[:n] if n >= 400 else w).numpy() for w, n in zip(batch["waveform"], batch["lengths"].tolist(),
                                                                         strict=True)]
@@ -154,12 +155,18 @@ def hf_audio(
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
     try:
-        extractor = AutoFeatureExtractor.from_pretrained(model_name)
-        model = AutoModel.from_pretrained(model_name) if pretrained else AutoModel.from_config(
-            AutoConfig.from_pretrained(model_name)
+        # trust_remote_code=False: ``auto_map`` custom code is refused, never run or prompted for (issue 14)
+        extractor = AutoFeatureExtractor.from_pretrained(model_name, trust_remote_code=False)
+        model = AutoModel.from_pretrained(model_name, trust_remote_code=False) if pretrained else AutoModel.from_config(
+            AutoConfig.from_pretrained(model_name, trust_remote_code=False), trust_remote_code=False
         )
     except OSError as e:
         raise ConfigError(f"cannot load audio model {model_name!r}: {e}. Offline? Use 'resemblyzer-lstm'.") from e
+    except ValueError as e:
+        raise ConfigError(
+            f"cannot load audio model {model_name!r}: {str(e).splitlines()[0]} fusion-zoo never runs a model's own "
+            "code (trust_remote_code=False); use a model that transformers supports natively."
+        ) from e
     input_name = extractor.model_input_names[0]
     probe = extractor([np.zeros(extractor.sampling_rate, np.float32)], sampling_rate=extractor.sampling_rate,
                       return_tensors="np")[input_name]

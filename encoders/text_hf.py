@@ -78,7 +78,10 @@ class TextPreprocessor(Preprocessor):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            try:  # never the model folder's own code, never a prompt (issue 14)
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, trust_remote_code=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot load the tokenizer {self.tokenizer_name!r}: {e}") from e
         return self._tokenizer
 
     def __getstate__(self) -> dict[str, Any]:
@@ -188,13 +191,21 @@ def _load_text(model_name: str, pooling: str, max_length: int, pretrained: bool)
     from transformers import AutoConfig, AutoModel
 
     try:
+        # trust_remote_code=False: a folder or hub repo with ``auto_map`` custom code is refused, never run or
+        # prompted for (checkpoints are untrusted input; issue 14)
         if pretrained:
-            model = AutoModel.from_pretrained(model_name)
+            model = AutoModel.from_pretrained(model_name, trust_remote_code=False)
         else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(model_name))
+            model = AutoModel.from_config(AutoConfig.from_pretrained(model_name, trust_remote_code=False),
+                                          trust_remote_code=False)
     except OSError as e:
         raise ConfigError(
             f"cannot load text model {model_name!r}: {e}. Offline? Use 'minilm-l6' or a local folder."
+        ) from e
+    except ValueError as e:
+        raise ConfigError(
+            f"cannot load text model {model_name!r}: {str(e).splitlines()[0]} fusion-zoo never runs a model's own "
+            "code (trust_remote_code=False); use a model that transformers supports natively."
         ) from e
     encoder = HFTextEncoder(model, TextPreprocessor(model_name, max_length), pooling)
     encoder.pretrained = pretrained

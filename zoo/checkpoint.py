@@ -7,6 +7,8 @@ ones in full, LoRA ones as adapter weights only. The format is described in docs
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from encoders import Encoder, create_encoder
-from fusion_errors import CheckpointError, ConfigError, MissingDependencyError, RegistryError
+from fusion_errors import CheckpointError, ConfigError, FusionZooError, MissingDependencyError, RegistryError
 from fusion_heads import list_fusion_heads
 
 from . import _format as fmt
@@ -24,9 +26,17 @@ from .card import render_card
 from .config import FusionModelConfig
 from .registry import list_pretrained, source_of
 
-__all__ = ["save_pretrained", "load_checkpoint", "resolve", "read_config", "HF_PREFIX"]
+__all__ = ["save_pretrained", "load_checkpoint", "resolve", "read_config", "estimate_parameters", "HF_PREFIX",
+           "MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "MAX_CONFIG_BYTES", "MAX_JSON_DEPTH"]
 
 HF_PREFIX = "hf-hub:"
+# A checkpoint is untrusted input (docs/checkpoints.md, "Loading is safe"): these bound what it can demand.
+MAX_PARAMETERS = 500_000_000  # ~2 GB of float32; override with max_parameters= or $FUSION_ZOO_MAX_PARAMETERS
+MAX_PARAMETERS_ENV = "FUSION_ZOO_MAX_PARAMETERS"
+MAX_CONFIG_BYTES = 8 << 20  # config.json larger than 8 MiB is not a fusion-zoo config
+MAX_JSON_DEPTH = 64  # save_pretrained writes depth <= 6; deeper nesting is refused (not a RecursionError)
+# encoder options that set a size: such encoders are first built on the meta device to count their parameters
+_SIZE_OPTION = re.compile(r"size|dim|layer|head|channel|width|depth|hidden|mel|filter|block|mult|ratio", re.I)
 
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -67,8 +77,9 @@ def save_pretrained(
             "name": spec.name,
             "options": dict(spec.options),
             "finetune": spec.finetune,
+            # a head-only model records the hash of the encoder its spec builds, so loading can check it
             "weights_sha256": fmt.reference_hash(enc, "lora" if modes[m] == "lora" else "reference")
-            if enc is not None else None,
+            if enc is not None else fmt._fresh_hash(spec, "reference"),
             "stored": modes[m],
             "preprocessing": enc.preprocessor.to_dict() if enc is not None else None,
         }
@@ -130,13 +141,143 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing; a checkpoint folder needs {fmt.CONFIG_FILE} and {fmt.WEIGHTS_FILE} "
                               "(write one with model.save_pretrained(path)).")
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{file} is {size} bytes, above the {MAX_CONFIG_BYTES}-byte limit of a config.json; "
+                              "this is not a fusion-zoo checkpoint (re-save the model with save_pretrained).")
     try:
         doc = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); re-save the model with save_pretrained.") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{file} is nested deeper than {MAX_JSON_DEPTH} levels; re-save the model with "
+                              "save_pretrained.") from e
     if not isinstance(doc, dict):
         raise CheckpointError(f"{file} must hold a JSON object; re-save the model with save_pretrained.")
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{file} is nested deeper than {MAX_JSON_DEPTH} levels; re-save the model with "
+                              "save_pretrained.")
     return fmt.migrate(doc, str(file))
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    """Nesting depth of a parsed JSON value (stops counting past MAX_JSON_DEPTH)."""
+    if level > MAX_JSON_DEPTH or not isinstance(value, (dict, list)):
+        return level
+    items = value.values() if isinstance(value, dict) else value
+    return max((_depth(v, level + 1) for v in items), default=level)
+
+
+# references a checkpoint may make -------------------------------------------------------------
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+    except (ValueError, OSError, RuntimeError):  # outside, or a symlink loop
+        return False
+    return True
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_value(value: str, where: str, folder: Path, root: Path) -> str:
+    """A string option of a checkpoint: a file inside the folder (returned absolute), or a name / hub id.
+
+    Absolute paths, ``~``, ``..``, symlinks leaving the folder and paths that exist only relative to the working
+    folder are refused: a downloaded checkpoint must not make the loader open arbitrary files.
+    """
+    fix = "; pass allow_external_paths=True (CLI: --allow-external-paths) if you trust this checkpoint"
+    if "\x00" in value:
+        raise CheckpointError(f"{where}={value!r} holds a NUL byte; this checkpoint is corrupt or hostile.")
+    path = Path(value)
+    if value.startswith("~") or path.is_absolute() or ".." in path.parts or "\\" in value:
+        raise CheckpointError(f"{where}={value!r} points outside the checkpoint folder {folder}{fix}.")
+    local = folder / path
+    if _exists(local):
+        if not _inside(local, root):
+            raise CheckpointError(f"{where}={value!r} is a symlink leaving the checkpoint folder {folder}{fix}.")
+        return str(local.resolve())
+    if _exists(path):
+        raise CheckpointError(f"{where}={value!r} would be read from the working folder ({Path.cwd()}), not from "
+                              f"the checkpoint folder {folder}{fix}.")
+    return value  # a registered option value or a hub id
+
+
+def _checked_options(value: Any, where: str, folder: Path, root: Path) -> Any:
+    if isinstance(value, str):
+        return _check_value(value, where, folder, root)
+    if isinstance(value, list):
+        return [_checked_options(v, f"{where}[{i}]", folder, root) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _checked_options(v, f"{where}.{k}", folder, root) for k, v in value.items()}
+    return value
+
+
+def _safe_references(config: FusionModelConfig, folder: Path, root: Path) -> FusionModelConfig:
+    """``config`` with every encoder option checked by :func:`_check_value` (files inside the folder made
+    absolute, so they never resolve against the working folder)."""
+    for f in (fmt.CONFIG_FILE, fmt.WEIGHTS_FILE):
+        if _exists(folder / f) and not _inside(folder / f, root):
+            raise CheckpointError(f"{folder / f} is a symlink leaving the checkpoint folder; copy the real file in, "
+                                  "or pass allow_external_paths=True (CLI: --allow-external-paths).")
+    specs = {}
+    for m, spec in config.encoders.items():
+        options = _checked_options(dict(spec.options), f"config.json encoders.{m}.options", folder, root)
+        specs[m] = spec if options == spec.options else type(spec)(**{**spec.to_dict(), "options": options})
+    return config.replace(encoders=specs)
+
+
+def _max_parameters(max_parameters: int | None) -> int:
+    if max_parameters is not None:
+        return int(max_parameters)
+    env = os.environ.get(MAX_PARAMETERS_ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError as e:
+            raise ConfigError(f"${MAX_PARAMETERS_ENV}={env!r} is not a number of parameters.") from e
+    return MAX_PARAMETERS
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
+
+
+def _sized(spec: Any) -> bool:
+    """Whether an encoder's options set its size (numbers named like sizes); fixed-size encoders are not."""
+    return any(_SIZE_OPTION.search(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+               for k, v in spec.options.items())
+
+
+def _meta(fn: Callable[[], Any], what: str, where: str) -> Any:
+    """Run ``fn`` with tensors created on the meta device (shapes only, no memory)."""
+    try:
+        with torch.device("meta"):
+            return fn()
+    except FusionZooError:
+        raise
+    except Exception as e:  # a factory given sizes it cannot take
+        raise ConfigError(f"{where}: {what} in config.json cannot be built ({type(e).__name__}: {e}).") from e
+
+
+def estimate_parameters(build: Callable[..., Any], config: FusionModelConfig, embed_dims: dict[str, int],
+                        where: str = "config") -> int:
+    """Parameters (and buffers) of the fused part of ``build(config)`` given the encoders' widths, counted on the
+    meta device: nothing is allocated, so a config asking for billions of parameters costs nothing to check."""
+    return _numel(_meta(lambda: build(config, embed_dims=embed_dims), "the fused model", where))
+
+
+def _refuse(count: int, limit: int, what: str, where: str) -> None:
+    if count > limit:
+        raise CheckpointError(
+            f"{where}: {what} would have {count:,} parameters, above the limit of {limit:,} (~{limit * 4 / 2**30:.1f} "
+            f"GiB of float32); if you trust this checkpoint pass max_parameters={count} (or set "
+            f"${MAX_PARAMETERS_ENV})."
+        )
 
 
 def _build_encoder(m: str, spec: Any, where: str) -> Encoder:
@@ -154,7 +295,13 @@ def _build_encoder(m: str, spec: Any, where: str) -> Encoder:
 def _check_hash(m: str, enc: Encoder, record: dict[str, Any], where: str) -> None:
     want = record.get("weights_sha256")
     if not want:
-        return
+        raise CheckpointError(
+            f"{where}: the {m} encoder {record.get('name')!r} is stored by reference but config.json records no "
+            "weights_sha256, so nothing proves the rebuilt encoder is the one it was trained with; re-save the "
+            "model with save_pretrained, or pass check_hashes=False to load anyway (predictions may differ)."
+        )
+    if not isinstance(want, str):
+        raise CheckpointError(f"{where}: encoders.{m}.weights_sha256 must be a hex string; re-save the model.")
     got = fmt.reference_hash(enc, record["stored"] if record["stored"] == "lora" else "reference")
     if got != want:
         raise CheckpointError(
@@ -175,7 +322,9 @@ def _load_weights(file: Path, device: str) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _compare(got: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], where: str, strict: bool) -> None:
+def _compare(got: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], where: str, strict: bool,
+             want_dtypes: dict[str, torch.dtype] | None = None) -> None:
+    want_dtypes = want_dtypes or {}
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     shapes = sorted(f"{k} {tuple(got[k].shape)} vs {want[k]}" for k in set(got) & set(want)
@@ -187,6 +336,10 @@ def _compare(got: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], whe
         problems.append(f"{len(missing)} key(s) missing from the weights: {', '.join(missing[:4])}")
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s) in the weights: {', '.join(unexpected[:4])}")
+    dtypes = sorted(f"{k} {got[k].dtype} vs {want_dtypes[k]}" for k in set(got) & set(want_dtypes)
+                    if want_dtypes[k].is_floating_point and not got[k].dtype.is_floating_point)
+    if dtypes:  # would be cast silently by load_state_dict
+        problems.append(f"integer weights for float parameters in {len(dtypes)} key(s): {', '.join(dtypes[:4])}")
     if problems:
         raise CheckpointError(f"{where}: config.json and model.safetensors disagree: {'; '.join(problems)}. "
                               "Copy the two files from the same save, or pass strict=False to load what matches.")
@@ -194,7 +347,7 @@ def _compare(got: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], whe
 
 def load_checkpoint(
     build: Callable[..., M], name_or_path: str | Path, *, map_location: str = "cpu", strict: bool = True,
-    check_hashes: bool = True,
+    check_hashes: bool = True, allow_external_paths: bool = False, max_parameters: int | None = None,
 ) -> M:
     """Load a fused model from a folder, a zoo name or ``hf-hub:org/name`` (returned in eval mode).
 
@@ -203,32 +356,67 @@ def load_checkpoint(
         name_or_path: what to load (see :func:`resolve`).
         map_location: device for the weights and the model.
         strict: require model.safetensors to hold exactly the weights the config implies.
-        check_hashes: check each by-reference encoder's weights against the sha256 recorded at save time.
+        check_hashes: check each by-reference encoder's weights against the sha256 recorded at save time (a
+            missing hash is then an error).
+        allow_external_paths: let config.json reference files outside the checkpoint folder (absolute paths,
+            ``..``, symlinks leaving it, paths relative to the working folder). Off by default: a checkpoint is
+            untrusted input and may only name registered encoders, hub ids and files inside its own folder.
+        max_parameters: refuse a model whose parameter count, estimated from config.json before any tensor is
+            built, exceeds this (default :data:`MAX_PARAMETERS` or ``$FUSION_ZOO_MAX_PARAMETERS``).
     """
     folder = resolve(name_or_path)
     doc = read_config(folder)
     where = str(folder)
+    if not isinstance(doc.get("model"), dict):
+        raise CheckpointError(f"{folder / fmt.CONFIG_FILE} has no 'model' mapping; re-save the model with "
+                              "save_pretrained.")
     try:
         config = FusionModelConfig.from_dict(doc["model"])
     except ConfigError as e:
         raise ConfigError(f"{folder / fmt.CONFIG_FILE}: {e}") from e
+    if not allow_external_paths:
+        hub = str(name_or_path).startswith(HF_PREFIX)  # hub snapshots are symlinks into the repo's blob store
+        root = folder.resolve().parents[1] if hub else folder.resolve()
+        config = _safe_references(config, folder, root)
+    limit = _max_parameters(max_parameters)
     if config.fusion_head not in list_fusion_heads():
         raise RegistryError(f"{where}: unknown fusion head {config.fusion_head!r} in config.json; known heads: "
                             f"{', '.join(list_fusion_heads())}. Install the fusion-zoo release that saved it.")
     records = doc.get("encoders") or {}
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        raise CheckpointError(f"{folder / fmt.CONFIG_FILE}: 'encoders' must map modalities to records; re-save the "
+                              "model with save_pretrained.")
+    recorded = set(records)
+    # sizes first, on the meta device: encoders whose options set their size, then the fused part
+    counts: dict[str, int] = {}
+    dims: dict[str, int] = {}
+    for m, spec in config.encoders.items():
+        if _sized(spec):
+            enc = _meta(lambda spec=spec: create_encoder(spec.name, finetune="frozen", **spec.options),
+                        f"the {m} encoder {spec.name!r}", where)
+            counts[m], dims[m] = _numel(enc), int(enc.embed_dim)
+    _refuse(sum(counts.values()), limit, "its encoders", where)
     encoders: dict[str, Encoder] = {}
+    for m, spec in config.encoders.items():  # fixed-size (registered, pretrained) encoders
+        if m not in counts:
+            encoders[m] = _build_encoder(m, spec, where)
+            counts[m], dims[m] = _numel(encoders[m]), int(encoders[m].embed_dim)
+    _refuse(sum(counts.values()) + estimate_parameters(build, config, dims, where), limit, "the model", where)
     for m, spec in config.encoders.items():
         record = dict(records.get(m) or {})
         if record.get("stored") not in ("reference", "lora", "full"):  # older formats: infer from the policy
             record["stored"] = {"frozen": "reference", "lora": "lora"}.get(spec.finetune, "full")
         records[m] = record
-        encoders[m] = _build_encoder(m, spec, where)
-        if check_hashes and record["stored"] in ("reference", "lora"):
+        if m not in encoders:
+            encoders[m] = _build_encoder(m, spec, where)
+        # pre-release (format 0) folders have no records to check; any record must carry its hash
+        if check_hashes and record["stored"] in ("reference", "lora") and m in recorded:
             _check_hash(m, encoders[m], record, where)
     model = build(config, encoders=encoders)
     modes = {m: records[m]["stored"] for m in config.encoders}
     weights = _load_weights(folder / fmt.WEIGHTS_FILE, map_location)
-    _compare(weights, fmt.expected_keys(model, modes), where, strict)
+    _compare(weights, fmt.expected_keys(model, modes), where, strict,
+             {k: v.dtype for k, v in model.state_dict().items()})
     model.load_state_dict(weights, strict=False)
     if check_hashes:
         for m, record in records.items():
