@@ -3,9 +3,11 @@
 An entry is one safetensors file ``<root>/<key>.safetensors`` holding ``tokens`` [N, T, D] float32, ``mask`` [N, T]
 bool and ``pooled`` [N, D] float32 for all N rows of one (split, column). ``key`` is the sha256 of everything the
 features depend on: the encoder's spec (name and options) and ``weights_hash()``, the preprocessor's class and
-``to_dict()``, the dataset fingerprint, split, column, whether tokens are stored, and an ``extra`` string (the data
+``to_dict()``, the dataset fingerprint, column, whether tokens are stored, and an ``extra`` string (the data
 module passes a digest of the sizes and modification times of files the column points to). Change any of these
-and the entry is simply not found; nothing is ever invalidated in place. See docs/data.md.
+and the entry is simply not found; nothing is ever invalidated in place. The split's name is not in the key, so
+``fit``, ``test``, a dataset-level predict and ``sweep`` share entries; an entry with tokens also serves a
+pooled-only request. Identical cells (same text, same path, same bytes) are encoded once. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -58,6 +60,28 @@ def raw_view(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
 
 def _nbytes(out: ModalityOutput) -> int:
     return sum(t.numel() * t.element_size() for t in (out.tokens, out.mask, out.pooled))
+
+
+def _identity(item: Any) -> Any:
+    """What makes two cells the same input: the text or path string, the bytes' digest, an array's contents."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        data = item.get("bytes")
+        if data:
+            return ("bytes", hashlib.sha256(bytes(data)).hexdigest())
+        if item.get("path"):
+            return ("path", str(item["path"]))
+        if "array" in item:
+            return _identity(item["array"]), item.get("sampling_rate")
+    if isinstance(item, (list, tuple)):
+        return tuple(_identity(x) for x in item)
+    if hasattr(item, "tobytes") and hasattr(item, "shape"):
+        return ("array", tuple(item.shape), str(getattr(item, "dtype", "")),
+                hashlib.sha256(item.tobytes()).hexdigest())
+    if isinstance(item, (int, float, bool)):
+        return item
+    return ("object", id(item))  # unknown kinds: never merged
 
 
 def _describe(item: Any) -> str:
@@ -119,7 +143,6 @@ class FeatureCache:
             "preprocessor": {"class": type(pre).__qualname__, **pre.to_dict()},
             "dataset": dataset._fingerprint,
             "extra": extra,
-            "split": split,
             "column": column,
             "tokens": bool(store_tokens),
         }
@@ -173,6 +196,10 @@ class FeatureCache:
             _MEMORY.move_to_end(key)
         else:
             out, source = self._load(self.path(key), len(dataset)), "disk"
+            if out is None and not store_tokens:  # an entry with tokens serves a pooled-only request too
+                full = self._load(self.path(self.key(encoder, dataset, column, split, True, extra)), len(dataset))
+                if full is not None:
+                    out = ModalityOutput(full.pooled[:, None], full.present[:, None], full.pooled)
             if out is None:
                 out, source = self._compute(encoder, dataset, column, split, store_tokens, batch_size, transform,
                                             device, row_ids), "computed"
@@ -218,6 +245,43 @@ class FeatureCache:
     def _compute(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
                  batch_size: int, transform: Callable[[Any], Any] | None, device: torch.device | str | None,
                  row_ids: Sequence[int] | None) -> ModalityOutput:
+        """Encode each distinct non-missing cell once, then lay the features out over all N rows."""
+        n = len(dataset)
+        column_only = dataset.select_columns([column])
+        slot: list[int] = []  # row -> index of its distinct cell, -1 = missing
+        first: dict[Any, int] = {}
+        distinct_rows: list[int] = []
+        row = 0
+        for chunk in column_only.iter(batch_size=1024):
+            for v in chunk[column]:
+                if v is None:
+                    slot.append(-1)
+                else:
+                    k = _identity(v)
+                    if k not in first:
+                        first[k] = len(distinct_rows)
+                        distinct_rows.append(row)
+                    slot.append(first[k])
+                row += 1
+        ids = list(row_ids) if row_ids is not None else list(range(n))
+        if not distinct_rows:  # every cell missing: absent everywhere
+            d = int(encoder.embed_dim)
+            return ModalityOutput(torch.zeros(n, 1, d), torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n, d))
+        todo = column_only if len(distinct_rows) == n else column_only.select(distinct_rows)
+        out = self._encode(encoder, todo, column, split, store_tokens, batch_size, transform, device,
+                           [ids[r] for r in distinct_rows], n)
+        index = torch.tensor(slot, dtype=torch.long)  # [N]
+        present = index >= 0  # [N]
+        if len(distinct_rows) == n and bool(present.all()):
+            return out
+        safe = index.clamp_min(0)
+        keep = present[:, None]
+        return ModalityOutput(out.tokens[safe] * keep[..., None], out.mask[safe] & keep,
+                              out.pooled[safe] * keep)  # [N, T, D], [N, T], [N, D]
+
+    def _encode(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
+                batch_size: int, transform: Callable[[Any], Any] | None, device: torch.device | str | None,
+                row_ids: Sequence[int], total: int) -> ModalityOutput:
         n = len(dataset)
         name = (getattr(encoder, "spec", None) or {}).get("name", type(encoder).__name__)
         home = next(encoder.parameters(), torch.empty(0)).device
@@ -226,7 +290,7 @@ class FeatureCache:
         encoder.to(device).eval()
         parts: list[ModalityOutput] = []
         step = max(1, (n // batch_size + 1) // 10) * batch_size
-        rank_zero_info(f"feature cache: encoding {split}/{column} ({n} rows) with {name} on {device}")
+        rank_zero_info(f"feature cache: encoding {split}/{column} ({total} rows, {n} distinct) with {name} on {device}")
         try:
             start = -batch_size
             for chunk in dataset.select_columns([column]).iter(batch_size=batch_size):

@@ -33,6 +33,13 @@ from .loader import ResumableDataLoader
 __all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS"]
 
 DEFAULT_COLUMNS = {"audio": "audio", "image": "image", "label": "label", "text": "text"}
+# usual names of a role's column, used when the role's own name is absent and --data.columns does not map it
+COLUMN_ALIASES = {
+    "text": ("question", "sentence", "caption", "transcript", "review", "comment", "description", "prompt"),
+    "image": ("img", "image_path", "image_file", "picture", "photo"),
+    "audio": ("audio_path", "audio_file", "wav", "speech", "recording", "sound"),
+    "label": ("answer", "labels", "class", "target", "category", "y"),
+}
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
                 "predict": ("test",), None: ("train", "validation", "test")}
 BAD_ROWS_SHOWN = 5
@@ -73,8 +80,11 @@ class _Split:
     stamps: dict[str, str]  # modality -> digest of the files its column points to
 
 
+Row = tuple[dict[str, Any], Tensor, int, int]  # (raw cells, label, source row id, position in the split)
+
+
 class _Rows(Dataset):
-    """Row ``i`` -> (raw cells, label, source row id); preprocessing happens in the collate function."""
+    """Position ``i`` -> (raw cells, label, source row id, i); preprocessing happens in the collate function."""
 
     def __init__(self, split: _Split) -> None:
         self.split = split
@@ -82,27 +92,30 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return len(self.split.rows)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, Any], Tensor, int]:
-        return self.split.rows[int(i)], self.split.labels[i], int(self.split.row_ids[i])
+    def __getitem__(self, i: int) -> Row:
+        return self.split.rows[int(i)], self.split.labels[i], int(self.split.row_ids[i]), int(i)
 
 
 class RawCollate:
     """Picklable collate: rows of raw cells -> a batch of preprocessed inputs (runs in loader workers).
 
     Args:
-        preprocessors: modality -> the encoder's preprocessor.
+        preprocessors: modality -> the encoder's preprocessor (the modalities whose encoder runs every step).
         columns: modality -> the column holding its raw items.
         base: folder relative paths are resolved against.
         split: split name for error messages.
+        cached: the other modalities' cached features, sliced by row position (per-modality cache: a frozen
+            encoder's features come from the cache whatever the other encoders do).
     """
 
     def __init__(self, preprocessors: Mapping[str, Preprocessor], columns: Mapping[str, str], base: Path | None,
-                 split: str) -> None:
+                 split: str, cached: CachedCollate | None = None) -> None:
         self.preprocessors, self.columns, self.base, self.split = dict(preprocessors), dict(columns), base, split
+        self.cached = cached
 
-    def __call__(self, rows: Sequence[tuple[dict[str, Any], Tensor, int]]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
         index = torch.tensor([r[2] for r in rows], dtype=torch.long)  # [B]
-        inputs = {}
+        inputs: dict[str, Any] = dict(self.cached([r[3] for r in rows])["inputs"]) if self.cached else {}
         for m in sorted(self.preprocessors):
             items = [_cell(m, r[0][self.columns[m]], self.base) for r in rows]
             try:
@@ -213,6 +226,9 @@ class FusionDataModule(pl.LightningDataModule):
         if max_samples is not None:
             self._parts = {r: (ds.select(range(min(max_samples, len(ds)))), name, ids[:max_samples])
                            for r, (ds, name, ids) in self._parts.items()}
+        self._alias_columns(set(columns or {}))
+        #: the modalities whose column the training split has: with no --model.encoders the columns decide
+        self.modalities: list[str] = [m for m in MODALITIES if self.columns[m] in self._parts["train"][0].column_names]
         for role in self._parts:
             self._need_column(role, "label")
         self.labels: list[str] = [str(x) for x in labels] if labels else infer_labels(
@@ -223,6 +239,18 @@ class FusionDataModule(pl.LightningDataModule):
         self._model: Any = None
         self._signature: tuple[Any, ...] | None = None
         self._checked: dict[str, _Split] = {}
+
+    def _alias_columns(self, mapped: set[str]) -> None:
+        """A role not mapped by the user whose own column is absent takes the one usual name present, if exactly one."""
+        names = self._parts["train"][0].column_names
+        for role, aliases in COLUMN_ALIASES.items():
+            if role in mapped or self.columns[role] in names:
+                continue
+            found = [a for a in aliases if a in names]
+            if len(found) == 1:
+                self.columns[role] = found[0]
+                rank_zero_info(f"data: using column {found[0]!r} as the {role} column (map another with "
+                               f"--data.columns '{{\"{role}\": \"<column>\"}}').")
 
     # the model ---------------------------------------------------------------------------------
     def attach(self, model: Any) -> FusionDataModule:
@@ -239,10 +267,15 @@ class FusionDataModule(pl.LightningDataModule):
                             "dm.attach(model) first.")
         return getattr(module, "model", module)
 
+    def _cached_modalities(self, model: Any) -> list[str]:
+        """Modalities served from the feature cache: those whose encoder is frozen (per modality)."""
+        if not self.cache_features:
+            return []
+        return [m for m in model.modalities if m in model.encoders and model.encoders[m].finetune == "frozen"]
+
     def _use_cache(self, model: Any) -> bool:
-        encs = [model.encoders[m] for m in model.modalities if m in model.encoders]
-        return self.cache_features and len(encs) == len(model.modalities) and all(
-            e.finetune == "frozen" for e in encs)
+        """Whether every modality comes from the cache (a step is then only the head's small matmuls)."""
+        return len(self._cached_modalities(model)) == len(model.modalities)
 
     # checks ------------------------------------------------------------------------------------
     def _need_column(self, role: str, key: str) -> None:
@@ -308,9 +341,8 @@ class FusionDataModule(pl.LightningDataModule):
         for role in roles:
             if role not in self._checked:
                 self._checked[role] = self._check(role, model)
-        if self._use_cache(model):
-            for role in roles:
-                self._features(role, model)
+        for role in roles:
+            self._features(role, model)
         skipped = {r: n for r, n in self.bad_rows.items() if n}
         if skipped:
             rank_zero_info(f"data: skipped bad rows per split {skipped} (on_bad_rows='skip').")
@@ -319,10 +351,10 @@ class FusionDataModule(pl.LightningDataModule):
         split = self._checked[role]
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         feats = {}
-        for m in sorted(model.modalities):
+        for m in self._cached_modalities(model):
             col, start = self.columns[m], time.perf_counter()
             feats[m], stats = self.cache.get_or_compute(
-                model.encoders[m], split.rows, col, split=role, store_tokens=model.config.stage != "late",
+                model.encoders[m], split.rows, col, split=role, store_tokens=model.config.needs_tokens,
                 batch_size=max(self.batch_size, model.encoders[m].encode_batch_size),
                 transform=functools.partial(_cell, m, base=self._base),
                 extra=split.stamps[m], device=device, row_ids=split.row_ids.tolist())
@@ -338,15 +370,19 @@ class FusionDataModule(pl.LightningDataModule):
             self.setup({"train": "fit", "validation": "validate"}.get(role, "test"))
         split = self._checked[role]
         workers: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
-        if self._use_cache(model):  # asked again here: a restored checkpoint may have changed the weights
-            cached = CachedCollate(self._features(role, model), split.labels, split.row_ids)
+        # asked again here: a restored checkpoint may have changed the weights (the key has the weights hash)
+        feats = self._features(role, model)
+        cached = CachedCollate(feats, split.labels, split.row_ids) if feats else None
+        live = [m for m in model.modalities if m not in feats]  # encoders that run every step
+        if not live:
+            assert cached is not None
             return self._make_loader(_Positions(len(split.rows)), shuffle, cached, workers)
-        missing = [m for m in model.modalities if m not in model.encoders]
+        missing = [m for m in live if m not in model.encoders]
         if missing:
             raise DataError(f"this head-only model has no {missing} encoder(s) to preprocess raw data; build it "
                             "with encoders (FusionModel(config)).")
-        preprocessors = {m: model.encoders[m].preprocessor for m in model.modalities}
-        collate = RawCollate(preprocessors, {m: self.columns[m] for m in model.modalities}, self._base, role)
+        preprocessors = {m: model.encoders[m].preprocessor for m in live}
+        collate = RawCollate(preprocessors, {m: self.columns[m] for m in live}, self._base, role, cached)
         return self._make_loader(_Rows(split), shuffle, collate, workers)
 
     def _make_loader(self, dataset: Any, shuffle: bool, collate: Any, workers: dict[str, Any]) -> DataLoader:

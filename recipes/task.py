@@ -20,14 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusion_errors import CheckpointError, ConfigError, FusionZooError
+from zoo._format import is_lora_key
 from zoo.config import FusionModelConfig
+from zoo.convert import ENCODERS_KEY, fill_state_dict, lean_state_dict
 from zoo.model import FusionModel, FusionModelOutput
 
 from .metrics import SplitMetrics
 
 __all__ = ["FusionTask", "DEFAULT_ENCODERS"]
 
-DEFAULT_ENCODERS: dict[str, Any] = {"audio": "resemblyzer-lstm", "image": "efficientnet-lite0", "text": "minilm-l6"}
+# The offline default per modality. audio: Whisper base's encoder (speech content; resemblyzer-lstm encodes the
+# speaker instead). Used for the modalities the data has when no encoders are named (docs/recipes.md).
+DEFAULT_ENCODERS: dict[str, Any] = {"audio": "whisper-base", "image": "efficientnet-lite0", "text": "minilm-l6"}
 SPLITS = {"val": "validation", "test": "test"}
 
 
@@ -41,12 +45,25 @@ def warmup_cosine(step: int, total: float, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _eval_frozen(module: nn.Module) -> None:
+    """Put every sub-module whose parameters are all frozen into eval mode (recursively, largest first)."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        else:
+            _eval_frozen(child)
+
+
 class FusionTask(pl.LightningModule):
     """Train a fused text/image/audio model on one task.
 
     Args:
-        encoders: modality -> encoder name or spec (``{"name": ..., "finetune": "frozen"|"full"|"last_n"|"lora"}``).
+        encoders: modality -> encoder name or spec (``{"name": ..., "finetune": "frozen"|"full"|"last_n"|"lora"}``);
+            None = the default encoder (``DEFAULT_ENCODERS``) of each modality in ``modalities``.
         labels: class names (or regression target names); linked from ``data.labels`` by the CLI.
+        modalities: the modalities the data has; linked from ``data.modalities`` by the CLI, so that with no
+            ``encoders`` named the columns decide which encoders are built.
         fusion_head: registered fusion head; None = ``concat`` for a new model, the loaded head under ``init_from``.
         head_options: the head's keyword options; None = {} (or the loaded ones under ``init_from``).
         stage: ``early`` | ``late`` | ``hybrid`` fusion (docs/stages.md).
@@ -57,8 +74,9 @@ class FusionTask(pl.LightningModule):
         modality_dropout: modality -> probability of hiding it for a training sample (a float: every modality).
         late_loss_weight: weight of the mean per-modality loss (late and hybrid stages).
         late_decision: what the late stage fuses: decision ``embedding``s or per-modality ``logits``.
-        lr: peak learning rate of everything but the encoders.
-        encoder_lr: peak learning rate of the trainable encoder parameters.
+        fuse_tokens: early/hybrid: fuse every modality's tokens (True) or one pooled vector each (False).
+        lr: peak learning rate of the heads, LoRA adapters and encoders trained from scratch.
+        encoder_lr: peak learning rate of the fine-tuned weights of pretrained encoders.
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
         warmup_ratio: fraction of the training steps with linear warm-up before the cosine decay.
         init_from: a zoo name or saved folder to start from (its encoders, stage and weights are kept).
@@ -69,8 +87,9 @@ class FusionTask(pl.LightningModule):
 
     def __init__(
         self,
-        encoders: dict[str, Any] = DEFAULT_ENCODERS,
+        encoders: dict[str, Any] | None = None,
         labels: list[str] | None = None,
+        modalities: list[str] | None = None,
         fusion_head: str | None = None,
         head_options: dict[str, Any] | None = None,
         stage: Literal["early", "late", "hybrid"] = "late",
@@ -81,6 +100,7 @@ class FusionTask(pl.LightningModule):
         modality_dropout: dict[str, float] | float | None = None,
         late_loss_weight: float = 0.5,
         late_decision: Literal["embedding", "logits"] = "embedding",
+        fuse_tokens: bool = True,
         lr: float = 1e-3,
         encoder_lr: float = 1e-5,
         weight_decay: float = 0.01,
@@ -102,6 +122,12 @@ class FusionTask(pl.LightningModule):
                 self.model.swap_fusion_head(want_head, **want_options)
                 swapped = True
         else:
+            if encoders is None:
+                have = [m for m in (modalities or sorted(DEFAULT_ENCODERS)) if m in DEFAULT_ENCODERS]
+                if not have:
+                    raise ConfigError(f"the data has none of the modalities {sorted(DEFAULT_ENCODERS)}; map a column "
+                                      "with --data.columns '{\"text\": \"<column>\"}' or name --model.encoders.")
+                encoders = {m: DEFAULT_ENCODERS[m] for m in have}
             if isinstance(modality_dropout, (int, float)):
                 modality_dropout = {m: float(modality_dropout) for m in encoders} if modality_dropout else {}
             if not labels:
@@ -110,7 +136,7 @@ class FusionTask(pl.LightningModule):
                 encoders=dict(encoders), labels=tuple(labels), fusion_head=fusion_head or "concat",
                 head_options=dict(head_options or {}), stage=stage, task=task, hidden_dim=hidden_dim,
                 trunk_layers=trunk_layers, dropout=dropout, modality_dropout=dict(modality_dropout or {}),
-                late_loss_weight=late_loss_weight, late_decision=late_decision,
+                late_loss_weight=late_loss_weight, late_decision=late_decision, fuse_tokens=fuse_tokens,
             )
             self.model = FusionModel(cfg)
         have = list(self.model.config.labels)
@@ -154,15 +180,32 @@ class FusionTask(pl.LightningModule):
             raise CheckpointError(f"{str(path)!r} was not written by FusionTask (no hyper_parameters.config).")
         names = set(inspect.signature(cls).parameters)
         task = cls(**{k: v for k, v in hparams.items() if k in names and k not in ("init_from", "labels")})
+        task._restore_encoders(ckpt, str(path))
         task.load_state_dict(ckpt["state_dict"])
         return task
 
+    # lean checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only what training changes: encoders rebuilt from the registry (frozen; LoRA's base weights) go by
+        name + weights sha256, as in a model folder (``zoo.convert.lean_state_dict``)."""
+        checkpoint["state_dict"], checkpoint[ENCODERS_KEY] = lean_state_dict(self.model, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refill the referenced encoder weights from this task's encoders after checking their sha256."""
+        self._restore_encoders(checkpoint, "checkpoint")
+
+    def _restore_encoders(self, checkpoint: dict[str, Any], where: str) -> None:
+        records = checkpoint.get(ENCODERS_KEY)
+        if records:
+            checkpoint["state_dict"] = fill_state_dict(self.model, checkpoint["state_dict"], records, where)
+
     def train(self, mode: bool = True) -> FusionTask:
+        """Train mode for what trains; every frozen sub-module (all its parameters fixed: frozen encoders, the
+        projections and ``late_encoders`` under ``train_only_head``, ...) stays in eval mode, so its dropout
+        is off and its BatchNorm statistics stay fixed."""
         super().train(mode)
-        if mode and self.train_only_head:  # the fixed parts keep eval behaviour (no dropout)
-            for name in ("encoders", "proj", "late_heads"):
-                if hasattr(self.model, name):
-                    getattr(self.model, name).eval()
+        if mode:
+            _eval_frozen(self.model)
         return self
 
     def forward(self, inputs: dict[str, Any]) -> FusionModelOutput:
@@ -251,13 +294,22 @@ class FusionTask(pl.LightningModule):
 
     # optimisation ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: encoders at ``encoder_lr``, the rest at ``lr``; no weight decay on 1-D parameters."""
+        """AdamW groups; no weight decay on 1-D parameters.
+
+        ``encoders`` (pretrained encoder weights being fine-tuned) train at ``encoder_lr``; ``adapters`` (LoRA
+        adapters, which start at zero, and encoders trained from scratch, ``Encoder.pretrained = False``) and
+        ``heads`` (everything else) at ``lr``: a small fine-tuning rate would leave new weights barely moved.
+        """
         hp = self.hparams
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            part = "encoders" if name.startswith("encoders.") else "heads"
+            part = "heads"
+            if name.startswith("encoders."):
+                _, m, rest = name.split(".", 2)
+                fresh = is_lora_key(rest) or not getattr(self.model.encoders[m], "pretrained", True)
+                part = "adapters" if fresh else "encoders"
             groups.setdefault((part, p.ndim >= 2), []).append(p)
         return [
             {"name": f"{part}{'' if decay else '_no_decay'}", "params": params,

@@ -122,6 +122,9 @@ class FusionModelConfig:
         late_loss_weight: weight of the per-modality losses in late and hybrid stages.
         late_decision: what the head fuses in the late stage: each modality's decision ``embedding``
             (width D) or its ``logits`` (width C, classic stacking).
+        fuse_tokens: early and hybrid stages: the head fuses every modality's tokens (True) or one pooled vector
+            per modality (False: feature-level fusion of pooled vectors, cheap on CPU; the feature cache then
+            stores pooled vectors only).
     """
 
     encoders: dict[str, EncoderSpec]
@@ -136,6 +139,7 @@ class FusionModelConfig:
     modality_dropout: dict[str, float] = field(default_factory=dict)
     late_loss_weight: float = 0.5
     late_decision: Literal["embedding", "logits"] = "embedding"
+    fuse_tokens: bool = True
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -178,6 +182,11 @@ class FusionModelConfig:
     @property
     def num_outputs(self) -> int:
         return len(self.labels)
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the model reads encoder tokens (False: pooled vectors are enough, e.g. for the cache)."""
+        return self.stage != "late" and self.fuse_tokens
 
     def replace(self, **changes: Any) -> FusionModelConfig:
         """A copy with ``changes`` applied (validated)."""

@@ -252,6 +252,8 @@ class FusionModel(nn.Module):
         else:
             head_in = {}
             for m, f in feats.items():
+                if not self.config.fuse_tokens:  # one token per modality: its pooled vector
+                    f = ModalityOutput(f.pooled[:, None], f.present[:, None], f.pooled)
                 tokens, pooled = self.proj[m](f.tokens), self.proj[m](f.pooled)  # [B, T, D], [B, D]
                 if stage == "early":
                     tokens, pooled = tokens + self.modality_embed[m], pooled + self.modality_embed[m]

@@ -77,8 +77,9 @@ def test_key_changes_with_weights_preprocessing_data_and_layout(tmp_path, enc):
     cache, ds = FeatureCache(tmp_path), rows()
     base = cache.key(enc, ds, "text", "train")
     assert base == FeatureCache(tmp_path / "other").key(WordEncoder().set_finetune("frozen"), rows(), "text", "train")
+    # the same rows under another split name share the entry (fit, test and sweep reuse it)
+    assert cache.key(enc, ds, "text", "test") == base
     variants = {
-        "split": cache.key(enc, ds, "text", "test"),
         "tokens": cache.key(enc, ds, "text", "train", store_tokens=False),
         "extra": cache.key(enc, ds, "text", "train", extra="file:1:2"),
         "data": cache.key(enc, rows(["changed", *TEXTS[1:]]), "text", "train"),
@@ -123,12 +124,22 @@ def test_tokens_padded_across_batches_and_equal_to_direct_encoding(tmp_path, enc
 
 def test_pooled_only_entry_is_one_token_with_mask_present(tmp_path, enc):
     cache = FeatureCache(tmp_path)
-    full, _ = cache.get_or_compute(enc, rows(), "text", "train")
     small, stats = cache.get_or_compute(enc, rows(), "text", "train", store_tokens=False)
     assert stats.source == "computed" and small.tokens.shape == (6, 1, 4)
+    FeatureCache.clear_memory()
+    full, _ = cache.get_or_compute(enc, rows(), "text", "train")
     assert torch.equal(small.mask[:, 0], full.present) and torch.equal(small.pooled, full.pooled)
     assert torch.equal(small.tokens[:, 0], small.pooled)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_pooled_request_is_served_by_an_entry_with_tokens(tmp_path, enc) -> None:
+    cache = FeatureCache(tmp_path, memory=False)
+    full, _ = cache.get_or_compute(enc, rows(), "text", store_tokens=True)
+    pooled, stats = cache.get_or_compute(enc, rows(), "text", store_tokens=False)
+    assert stats.source == "disk" and pooled.tokens.shape == (6, 1, 4)
+    torch.testing.assert_close(pooled.pooled, full.pooled, rtol=0, atol=0)
+    assert len(list(tmp_path.iterdir())) == 1  # nothing encoded or written again
 
 
 def test_corrupt_entry_is_recomputed(tmp_path, enc):
@@ -151,3 +162,29 @@ def test_bad_item_names_row_and_column(tmp_path, enc):
     with pytest.raises(DataError, match=r"split 'validation', row 11, column 'text'.*text item 0 is a int"):
         FeatureCache(tmp_path).get_or_compute(enc, ds, "text", "validation", batch_size=2,
                                               transform=lambda s: 7 if s == "also ok" else s, row_ids=[9, 10, 11])
+
+
+class CountingEncoder(WordEncoder):
+    """WordEncoder that records how many items it was asked to encode."""
+
+    seen = 0
+
+    def encode(self, batch):  # type: ignore[override]
+        CountingEncoder.seen += int(batch["ids"].shape[0])
+        return super().encode(batch)
+
+
+def test_identical_cells_are_encoded_once_and_laid_out_per_row(tmp_path) -> None:
+    enc = CountingEncoder().set_finetune("frozen")
+    texts = ["a cat", "a dog", "a cat", None, "a dog", "a cat"]
+    CountingEncoder.seen = 0
+    out, stats = FeatureCache(tmp_path, memory=False).get_or_compute(enc, rows(texts), "text", batch_size=2)
+    assert CountingEncoder.seen == 2  # two distinct texts
+    assert stats.source == "computed" and out.batch_size == 6
+    reference, _ = FeatureCache(tmp_path / "ref", memory=False).get_or_compute(
+        WordEncoder().set_finetune("frozen"), rows(["a cat", "a dog"]), "text")
+    for row, want in ((0, 0), (2, 0), (5, 0), (1, 1), (4, 1)):
+        torch.testing.assert_close(out.pooled[row], reference.pooled[want], rtol=0, atol=0)
+    assert out.present.tolist() == [True, True, True, False, True, True]
+    assert float(out.pooled[3].abs().sum()) == 0.0
+

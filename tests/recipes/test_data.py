@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from encoders import ModalityOutput
+from encoders import ModalityOutput, create_encoder
 from fusion_errors import DataError
 from recipes.cache import FeatureCache
 from recipes.data import FusionDataModule
@@ -52,7 +52,8 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = FusionModelConfig(encoders={"text": "tiny-text", "image": "tiny-image", "audio": "mel-cnn"},
+    cfg = FusionModelConfig(encoders={"text": "tiny-text", "image": "tiny-image",
+                                      "audio": {"name": "mel-cnn", "finetune": "frozen"}},
                             labels=LABELS, stage="early", hidden_dim=32)
     return FusionModel(cfg).eval()
 
@@ -178,6 +179,24 @@ def test_cached_batches_equal_encoder_outputs_and_never_touch_the_encoders(folde
                        next(iter(dm.val_dataloader()))["inputs"]["text"].pooled)
 
 
+def test_a_trainable_encoder_runs_while_the_frozen_ones_come_from_the_cache(folder, tmp_path, model, monkeypatch):
+    FeatureCache.clear_memory()
+    torch.manual_seed(0)
+    cfg = model.config.replace(encoders={**model.config.encoders, "image": {"name": "tiny-image", "finetune": "full"}})
+    mixed = FusionModel(cfg, encoders={**dict(model.encoders), "image": create_encoder("tiny-image", finetune="full")})
+    dm = make(folder, tmp_path, cache_features=True).attach(mixed)
+    dm.setup("fit")
+    for m in ("audio", "text"):
+        monkeypatch.setattr(mixed.encoders[m], "forward", lambda *a, **k: pytest.fail("a frozen encoder ran"))
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch["inputs"]["text"], ModalityOutput) and isinstance(batch["inputs"]["audio"], ModalityOutput)
+    assert isinstance(batch["inputs"]["image"], dict)  # preprocessed pixels: the trainable encoder runs each step
+    out = mixed(batch["inputs"])
+    out.logits.sum().backward()
+    assert any(p.grad is not None for p in mixed.encoders["image"].parameters())
+    assert not dm._use_cache(mixed) and dm._cached_modalities(mixed) == ["audio", "text"]
+
+
 def test_late_stage_caches_pooled_features_only(folder, tmp_path, model):
     late = FusionModel(model.config.replace(stage="late"), encoders=dict(model.encoders))
     dm = make(folder, tmp_path, cache_features=True).attach(late)
@@ -242,3 +261,17 @@ def test_multilabel_and_regression_labels():
     assert infer_labels([score], "score") == ["score"]
     values, problems = LabelEncoder(["score"], "regression", score.features["score"]).encode([0.5, float("nan"), 2])
     assert values[:, 0].tolist() == [0.5, 0.0, 2.0] and list(problems) == [1]
+
+
+def test_modalities_and_usual_column_names_come_from_the_table(folder, tmp_path):
+    root, base_rows = folder
+    rows = [{"question": r["caption"], "img_path": r["img_path"], "answer": r["animal"]} for r in base_rows]
+    table = write_table(tmp_path / "qa.csv", rows)
+    dm = FusionDataModule(data_files=table, data_dir=str(root), columns={"image": "img_path"}, cache_features=False)
+    assert dm.modalities == ["image", "text"]  # no audio column: an image+text model
+    assert dm.columns["text"] == "question" and dm.columns["label"] == "answer"
+    assert dm.labels == list(LABELS)
+    audio_image = [{"image": r["img_path"], "audio": r["wav_path"], "label": r["animal"]} for r in base_rows]
+    dm = FusionDataModule(data_files=write_table(tmp_path / "ai.csv", audio_image), data_dir=str(root),
+                          cache_features=False)
+    assert dm.modalities == ["audio", "image"]

@@ -216,3 +216,16 @@ def test_init_from_with_a_new_head_trains_only_the_head(tmp_path):
         if k in fixed:
             assert torch.equal(v, fixed[k]), f"{k} changed although only the head trains"
     assert any(not torch.equal(a, b) for a, b in zip(head, task.model.head_parameters(), strict=True))
+
+
+def test_with_no_encoders_named_the_data_modalities_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    import recipes.task as task_mod
+
+    monkeypatch.setattr(task_mod, "DEFAULT_ENCODERS", dict(FAKES))
+    task = FusionTask(labels=LABELS, modalities=["audio", "image"])
+    assert task.model.modalities == ["audio", "image"]
+    assert {m: s.name for m, s in task.model.config.encoders.items()} == {"audio": "fake-audio", "image": "fake-image"}
+    named = FusionTask(labels=LABELS, modalities=["audio", "image"], encoders={"text": "fake-text"})
+    assert named.model.modalities == ["text"]  # named encoders win over the data's columns
+    with pytest.raises(ConfigError, match="none of the modalities"):
+        FusionTask(labels=LABELS, modalities=["video"])
