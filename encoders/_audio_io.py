@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ from fusion_errors import ConfigError, InputError
 
 from ._contract import Preprocessor
 
-__all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "MAX_AMPLITUDE"]
+__all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "MAX_AMPLITUDE", "MIN_RATE", "MAX_RATE"]
 
 MAX_AMPLITUDE = 1e6  # float samples beyond this overflow float32 power spectra: a scaling mistake, not audio
+# sample rates outside this range are a mistake (a rate of 1 Hz would be upsampled to gigabytes before cropping)
+MIN_RATE, MAX_RATE = 1_000, 768_000
 
 _HINT = (
     "Pass a file path, encoded bytes (wav/flac/ogg), an (array, rate) tuple, a bare array at the encoder's rate, "
@@ -25,17 +28,33 @@ _HINT = (
 )
 
 
-def _decode(data: bytes | str, name: str) -> tuple[np.ndarray, int]:
+def _check_rate(rate: Any, name: str) -> int:
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer, float)) or not math.isfinite(rate) \
+            or not MIN_RATE <= rate <= MAX_RATE or rate != int(rate):
+        raise InputError(f"{name}: sample rate {rate!r} Hz is outside the supported {MIN_RATE}..{MAX_RATE} Hz "
+                         "(whole numbers); pass the clip's real rate, e.g. (array, 16000).")
+    return int(rate)
+
+
+def _frames(max_seconds: float | None, rate: int) -> int:
+    """Frames to keep at ``rate`` for ``max_seconds`` (-1 = all)."""
+    return -1 if max_seconds is None else max(1, math.ceil(max_seconds * rate))
+
+
+def _decode(data: bytes | str, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode only the first ``max_seconds`` (all when None): a 10-minute file costs what its first seconds do."""
     import soundfile as sf
 
     try:
-        wav, rate = sf.read(io.BytesIO(data) if isinstance(data, bytes) else data, dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data) if isinstance(data, bytes) else data) as f:
+            rate = _check_rate(f.samplerate, name)
+            wav = f.read(_frames(max_seconds, rate), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise InputError(
             f"{name}: cannot decode audio ({e}); the file is corrupt, truncated or in a format soundfile cannot "
             "read (convert it to WAV or FLAC)."
         ) from e
-    return wav, int(rate)  # [N, C]
+    return wav, rate  # [N, C]
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
@@ -53,7 +72,8 @@ def _as_array(x: Any, name: str) -> np.ndarray:
 
 
 def load_audio(
-    x: Any, target_rate: int, allow_resample: bool = True, rate: int | None = None, name: str = "audio"
+    x: Any, target_rate: int, allow_resample: bool = True, rate: int | None = None, name: str = "audio",
+    max_seconds: float | None = None,
 ) -> tuple[Tensor, int]:
     """Load any supported audio input as a mono float32 waveform at ``target_rate``.
 
@@ -65,23 +85,26 @@ def load_audio(
         allow_resample: resample other rates (torchaudio.functional.resample); if False a mismatch is an error.
         rate: sample rate of a bare array.
         name: how error messages call this input.
+        max_seconds: keep only the first ``max_seconds``: files are decoded only that far and arrays cropped
+            before resampling, so memory does not grow with the clip's length (None = the whole clip).
 
     Returns:
         (waveform [N] float32 mono, target_rate).
 
     Raises:
-        InputError: unreadable, empty, corrupt or non-finite audio, or a rate mismatch with resampling disabled.
+        InputError: unreadable, empty, corrupt or non-finite audio, a sample rate outside MIN_RATE..MAX_RATE, or a
+            rate mismatch with resampling disabled.
     """
     if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, np.integer)):
         x, rate = x
     if isinstance(x, Mapping):
         if x.get("array") is not None:
             sr = x.get("sampling_rate")
-            wav, src = _as_array(x["array"], name), int(sr) if sr is not None else int(rate or target_rate)
+            wav, src = _as_array(x["array"], name), sr if sr is not None else (rate or target_rate)
         elif x.get("bytes"):
-            wav, src = _decode(bytes(x["bytes"]), f"{name} ({x.get('path') or 'bytes'})")
+            wav, src = _decode(bytes(x["bytes"]), f"{name} ({x.get('path') or 'bytes'})", max_seconds)
         elif x.get("path"):
-            return load_audio(x["path"], target_rate, allow_resample, None, name)
+            return load_audio(x["path"], target_rate, allow_resample, None, name, max_seconds)
         else:
             raise InputError(f"{name}: dict has no 'array', 'bytes' or 'path'. {_HINT}")
     elif isinstance(x, (str, Path)):
@@ -90,15 +113,18 @@ def load_audio(
             raise InputError(f"{name}: audio file {str(path)!r} does not exist; check the path.")
         if path.stat().st_size == 0:
             raise InputError(f"{name}: audio file {str(path)!r} is empty (0 bytes).")
-        wav, src = _decode(str(path), f"{name} ({str(path)!r})")
+        wav, src = _decode(str(path), f"{name} ({str(path)!r})", max_seconds)
     elif isinstance(x, (bytes, bytearray, memoryview)):
         if len(x) == 0:
             raise InputError(f"{name}: empty bytes; pass the encoded audio file content.")
-        wav, src = _decode(bytes(x), name)
+        wav, src = _decode(bytes(x), name, max_seconds)
     elif isinstance(x, (np.ndarray, Tensor, list)):
-        wav, src = _as_array(x, name), int(target_rate if rate is None else rate)
+        wav, src = _as_array(x, name), target_rate if rate is None else rate
     else:
         raise InputError(f"{name}: unsupported audio type {type(x).__name__}. {_HINT}")
+    src = _check_rate(src, name)
+    if max_seconds is not None:
+        wav = wav[:_frames(max_seconds, src)]  # crop before resampling: never upsample what is dropped
     if wav.shape[0] == 0:
         raise InputError(f"{name}: audio has no samples; pass None for a missing clip.")
     if not np.isfinite(wav).all():
@@ -107,8 +133,6 @@ def load_audio(
     if peak > MAX_AMPLITUDE:
         raise InputError(f"{name}: audio peak |x| = {peak:.3g} is far outside [-1, 1] (spectrograms would overflow); "
                          "scale float audio to [-1, 1] (integer PCM: divide by its maximum, e.g. 32768).")
-    if src <= 0:
-        raise InputError(f"{name}: sample rate {src} Hz must be a positive number of Hz.")
     mono = torch.from_numpy(np.ascontiguousarray(wav.mean(axis=1)))  # [N], stereo -> mono by mean
     if src != target_rate:
         if not allow_resample:
@@ -162,7 +186,8 @@ class AudioPreprocessor(Preprocessor):
             if item is None:
                 clips.append(None)
                 continue
-            wav, _ = load_audio(item, self.sample_rate, self.allow_resample, name=f"audio item {i}")
+            wav, _ = load_audio(item, self.sample_rate, self.allow_resample, name=f"audio item {i}",
+                                max_seconds=self.max_seconds)
             clips.append(wav[:max_n])  # crop long clips
         lengths = torch.tensor([0 if c is None else c.numel() for c in clips], dtype=torch.long)  # [B]
         min_n = round(self.min_seconds * self.sample_rate)

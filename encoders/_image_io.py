@@ -25,6 +25,11 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except Image.DecompressionBombError as e:  # a small file that would decode to gigabytes of pixels
+        raise InputError(
+            f"{name}: image is larger than the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels "
+            "(PIL.Image.MAX_IMAGE_PIXELS) and is refused; downscale it, or raise that limit if you trust the file."
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: cannot decode image ({e}); the file is corrupt, truncated or not an image.") from e
     return img
@@ -44,6 +49,12 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise InputError(f"{name}: float image holds NaN or inf values; clean it before encoding.")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255:  # e.g. already mean/std-normalised: rescaling it would feed the encoder garbage
+            raise InputError(
+                f"{name}: float image values span [{lo:.3g}, {hi:.3g}]; pass raw pixels in [0, 1] or [0, 255], not "
+                "normalised ones (the encoder's preprocessor normalises)."
+            )
         scale = 255.0 if arr.max() <= 1.0 else 1.0  # floats in [0, 1] (or already 0..255)
         arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
     elif arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
