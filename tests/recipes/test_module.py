@@ -124,6 +124,20 @@ def test_lr_groups_give_encoders_the_lower_rate():
     assert enc_ids == {id(p) for p in task.model.encoders["text"].parameters()}  # the frozen image encoder is out
 
 
+def test_lora_adapters_and_from_scratch_encoders_train_at_the_head_lr():
+    task = FusionTask(labels=LABELS, hidden_dim=16, lr=1e-3, encoder_lr=1e-5, encoders={
+        "audio": {"name": "mel-cnn", "options": {"channels": [8], "embed_dim": 8, "num_heads": 2}},  # from scratch
+        "text": {"name": "tiny-text", "finetune": "lora", "lora_r": 2, "options": {"hidden_size": 16}},
+    })
+    by_id = {id(p): g for g in task.param_groups() for p in g["params"]}
+    lr = {n: by_id[id(p)]["lr"] for n, p in task.model.named_parameters() if p.requires_grad}
+    mel = [n for n in lr if n.startswith("encoders.audio.")]
+    lora = [n for n in lr if n.startswith("encoders.text.")]
+    assert mel and all(lr[n] == 1e-3 for n in mel)  # mel-cnn trains by default, at the head lr
+    assert lora and all("lora_" in n and lr[n] == 1e-3 for n in lora)
+    assert {g["name"] for g in task.param_groups()} == {"adapters", "adapters_no_decay", "heads", "heads_no_decay"}
+
+
 def test_warmup_then_cosine_schedule():
     assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
     assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
@@ -138,17 +152,46 @@ def test_nan_loss_raises_a_clear_error():
         task.training_step(raw_batch(nan=True), 3)
 
 
+# logits [[0, 0, 0], [2, 0, 0]] against labels [0, 1] / their one-hot / all ones, each worked out by hand
+PINNED_LOSS = {
+    "multiclass": (math.log(3) + math.log(math.exp(2) + 2)) / 2,  # mean over rows of logsumexp(z) - z[y]
+    "multilabel": (5 * math.log(2) + math.log(1 + math.exp(2))) / 6,  # mean of log(1 + e^z) - y z: five z = 0
+    "regression": 1.0,  # every (z - 1)^2 is 1
+}
+
+
+def _hand_loss(kind: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The task losses written out from their formulas (not the code under test)."""
+    if kind == "multiclass":
+        return (z.exp().sum(-1).log() - z.gather(1, y.long()[:, None])[:, 0]).mean()
+    if kind == "multilabel":  # binary cross-entropy on logits: log(1 + e^z) - y z
+        return ((1 + z.exp()).log() - y * z).mean()
+    return (z - y).pow(2).mean()
+
+
 @pytest.mark.parametrize("task_kind", ["multiclass", "multilabel", "regression"])
 def test_loss_is_task_plus_weighted_late_loss(task_kind):
     task = make_task(stage="late", task=task_kind, late_loss_weight=0.7, dropout=0.0)
+    z = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    y = {"multiclass": torch.tensor([0, 1]), "multilabel": torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]),
+         "regression": torch.ones(2, 3)}[task_kind]
+    assert task._loss(z, y).item() == pytest.approx(PINNED_LOSS[task_kind], rel=1e-6)
+
     task.eval()  # no dropout: the same forward twice
     batch = raw_batch()
-    if task_kind != "multiclass":
-        batch["labels"] = nn.functional.one_hot(batch["labels"], 3).float()
+    batch["inputs"]["text"]["present"][::2] = False  # the text head's loss covers the 3 samples that have text
+    labels = batch["labels"]
+    if task_kind == "multilabel":
+        labels = batch["labels"] = nn.functional.one_hot(labels, 3).float()
+    elif task_kind == "regression":
+        labels = batch["labels"] = torch.stack([labels.float(), -labels.float(), labels.float() / 2], 1)
     out = task.model(batch["inputs"])
-    expected = task._loss(out.logits, batch["labels"]) + 0.7 * task._late_loss(out, batch["labels"]) + out.aux_loss
+    has_text = torch.tensor([False, True] * 3)
+    late = (_hand_loss(task_kind, out.modality_logits["image"], labels)
+            + _hand_loss(task_kind, out.modality_logits["text"][has_text], labels[has_text])) / 2
+    expected = _hand_loss(task_kind, out.logits, labels) + 0.7 * late + out.aux_loss
     assert task.training_step(batch, 0).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert task._late_loss(out, batch["labels"]).item() > 0
+    assert late.item() > 0
 
 
 def test_late_loss_ignores_absent_samples():
@@ -202,7 +245,6 @@ def test_from_checkpoint_rejects_other_files(tmp_path):
 
 
 def test_init_from_with_a_new_head_trains_only_the_head(tmp_path):
-    pytest.importorskip("zoo.hub", reason="zoo/hub.py (save_pretrained/from_pretrained) is not written yet")
     base = make_task(stage="late", encoders={"image": {"name": "fake-image", "finetune": "full"}, "text": "fake-text"})
     base.model.save_pretrained(tmp_path / "base")
     task = FusionTask(labels=LABELS, init_from=str(tmp_path / "base"), fusion_head="average")
@@ -216,6 +258,20 @@ def test_init_from_with_a_new_head_trains_only_the_head(tmp_path):
         if k in fixed:
             assert torch.equal(v, fixed[k]), f"{k} changed although only the head trains"
     assert any(not torch.equal(a, b) for a, b in zip(head, task.model.head_parameters(), strict=True))
+
+
+def test_head_only_training_keeps_the_frozen_late_encoders_in_eval_mode(tmp_path):
+    base = make_task(stage="late", dropout=0.5)
+    base.model.save_pretrained(tmp_path / "base")
+    task = FusionTask(labels=LABELS, init_from=str(tmp_path / "base"), fusion_head="average", dropout=0.5)
+    assert task.train_only_head and task.model.config.dropout == 0.5
+    task.train()
+    frozen = [task.model.encoders, task.model.late_encoders, task.model.late_heads]
+    assert not any(m.training for part in frozen for m in part.modules())
+    assert task.model.trunk.training  # the head trains, with its dropout on
+    x = torch.randn(6, 4)
+    e = [task.model.late_encoders["image"](task.model.encoders["image"]({"x": x}).pooled) for _ in range(2)]
+    torch.testing.assert_close(e[0], e[1], rtol=0, atol=0)  # no dropout in the fixed part
 
 
 def test_with_no_encoders_named_the_data_modalities_decide(monkeypatch: pytest.MonkeyPatch) -> None:
