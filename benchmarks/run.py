@@ -30,9 +30,12 @@ import torch  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     head_step_share,
     inference_fusion,
+    partial_finetune_overhead,
     pipeline_headroom,
     sweep_cache_speedup,
 )
+from benchmarks.serve_load import TARGETS as SERVE_TARGETS  # noqa: E402
+from benchmarks.serve_load import measure as serve_load  # noqa: E402
 
 TARGETS: dict[str, tuple[str, float]] = {
     "sweep_cache_speedup": (">=", 30.0),
@@ -42,7 +45,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "inference_fused_speedup": (">=", 1.3),
     "inference_max_abs_diff": ("<=", 1e-4),
     "pipeline_headroom": (">=", 3.0),
+    "partial_finetune_overhead": ("<=", 1.5),
 }
+TARGETS.update(SERVE_TARGETS)
 
 
 def _met(key: str, value: float | None) -> bool | None:
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, Any] = {}
     results: dict[str, Any] = {}
     steps = [("sweep_cache_speedup", sweep_cache_speedup), ("head_step_share", head_step_share),
-             ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom)]
+             ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom),
+             ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load)]
     for name, fn in steps:
         t = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
