@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from encoders._atomic import atomic_write
 from fusion_errors import FusionZooError
 
+from ._quiet import configure_output, split_verbose
 from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
 from .metrics import format_table, write_metrics_json
 from .recipe import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args
@@ -52,6 +53,8 @@ commands:
 options:
   -h, --help     show this message; `fusion-zoo <command> --help` shows a command's options
   --version      show the version
+  --verbose, -v  (fit/validate/test) also show the libraries' info lines, warnings, progress bars and the model
+                 summary; by default a run prints its progress bar, the cache lines and the result tables
 
 recipes: {configs}
 """
@@ -191,6 +194,8 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionC
         from .data import FusionDataModule
 
         datamodule_class = FusionDataModule
+    argv, verbose = split_verbose(argv)
+    configure_output(verbose)  # quiet by default: library chatter only with --verbose (recipes/_quiet.py)
     subcommand = argv[0]
     # `--init-from NAME` is the documented short form of `--model.init_from NAME`
     argv = [a.replace("--init-from", "--model.init_from", 1) if a.startswith("--init-from") else a for a in argv]
@@ -200,7 +205,7 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionC
         FusionTask,
         datamodule_class,
         args=resolve_config_args(argv),
-        trainer_defaults={"default_root_dir": str(run_dir)},
+        trainer_defaults={"default_root_dir": str(run_dir), "enable_model_summary": verbose},
         parser_kwargs={cmd: dict(default_files) for cmd in LIGHTNING_COMMANDS},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
