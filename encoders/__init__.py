@@ -6,6 +6,7 @@ encoder family means adding one file with ``@register_encoder`` factories.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,6 +36,8 @@ __all__ = [
     "create_encoder",
     "list_encoders",
     "default_finetune",
+    "check_options",
+    "check_encoder_options",
     "FusionZooError",
     "RegistryError",
     "ConfigError",
@@ -71,6 +74,28 @@ def default_finetune(name: str) -> str:
     return _DEFAULT_FINETUNE.get(name, "frozen")
 
 
+def check_options(kind: str, name: str, factory: Any, options: dict[str, Any], reserved: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError when ``options`` holds keywords ``factory`` does not take, listing the accepted ones
+    (a typo in a config would otherwise be a raw ``TypeError`` from deep inside the build)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if n not in reserved and n != "self"
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {unknown} for {name!r}; accepted: {accepted or 'none'}.")
+
+
+def check_encoder_options(name: str, options: dict[str, Any]) -> None:
+    """ConfigError for options encoder ``name`` does not take (nothing is checked for unregistered names)."""
+    if name in _REGISTRY:
+        check_options("encoder", name, _REGISTRY.get(name), options)
+
+
 def create_encoder(name: str, finetune: str | None = None, last_n: int = 1, lora_r: int = 8,
                    **kwargs: Any) -> Encoder:
     """Build the encoder registered as ``name`` and apply its fine-tuning policy.
@@ -83,6 +108,7 @@ def create_encoder(name: str, finetune: str | None = None, last_n: int = 1, lora
         lora_r: LoRA rank under ``lora``.
         **kwargs: the family's typed options (model name, image size, sample rate, ...).
     """
+    check_options("encoder", name, _REGISTRY.get(name), kwargs)
     encoder = _REGISTRY.create(name, **kwargs)
     encoder.spec = {"name": name, **kwargs}  # type: ignore[assignment]
     return encoder.set_finetune(finetune or default_finetune(name), last_n=last_n, lora_r=lora_r)

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from encoders._atomic import atomic_write
-from fusion_errors import FusionZooError
+from fusion_errors import CheckpointError, ConfigError, FusionZooError
 
 from ._quiet import configure_output, split_verbose
 from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
@@ -69,17 +69,97 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _run_stamp(subcommand: str) -> str:
-    """``<subcommand>-<YYYYmmdd-HHMMSS>``; DDP children (LOCAL_RANK > 0) reuse the launcher's stamp."""
+def _run_stamp(subcommand: str, create: bool = True) -> str:
+    """``<subcommand>-<YYYYmmdd-HHMMSS>[-N]``, its folder under ``runs/`` created exclusively (so two runs started
+    in the same second never share one); DDP children (LOCAL_RANK > 0) reuse the launcher's stamp."""
     inherited = os.environ.get(_STAMP_ENV)
     if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         return inherited
-    stamp = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base, n = stamp, 2
-    while (Path("runs") / stamp).exists():
-        stamp, n = f"{base}-{n}", n + 1
+    base = f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        stamp = base if n == 1 else f"{base}-{n}"
+        if not create:
+            break
+        try:
+            (Path("runs") / stamp).mkdir(parents=True, exist_ok=False)  # atomic: exactly one process wins a name
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise ConfigError(f"runs/{base}-2 ... -999 are all taken; pass --trainer.default_root_dir <new folder>.")
     os.environ[_STAMP_ENV] = stamp
     return stamp
+
+
+class FusionCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that, with ``every_n_train_steps``, writes ``last.ckpt`` every N steps from step 0.
+
+    Lightning defers every save until the monitored validation metric exists, so a run killed during epoch 0
+    had no checkpoint to resume from; the best-checkpoint logic is unchanged.
+    """
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n, step = self._every_n_train_steps, trainer.global_step
+        if not self.save_last or n < 1 or step % n or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:
+            return  # Lightning saved (or decided) itself
+        saved = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_global_step_saved = saved  # the deferred save after validation still happens
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The most recently written ``.ckpt`` under ``<run_dir>/checkpoints`` (None if there is none yet)."""
+    found = [p for p in Path(run_dir, "checkpoints").glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _check_ckpt(path: str) -> None:
+    """``--ckpt_path`` must name a readable Lightning checkpoint (loaded with weights_only=True: no pickled code)."""
+    import torch
+
+    if path in ("last", "best", "hpc", "registry") or "://" in path:  # Lightning's own keywords / remote files
+        return
+    file = Path(path)
+    if not file.is_file():
+        hint = f"; resume a run with --resume {file.parent.parent}" if file.parent.name == "checkpoints" else ""
+        raise CheckpointError(f"--ckpt_path {path} does not exist{hint} (--resume finds its latest checkpoint).")
+    try:
+        torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickled code, a truncated file, not a checkpoint at all
+        raise CheckpointError(f"--ckpt_path {path} is not a readable Lightning checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); give a .ckpt written by fusion-zoo fit.") from e
+
+
+def _resume_args(argv: list[str]) -> list[str]:
+    """``--resume RUN_DIR``: continue that run from its latest checkpoint, or start it if it has none yet."""
+    out, i, run = [], 0, None
+    while i < len(argv):
+        if argv[i] == "--resume" and i + 1 < len(argv):
+            run, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--resume="):
+            run = argv[i].split("=", 1)[1]
+        else:
+            out.append(argv[i])
+        i += 1
+    if run is None:
+        return argv
+    if out[0] != "fit":
+        raise ConfigError(f"--resume is for fit; give {out[0]} a checkpoint with --ckpt_path.")
+    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in out):
+        raise ConfigError("give either --resume RUN_DIR or --ckpt_path FILE, not both.")
+    out += ["--trainer.default_root_dir", run]
+    last = latest_checkpoint(run)
+    if last is None:
+        print(f"fusion-zoo fit: no checkpoint in {run}/checkpoints yet; starting that run from the beginning.",
+              file=sys.stderr)
+        return out
+    print(f"fusion-zoo fit: resuming {run} from {last}", file=sys.stderr)
+    return [*out, "--ckpt_path", str(last)]
 
 
 class FusionCLI(LightningCLI):
@@ -100,7 +180,7 @@ class FusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.modalities", "model.modalities", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FusionCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/fused/accuracy", "checkpoint.mode": "max", "checkpoint.save_last": True,
             "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False,
@@ -111,6 +191,9 @@ class FusionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        _check_trainer(cfg.trainer, self.subcommand)
+        if cfg.get("ckpt_path"):
+            _check_ckpt(str(cfg.ckpt_path))
         if cfg.trainer.strategy in ("ddp", "ddp_spawn"):
             # missing-modality embeddings, unrouted experts and the unused trunk branch get no gradient every step
             cfg.trainer.strategy = f"{cfg.trainer.strategy}_find_unused_parameters_true"
@@ -189,6 +272,28 @@ class FusionCLI(LightningCLI):
         print(f"fused model saved to {path} (load it with FusionModel.from_pretrained({str(path)!r}))")
 
 
+def _check_trainer(trainer: Any, subcommand: str) -> None:
+    """Settings Lightning would accept and then misuse, or fail on with a traceback: one-line errors instead."""
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if subcommand == "fit" and epochs is not None and (epochs == 0 or epochs < -1 or (epochs == -1 and steps in
+                                                                                        (None, -1))):
+        raise ConfigError(f"--trainer.max_epochs {epochs} must be >= 1 (or -1 with --trainer.max_steps N); "
+                          "with 0 the saved model would be untrained.")
+    name = trainer.get("accelerator")
+    if isinstance(name, str) and name != "auto":
+        from pytorch_lightning.accelerators import AcceleratorRegistry
+
+        registry = {n: AcceleratorRegistry[n]["accelerator"] for n in AcceleratorRegistry.available_accelerators()}
+        present = sorted(n for n, acc in registry.items() if acc.is_available())
+        known = name == "gpu" or name in registry
+        if known and not (any(n in present for n in ("cuda", "mps")) if name == "gpu" else name in present):
+            raise ConfigError(f"--trainer.accelerator {name} is not present on this machine; present: "
+                              f"{', '.join(present)} (or use auto).")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < -1 or devices == 0:
+        raise ConfigError(f"--trainer.devices {devices} must be >= 1, -1 (all) or auto.")
+
+
 def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionCLI:
     if datamodule_class is None:
         from .data import FusionDataModule
@@ -199,7 +304,12 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionC
     subcommand = argv[0]
     # `--init-from NAME` is the documented short form of `--model.init_from NAME`
     argv = [a.replace("--init-from", "--model.init_from", 1) if a.startswith("--init-from") else a for a in argv]
-    run_dir = Path("runs") / _run_stamp(subcommand)
+    argv = _resume_args(argv)
+    for i, a in enumerate(argv):  # checked before LightningCLI reads the file's hyperparameters at parse time
+        if a == "--ckpt_path" and i + 1 < len(argv) or a.startswith("--ckpt_path="):
+            _check_ckpt(argv[i + 1] if a == "--ckpt_path" else a.split("=", 1)[1])
+    own_dir = any(a == "--trainer.default_root_dir" or a.startswith("--trainer.default_root_dir=") for a in argv)
+    run_dir = Path("runs") / _run_stamp(subcommand, create=not own_dir)
     default_files = {"default_config_files": [str(DEFAULT_CONFIG)]}
     return FusionCLI(
         FusionTask,

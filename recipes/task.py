@@ -55,6 +55,17 @@ def _eval_frozen(module: nn.Module) -> None:
             _eval_frozen(child)
 
 
+def _check_optimizer(lr: float, encoder_lr: float, weight_decay: float, warmup_ratio: float) -> None:
+    """One-line ConfigErrors for optimizer settings that would train wrongly (lr < 0 is gradient ascent)."""
+    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name}={value} must be a finite number > 0 (e.g. --model.{name} 1e-3).")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay={weight_decay} must be a finite number >= 0.")
+    if not (isinstance(warmup_ratio, (int, float)) and 0 <= warmup_ratio < 1):
+        raise ConfigError(f"warmup_ratio={warmup_ratio} must be in [0, 1).")
+
+
 class FusionTask(pl.LightningModule):
     """Train a fused text/image/audio model on one task.
 
@@ -111,6 +122,7 @@ class FusionTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         args = {k: copy.deepcopy(v) for k, v in locals().items() if k in inspect.signature(FusionTask).parameters}
+        _check_optimizer(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         swapped = False
         if config is not None:
             self.model = FusionModel(FusionModelConfig.from_dict(config))

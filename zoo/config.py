@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from encoders import FINETUNE_POLICIES, MODALITIES, default_finetune
+from encoders import FINETUNE_POLICIES, MODALITIES, check_encoder_options, check_options, default_finetune
 from fusion_errors import ConfigError
 
 __all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS"]
@@ -92,6 +93,10 @@ class EncoderSpec:
             object.__setattr__(self, "finetune", default_finetune(self.name))
         if self.finetune not in FINETUNE_POLICIES:
             raise ConfigError(f"finetune={self.finetune!r} is not one of {FINETUNE_POLICIES}.")
+        if isinstance(self.options, dict):
+            check_encoder_options(self.name, self.options)
+        if isinstance(self.last_n, int) and self.last_n < 1 or isinstance(self.lora_r, int) and self.lora_r < 1:
+            raise ConfigError(f"last_n={self.last_n} and lora_r={self.lora_r} must be >= 1.")
 
     @classmethod
     def parse(cls, value: str | dict[str, Any] | EncoderSpec, where: str = "encoder") -> EncoderSpec:
@@ -169,6 +174,20 @@ class FusionModelConfig:
             raise ConfigError(f"late_decision={self.late_decision!r} is not 'embedding' or 'logits'.")
         if self.hidden_dim < 1 or self.trunk_layers < 0:
             raise ConfigError("hidden_dim must be >= 1 and trunk_layers >= 0.")
+        twice = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        if twice:
+            raise ConfigError(f"labels {twice} appear more than once in {list(self.labels)}; each label once.")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
+        if not (isinstance(self.late_loss_weight, (int, float)) and math.isfinite(self.late_loss_weight)
+                and self.late_loss_weight >= 0):
+            raise ConfigError(f"late_loss_weight={self.late_loss_weight} must be a finite number >= 0.")
+        if isinstance(self.head_options, dict):
+            from fusion_heads import _REGISTRY as heads  # the head's own keyword options, checked before a build
+
+            if self.fusion_head in heads:
+                check_options("fusion head", self.fusion_head, heads.get(self.fusion_head), self.head_options,
+                              reserved=("modality_dims", "out_dim"))
         if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"config format_version {self.format_version} is newer than this fusion-zoo understands "

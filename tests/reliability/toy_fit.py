@@ -92,6 +92,7 @@ class ToyRawData(pl.LightningDataModule):
         super().__init__()
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.labels = list(LABELS)
+        self.modalities = sorted(ENCODERS)  # linked to model.modalities by the CLI
         self.splits = {s: make_rows(num_samples, i + 10) for i, s in enumerate(("train", "validation", "test"))}
 
     def train_dataloader(self) -> DataLoader:
@@ -130,8 +131,20 @@ class _KillingCLI(cli.FusionCLI):
         return trainer
 
 
+class _FixedClock:
+    """``time`` for recipes.cli with a frozen ``strftime`` (FUSION_FIXED_TIME): runs started "in the same second"."""
+
+    def __init__(self, stamp: str) -> None:
+        self.stamp = stamp
+
+    def strftime(self, fmt: str) -> str:
+        return self.stamp
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if os.environ.get("FUSION_FIXED_TIME"):
+        cli.time = _FixedClock(os.environ["FUSION_FIXED_TIME"])  # type: ignore[assignment]
     if os.environ.get("FUSION_KILL_AT_STEP"):
         cli.FusionCLI = _KillingCLI  # type: ignore[misc]
     run(sys.argv[1:])
