@@ -7,6 +7,7 @@ Texts longer than ``max_length`` tokens are truncated (the tail is dropped).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -37,8 +38,9 @@ def check_texts(items: Sequence[Any]) -> list[str | None]:
                 f"text item {i} is a {type(item).__name__}, not a str; convert it with str(...) "
                 "or pass None for a missing text."
             )
-        elif not item.strip():
-            raise InputError(f"text item {i} is empty; pass None for a missing text instead of an empty string.")
+        elif not _visible(item):
+            raise InputError(f"text item {i} is empty (only whitespace, control or zero-width characters); pass "
+                             "None for a missing text instead.")
         elif not item.isascii() and not _is_utf8(item):
             raise InputError(
                 f"text item {i} holds characters that are not valid Unicode (lone surrogates); decode the source "
@@ -47,6 +49,12 @@ def check_texts(items: Sequence[Any]) -> list[str | None]:
         else:
             out.append(item)
     return out
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character other than whitespace, control (NUL ...) or invisible format characters
+    (zero-width space, BOM ...): a text of only those says nothing and counts as empty."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
 
 
 def _is_utf8(text: str) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+import unicodedata
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from PIL import Image
 
 from fusion_errors import DataError
 
-__all__ = ["load_source", "pick_splits", "infer_labels", "LabelEncoder", "is_missing", "resolve", "cell_problem",
+__all__ = ["load_source", "pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve",
+           "cell_problem",
            "IMAGE_EXTS", "AUDIO_EXTS"]
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -39,6 +42,11 @@ def _first_file(data_files: Any) -> str:
     if isinstance(data_files, (list, tuple)):
         data_files = data_files[0]
     return str(data_files)
+
+
+def _all_files(data_files: Any) -> list[str]:
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    return [str(f) for v in values for f in (v if isinstance(v, (list, tuple)) else [v])]
 
 
 def _folder_tables(root: Path) -> dict[str, str]:
@@ -126,6 +134,9 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
     else:
         data_files = _as_path(data_files, root)
     first = _first_file(data_files)
+    for f in _all_files(data_files):
+        if Path(f).is_file() and Path(f).stat().st_size == 0:  # datasets would raise DatasetGenerationError
+            raise DataError(f"data file {f!r} is empty (0 bytes); a table needs a header row and data rows.")
     fmt = data_format or FORMATS.get(Path(first).suffix.lower())
     if fmt not in ("csv", "json", "parquet"):
         raise DataError(f"cannot tell the format of {first!r}; pass --data.data_format csv|json|parquet "
@@ -195,31 +206,75 @@ def _inner(feature: Any) -> Any:
     return getattr(feature, "feature", None)
 
 
-def infer_labels(parts: Sequence[datasets.Dataset], column: str) -> list[str]:
-    """Label names: a ClassLabel's names, sorted unique values, or target names for float (regression) columns."""
-    feature = parts[0].features[column]
+def _values(ds: datasets.Dataset, column: str) -> tuple[set[Any], int, bool]:
+    """(distinct non-empty label values, widest list cell, whether some cell is empty)."""
+    values: set[Any] = set()
+    width, empty = 0, False
+    for v in ds[column]:
+        if isinstance(v, (list, tuple)):
+            values.update(x for x in v if x is not None)
+            width = max(width, len(v))
+        elif v is None or (isinstance(v, float) and math.isnan(v)):
+            empty = True
+        else:
+            values.add(v)
+    return values, width, empty
+
+
+def infer_labels(parts: Sequence[datasets.Dataset] | Mapping[str, datasets.Dataset], column: str) -> list[str]:
+    """Label names: a ClassLabel's names, sorted unique values, or target names for float (regression) columns.
+
+    ``parts`` by role (``{"train": ..., "validation": ..., "test": ...}``): a class seen only in validation/test
+    is an error (a typo, or a class the model could never learn) unless ``--data.labels`` names it. Labels are
+    stripped of surrounding whitespace ("cat " is "cat", with a warning when that merges spellings). A float
+    column of whole numbers with empty cells is integer classes (pandas reads empty int cells as NaN), not a
+    regression target.
+    """
+    roles = dict(parts) if isinstance(parts, Mapping) else {str(i): ds for i, ds in enumerate(parts)}
+    first = roles.get("train", next(iter(roles.values())))
+    feature = first.features[column]
     for f in (feature, _inner(feature)):
         if isinstance(f, datasets.ClassLabel):
             return list(f.names)
+    seen = {role: _values(ds, column) for role, ds in roles.items()}
+    values = set().union(*(v for v, _, _ in seen.values()))
     if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
-        return [column]
-    values: set[Any] = set()
-    width = 0
-    for ds in parts:
-        for v in ds[column]:
-            if isinstance(v, (list, tuple)):
-                values.update(x for x in v if x is not None)
-                width = max(width, len(v))
-            elif v is not None and not (isinstance(v, float) and math.isnan(v)):
-                values.add(v)
+        whole = values and all(isinstance(v, (int, float)) and float(v).is_integer() for v in values)
+        if not (whole and any(e for _, _, e in seen.values())):
+            return [column]
     if isinstance(_inner(feature), datasets.Value) and _inner(feature).dtype.startswith("float"):
-        return [f"{column}_{i}" for i in range(width)]
+        return [f"{column}_{i}" for i in range(max(w for _, w, _ in seen.values()))]
+    _warn_merged(values, column)
     if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return [_name(v) for v in sorted(values)]
-    return sorted({_name(v) for v in values})
+        names = [_name(v) for v in sorted(values)]
+    else:
+        names = sorted({_name(v) for v in values})
+    if "train" in seen:
+        known = {_name(v) for v in seen["train"][0]}
+        for role in ("validation", "test"):
+            extra = sorted({_name(v) for v in seen.get(role, (set(),))[0]} - known)
+            if extra:
+                raise DataError(
+                    f"label(s) {extra[:10]} of column {column!r} appear in the {role} split but never in train; fix "
+                    f"the typo, or list every class with --data.labels (e.g. {names[:6]}) to keep them."
+                )
+    return names
+
+
+def _warn_merged(values: set[Any], column: str) -> None:
+    by_name: dict[str, set[str]] = {}
+    for v in values:
+        if isinstance(v, str):
+            by_name.setdefault(_name(v), set()).add(v)
+    merged = {k: sorted(v) for k, v in by_name.items() if len(v) > 1}
+    if merged:
+        warnings.warn(f"labels of column {column!r} differ only in surrounding whitespace and are merged: "
+                      f"{dict(list(merged.items())[:5])}.", stacklevel=3)
 
 
 def _name(v: Any) -> str:
+    if isinstance(v, str):
+        return v.strip()
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
@@ -270,11 +325,19 @@ def is_missing(v: Any) -> bool:
     """None, NaN, an empty or blank string, empty bytes or an empty datasets dict: a missing modality."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return True
-    if isinstance(v, (str, bytes)):
+    if isinstance(v, str):
+        return not visible(v)
+    if isinstance(v, bytes):
         return not v.strip()
     if isinstance(v, dict):
         return not v.get("bytes") and not v.get("path") and v.get("array") is None
     return False
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` has a character that is not whitespace, a control character (NUL ...) or an invisible
+    format character (zero-width space, BOM ...): text made only of those is empty, a missing modality."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
 
 
 def resolve(v: Any, base: Path | None) -> Any:
@@ -311,7 +374,16 @@ def cell_problem(modality: str, v: Any) -> str | None:
     if data is None:
         assert path is not None
         p = Path(path).expanduser()
-        if not p.is_file():
+        try:
+            exists = p.is_file()
+        except (OSError, ValueError):  # a name too long for a file, NUL bytes
+            exists = False
+        if not exists:
+            exts = IMAGE_EXTS if modality == "image" else AUDIO_EXTS
+            if p.suffix.lower() not in exts:  # 'hi', 'a nice day': words, not a file name
+                return (f"{modality} cell {str(path)[-60:]!r} is not an existing {modality} file and has no "
+                        f"{modality} extension ({', '.join(sorted(exts))}): is a text column given to the "
+                        f"{modality} encoder? Map columns with --data.columns '{{\"text\": \"<column>\"}}'")
             return f"file {str(p)!r} does not exist"
         if p.stat().st_size == 0:
             return f"file {str(p)!r} is empty"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -31,12 +32,46 @@ from safetensors.torch import load_file, save_file
 from encoders import Encoder, ModalityOutput
 from fusion_errors import DataError, InputError
 
-__all__ = ["FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
+__all__ = ["clean_stale_temps", "FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 
 CACHE_ENV = "FUSION_ZOO_CACHE"
 FORMAT_VERSION = 1
 MEMORY_LIMIT_BYTES = 4 << 30  # the in-process index keeps at most this much, least recently used dropped first
 _MEMORY: OrderedDict[str, ModalityOutput] = OrderedDict()
+
+
+# temp files of this project's atomic writes: ``.<name>.<pid>-<hex>.tmp`` (encoders/_atomic.py) and
+# ``.<name>.<pid>.<ns>.tmp`` (cache entries); the pid tells whether the writer is still alive
+_TEMP = re.compile(r"^\..+\.(\d+)[.-][0-9a-f]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's live process, or unknowable: keep the file
+    return True
+
+
+def clean_stale_temps(folder: str | Path) -> int:
+    """Delete this project's temp files in ``folder`` whose writing process is gone (a killed save); returns how
+    many. Temp files of live processes, and every other file, are left alone."""
+    removed = 0
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no such folder yet
+        return 0
+    for path in entries:
+        match = _TEMP.match(path.name)
+        if match and path.is_file() and not path.is_symlink() and not _alive(int(match.group(1))):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 def default_cache_dir() -> Path:
@@ -126,6 +161,7 @@ class FeatureCache:
     def __init__(self, root: str | Path | None = None, memory: bool = True) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir()
         self.memory = memory
+        clean_stale_temps(self.root)  # left by saves that were killed
 
     @staticmethod
     def clear_memory() -> None:
@@ -227,6 +263,10 @@ class FeatureCache:
             return None
         if out.batch_size != rows:
             rank_zero_warn(f"feature cache entry {path} has {out.batch_size} rows, expected {rows}; encoding again.")
+            return None
+        if not (torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()):
+            rank_zero_warn(f"feature cache entry {path} holds NaN/inf features (a corrupt or tampered file); "
+                           "encoding again.")
             return None
         return out
 

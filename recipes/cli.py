@@ -25,6 +25,7 @@ from encoders._atomic import atomic_write
 from fusion_errors import CheckpointError, ConfigError, FusionZooError
 
 from ._quiet import configure_output, split_verbose
+from .cache import clean_stale_temps
 from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
 from .metrics import format_table, write_metrics_json
 from .recipe import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args
@@ -192,6 +193,9 @@ class FusionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         _check_trainer(cfg.trainer, self.subcommand)
+        root = Path(str(cfg.trainer.get("default_root_dir") or "."))
+        for folder in (root, root / "checkpoints"):  # temp files of saves killed in an earlier run
+            clean_stale_temps(folder)
         if cfg.get("ckpt_path"):
             _check_ckpt(str(cfg.ckpt_path))
         if cfg.trainer.strategy in ("ddp", "ddp_spawn"):

@@ -232,7 +232,7 @@ class FusionDataModule(pl.LightningDataModule):
         for role in self._parts:
             self._need_column(role, "label")
         self.labels: list[str] = [str(x) for x in labels] if labels else infer_labels(
-            [ds for ds, _, _ in self._parts.values()], self.columns["label"])
+            {role: ds for role, (ds, _, _) in self._parts.items()}, self.columns["label"])
         if not self.labels:
             raise DataError(f"label column {self.columns['label']!r} has no values; fill it or pass --data.labels.")
         self.bad_rows: dict[str, int] = {}

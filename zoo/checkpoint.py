@@ -281,6 +281,14 @@ def _refuse(count: int, limit: int, what: str, where: str) -> None:
 
 
 def _build_encoder(m: str, spec: Any, where: str) -> Encoder:
+    encoder = _create(m, spec, where)
+    if getattr(encoder, "modality", m) != m:
+        raise ConfigError(f"{where}: encoders.{m} is {spec.name!r}, which encodes {encoder.modality}, not {m}; give "
+                          f"each modality an encoder of its own kind (encoders.list_encoders()).")
+    return encoder
+
+
+def _create(m: str, spec: Any, where: str) -> Encoder:
     try:
         return create_encoder(spec.name, finetune=spec.finetune, last_n=spec.last_n, lora_r=spec.lora_r, **spec.options)
     except MissingDependencyError as e:

@@ -1,0 +1,120 @@
+"""Issue 14 (7): labels and data hygiene. Label whitespace, integer labels with empty cells, classes seen only in
+validation/test, empty tables, invisible texts, a text column given to an image encoder, NaN cache entries and
+temp files of killed saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import encoders
+from encoders.text_hf import check_texts
+from fusion_errors import ConfigError, DataError, InputError
+from recipes._columns import cell_problem, is_missing
+from recipes.cache import FeatureCache, clean_stale_temps
+from recipes.data import FusionDataModule
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
+
+
+def _csv(path: Path, rows: list[tuple[str, str]]) -> str:
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return str(path)
+
+
+def test_integer_labels_with_an_empty_cell_are_classes_and_the_row_is_named(tmp_path: Path) -> None:
+    rows = [(f"t{i}", str(i % 2)) for i in range(10)]
+    rows[4] = ("t4", "")  # pandas reads the column as float with a NaN
+    dm = FusionDataModule(data_files=_csv(tmp_path / "d.csv", rows), cache_features=False, val_fraction=0.2,
+                          test_fraction=0.2)
+    assert dm.labels == ["0", "1"]  # was ['label'] -> "needs at least 2 labels, got ['label']"
+    dm.attach(FusionModel(FusionModelConfig(encoders={"text": "tiny-text"}, labels=tuple(dm.labels), hidden_dim=8)))
+    with pytest.raises(DataError, match="row 4: column 'label': the label is empty"):
+        dm.setup(None)
+
+
+def test_label_whitespace_is_stripped_with_a_warning_when_it_merges(tmp_path: Path) -> None:
+    rows = [(f"t{i}", ["cat", "dog", "cat "][i % 3]) for i in range(12)]
+    with pytest.warns(UserWarning, match="differ only in surrounding whitespace and are merged"):
+        dm = FusionDataModule(data_files=_csv(tmp_path / "d.csv", rows), cache_features=False)
+    assert dm.labels == ["cat", "dog"]  # was ['cat', 'cat ', 'dog']
+
+
+def test_a_class_seen_only_in_test_is_an_error_unless_listed(tmp_path: Path) -> None:
+    train = _csv(tmp_path / "train.csv", [(f"t{i}", "ab"[i % 2]) for i in range(8)])
+    test = _csv(tmp_path / "test.csv", [("x", "a"), ("y", "bird")])
+    files = {"train": train, "validation": train, "test": test}
+    with pytest.raises(DataError, match=r"label\(s\) \['bird'\] .* appear in the test split but never in train"):
+        FusionDataModule(data_files=files, cache_features=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert FusionDataModule(data_files=files, labels=["a", "b", "bird"], cache_features=False).labels == [
+            "a", "b", "bird"]
+
+
+def test_a_zero_byte_csv_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(DataError, match=r"is empty \(0 bytes\)"):  # was DatasetGenerationError
+        FusionDataModule(data_files=str(tmp_path / "empty.csv"))
+
+
+@pytest.mark.parametrize("text", ["\x00\x00", "\u200b", "\ufeff\u200d \t", "\x1b\x07"])
+def test_control_or_zero_width_only_texts_are_empty(text: str) -> None:
+    assert is_missing(text)
+    with pytest.raises(InputError, match="text item 0 is empty"):
+        check_texts([text])
+    assert check_texts(["a\u200bb"]) == ["a\u200bb"]  # visible text around them stays
+
+
+def test_a_text_column_given_to_an_image_encoder_says_so(tmp_path: Path) -> None:
+    problem = cell_problem("image", str(tmp_path / "hi"))  # was: "image file '.../hi' does not exist"
+    assert problem is not None and "is a text column given to the image encoder?" in problem
+    assert "does not exist" in cell_problem("image", str(tmp_path / "missing.png"))
+
+
+def test_an_encoder_of_the_wrong_modality_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    model = FusionModel(FusionModelConfig(encoders={"text": "tiny-text"}, labels=("a", "b"), hidden_dim=8))
+    folder = model.save_pretrained(tmp_path / "ck")
+    doc = json.loads((folder / "config.json").read_text())
+    doc["model"]["encoders"]["text"]["name"] = "tiny-image"
+    (folder / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="'tiny-image', which encodes image, not text"):
+        FusionModel.from_pretrained(folder)
+
+
+def test_a_cache_entry_full_of_nan_is_recomputed_with_a_warning(tmp_path: Path) -> None:
+    encoder = encoders.create_encoder("tiny-text")
+    rows = datasets.Dataset.from_dict({"text": ["one", "two", None]})
+    cache = FeatureCache(tmp_path, memory=False)
+    first, stats = cache.get_or_compute(encoder, rows, "text")
+    path = cache.path(stats.key)
+    tensors = {k: v.clone() for k, v in load_file(path).items()}
+    tensors["pooled"].fill_(float("nan"))
+    tensors["tokens"].fill_(float("nan"))
+    save_file(tensors, str(path))
+    with pytest.warns(UserWarning, match="holds NaN/inf features"):
+        again, stats = cache.get_or_compute(encoder, rows, "text")
+    assert stats.source == "computed"  # was "disk": NaN features served, the loss blamed the learning rate
+    torch.testing.assert_close(again.pooled, first.pooled)
+
+
+def test_stale_temp_files_of_killed_saves_are_cleaned_on_start(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])  # a process that has exited: its temp files are orphans
+    dead.wait()
+    stale = [tmp_path / f".abc.safetensors.{dead.pid}.123456.tmp", tmp_path / f".last.ckpt.{dead.pid}-0a1b2c3d.tmp"]
+    live = tmp_path / f".metrics.json.{os.getpid()}-0a1b2c3d.tmp"
+    keep = [live, tmp_path / "entry.safetensors", tmp_path / ".hidden.tmp"]
+    for p in [*stale, *keep]:
+        p.write_bytes(b"x")
+    FeatureCache(tmp_path)  # the cache cleans its folder when opened
+    assert [p.exists() for p in stale] == [False, False]
+    assert all(p.exists() for p in keep)
+    assert clean_stale_temps(tmp_path / "no-such-folder") == 0
