@@ -11,6 +11,7 @@ from fusion_errors import ConfigError
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
+from ._stft import real_mel_spectrogram
 
 __all__ = ["MelCNNEncoder"]
 
@@ -77,7 +78,7 @@ class MelCNNEncoder(Encoder):
         wav = batch["waveform"].to(device)  # [B, N]
         lengths = batch["lengths"].to(device)  # [B]
         present = batch.get("present", lengths > 0).to(device)
-        logmel = (self.mel(wav) + 1e-6).log()  # [B, M, F]
+        logmel = (real_mel_spectrogram(self.mel, wav) + 1e-6).log()  # [B, M, F] (real-valued: exports to ONNX)
         n = lengths // self.hop + 1  # valid frames
         mask = frame_mask(n, logmel.shape[-1], present)  # [B, F]
         w = mask[:, None, :].to(logmel.dtype)  # [B, 1, F]

@@ -1,9 +1,14 @@
 """``resemblyzer-lstm``: a speaker encoder (GE2E-style 3-layer LSTM, 256-d) with Resemblyzer's pretrained weights.
 
 The module is the project's own torch code; only the weights come from the ``pretrained.pt`` that the
-``resemblyzer`` wheel ships. The front-end is a torchaudio mel spectrogram matching Resemblyzer's
-(16 kHz, 40 Slaney mel bands, 25 ms Hann window, 10 ms hop, power spectrum, no log), so gradients flow
+``resemblyzer`` wheel ships. The front-end is a mel spectrogram matching Resemblyzer's
+(16 kHz, 40 Slaney mel bands, 25 ms Hann window, 10 ms hop, power spectrum, no log), computed real-valued
+(``encoders._stft``: the STFT as a conv1d with a DFT basis) so it exports to ONNX; gradients flow
 from the embedding back to the waveform. Resemblyzer's voice-activity trimming is not applied.
+
+Under ``torch.jit.trace`` (TorchScript and ONNX export) the partial windows are computed with tensor ops over
+every candidate window (:meth:`ResemblyzerEncoder._partials_traceable`), so the exported graph takes any
+clip length; eager runs keep the cheaper per-clip window lists. Both give the same embedding.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from fusion_errors import CheckpointError, ConfigError
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
 from ._contract import Encoder, ModalityOutput
+from ._stft import real_mel_spectrogram
 from ._weights import load_weights_file, resemblyzer_file
 
 __all__ = ["ResemblyzerEncoder"]
@@ -110,10 +116,15 @@ class ResemblyzerEncoder(Encoder):
         if self.normalize_volume:  # raise quiet clips to -30 dBFS (never lower loud ones)
             rms = (wav.pow(2).sum(1) / lengths.clamp_min(1)).sqrt()  # [B]
             wav = wav * (TARGET_RMS / rms.clamp_min(1e-8)).clamp_min(1.0)[:, None]
-        starts = [self._windows(int(n)) for n in lengths.tolist()]
-        need = max(wav.shape[1], max(s[-1] + PARTIAL_FRAMES for s in starts) * HOP)
-        wav = F.pad(wav, (0, need - wav.shape[1]))  # [B, N']
-        mels = self.mel(wav).transpose(1, 2)  # [B, F, 40]
+        if torch.jit.is_tracing():  # shapes must follow the inputs: pad by one window, weigh every candidate
+            wav = F.pad(wav, (0, PARTIAL_FRAMES * HOP))  # [B, N + 25600]
+            mels = real_mel_spectrogram(self.mel, wav).transpose(1, 2)  # [B, F, 40]
+            starts = None
+        else:
+            starts = [self._windows(int(n)) for n in lengths.tolist()]
+            need = max(wav.shape[1], max(s[-1] + PARTIAL_FRAMES for s in starts) * HOP)
+            wav = F.pad(wav, (0, need - wav.shape[1]))  # [B, N']
+            mels = real_mel_spectrogram(self.mel, wav).transpose(1, 2)  # [B, F, 40]
         n_frames = lengths // HOP + 1  # frames whose centre lies inside the clip
         tokens = self._run(mels)  # [B, F, 256]
         mask = frame_mask(n_frames, tokens.shape[1], present)  # [B, F]
@@ -121,9 +132,33 @@ class ResemblyzerEncoder(Encoder):
         if self.pooling == "last":
             last = (mask.sum(1) - 1).clamp_min(0)  # [B]
             pooled = tokens[torch.arange(tokens.shape[0], device=device), last]  # [B, 256]
+        elif starts is None:
+            pooled = self._partials_traceable(mels, lengths)
         else:
             pooled = self._partials(mels, starts)
         return ModalityOutput(tokens, mask, pooled)
+
+    def _partials_traceable(self, mels: Tensor, lengths: Tensor) -> Tensor:
+        """:meth:`_partials` with :meth:`_windows`' rule as tensor ops: [B, F, 40], [B] -> [B, 256].
+
+        Every window start ``0, step, 2 step, ...`` that fits in ``F`` frames is embedded; each clip weighs only
+        the starts its own length allows (same count and coverage rule as :meth:`_windows`).
+        """
+        starts = torch.arange(0, mels.shape[1] - PARTIAL_FRAMES + 1, self.frame_step, device=mels.device)  # [W]
+        idx = starts[:, None] + torch.arange(PARTIAL_FRAMES, device=mels.device)  # [W, 160]
+        windows = mels[:, idx]  # [B, W, 160, 40]
+        emb = self._run(windows.flatten(0, 1))[:, -1]  # [B*W, 256]
+        emb = emb.reshape(mels.shape[0], -1, HIDDEN)  # [B, W, 256]
+        step = self.frame_step
+        n_frames = (lengths + HOP) // HOP  # ceil((n + 1) / HOP)
+        steps = (n_frames - PARTIAL_FRAMES + step + 1).clamp_min(1)
+        count = (steps + step - 1) // step  # windows before the coverage rule
+        coverage = (lengths - (count - 1) * step * HOP).to(mels.dtype) / (PARTIAL_FRAMES * HOP)
+        count = count - ((coverage < self.min_coverage) & (count > 1)).to(count.dtype)
+        idx = torch.arange(emb.shape[1], device=mels.device)  # [W]
+        weight = (idx[None, :] < count[:, None]).to(emb.dtype)  # [B, W]
+        mean = (emb * weight[..., None]).sum(1) / weight.sum(1, keepdim=True)  # [B, 256]
+        return F.normalize(mean, dim=-1, eps=1e-8)
 
     def _partials(self, mels: Tensor, starts: list[list[int]]) -> Tensor:
         """Mean of the window embeddings, L2-normalised: [B, F, 40] → [B, 256]."""

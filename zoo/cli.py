@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", help="an audio file (repeat for several samples)")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per sample")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--no-explain", action="store_true", help="skip the per-modality contribution table")
+    p.add_argument("--no-fold", action="store_true",
+                   help="run the image encoder as loaded (default: BatchNorm folded, channels-last; same outputs "
+                        "within 1e-4)")
 
     z = sub.add_parser("zoo", help="list and describe the pretrained fused models")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
@@ -53,21 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _predict(args: argparse.Namespace) -> int:
     from .model import FusionModel  # lazy: keeps `fusion-zoo --help` fast
+    from .predict import explain_table
 
     if not (args.text or args.image or args.audio):
         raise InputError("give at least one input: --text '...', --image PATH or --audio PATH.")
     model = FusionModel.from_pretrained(args.model)
-    rows = model.predict(text=args.text, image=args.image, audio=args.audio)
+    rows = model.predict(text=args.text, image=args.image, audio=args.audio, explain=not args.no_explain,
+                         fold=not args.no_fold)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for i, row in enumerate(rows):
         if "values" in row:
             print(f"[{i}] " + ", ".join(f"{k}={v:.4g}" for k, v in row["values"].items()))
+            if "explain" in row:
+                print("\n".join("    " + line for line in explain_table(row["explain"], model.modalities)))
             continue
         top = sorted(row["probs"].items(), key=lambda kv: -kv[1])[: max(1, args.top)]
         head = row["label"] if "label" in row else ",".join(row["labels"]) or "(none)"
         print(f"[{i}] {head}  (" + ", ".join(f"{k}: {p:.3f}" for k, p in top) + ")")
+        if "explain" in row:
+            print("\n".join("    " + line for line in explain_table(row["explain"], model.modalities)))
+    if rows and "explain" in rows[0]:
+        print("contrib: drop in the predicted class's probability when the modality is left out (learned missing "
+              "embedding); share: |contrib| / sum |contrib|")
     return 0
 
 

@@ -21,6 +21,7 @@ from fusion_heads import FusionHead, create_fusion_head
 from . import predict as _predict
 from .checkpoint import load_checkpoint, save_pretrained
 from .config import FusionModelConfig
+from .optimize import inference_model
 
 __all__ = ["FusionModel", "FusionModelOutput"]
 
@@ -269,27 +270,68 @@ class FusionModel(nn.Module):
 
     def _mix(self, fused_logits: Tensor, modality_logits: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
         """Hybrid: softmax-weighted mean of the fused and the present modalities' predictions."""
-        b = fused_logits.shape[0]
-        avail = torch.ones(b, 1 + len(self.modalities), dtype=torch.bool, device=fused_logits.device)
-        stacked = [fused_logits]
-        for i, m in enumerate(self.modalities, start=1):
-            if m in modality_logits:
-                stacked.append(modality_logits[m])
-                avail[:, i] = present[m]
-            else:
-                stacked.append(torch.zeros_like(fused_logits))
-                avail[:, i] = False
-        w = self.mix_logits.expand(b, -1).masked_fill(~avail, float("-inf")).softmax(-1)  # [B, 1+M]
+        w = self.mix_weights(present, fused_logits.shape[0], fused_logits.device)  # [B, 1+M]
+        stacked = [fused_logits] + [modality_logits.get(m, torch.zeros_like(fused_logits)) for m in self.modalities]
         return (torch.stack(stacked, dim=1) * w[..., None]).sum(1)  # [B, C]
+
+    def mix_weights(self, present: Mapping[str, Tensor], b: int, device: torch.device) -> Tensor:
+        """Hybrid: [B, 1+M] softmax weights of ``[fused, *modalities]`` (absent modalities get 0)."""
+        avail = torch.ones(b, 1 + len(self.modalities), dtype=torch.bool, device=device)
+        for i, m in enumerate(self.modalities, start=1):
+            avail[:, i] = present[m] if m in present else False
+        return self.mix_logits.expand(b, -1).masked_fill(~avail, float("-inf")).softmax(-1)  # [B, 1+M]
 
     def forward(self, batch: Mapping[str, Mapping[str, Tensor] | ModalityOutput]) -> FusionModelOutput:
         """Encode then fuse. ``batch`` maps modality -> preprocessed inputs or cached ``ModalityOutput``."""
         return self.fuse(self.encode(batch))
 
     # ---------------------------------------------------------------------------------------------
+    def inference_runner(self, fold: bool = True) -> tuple[FusionModel, dict[str, str]]:
+        """This model with frozen image encoders BatchNorm-folded and channels-last (``zoo.optimize``), cached.
+
+        The copy is rebuilt when any encoder parameter or buffer changes (tracked by tensor version counters);
+        ``fold=False`` returns ``self``. Returns ``(model, {modality: tag})``.
+        """
+        if not fold:
+            return self, dict.fromkeys(self.encoders, "plain")
+        state = tuple((id(t), t._version) for t in [*self.encoders.parameters(), *self.encoders.buffers()])
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != state:
+            with torch.inference_mode(False), torch.no_grad():
+                runner, tags = inference_model(self)
+            cached = (state, runner, tags)
+            object.__setattr__(self, "_inference_cache", cached)  # not a submodule: stays out of state_dict
+        return cached[1], cached[2]
+
+    @torch.no_grad()
+    def explain_features(self, feats: Mapping[str, ModalityOutput],
+                         out: FusionModelOutput | None = None) -> list[dict[str, Any]]:
+        """Per-sample explanations of ``fuse(feats)`` (see ``zoo.predict.explain`` for the keys).
+
+        Each given modality's contribution is the leave-one-modality-out change of the prediction: the same
+        samples fused again with that modality marked absent (all-False mask), which makes the head use its
+        learned missing embedding (late stage: also drops that modality's decision; hybrid: its share of the mix).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.fuse(feats) if out is None else out
+            given = [m for m in self.modalities if m in feats]
+            contribution = {
+                m: _predict.contributions(self.config.task, out.logits,
+                                          self.fuse({**feats, m: _predict.drop_modality(feats[m])}).logits)
+                for m in given
+            }
+        finally:
+            self.train(was_training)
+        b = out.logits.shape[0]
+        mix = self.mix_weights(out.present, b, out.logits.device) if self.config.stage == "hybrid" else None
+        return [_predict.explain(out.aux, self.modalities, i, b, contribution, mix) for i in range(b)]
+
     @torch.no_grad()
     def predict(self, text: Any = None, image: Any = None, audio: Any = None, *,
-                batch_size: int = 32, **unknown: Any) -> list[dict[str, Any]]:
+                batch_size: int = 32, explain: bool = True, fold: bool = True,
+                **unknown: Any) -> list[dict[str, Any]]:
         """Predict from raw inputs of any subset of the model's modalities (at least one).
 
         Args:
@@ -297,10 +339,14 @@ class FusionModel(nn.Module):
             image: a path, PIL image or [H, W, C] array, or a list of them.
             audio: a path, a [N] waveform or a ``(waveform, sample_rate)`` tuple, or a list of them.
             batch_size: samples per forward pass.
+            explain: add ``explain`` to each result (per-modality contributions and the head's weights).
+            fold: run frozen image encoders BatchNorm-folded and channels-last (same outputs within 1e-4);
+                False runs the model exactly as loaded.
 
         Returns:
             One dict per sample: ``label`` + ``probs`` (multiclass), ``labels`` + ``probs`` (multilabel) or
-            ``values`` (regression), plus ``explain`` with the head's gates / routing when it exposes them.
+            ``values`` (regression), plus ``explain``: ``contribution`` and ``share`` per modality (leave-one-
+            modality-out, see :meth:`explain_features`) and the head's gates / weights / routing / hybrid mix.
         """
         if unknown:
             raise InputError(f"predict() takes text=, image=, audio= (and batch_size=), not {sorted(unknown)}; "
@@ -311,6 +357,7 @@ class FusionModel(nn.Module):
                if v is not None}
         n = _predict.check_samples(raw, self.modalities)
         self.eval()
+        runner = self.inference_runner(fold)[0]
         device = next(self.parameters()).device
         results: list[dict[str, Any]] = []
         for start in range(0, n, batch_size):
@@ -318,7 +365,9 @@ class FusionModel(nn.Module):
             batch = self.preprocess(**chunk)
             batch = {m: {k: t.to(device) if isinstance(t, Tensor) else t for k, t in b.items()}
                      for m, b in batch.items()}
-            out = self(batch)
+            with torch.inference_mode():
+                feats = runner.encode(batch)
+                out = runner.fuse(feats)
             bad = ~torch.isfinite(out.logits).all(dim=-1)  # [B]
             if bad.any():
                 i = start + int(bad.nonzero()[0])
@@ -326,10 +375,11 @@ class FusionModel(nn.Module):
                 raise InputError(f"the model produced NaN/inf for sample {i} (inputs {given}); check that input "
                                  "(empty audio, blank text?) and the model weights.")
             rows = _predict.decode(self.config, out.logits)
-            for j, row in enumerate(rows):
-                explain = _predict.explain(out.aux, self.modalities, j, out.logits.shape[0])
-                if explain:
-                    row["explain"] = explain
+            if explain:
+                with torch.inference_mode():
+                    explanations = self.explain_features(feats, out)
+                for row, e in zip(rows, explanations, strict=True):
+                    row["explain"] = e
             results.extend(rows)
         return results
 

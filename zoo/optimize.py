@@ -7,11 +7,16 @@ flow — one forward pass with hooks records which norm reads exactly the tensor
 not depend on how a backbone names or orders its submodules. timm's ``BatchNormAct2d`` (a BatchNorm2d subclass
 that also applies dropout and an activation) is folded the same way and replaced by its ``drop`` + ``act``.
 The fused copy is checked against the original on the same example input before it is returned.
+
+``inference_copy(encoder)`` is what inference paths call (feature cache, predict, test, export): a folded,
+channels-last copy of a *frozen* image encoder plus a short tag for cache keys; anything else comes back as is.
+``inference_model(model)`` does the same for every encoder of a fused model, sharing all other modules.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +27,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from encoders import Encoder
 from fusion_errors import InputError
 
-__all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms"]
+__all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms",
+           "inference_copy", "inference_model", "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_PLAIN"]
+
+INFERENCE_TAG_FOLDED = "bnfold-cl"  # BatchNorm folded into convs, channels-last weights
+INFERENCE_TAG_PLAIN = "plain"  # the encoder as trained
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -184,3 +193,46 @@ def fuse_for_inference(
         for target, _ in targets:
             target.forward = torch.compile(target.forward, dynamic=False)  # type: ignore[method-assign]
     return out
+
+
+def _is_frozen(encoder: nn.Module) -> bool:
+    return not any(p.requires_grad for p in encoder.parameters())
+
+
+def inference_copy(encoder: Encoder, enabled: bool = True) -> tuple[Encoder, str]:
+    """The encoder to run for inference, and a tag naming how it runs (put the tag in cache keys).
+
+    A frozen image encoder with BatchNorms comes back as an eval-mode copy with the norms folded into its
+    convolutions and channels-last weights (outputs within 1e-4 of the original, checked on random images):
+    tag ``"bnfold-cl"``. Anything else (trainable, no BatchNorm, other modalities, ``enabled=False``, or a fold
+    that fails its check) comes back unchanged with tag ``"plain"``. Run the result under
+    ``torch.inference_mode()``. The original encoder is never modified.
+    """
+    if not enabled or getattr(encoder, "modality", "") != "image" or not _is_frozen(encoder) \
+            or count_batchnorms(encoder) == 0:
+        return encoder, INFERENCE_TAG_PLAIN
+    try:
+        folded = fuse_for_inference(encoder, channels_last=True)
+    except InputError as e:  # a norm that does not fold exactly: keep the encoder as trained
+        warnings.warn(f"inference_copy: {e}", stacklevel=2)
+        return encoder, INFERENCE_TAG_PLAIN
+    folded.requires_grad_(False)
+    return folded, INFERENCE_TAG_FOLDED
+
+
+def inference_model(model: nn.Module, enabled: bool = True) -> tuple[nn.Module, dict[str, str]]:
+    """A fused model whose encoders are :func:`inference_copy` results; every other module is shared.
+
+    Returns ``(model_for_inference, {modality: tag})``. When nothing folds, ``model`` itself comes back.
+    """
+    encoders = getattr(model, "encoders", None)
+    if not isinstance(encoders, nn.ModuleDict):
+        raise InputError(f"inference_model needs a FusionModel (with .encoders), not a {type(model).__name__}.")
+    copies = {m: inference_copy(e, enabled) for m, e in encoders.items()}  # type: ignore[arg-type]
+    tags = {m: tag for m, (_, tag) in copies.items()}
+    if all(copies[m][0] is encoders[m] for m in copies):
+        return model, tags
+    out = copy.copy(model)  # shallow: shares parameters and submodules with ``model``
+    out._modules = dict(model._modules)  # own table, so swapping encoders leaves ``model`` alone
+    out._modules["encoders"] = nn.ModuleDict({m: e for m, (e, _) in copies.items()})
+    return out, tags

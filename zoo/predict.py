@@ -7,13 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from encoders import ModalityOutput
 from fusion_errors import InputError
 
 from .config import FusionModelConfig
 
-__all__ = ["as_items", "decode", "explain", "describe", "check_samples", "load_image", "load_audio"]
+__all__ = ["as_items", "decode", "explain", "describe", "check_samples", "load_image", "load_audio",
+           "drop_modality", "contributions", "explain_table"]
 
 _AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 
@@ -89,17 +92,75 @@ def describe(item: Any) -> str:
     return type(item).__name__
 
 
-def explain(aux: dict[str, Tensor], modalities: list[str], i: int, b: int) -> dict[str, Any]:
+def drop_modality(f: ModalityOutput) -> ModalityOutput:
+    """``f`` with every sample marked absent (all-False mask): the head then uses its learned missing embedding."""
+    return ModalityOutput(f.tokens, torch.zeros_like(f.mask), torch.zeros_like(f.pooled))
+
+
+def contributions(task: str, full: Tensor, dropped: Tensor) -> Tensor:
+    """Leave-one-modality-out change per sample: [B, C] logits with and without a modality -> [B].
+
+    multiclass: probability of the class predicted with every modality, minus that class's probability
+    without the modality (positive = the modality supports the prediction; negative = it argues against it).
+    multilabel: mean over labels of the absolute change of the sigmoid probabilities. regression: mean absolute
+    change of the predicted values.
+    """
+    full, dropped = full.float(), dropped.float()
+    if task == "multiclass":
+        top = full.argmax(-1, keepdim=True)  # [B, 1]
+        return (full.softmax(-1).gather(-1, top) - dropped.softmax(-1).gather(-1, top)).squeeze(-1)
+    if task == "multilabel":
+        return (full.sigmoid() - dropped.sigmoid()).abs().mean(-1)
+    return (full - dropped).abs().mean(-1)
+
+
+def _labelled(row: Tensor, names: list[str]) -> dict[str, float] | list[float]:
+    if row.dim() == 1 and row.numel() == len(names):
+        return {n: float(w) for n, w in zip(names, row, strict=True)}
+    return row.tolist()
+
+
+def explain(aux: dict[str, Tensor], modalities: list[str], i: int, b: int,
+            contribution: dict[str, Tensor] | None = None, mix: Tensor | None = None) -> dict[str, Any]:
+    """Sample ``i``'s explanation from a forward pass of ``b`` samples.
+
+    Keys: ``contribution`` (modality -> leave-one-out change, see :func:`contributions`), ``share`` (modality ->
+    ``|contribution| / sum of |contribution|``, summing to 1; all 0 when no modality changes the output), the
+    head's own per-sample weights (``gates``, ``weights``, ``routing_probs``: per modality when there is one
+    weight per modality, else a list, e.g. one routing probability per expert) and ``mix`` (hybrid: the weights of
+    the fused and each modality's prediction in the final mix).
+    """
     out: dict[str, Any] = {}
+    if contribution:
+        c = {m: float(v[i]) for m, v in contribution.items()}
+        total = sum(abs(v) for v in c.values())
+        out["contribution"] = c
+        out["share"] = {m: (abs(v) / total if total > 0 else 0.0) for m, v in c.items()}
     for key, value in aux.items():
         if key.endswith("_loss") or not isinstance(value, Tensor) or value.dim() < 2 or value.shape[0] != b:
             continue
-        row = value[i].detach().float().cpu()
-        if key == "gates" and row.dim() == 1 and row.numel() == len(modalities):
-            out[key] = {m: float(w) for m, w in zip(modalities, row, strict=True)}
-        else:
-            out[key] = row.tolist()
+        out[key] = _labelled(value[i].detach().float().cpu(), modalities)
+    if mix is not None:
+        out["mix"] = _labelled(mix[i].detach().float().cpu(), ["fused", *modalities])
     return out
+
+
+def explain_table(explanation: dict[str, Any], modalities: list[str]) -> list[str]:
+    """A small text table: one row per modality, columns contribution, share and the head's per-modality weights."""
+    cols = [k for k, v in explanation.items() if isinstance(v, dict) and k not in ("contribution", "share")]
+    header = f"{'modality':<10}{'contrib':>9}{'share':>7}" + "".join(f"{c[:9]:>10}" for c in cols)
+    lines = [header]
+    names = list(modalities) + (["fused"] if any("fused" in explanation[c] for c in cols) else [])
+    for m in names:
+        c, s = explanation.get("contribution", {}).get(m), explanation.get("share", {}).get(m)
+        cells = f"{m:<10}" + (f"{c:>+9.3f}" if c is not None else f"{'-':>9}") + \
+            (f"{s:>7.2f}" if s is not None else f"{'-':>7}")
+        cells += "".join(f"{explanation[k][m]:>10.3f}" if m in explanation[k] else f"{'-':>10}" for k in cols)
+        lines.append(cells)
+    for k, v in explanation.items():
+        if isinstance(v, list):
+            lines.append(f"{k}: " + ", ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v))
+    return lines
 
 
 def decode(cfg: FusionModelConfig, logits: Tensor) -> list[dict[str, Any]]:

@@ -65,3 +65,57 @@ def test_export_by_folder_and_bad_format(make_model, tmp_path: Path) -> None:
     assert verify_export(folder, out, example={"text": ["yo", "ho"]}) <= 1e-4
     with pytest.raises(Exception, match="format='tflite' is not one of"):
         export(folder, tmp_path / "m.tfl", format="tflite")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize(("stage", "head"), [("early", "cross_attention"), ("late", "concat"), ("hybrid", "moe")])
+def test_export_runs_at_other_batch_and_clip_length(tmp_path: Path, fmt: str, stage: str, head: str) -> None:
+    """Traced on 2 one-second clips, run on 3 clips of 2.5 s: dynamic batch and length, real-valued STFT."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="verifying ONNX needs onnxruntime")
+    from zoo.config import FusionModelConfig
+    from zoo.export import default_example, verify_example
+    from zoo.model import FusionModel
+
+    torch.manual_seed(0)
+    cfg = FusionModelConfig(encoders={"audio": {"name": "mel-cnn", "options": {"channels": [4, 8], "embed_dim": 16,
+                                                                               "num_layers": 1, "num_heads": 2}},
+                                      "text": "zoo-fake-text"},
+                            labels=("a", "b", "c"), stage=stage, fusion_head=head, hidden_dim=8, fuse_tokens=True)
+    model = FusionModel(cfg).eval()
+    out = export(model, tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'pt'}", format=fmt)
+    traced, other = default_example(model), verify_example(model)
+    assert len(other["audio"]) != len(traced["audio"]) and len(other["audio"][0][0]) > 2 * len(traced["audio"][0][0])
+    assert verify_export(model, out) <= 1e-4  # verify_example by default
+    side = json.loads(sidecar_path(out).read_text())
+    axes = {i["name"]: i["dynamic_axes"] for i in side["inputs"]}
+    assert axes["audio.waveform"] == {"0": "batch", "1": "audio_samples"}
+
+
+def test_fastpath_is_restored_after_export(make_model, raw, tmp_path: Path) -> None:
+    from zoo.export import fastpath_disabled
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    with fastpath_disabled():
+        assert not torch.backends.mha.get_fastpath_enabled()
+    assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tridigits-early-concat", "tridigits-early-cross-attention",
+                                  "tridigits-hybrid-concat", "tridigits-hybrid-gating", "tridigits-late-average",
+                                  "tridigits-late-concat", "tridigits-late-cross-attention", "tridigits-late-gating",
+                                  "tridigits-late-moe"])
+def test_every_shipped_model_exports_and_runs_at_other_shapes(name: str, tmp_path: Path) -> None:
+    """ONNX and TorchScript of each shipped model, checked at batch 3 and 2.5 s clips / longer texts (traced:
+    batch 2, 1 s clips), against the eager model as loaded (so the BatchNorm folding is covered too)."""
+    pytest.importorskip("onnxruntime", reason="verifying ONNX needs onnxruntime")
+    from zoo.registry import list_pretrained
+
+    assert name in list_pretrained()
+    model = from_pretrained(name)
+    for fmt, suffix in (("onnx", "onnx"), ("torchscript", "pt")):
+        out = export(model, tmp_path / f"m.{suffix}", format=fmt)
+        assert verify_export(model, out, format=fmt) <= 1e-4, (name, fmt)
+        if fmt == "onnx":
+            assert out.stat().st_size > 10_000_000  # the weights are in the graph (not a 430 KB failure dump)

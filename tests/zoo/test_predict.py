@@ -74,7 +74,24 @@ def test_explain_gates_and_routing(make_model, raw) -> None:
     assert set(gates) == {"audio", "image", "text"} and abs(sum(gates.values()) - 1) < 1e-5
     rows = predict(make_model(fusion_head="moe"), **raw)
     assert "routing_probs" in rows[0]["explain"]
-    assert "explain" not in predict(make_model(fusion_head="concat"), **raw)[0]
+    concat = predict(make_model(fusion_head="concat"), **raw)[0]["explain"]
+    assert set(concat) == {"contribution", "share"}  # no weights of its own, leave-one-out only
+    assert "explain" not in predict(make_model(fusion_head="concat"), explain=False, **raw)[0]
+
+
+def test_contribution_is_the_leave_one_out_probability_change(make_model, raw) -> None:
+    model = make_model(stage="hybrid", fusion_head="gating")
+    rows = predict(model, **raw)
+    with torch.no_grad():
+        full = model(model.preprocess(**raw)).logits.softmax(-1)  # [3, C]
+        without_text = model(model.preprocess(audio=raw["audio"], image=raw["image"])).logits.softmax(-1)
+    for i, row in enumerate(rows):
+        top = int(full[i].argmax())
+        assert row["explain"]["contribution"]["text"] == pytest.approx(float(full[i, top] - without_text[i, top]),
+                                                                       abs=1e-5)
+        assert sum(row["explain"]["share"].values()) == pytest.approx(1.0, abs=1e-6)
+        mix = row["explain"]["mix"]
+        assert set(mix) == {"fused", "audio", "image", "text"} and sum(mix.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_multilabel_and_regression(make_model, raw) -> None:

@@ -56,7 +56,14 @@ def test_cli_list_info_predict(zoo_dir: Path, capsys: pytest.CaptureFixture[str]
     assert json.loads(capsys.readouterr().out)["metrics"]["test"]["fused"]["accuracy"] == 0.75
     assert main(["predict", "--model", "toy-late-gating", "--text", "hello", "--text", "world"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("[0] ")
+    starts = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert [lines[i][:4] for i in starts] == ["[0] ", "[1] "]
+    table = lines[starts[0] + 1: starts[1]]  # header + one row per modality, gates as a column
+    assert table[0].split()[:4] == ["modality", "contrib", "share", "gates"]
+    assert [row.split()[0] for row in table[1:]] == ["audio", "image", "text"]
+    assert lines[-1].startswith("contrib: drop in the predicted class's probability")
+    assert main(["predict", "--model", "toy-late-gating", "--text", "hello", "--no-explain"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
     assert main(["predict", "--model", "toy-early-concat", "--text", "hello", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert abs(sum(rows[0]["probs"].values()) - 1) < 1e-5
