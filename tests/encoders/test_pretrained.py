@@ -12,6 +12,8 @@ import torch
 import encoders
 from encoders._weights import efficientnet_lite0_file
 
+pytestmark = pytest.mark.slow  # every test here loads real pretrained weights
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 VOICES = [ASSETS / f"voice_{v}_{k}.wav" for v in "ab" for k in "12"]
 
@@ -27,7 +29,7 @@ def test_minilm_ranks_paraphrase_above_unrelated() -> None:
 
 @pytest.mark.parametrize(("photo", "classes"), [("chelsea", {281, 282, 285}), ("coffee", {967})])
 def test_efficientnet_lite0_classifies_real_photos(photo: str, classes: set[int]) -> None:
-    skdata = pytest.importorskip("skimage.data")
+    from skimage import data as skdata  # a dev dependency: an import error fails the test
     enc = encoders.create_encoder("efficientnet-lite0")
     assert enc.embed_dim == 1280
     state = torch.load(efficientnet_lite0_file(), map_location="cpu", weights_only=True)
@@ -45,7 +47,7 @@ def test_resemblyzer_separates_voices_and_matches_reference() -> None:
     cross = max(float(sims[i, j]) for i in (0, 1) for j in (2, 3))
     assert same > cross + 0.05, (same, cross)
 
-    resemblyzer = pytest.importorskip("resemblyzer")
+    import resemblyzer  # a core dependency (its wheel ships the weights)
     from resemblyzer.audio import normalize_volume
 
     reference = resemblyzer.VoiceEncoder("cpu", verbose=False)

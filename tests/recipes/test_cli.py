@@ -115,7 +115,6 @@ def test_recipe_model_sections_build_and_train(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_yaml_recipes_run_end_to_end(recipe, tmp_path, monkeypatch):
-    pytest.importorskip("recipes.data", reason="recipes/data.py (FusionDataModule) is not written yet")
     monkeypatch.chdir(tmp_path)
     tiny = '{"audio": "mel-cnn", "image": "tiny-image", "text": "tiny-text"}'
     code = cli.main(["fit", "--config", recipe, "--model.encoders", tiny, "--model.hidden_dim", "32",
