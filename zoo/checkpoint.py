@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,8 +34,6 @@ MAX_PARAMETERS = 500_000_000  # ~2 GB of float32; override with max_parameters= 
 MAX_PARAMETERS_ENV = "FUSION_ZOO_MAX_PARAMETERS"
 MAX_CONFIG_BYTES = 8 << 20  # config.json larger than 8 MiB is not a fusion-zoo config
 MAX_JSON_DEPTH = 64  # save_pretrained writes depth <= 6; deeper nesting is refused (not a RecursionError)
-# encoder options that set a size: such encoders are first built on the meta device to count their parameters
-_SIZE_OPTION = re.compile(r"size|dim|layer|head|channel|width|depth|hidden|mel|filter|block|mult|ratio", re.I)
 
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -247,10 +244,19 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
 
 
+def _numeric(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_numeric(v) for v in value)
+    return isinstance(value, dict) and any(_numeric(v) for v in value.values())
+
+
 def _sized(spec: Any) -> bool:
-    """Whether an encoder's options set its size (numbers named like sizes); fixed-size encoders are not."""
-    return any(_SIZE_OPTION.search(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
-               for k, v in spec.options.items())
+    """Whether numbers in an encoder's options may set its size (fixed-size encoders are built as registered)."""
+    return any(_numeric(v) for v in spec.options.values())
 
 
 def _meta(fn: Callable[[], Any], what: str, where: str) -> Any:
@@ -262,6 +268,47 @@ def _meta(fn: Callable[[], Any], what: str, where: str) -> Any:
         raise
     except Exception as e:  # a factory given sizes it cannot take
         raise ConfigError(f"{where}: {what} in config.json cannot be built ({type(e).__name__}: {e}).") from e
+
+
+def _guarded(fn: Callable[[], Any], limit: int, what: str, where: str) -> Any:
+    """Run ``fn`` with the address space capped near ``limit`` float32 parameters more than now (Linux), so a
+    build that cannot be sized on the meta device still cannot take the machine's memory."""
+    try:
+        import resource
+
+        used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError):
+        return fn()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = used + 4 * limit + (1 << 30)
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            cap = min(cap, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        return fn()
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        raise CheckpointError(f"{where}: {what} needs more memory than the parameter limit allows ({limit:,} "
+                              f"parameters); if you trust this checkpoint pass a larger max_parameters.") from e
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _size_encoder(m: str, spec: Any, where: str, limit: int) -> tuple[int, int, Encoder | None]:
+    """(parameters, width, the encoder when it had to be built for real) of an encoder whose options hold numbers:
+    counted on the meta device, or built under a memory cap when its factory cannot run there."""
+    try:
+        with torch.device("meta"):
+            enc = create_encoder(spec.name, finetune="frozen", **spec.options)
+        return _numel(enc), int(enc.embed_dim), None
+    except FusionZooError:
+        raise
+    except Exception:  # factories that read tensor values (.item()) or weight files cannot run on meta
+        pass
+    real = _guarded(lambda: _build_encoder(m, spec, where), limit, f"the {m} encoder {spec.name!r}", where)
+    return _numel(real), int(real.embed_dim), real
 
 
 def estimate_parameters(build: Callable[..., Any], config: FusionModelConfig, embed_dims: dict[str, int],
@@ -398,13 +445,13 @@ def load_checkpoint(
     # sizes first, on the meta device: encoders whose options set their size, then the fused part
     counts: dict[str, int] = {}
     dims: dict[str, int] = {}
+    encoders: dict[str, Encoder] = {}
     for m, spec in config.encoders.items():
         if _sized(spec):
-            enc = _meta(lambda spec=spec: create_encoder(spec.name, finetune="frozen", **spec.options),
-                        f"the {m} encoder {spec.name!r}", where)
-            counts[m], dims[m] = _numel(enc), int(enc.embed_dim)
+            counts[m], dims[m], real = _size_encoder(m, spec, where, limit)
+            if real is not None:
+                encoders[m] = real
     _refuse(sum(counts.values()), limit, "its encoders", where)
-    encoders: dict[str, Encoder] = {}
     for m, spec in config.encoders.items():  # fixed-size (registered, pretrained) encoders
         if m not in counts:
             encoders[m] = _build_encoder(m, spec, where)

@@ -189,3 +189,20 @@ def test_integer_weights_for_float_parameters_are_refused(saved: Path) -> None:
     save_file(weights, saved / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"integer weights for float parameters .*{key}"):
         FusionModel.from_pretrained(saved)
+
+
+def _mel_checkpoint(tmp_path: Path) -> Path:
+    cfg = FusionModelConfig(encoders={"audio": {"name": "mel-cnn", "options": {"channels": [8], "embed_dim": 8,
+                                                                                 "num_heads": 2}}},
+                            labels=("a", "b"), hidden_dim=8)
+    return FusionModel(cfg).save_pretrained(tmp_path / "mel")
+
+
+def test_an_encoder_that_cannot_be_sized_on_meta_loads_under_a_memory_cap(tmp_path: Path) -> None:
+    folder = _mel_checkpoint(tmp_path)  # mel-cnn reads tensor values while building: no meta-device count
+    assert isinstance(FusionModel.from_pretrained(folder), FusionModel)
+    doc = json.loads((folder / "config.json").read_text())
+    doc["model"]["encoders"]["audio"]["options"]["channels"] = [4096, 4096, 4096]  # ~600 MB a layer
+    (folder / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="needs more memory than the parameter limit allows|above the limit"):
+        FusionModel.from_pretrained(folder, max_parameters=10_000_000)
