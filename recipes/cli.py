@@ -192,12 +192,14 @@ class FusionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        _check_trainer(cfg.trainer, self.subcommand)
+        _check_trainer(cfg.trainer, str(self.subcommand))
         root = Path(str(cfg.trainer.get("default_root_dir") or "."))
         for folder in (root, root / "checkpoints"):  # temp files of saves killed in an earlier run
             clean_stale_temps(folder)
         if cfg.get("ckpt_path"):
             _check_ckpt(str(cfg.ckpt_path))
+        _check_logger(cfg.trainer.get("logger"))
+        _global_batch(cfg, str(self.subcommand))
         if cfg.trainer.strategy in ("ddp", "ddp_spawn"):
             # missing-modality embeddings, unrouted experts and the unused trunk branch get no gradient every step
             cfg.trainer.strategy = f"{cfg.trainer.strategy}_find_unused_parameters_true"
@@ -213,8 +215,10 @@ class FusionCLI(LightningCLI):
         if not trainer_cfg.get("plugins"):  # a kill during a save never corrupts the last good checkpoint
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(ResumeCallback())  # exact mid-epoch resume (recipes/callbacks.py)
-        trainer.callbacks.append(CachedFeatureThreads())  # tiny head steps run best on one thread
+        # Trainer.callbacks is assigned by its callback connector, not declared on the class (hence the ignore)
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+        callbacks.append(ResumeCallback())  # exact mid-epoch resume (recipes/callbacks.py)
+        callbacks.append(CachedFeatureThreads())  # tiny head steps run best on one thread
         return trainer
 
     # after each subcommand ---------------------------------------------------------------------
@@ -240,7 +244,7 @@ class FusionCLI(LightningCLI):
         """Print the metrics tables, write ``metrics.json`` (and the fused model) on rank 0."""
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective: call on every rank
         task: FusionTask = self.model
-        metrics = {split: task.results[split] for split in ("validation", "test") if split in task.results}
+        metrics: dict[str, Any] = {s: task.results[s] for s in ("validation", "test") if s in task.results}
         if not self.trainer.is_global_zero:
             return
         for split, table in metrics.items():
@@ -274,6 +278,53 @@ class FusionCLI(LightningCLI):
                         dataset=dataset if isinstance(dataset, str) else None,
                         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
         print(f"fused model saved to {path} (load it with FusionModel.from_pretrained({str(path)!r}))")
+        from .plots import fit_figures
+
+        confusion = getattr(self.model, "test_confusion", None)
+        figures = fit_figures(path.parent, list(self.model.model.config.labels),
+                              None if confusion is None else confusion.numpy())
+        if figures:
+            print("figures: " + ", ".join(str(f) for f in figures))
+
+
+def _world_size(trainer: Any) -> int:
+    """Processes a DDP run starts: ``devices`` (an int or a list) times ``num_nodes``; 1 without DDP."""
+    strategy = trainer.get("strategy")
+    if not (isinstance(strategy, str) and strategy.startswith("ddp")):
+        return 1
+    devices = trainer.get("devices")
+    count = len(devices) if isinstance(devices, (list, tuple)) else devices if isinstance(devices, int) else 1
+    if count == -1:
+        import torch
+
+        count = torch.cuda.device_count() if trainer.get("accelerator") in ("gpu", "cuda") else 1
+    return max(1, int(count)) * max(1, int(trainer.get("num_nodes") or 1))
+
+
+def _global_batch(cfg: Any, subcommand: str) -> None:
+    """``--data.batch_size`` is the global batch: under DDP each of the N processes loads batch_size / N rows, so
+    one optimizer step sees the same number of rows (and a run takes the same number of steps) as on one process."""
+    n = _world_size(cfg.trainer)
+    data = cfg.get("data")
+    if n == 1 or data is None or not isinstance(data.get("batch_size"), int):
+        return
+    if data.batch_size % n:
+        raise ConfigError(f"--data.batch_size {data.batch_size} (the global batch) does not split over {n} processes; "
+                          f"give a multiple of {n}, e.g. {max(n, data.batch_size // n * n)}.")
+    data.batch_size //= n
+    rank_zero_info(f"{subcommand}: global batch {data.batch_size * n} = {n} processes x {data.batch_size} rows")
+
+
+def _check_logger(logger: Any) -> None:
+    """``--trainer.logger TensorBoardLogger`` without tensorboard installed: one line naming the extra to install."""
+    text = str(logger if not isinstance(logger, dict) else logger.get("class_path", ""))
+    if "tensorboard" not in text.lower():
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("--trainer.logger TensorBoardLogger needs tensorboard: pip install 'fusion-zoo[tensorboard]' "
+                          "(or leave out --trainer.logger for the CSV logs in the run folder).")
 
 
 def _check_trainer(trainer: Any, subcommand: str) -> None:

@@ -12,11 +12,12 @@ import copy
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from fusion_errors import CheckpointError, ConfigError, FusionZooError
@@ -247,7 +248,7 @@ class FusionTask(pl.LightningModule):
             raise FusionZooError(
                 f"training loss is {loss.item()} at batch {batch_idx} (epoch {self.current_epoch}, global step "
                 f"{self.global_step}; task {task_loss.item():.4g}, late {late_loss.item():.4g}, aux "
-                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {self.hparams.lr / 10:g}, "
+                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {self.hparams['lr'] / 10:g}, "
                 "or clip gradients with --trainer.gradient_clip_val 1.0."
             )
         b = labels.shape[0]
@@ -258,12 +259,27 @@ class FusionTask(pl.LightningModule):
         for key, value in out.aux.items():
             if isinstance(value, Tensor) and value.numel() == 1:
                 self.log(f"train/aux/{key}", value.detach().float().reshape(()), batch_size=b)
+        self._log_routing(out.aux, b)
         return loss
+
+    def _log_routing(self, aux: dict[str, Tensor], b: int) -> None:
+        """MoE telemetry, epoch means: each expert's share of the routed tokens, and the routing entropy (nats;
+        log(num_experts) = uniform routing, 0 = every sample sent to one expert: module collapse)."""
+        util = aux.get("expert_utilisation")
+        if isinstance(util, Tensor) and util.dim() == 1:
+            for e, u in enumerate(util.detach().float()):
+                self.log(f"train/moe/utilisation_{e}", u, batch_size=b, on_step=False, on_epoch=True)
+        probs = aux.get("routing_probs")
+        if isinstance(probs, Tensor) and probs.dim() == 2:
+            p = probs.detach().float()
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)  # [B, E] per sample (summed over its tokens)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+            self.log("train/moe/routing_entropy", entropy, batch_size=b, on_step=False, on_epoch=True)
 
     # evaluation --------------------------------------------------------------------------------
     def _eval_step(self, split: str, batch: dict[str, Any]) -> None:
         inputs, labels = batch["inputs"], batch["labels"]
-        metrics: SplitMetrics = self.split_metrics[split]
+        metrics = cast(SplitMetrics, self.split_metrics[split])
         out = self.model(inputs)
         if not torch.isfinite(out.logits).all():
             raise FusionZooError(
@@ -272,6 +288,11 @@ class FusionTask(pl.LightningModule):
             )
         self.log(f"{split}/loss", self._loss(out.logits, labels), batch_size=labels.shape[0], sync_dist=True)
         metrics.update("fused", out.logits, labels)
+        if split == "test" and self.cfg.task == "multiclass":  # for the run folder's confusion matrix plot
+            c = out.logits.shape[-1]
+            pairs = labels.long() * c + out.logits.argmax(-1)
+            counts = torch.bincount(pairs, minlength=c * c).view(c, c).cpu()  # [true, predicted]
+            self.test_confusion = counts if self.test_confusion is None else self.test_confusion + counts
         for m, z in out.modality_logits.items():
             metrics.update(m, z[out.present[m]], labels[out.present[m]], head=True)
         if split == "test":  # missing-modality protocol: the fused model fed each modality alone
@@ -287,7 +308,7 @@ class FusionTask(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_epoch_end(self, split: str) -> None:
-        metrics: SplitMetrics = self.split_metrics[split]
+        metrics = cast(SplitMetrics, self.split_metrics[split])
         results = metrics.compute()
         metrics.reset()
         for group, row in results.items():
@@ -301,8 +322,15 @@ class FusionTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion: Tensor | None = None
+
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        if self.cfg.task == "multiclass" and self.trainer.world_size > 1:  # every rank saw its share of the rows
+            c = self.model.config.num_outputs
+            mine = self.test_confusion if self.test_confusion is not None else torch.zeros(c, c, dtype=torch.long)
+            self.test_confusion = self.all_gather(mine.to(self.device)).reshape(-1, c, c).sum(0).cpu()
 
     # optimisation ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -325,17 +353,18 @@ class FusionTask(pl.LightningModule):
             groups.setdefault((part, p.ndim >= 2), []).append(p)
         return [
             {"name": f"{part}{'' if decay else '_no_decay'}", "params": params,
-             "lr": hp.encoder_lr if part == "encoders" else hp.lr, "weight_decay": hp.weight_decay if decay else 0.0}
+             "lr": hp["encoder_lr"] if part == "encoders" else hp["lr"],
+             "weight_decay": hp["weight_decay"] if decay else 0.0}
             for (part, decay), params in sorted(groups.items())
         ]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         groups = self.param_groups()
         if not groups:
             raise ConfigError("no trainable parameters: unfreeze an encoder or set --model.train_only_head false.")
         optimizer = torch.optim.AdamW(groups)
         total = float(self.trainer.estimated_stepping_batches)
-        warmup = int(self.hparams.warmup_ratio * total) if math.isfinite(total) else 0
+        warmup = int(self.hparams['warmup_ratio'] * total) if math.isfinite(total) else 0
 
         def schedule(step: int) -> float:
             return warmup_cosine(step, total, warmup)
