@@ -100,6 +100,7 @@ class Encoder(nn.Module):
     encode_batch_size: ClassVar[int] = 64
     embed_dim: int
     preprocessor: Preprocessor
+    _hash_value: str  # memo of weights_hash()
 
     def __init__(self) -> None:
         super().__init__()

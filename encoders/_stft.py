@@ -9,6 +9,7 @@ their torchaudio module (same state-dict keys, same settings) and only swap the 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ def real_mel_spectrogram(mel: torch.nn.Module, waveform: Tensor) -> Tensor:
     [B, N] -> [B, n_mels, N // hop + 1] (``center=True``) or [B, n_mels, (N - n_fft) // hop + 1].
     Equal to torchaudio's output within float32 rounding (tested in tests/encoders).
     """
-    spec_t = mel.spectrogram  # torchaudio.transforms.Spectrogram
+    spec_t: Any = mel.spectrogram  # torchaudio.transforms.Spectrogram (Module attributes type as Tensor | Module)
     n_fft, hop, power = int(spec_t.n_fft), int(spec_t.hop_length), spec_t.power
     if spec_t.normalized or not spec_t.onesided or power is None:
         raise NotImplementedError("real_mel_spectrogram supports onesided, unnormalised power/magnitude spectra.")
@@ -48,5 +49,6 @@ def real_mel_spectrogram(mel: torch.nn.Module, waveform: Tensor) -> Tensor:
     energy = real.square() + imag.square()  # |X|^2
     if power != 2.0:
         energy = energy.clamp_min(0).pow(power / 2.0)
-    fb = mel.mel_scale.fb.to(x.dtype)  # [K, n_mels]
+    mel_scale: Any = mel.mel_scale  # torchaudio.transforms.MelScale
+    fb = mel_scale.fb.to(x.dtype)  # [K, n_mels]
     return torch.matmul(energy.transpose(1, 2), fb).transpose(1, 2)  # [B, n_mels, F]

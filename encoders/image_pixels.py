@@ -9,7 +9,7 @@ little class signal; a thumbnail gives the fusion model what a logistic regressi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -157,7 +157,8 @@ class EfficientNetPixelsEncoder(Encoder):
         super().__init__()
         self.network = network
         self.thumbnail = thumbnail
-        self.preprocessor = EfficientNetPixelsPreprocessor(network.preprocessor, thumbnail.preprocessor)
+        self.preprocessor = EfficientNetPixelsPreprocessor(cast(ImagePreprocessor, network.preprocessor),
+                                                           cast(PixelPreprocessor, thumbnail.preprocessor))
         self.embed_dim = network.embed_dim + thumbnail.embed_dim
 
     def encode(self, batch: dict[str, Tensor]) -> ModalityOutput:

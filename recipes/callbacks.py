@@ -132,7 +132,7 @@ class CachedFeatureThreads(pl.Callback):
         self._saved: int | None = None
 
     def _cached(self, trainer: pl.Trainer) -> bool:
-        dm, module = trainer.datamodule, trainer.lightning_module
+        dm, module = getattr(trainer, "datamodule", None), trainer.lightning_module
         use = getattr(dm, "_use_cache", None)
         return bool(use is not None and use(module.model)) and "OMP_NUM_THREADS" not in os.environ
 

@@ -72,7 +72,9 @@ class ResumableDataLoader(DataLoader):
         self.seed, self.shuffle = seed, shuffle
         self._consumed = 0  # batches of the current epoch handed to the training loop
 
-    def __iter__(self) -> Iterator[Any]:
+    # DataLoader.__iter__ is typed to return its private _BaseDataLoaderIter; callers only iterate, and this
+    # generator skips the batches a resumed epoch already consumed
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
         skipped = 0
         if isinstance(sampler, EpochSampler) and sampler.skip is not None and sampler.skip[0] == sampler.epoch:

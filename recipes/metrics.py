@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torchmetrics
@@ -29,7 +29,7 @@ COLUMN_ORDER = ("accuracy", "macro_f1", "auroc", "mae", "r2", "head_accuracy", "
 def task_metrics(task: str, num_outputs: int, prefix: str = "") -> torchmetrics.MetricCollection:
     """Metrics of one task: accuracy, macro-F1, AUROC (classification) or MAE, R² (regression)."""
     if task == "multiclass":
-        metrics: dict[str, torchmetrics.Metric] = {
+        metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {
             "accuracy": tmc.MulticlassAccuracy(num_outputs, average="micro"),
             "macro_f1": tmc.MulticlassF1Score(num_outputs, average="macro"),
             "auroc": tmc.MulticlassAUROC(num_outputs, average="macro"),
@@ -80,26 +80,41 @@ class SplitMetrics(nn.Module):
         if logits.shape[0] == 0:
             return
         preds, tgt = _prepare(self.task, logits, target)
-        (self.heads if head else self.collections)[group].update(preds, tgt)
+        _collection(self.heads if head else self.collections, group).update(preds, tgt)
         n = torch.tensor(float(logits.shape[0]), device=logits.device)
-        (self.head_counts if head else self.counts)[group].update(n)
+        _count(self.head_counts if head else self.counts, group).update(n)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Synchronised results ``{group: {metric: value}}``; groups that saw no sample are left out."""
         out: dict[str, dict[str, float]] = {}
-        for group, count in self.counts.items():
-            n = float(count.compute())
+        for group in self.counts:
+            n = float(_count(self.counts, group).compute())
             if n > 0:
-                out[group] = {k: float(v) for k, v in self.collections[group].compute().items()} | {"n": int(n)}
-        for group, count in self.head_counts.items():
-            if float(count.compute()) > 0:
-                out.setdefault(group, {})[self.head_name] = float(self.heads[group].compute()[self.head_name])
+                values = _collection(self.collections, group).compute().items()
+                out[group] = {k: float(v) for k, v in values} | {"n": int(n)}
+        for group in self.head_counts:
+            if float(_count(self.head_counts, group).compute()) > 0:
+                head = _collection(self.heads, group).compute()[self.head_name]
+                out.setdefault(group, {})[self.head_name] = float(head)
         return out
 
     def reset(self) -> None:
-        for module in [*self.collections.values(), *self.heads.values(), *self.counts.values(),
-                       *self.head_counts.values()]:
-            module.reset()
+        for parts in (self.collections, self.heads):
+            for group in parts:
+                _collection(parts, group).reset()
+        for parts in (self.counts, self.head_counts):
+            for group in parts:
+                _count(parts, group).reset()
+
+
+def _collection(parts: nn.ModuleDict, group: str) -> torchmetrics.MetricCollection:
+    """``parts[group]`` typed as the collection it holds (``ModuleDict`` items are typed ``Module``)."""
+    return cast(torchmetrics.MetricCollection, parts[group])
+
+
+def _count(parts: nn.ModuleDict, group: str) -> torchmetrics.SumMetric:
+    """``parts[group]`` typed as the sample counter it holds."""
+    return cast(torchmetrics.SumMetric, parts[group])
 
 
 def _fmt(value: Any, column: str) -> str:

@@ -460,7 +460,7 @@ def load_checkpoint(
     for m, spec in config.encoders.items():
         record = dict(records.get(m) or {})
         if record.get("stored") not in ("reference", "lora", "full"):  # older formats: infer from the policy
-            record["stored"] = {"frozen": "reference", "lora": "lora"}.get(spec.finetune, "full")
+            record["stored"] = {"frozen": "reference", "lora": "lora"}.get(str(spec.finetune), "full")
         records[m] = record
         if m not in encoders:
             encoders[m] = _build_encoder(m, spec, where)

@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -234,7 +234,7 @@ def export(model_or_name: FusionModel | str | Path, out_path: str | Path, format
     model = _load(model_or_name).eval()
     names, tensors = _flatten(model, example)
     runner = traceable_copy(inference_model(model)[0] if fold else model)
-    wrapper = FlatFusion(runner, names).eval()
+    wrapper = FlatFusion(cast(FusionModel, runner), names).eval()  # a copy of the fused model
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     input_names = [f"{m}.{k}" for m, k in names]

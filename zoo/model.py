@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,7 @@ class FusionModel(nn.Module):
             }
         self.encoders = nn.ModuleDict(dict(encoders or {}))
         if encoders is not None:
-            embed_dims = {m: int(e.embed_dim) for m, e in self.encoders.items()}
+            embed_dims = {m: int(e.embed_dim) for m, e in encoders.items()}
         assert embed_dims is not None
         if sorted(embed_dims) != self.modalities:
             raise ConfigError(f"encoders/embed_dims cover {sorted(embed_dims)} but the config names {self.modalities}.")
@@ -169,7 +169,7 @@ class FusionModel(nn.Module):
         sizes = {m: len(v) for m, v in raw.items() if v is not None}
         if len(set(sizes.values())) > 1:
             raise InputError(f"inputs have different numbers of samples {sizes}; give each the same count.")
-        return {m: self.encoders[m].preprocessor(v) for m, v in raw.items() if v is not None}
+        return {m: self._encoder(m).preprocessor(v) for m, v in raw.items() if v is not None}
 
     def encode(self, batch: Mapping[str, Mapping[str, Tensor] | ModalityOutput]) -> dict[str, ModalityOutput]:
         """Run each modality's encoder; values that are already ``ModalityOutput`` (cached features) pass through."""
@@ -188,6 +188,10 @@ class FusionModel(nn.Module):
                     raise InputError(f"{m!r} came as raw inputs but this head-only model needs cached features.")
                 out[m] = self._run_encoder(m, value)
         return out
+
+    def _encoder(self, m: str) -> Encoder:
+        """The encoder of modality ``m`` (``ModuleDict`` items are typed ``Module``)."""
+        return cast(Encoder, self.encoders[m])
 
     def _run_encoder(self, m: str, value: Any) -> ModalityOutput:
         """Encode one modality; a malformed tensor batch becomes an InputError naming its keys and shapes."""
@@ -301,7 +305,7 @@ class FusionModel(nn.Module):
                 runner, tags = inference_model(self)
             cached = (state, runner, tags)
             object.__setattr__(self, "_inference_cache", cached)  # not a submodule: stays out of state_dict
-        return cached[1], cached[2]
+        return cast(FusionModel, cached[1]), cached[2]  # inference_model copies this model's class
 
     @torch.no_grad()
     def explain_features(self, feats: Mapping[str, ModalityOutput],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -174,8 +174,9 @@ def fuse_for_inference(
         if out.modality != "image":
             raise InputError(f"no default example for a {out.modality!r} encoder; pass example=<its input batch>.")
         targets.append((out, example_image_batch(out)))
-    elif isinstance(getattr(out, "encoders", None), nn.ModuleDict):
-        targets += [(e, example_image_batch(e)) for e in out.encoders.values() if getattr(e, "modality", "") == "image"]
+    elif isinstance(encs := getattr(out, "encoders", None), nn.ModuleDict):
+        targets += [(e, example_image_batch(cast(Encoder, e))) for e in encs.values()
+                    if getattr(e, "modality", "") == "image"]
     else:
         raise InputError(f"pass example=<an input batch> to fuse a {type(out).__name__} (no image encoder found).")
     for target, ex in targets:
@@ -183,7 +184,8 @@ def fuse_for_inference(
             before = _call(target, ex)
         fold_pairs(target, find_foldable_pairs(target, ex))
         if channels_last:
-            target.to(memory_format=torch.channels_last)
+            # nn.Module.to takes memory_format (documented), but its typed overloads leave it out
+            target.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         with torch.no_grad():
             diff = _max_diff(before, _call(target, ex))
         if diff > atol:
@@ -217,7 +219,7 @@ def inference_copy(encoder: Encoder, enabled: bool = True) -> tuple[Encoder, str
         warnings.warn(f"inference_copy: {e}", stacklevel=2)
         return encoder, INFERENCE_TAG_PLAIN
     folded.requires_grad_(False)
-    return folded, INFERENCE_TAG_FOLDED
+    return cast(Encoder, folded), INFERENCE_TAG_FOLDED  # a folded copy of the encoder
 
 
 def inference_model(model: nn.Module, enabled: bool = True) -> tuple[nn.Module, dict[str, str]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class CappedEncoder(Encoder):
             from zoo.optimize import fuse_for_inference
 
             try:
-                inner = fuse_for_inference(inner)
+                inner = cast(Encoder, fuse_for_inference(inner))  # a folded copy of the encoder
             except InputError:  # a norm that cannot be folded exactly: encode with the plain encoder
                 fused = False
         self.inner, self.cap = inner, cap
@@ -150,10 +150,10 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # randomly initialised encoders (tests, pretrained=False) are the same every sweep
         for m, spec in sorted(specs.items()):
-            s = {"name": spec} if isinstance(spec, str) else dict(spec)
+            s: dict[str, Any] = {"name": spec} if isinstance(spec, str) else dict(spec)
             enc = create_encoder(s["name"], finetune="frozen", **dict(s.get("options") or {}))
             encoders[m] = CappedEncoder(enc, cap=need_tokens)
-    task = settings.model.get("task") or "multiclass"
+    task: Any = settings.model.get("task") or "multiclass"  # checked by FusionModelConfig
     cfg = FusionModelConfig(encoders=specs, labels=tuple(dm.labels), task=task,
                             stage="early" if need_tokens else "late")
     dm.attach(FusionModel(cfg, encoders=encoders))

@@ -105,7 +105,8 @@ def _cell_config(settings: SweepSettings, fs: FeatureSet, head: str, stage: str)
         model["modality_dropout"] = {m: float(md) for m in fs.train.feats} if md else {}
     model.setdefault("task", fs.task)
     model["encoders"] = fs.encoders or model.get("encoders") or {m: "cached-features" for m in fs.train.feats}
-    return FusionModelConfig(labels=tuple(fs.labels), fusion_head=head, stage=stage, **model)
+    model["stage"] = stage  # checked by FusionModelConfig, as every other key
+    return FusionModelConfig(labels=tuple(fs.labels), fusion_head=head, **model)
 
 
 def run_sweep(

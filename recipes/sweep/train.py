@@ -11,12 +11,12 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from encoders import ModalityOutput
 from recipes.task import FusionTask
@@ -52,7 +52,8 @@ class SplitFeatures:
 def feature_loader(split: SplitFeatures, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """Batches of cached features (whole batches sliced at once: no per-sample Python work)."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(range(len(split)), batch_size=batch_size, shuffle=shuffle, generator=gen,
+    rows = cast(Dataset[int], range(len(split)))  # a range is a map-style dataset (len + getitem)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=gen,
                       collate_fn=lambda rows: split.batch(torch.tensor(rows, dtype=torch.long)))
 
 

@@ -77,6 +77,6 @@ def evaluate(data_dir: Path = DATA_DIR, cache: Path | None = None) -> dict[str, 
         x_te = np.concatenate([test[m] for m in group], axis=1)
         log_probs["+".join(group)] = _probe(x_tr, y_train, x_te)  # [N, 10]
         results["+".join(group)] = float((log_probs["+".join(group)].argmax(1) == y_test).mean())
-    late = sum(log_probs[m] for m in ("audio", "image", "text"))  # [N, 10]
+    late = log_probs["audio"] + log_probs["image"] + log_probs["text"]  # [N, 10]
     results["late:audio+image+text"] = float((late.argmax(1) == y_test).mean())
     return results
