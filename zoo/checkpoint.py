@@ -29,7 +29,7 @@ __all__ = ["save_pretrained", "load_checkpoint", "resolve", "read_config", "esti
            "MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "MAX_CONFIG_BYTES", "MAX_JSON_DEPTH"]
 
 HF_PREFIX = "hf-hub:"
-# A checkpoint is untrusted input (docs/checkpoints.md, "Loading is safe"): these bound what it can demand.
+# A checkpoint is untrusted input (docs/errors.md, "Safe loading"): these bound what it can demand.
 MAX_PARAMETERS = 500_000_000  # ~2 GB of float32; override with max_parameters= or $FUSION_ZOO_MAX_PARAMETERS
 MAX_PARAMETERS_ENV = "FUSION_ZOO_MAX_PARAMETERS"
 MAX_CONFIG_BYTES = 8 << 20  # config.json larger than 8 MiB is not a fusion-zoo config
@@ -345,6 +345,11 @@ def _create(m: str, spec: Any, where: str) -> Encoder:
         raise MissingDependencyError(
             f"{where}: the {m} encoder {spec.name!r} needs the Python package {e.name!r}: pip install {pkg}"
         ) from e
+    except (FusionZooError, MemoryError):
+        raise
+    except Exception as e:  # a config.json is untrusted: options of the wrong type or value fail deep in a factory
+        raise ConfigError(f"{where}: the {m} encoder {spec.name!r} cannot be built with options {spec.options} "
+                          f"({type(e).__name__}: {str(e)[:200]}); fix encoders.{m}.options in config.json.") from e
 
 
 def _check_hash(m: str, enc: Encoder, record: dict[str, Any], where: str) -> None:
@@ -429,6 +434,11 @@ def load_checkpoint(
         config = FusionModelConfig.from_dict(doc["model"])
     except ConfigError as e:
         raise ConfigError(f"{folder / fmt.CONFIG_FILE}: {e}") from e
+    except FusionZooError:
+        raise
+    except Exception as e:  # values of the right container type but wrong contents (e.g. a dropout "high")
+        raise ConfigError(f"{folder / fmt.CONFIG_FILE}: 'model' is not a valid FusionModelConfig "
+                          f"({type(e).__name__}: {str(e)[:200]}); re-save the model with save_pretrained.") from e
     if not allow_external_paths:
         hub = str(name_or_path).startswith(HF_PREFIX)  # hub snapshots are symlinks into the repo's blob store
         root = folder.resolve().parents[1] if hub else folder.resolve()

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="probabilities shown per sample")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--no-explain", action="store_true", help="skip the per-modality contribution table")
+    p.add_argument("--allow-external-paths", action="store_true",
+                   help="let the model's config.json reference files outside its folder (only for trusted models)")
     p.add_argument("--no-fold", action="store_true",
                    help="run the image encoder as loaded (default: BatchNorm folded, channels-last; same outputs "
                         "within 1e-4)")
@@ -61,7 +63,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if not (args.text or args.image or args.audio):
         raise InputError("give at least one input: --text '...', --image PATH or --audio PATH.")
-    model = FusionModel.from_pretrained(args.model)
+    model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths)
     rows = model.predict(text=args.text, image=args.image, audio=args.audio, explain=not args.no_explain,
                          fold=not args.no_fold)
     if args.json:

@@ -206,3 +206,18 @@ def test_an_encoder_that_cannot_be_sized_on_meta_loads_under_a_memory_cap(tmp_pa
     (folder / "config.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="needs more memory than the parameter limit allows|above the limit"):
         FusionModel.from_pretrained(folder, max_parameters=10_000_000)
+
+
+def test_cli_predict_refuses_external_paths_in_one_line_unless_allowed(saved: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    from recipes.cli import main
+
+    evil = _evil_folder(tmp_path / "outside")
+    _hf_text(saved, str(evil))
+    assert main(["predict", "--model", str(saved), "--text", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "points outside the checkpoint folder" in err and "--allow-external-paths" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["predict", "--model", str(saved), "--text", "hi", "--allow-external-paths"]) == 2
+    err = capsys.readouterr().err
+    assert "trust_remote_code=False" in err and not (evil / "RAN").exists()  # past the path check, code refused
