@@ -97,6 +97,9 @@ class FusionTask(pl.LightningModule):
             (this is how a ``.ckpt`` rebuilds itself) and the model-shape arguments above are ignored.
     """
 
+    #: test split's confusion counts [true, predicted] (multiclass), set during ``test``
+    test_confusion: Tensor | None = None
+
     def __init__(
         self,
         encoders: dict[str, Any] | None = None,
@@ -323,14 +326,15 @@ class FusionTask(pl.LightningModule):
         self._eval_epoch_end("val")
 
     def on_test_epoch_start(self) -> None:
-        self.test_confusion: Tensor | None = None
+        self.test_confusion = None
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
         if self.cfg.task == "multiclass" and self.trainer.world_size > 1:  # every rank saw its share of the rows
             c = self.model.config.num_outputs
             mine = self.test_confusion if self.test_confusion is not None else torch.zeros(c, c, dtype=torch.long)
-            self.test_confusion = self.all_gather(mine.to(self.device)).reshape(-1, c, c).sum(0).cpu()
+            gathered = cast(Tensor, self.all_gather(mine.to(self.device)))  # one tensor in, one tensor out
+            self.test_confusion = gathered.reshape(-1, c, c).sum(0).cpu()
 
     # optimisation ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
