@@ -34,7 +34,7 @@ from .task import FusionTask
 __all__ = ["main", "FusionCLI", "CONFIG_DIR", "resolve_config_args"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-ZOO_COMMANDS = ("predict", "zoo", "export", "convert", "serve")
+ZOO_COMMANDS = ("predict", "zoo", "export", "convert", "serve", "push")
 _STAMP_ENV = "FUSION_ZOO_RUN_STAMP"  # shared with DDP child processes so every rank uses one run directory
 
 USAGE = """usage: fusion-zoo <command> [options]

@@ -100,3 +100,38 @@ def test_push_to_hub_validates_repo_id(zoo_dir: Path) -> None:
     for bad in ("no-slash", "a/b/c", "/name"):
         with pytest.raises(CheckpointError, match="must look like 'org/name'"):
             push_to_hub(zoo_dir / "toy-early-concat", bad)
+
+
+def test_push_dry_run_writes_exactly_the_upload_folder(zoo_dir: Path, make_model, raw, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from zoo.hub import from_pretrained
+
+    (zoo_dir / "toy-late-gating" / "notes.txt").write_text("not part of the model")
+    out = tmp_path / "upload"
+    assert main(["push", "toy-late-gating", "org/toy", "--private", "--dry-run", str(out)]) == 0  # a zoo name
+    assert str(out) in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    for name in ("README.md", "config.json", "model.safetensors"):
+        assert (out / name).read_bytes() == (zoo_dir / "toy-late-gating" / name).read_bytes()
+    with torch.no_grad():
+        want = from_pretrained("toy-late-gating")
+        got = from_pretrained(out)
+        torch.testing.assert_close(got(got.preprocess(**raw)).logits, want(want.preprocess(**raw)).logits)
+    assert main(["push", "toy-late-gating", "org/toy", "--dry-run", str(out)]) == 2  # never into a full folder
+    assert "not empty" in capsys.readouterr().err
+    from zoo.hub import push_to_hub
+
+    model_dir = push_to_hub(make_model(), "org/toy", dry_run=tmp_path / "from-model")  # an in-memory model
+    assert sorted(p.name for p in Path(model_dir).iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_push_offline_fails_with_one_line(zoo_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+    assert main(["push", "toy-early-concat", "org/toy", "--token", "hf_not_a_token"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # the test environment may also set HF_HUB_OFFLINE: either way one line that names the cause
+    assert len(err) == 1 and ("cannot reach the Hub" in err[0] or "HF_HUB_OFFLINE is set" in err[0]), err
