@@ -30,7 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from encoders import Encoder, ModalityOutput
+from encoders._atomic import atomic_write
 from fusion_errors import DataError, InputError
+from zoo.optimize import INFERENCE_TAG_FOLDED, INFERENCE_TAG_PLAIN, count_batchnorms, inference_copy
 
 __all__ = ["clean_stale_temps", "FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 
@@ -158,9 +160,10 @@ class FeatureCache:
         memory: keep loaded entries in a process-wide index, so repeated calls are free.
     """
 
-    def __init__(self, root: str | Path | None = None, memory: bool = True) -> None:
+    def __init__(self, root: str | Path | None = None, memory: bool = True, fold: bool = True) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir()
         self.memory = memory
+        self.fold = fold  # encode frozen image encoders BatchNorm-folded and channels-last (zoo.optimize)
         clean_stale_temps(self.root)  # left by saves that were killed
 
     @staticmethod
@@ -181,7 +184,13 @@ class FeatureCache:
             "extra": extra,
             "column": column,
             "tokens": bool(store_tokens),
+            "inference": self._inference_tag(encoder),
         }
+
+    def _inference_tag(self, encoder: Encoder) -> str:
+        """How a miss runs ``encoder`` (``zoo.optimize.inference_copy``'s tag), known without folding it."""
+        foldable = self.fold and encoder.modality == "image" and not any(p.requires_grad for p in encoder.parameters())
+        return INFERENCE_TAG_FOLDED if foldable and count_batchnorms(encoder) else INFERENCE_TAG_PLAIN
 
     def key(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str = "train",
             store_tokens: bool = True, extra: str = "") -> str:
@@ -272,14 +281,9 @@ class FeatureCache:
 
     @staticmethod
     def _save(path: Path, out: ModalityOutput, parts: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
         tensors = {"tokens": out.tokens.contiguous(), "mask": out.mask.contiguous(), "pooled": out.pooled.contiguous()}
-        try:
+        with atomic_write(path) as tmp:  # readers see the old state or the whole new file
             save_file(tensors, str(tmp), metadata={"key_parts": json.dumps(parts, sort_keys=True, default=str)})
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
-        finally:
-            tmp.unlink(missing_ok=True)
 
     # encoding ----------------------------------------------------------------------------------
     def _compute(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
@@ -328,6 +332,10 @@ class FeatureCache:
         device = torch.device(device) if device is not None else home
         was_training = encoder.training
         encoder.to(device).eval()
+        # a folded copy when the key says so (same features within 1e-4, ~3x faster on CPU); if folding fails its
+        # own check the plain encoder runs, which gives those same features
+        runner = inference_copy(encoder, self.fold)[0] if self._inference_tag(encoder) != INFERENCE_TAG_PLAIN \
+            else encoder
         parts: list[ModalityOutput] = []
         step = max(1, (n // batch_size + 1) // 10) * batch_size
         rank_zero_info(f"feature cache: encoding {split}/{column} ({total} rows, {n} distinct) with {name} on {device}")
@@ -338,7 +346,7 @@ class FeatureCache:
                 items = [None if v is None else transform(v) if transform else v for v in chunk[column]]
                 batch = self._preprocess(encoder, items, split, column, start, row_ids)
                 with torch.inference_mode():
-                    out = encoder({k: v.to(device) for k, v in batch.items()})
+                    out = runner({k: v.to(device) for k, v in batch.items()})
                     if not store_tokens:
                         out = ModalityOutput(out.pooled[:, None], out.present[:, None], out.pooled)
                     parts.append(ModalityOutput(out.tokens.float().cpu(), out.mask.cpu(), out.pooled.float().cpu()))

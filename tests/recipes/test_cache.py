@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -188,3 +189,24 @@ def test_identical_cells_are_encoded_once_and_laid_out_per_row(tmp_path) -> None
     assert out.present.tolist() == [True, True, True, False, True, True]
     assert float(out.pooled[3].abs().sum()) == 0.0
 
+
+
+def test_frozen_image_encoders_are_encoded_folded_and_the_key_says_so(tmp_path) -> None:
+    from encoders import create_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder("tiny-image")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(4)]
+    ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
+    folded_cache, plain_cache = FeatureCache(tmp_path / "a", memory=False), FeatureCache(tmp_path / "b", memory=False,
+                                                                                          fold=False)
+    assert folded_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl"
+    assert plain_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "plain"
+    assert folded_cache.key(enc, ds, "image") != plain_cache.key(enc, ds, "image")
+    folded, _ = folded_cache.get_or_compute(enc, ds, "image", store_tokens=False)
+    plain, _ = plain_cache.get_or_compute(enc, ds, "image", store_tokens=False)
+    torch.testing.assert_close(folded.pooled, plain.pooled, rtol=0, atol=1e-4)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in enc.modules()) == 13  # the encoder itself is left as it was
