@@ -348,6 +348,8 @@ def _create(m: str, spec: Any, where: str) -> Encoder:
     except (FusionZooError, MemoryError):
         raise
     except Exception as e:  # a config.json is untrusted: options of the wrong type or value fail deep in a factory
+        if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):
+            raise  # out of memory (under _guarded's cap): reported as a size problem there
         raise ConfigError(f"{where}: the {m} encoder {spec.name!r} cannot be built with options {spec.options} "
                           f"({type(e).__name__}: {str(e)[:200]}); fix encoders.{m}.options in config.json.") from e
 
