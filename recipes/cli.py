@@ -163,6 +163,11 @@ def _resume_args(argv: list[str]) -> list[str]:
     return [*out, "--ckpt_path", str(last)]
 
 
+def _data_modalities(data: Any) -> list[str] | None:
+    """``data.modalities`` when the data module reports it (FusionDataModule does), else None."""
+    return getattr(data, "modalities", None)
+
+
 class FusionCLI(LightningCLI):
     """LightningCLI over :class:`FusionTask` and ``FusionDataModule`` with the recipe defaults.
 
@@ -180,7 +185,8 @@ class FusionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
-        parser.link_arguments("data.modalities", "model.modalities", apply_on="instantiate")
+        # the modalities the data has (a user's own data module may not say: then every default encoder)
+        parser.link_arguments("data", "model.modalities", compute_fn=_data_modalities, apply_on="instantiate")
         parser.add_lightning_class_args(FusionCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/fused/accuracy", "checkpoint.mode": "max", "checkpoint.save_last": True,
@@ -288,11 +294,15 @@ class FusionCLI(LightningCLI):
 
 
 def _world_size(trainer: Any) -> int:
-    """Processes a DDP run starts: ``devices`` (an int or a list) times ``num_nodes``; 1 without DDP."""
+    """Processes a data-parallel run starts: ``devices`` (an int or a list) times ``num_nodes``; 1 otherwise."""
     strategy = trainer.get("strategy")
-    if not (isinstance(strategy, str) and strategy.startswith("ddp")):
+    if not isinstance(strategy, str) and strategy is not None \
+            or isinstance(strategy, str) and not strategy.startswith(("ddp", "fsdp", "deepspeed", "auto")):
         return 1
     devices = trainer.get("devices")
+    if isinstance(devices, str):  # the command line gives "2", "0,1" or "auto"
+        devices = int(devices) if devices.lstrip("-").isdigit() else [d for d in devices.split(",") if d.strip()] \
+            if "," in devices else 1
     count = len(devices) if isinstance(devices, (list, tuple)) else devices if isinstance(devices, int) else 1
     if count == -1:
         import torch

@@ -330,7 +330,8 @@ class FusionModel(nn.Module):
             self.train(was_training)
         b = out.logits.shape[0]
         mix = self.mix_weights(out.present, b, out.logits.device) if self.config.stage == "hybrid" else None
-        return [_predict.explain(out.aux, self.modalities, i, b, contribution, mix) for i in range(b)]
+        present = {m: feats[m].present for m in given}
+        return [_predict.explain(out.aux, self.modalities, i, b, contribution, mix, present) for i in range(b)]
 
     @torch.no_grad()
     def predict(self, text: Any = None, image: Any = None, audio: Any = None, *,

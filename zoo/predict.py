@@ -121,18 +121,20 @@ def _labelled(row: Tensor, names: list[str]) -> dict[str, float] | list[float]:
 
 
 def explain(aux: dict[str, Tensor], modalities: list[str], i: int, b: int,
-            contribution: dict[str, Tensor] | None = None, mix: Tensor | None = None) -> dict[str, Any]:
+            contribution: dict[str, Tensor] | None = None, mix: Tensor | None = None,
+            present: dict[str, Tensor] | None = None) -> dict[str, Any]:
     """Sample ``i``'s explanation from a forward pass of ``b`` samples.
 
-    Keys: ``contribution`` (modality -> leave-one-out change, see :func:`contributions`), ``share`` (modality ->
+    Keys: ``contribution`` (each modality the sample has -> leave-one-out change, see :func:`contributions`),
+    ``share`` (modality ->
     ``|contribution| / sum of |contribution|``, summing to 1; all 0 when no modality changes the output), the
     head's own per-sample weights (``gates``, ``weights``, ``routing_probs``: per modality when there is one
     weight per modality, else a list, e.g. one routing probability per expert) and ``mix`` (hybrid: the weights of
     the fused and each modality's prediction in the final mix).
     """
     out: dict[str, Any] = {}
-    if contribution:
-        c = {m: float(v[i]) for m, v in contribution.items()}
+    if contribution:  # modalities this sample has (absent ones would always be 0)
+        c = {m: float(v[i]) for m, v in contribution.items() if present is None or bool(present[m][i])}
         total = sum(abs(v) for v in c.values())
         out["contribution"] = c
         out["share"] = {m: (abs(v) / total if total > 0 else 0.0) for m, v in c.items()}

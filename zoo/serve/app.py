@@ -192,7 +192,9 @@ def batch_predictor(model: Any) -> Callable[[list[dict[str, Any]]], list[dict[st
 
     def run(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         given = [m for m in model.modalities if any(m in s for s in samples)]
-        rows = model.predict(**{m: [s.get(m) for s in samples] for m in given}, batch_size=max(1, len(samples)))
+        # fold=False: `serve` folded the model once at start (optimize_for_serving), or was told not to (--no-fuse)
+        rows = model.predict(**{m: [s.get(m) for s in samples] for m in given}, batch_size=max(1, len(samples)),
+                             fold=False)
         for row, s in zip(rows, samples, strict=True):
             row["inputs"] = [m for m in model.modalities if m in s]
         return rows
