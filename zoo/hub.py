@@ -86,8 +86,8 @@ def push_to_hub(path_or_model: str | Path | FusionModel, repo_id: str, token: st
         from huggingface_hub import HfApi
     except ImportError as e:
         raise MissingDependencyError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from e
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = _stage(path_or_model, Path(tmp) / "model")
+    with tempfile.TemporaryDirectory() as staging:
+        folder = _stage(path_or_model, Path(staging) / "model")
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
