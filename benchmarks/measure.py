@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup", "best_time"]
+__all__ = ["inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup", "best_time",
+           "cache_encode_speedup"]
 
 BATCH = 32
 
@@ -256,3 +257,44 @@ def partial_finetune_overhead(n: int = 192, batch: int = 32,
             seconds[name] = best_time(epoch, reps=3, warmup=1)
     return {"partial_finetune_overhead": seconds["with_frozen"] / seconds["alone"],
             "partial_finetune_epoch_seconds": seconds, "partial_finetune_rows": n}
+
+
+def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 2) -> dict[str, Any]:
+    """The feature cache encoding the same ``n`` tridigits images (efficientnet-lite0, frozen) on a miss, with and
+    without folding (``FeatureCache(fold=...)``: BatchNorm folded, channels-last, ``zoo.optimize.inference_copy``),
+    in one process; each timing is the best of ``reps`` misses into fresh cache folders, fold time included."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from encoders import create_encoder
+    from recipes.cache import FeatureCache
+    from recipes.tridigits.dataset import load_tridigits
+
+    rows = load_tridigits("train").select(range(n)).select_columns(["image"])
+    enc = create_encoder("efficientnet-lite0", finetune="frozen").eval()
+    times: dict[str, float] = {}
+    feats: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    for _ in range(reps):
+        for fold in (False, True):
+            name = "folded" if fold else "plain"
+            root = Path(tempfile.mkdtemp(prefix="fz-bench-encode-"))
+            try:
+                cache = FeatureCache(root, memory=False, fold=fold)
+                t = time.perf_counter()
+                out, stats = cache.get_or_compute(enc, rows, "image", "train", store_tokens=False,
+                                                  batch_size=batch_size)
+                times[name] = min(times.get(name, float("inf")), time.perf_counter() - t)
+                feats[name], keys[name] = out, stats.key
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    diff = float((feats["folded"].pooled - feats["plain"].pooled).abs().max())
+    return {
+        "cache_encode_speedup": times["plain"] / times["folded"],
+        "cache_encode_max_abs_diff": diff,
+        "images_per_s": {k: n / v for k, v in times.items()},
+        "keys_differ": keys["plain"] != keys["folded"],
+        "setup": f"{n} tridigits train images, efficientnet-lite0, batch {batch_size}, {torch.get_num_threads()} "
+                 "threads, best of " + str(reps),
+    }

@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from benchmarks.measure import (  # noqa: E402
+    cache_encode_speedup,
     head_step_share,
     inference_fusion,
     partial_finetune_overhead,
@@ -46,6 +47,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "inference_max_abs_diff": ("<=", 1e-4),
     "pipeline_headroom": (">=", 3.0),
     "partial_finetune_overhead": ("<=", 1.5),
+    "cache_encode_speedup": (">=", 2.5),
 }
 TARGETS.update(SERVE_TARGETS)
 
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     steps = [("sweep_cache_speedup", sweep_cache_speedup), ("head_step_share", head_step_share),
              ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom),
-             ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load)]
+             ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load),
+             ("cache_encode", cache_encode_speedup)]
     for name, fn in steps:
         t = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
