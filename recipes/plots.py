@@ -179,7 +179,8 @@ def moe_utilisation(series: Mapping[str, Sequence[tuple[float, float]]], path: s
     ax.set_xlabel("step")
     ax.set_ylabel("share of routed tokens")
     ax.set_title("expert utilisation (epoch means)", fontsize=10)
-    ax.legend(title="expert", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(title="expert", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.subplots_adjust(wspace=0.45)  # room for the legend between the panels
     if series.get("train/moe/routing_entropy"):
         hx, hy = zip(*series["train/moe/routing_entropy"], strict=True)
         ax_h.plot(hx, hy, marker="o", ms=3)
