@@ -104,7 +104,10 @@ def test_recipe_model_sections_build_and_train(recipe):
     model_args = yaml.safe_load((cli.CONFIG_DIR / recipe).read_text())["model"]
     model_args["encoders"] = {"image": "fake-image", "text": "fake-text"}
     task = FusionTask(labels=["a", "b", "c"], **{**model_args, "hidden_dim": 16})
-    assert task.cfg.stage == {"early_fusion.yaml": "early", "hybrid_fusion.yaml": "hybrid"}.get(recipe, "late")
+    assert task.cfg.stage == {"early_fusion.yaml": "early", "hybrid_fusion.yaml": "hybrid",
+                              "default.yaml": "early"}.get(recipe, "late")
+    # the default fuses one pooled vector per modality; the early/hybrid recipes fuse token sequences
+    assert task.cfg.fuse_tokens == (recipe != "default.yaml")
     present = torch.ones(4, dtype=torch.bool)
     inputs = {m: {"x": torch.randn(4, 4), "present": present} for m in ("image", "text")}
     batch = {"inputs": inputs, "labels": torch.arange(4) % 3}
@@ -172,7 +175,7 @@ def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = '{"image": "tiny-image", "text": "tiny-text"}'
     common = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--data.max_samples", "16"]
-    assert cli.main(["fit", "--model.encoders", tiny, "--model.hidden_dim", "32", *common,
+    assert cli.main(["fit", "--model.encoders", tiny, "--model.hidden_dim", "32", "--model.stage", "late", *common,
                      "--trainer.default_root_dir", "base"]) == 0
     before = FusionModel.from_pretrained(tmp_path / "base" / "model")
     assert cli.main(["fit", "--init-from", str(tmp_path / "base" / "model"), "--model.fusion_head", "gating",

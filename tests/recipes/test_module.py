@@ -47,9 +47,9 @@ class FakeEncoder(Encoder):
         return ModalityOutput(z[:, None], torch.ones(z.shape[0], 1, dtype=torch.bool, device=z.device), z)
 
 
-for _name in FAKES.values():
+for _modality, _name in FAKES.items():
     if _name not in list_encoders():
-        register_encoder(_name)(FakeEncoder)
+        register_encoder(_name)(type(f"Fake{_modality.title()}Encoder", (FakeEncoder,), {"modality": _modality}))
 
 
 class ToyDataModule(pl.LightningDataModule):
