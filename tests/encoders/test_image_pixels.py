@@ -104,3 +104,5 @@ def test_composite_is_efficientnet_beside_the_thumbnail() -> None:
     assert torch.allclose(out.tokens[0, :, 1280:], ref_thumb.pooled[0].expand(out.tokens.shape[1], -1))
     assert out.mask.sum(1).tolist() == [4, 0, 4]  # a 2x2 feature map at 64 px; the missing row is masked
     assert torch.allclose(out.tokens[2].mean(0), out.pooled[2], atol=1e-5)  # pooled is the mean of the tokens
+    default = encoders.create_encoder("efficientnet-lite0-pixels")  # fitted to small images: 64 px, 28 px thumbnail
+    assert default.embed_dim == 1280 + 784 and default.preprocessor.to_dict()["network"]["image_size"] == 64
