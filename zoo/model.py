@@ -293,12 +293,13 @@ class FusionModel(nn.Module):
     def inference_runner(self, fold: bool = True) -> tuple[FusionModel, dict[str, str]]:
         """This model with frozen image encoders BatchNorm-folded and channels-last (``zoo.optimize``), cached.
 
-        The copy is rebuilt when any encoder parameter or buffer changes (tracked by tensor version counters);
+        The copy is rebuilt when any encoder parameter or buffer changes (version counter, storage, device, dtype);
         ``fold=False`` returns ``self``. Returns ``(model, {modality: tag})``.
         """
         if not fold:
             return self, dict.fromkeys(self.encoders, "plain")
-        state = tuple((id(t), t._version) for t in [*self.encoders.parameters(), *self.encoders.buffers()])
+        state = tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype)  # .to() / load_state_dict change these
+                      for t in [*self.encoders.parameters(), *self.encoders.buffers()])
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != state:
             with torch.inference_mode(False), torch.no_grad():

@@ -100,3 +100,32 @@ def test_multilabel_and_regression(make_model, raw) -> None:
     assert all(r["labels"] == [k for k, p in r["probs"].items() if p > 0.5] for r in rows)
     rows = predict(make_model(task="regression"), **raw)
     assert all(set(r["values"]) == {"a", "b", "c"} for r in rows)
+
+
+@pytest.mark.slow
+def test_predict_folds_frozen_image_encoder_with_same_outputs() -> None:
+    """predict() runs efficientnet-lite0 BatchNorm-folded by default: same probabilities within 1e-4; the copy is
+    cached, rebuilt when encoder weights change, and never enters the state dict."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
+    from zoo.optimize import count_batchnorms
+
+    torch.manual_seed(0)
+    model = FusionModel(FusionModelConfig(encoders={"image": "efficientnet-lite0"}, labels=("a", "b"),
+                                          hidden_dim=16)).eval()
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+              for i in range(3)]
+    folded, plain = model.predict(image=images), model.predict(image=images, fold=False)
+    for f, p in zip(folded, plain, strict=True):
+        assert f["probs"] == pytest.approx(p["probs"], abs=1e-4)
+    runner, tags = model.inference_runner()
+    assert tags == {"image": "bnfold-cl"} and count_batchnorms(runner.encoders["image"]) == 0
+    assert count_batchnorms(model.encoders["image"]) > 0  # the loaded model itself is untouched
+    assert model.inference_runner()[0] is runner
+    with torch.no_grad():
+        next(model.encoders["image"].parameters()).mul_(1.01)
+    assert model.inference_runner()[0] is not runner
+    assert not any("inference" in k for k in model.state_dict())
