@@ -92,7 +92,7 @@ def test_single_image_not_in_a_list_is_an_input_error() -> None:
 def test_composite_is_efficientnet_beside_the_thumbnail() -> None:
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 255, (40, 30, 3), dtype=np.uint8), None, rng.integers(0, 255, (28, 28), dtype=np.uint8)]
-    both = encoders.create_encoder("efficientnet-lite0-pixels", image_size=64, thumbnail_size=12)
+    both = encoders.create_encoder("efficientnet-lite0-pixels", image_size=64, thumbnail_size=12, color="gray")
     net = encoders.create_encoder("efficientnet-lite0", image_size=64)
     thumb = encoders.create_encoder("pixels", image_size=12)
     assert both.embed_dim == 1280 + 144
@@ -104,5 +104,5 @@ def test_composite_is_efficientnet_beside_the_thumbnail() -> None:
     assert torch.allclose(out.tokens[0, :, 1280:], ref_thumb.pooled[0].expand(out.tokens.shape[1], -1))
     assert out.mask.sum(1).tolist() == [4, 0, 4]  # a 2x2 feature map at 64 px; the missing row is masked
     assert torch.allclose(out.tokens[2].mean(0), out.pooled[2], atol=1e-5)  # pooled is the mean of the tokens
-    default = encoders.create_encoder("efficientnet-lite0-pixels")  # fitted to small images: 64 px, 28 px thumbnail
-    assert default.embed_dim == 1280 + 784 and default.preprocessor.to_dict()["network"]["image_size"] == 64
+    default = encoders.create_encoder("efficientnet-lite0-pixels")  # fitted to small images: 64 px, 16 px RGB thumb
+    assert default.embed_dim == 1280 + 3 * 16 * 16 and default.preprocessor.to_dict()["network"]["image_size"] == 64
