@@ -30,9 +30,10 @@ from .metrics import SplitMetrics
 
 __all__ = ["FusionTask", "DEFAULT_ENCODERS"]
 
-# The offline default per modality. audio: Whisper base's encoder (speech content; resemblyzer-lstm encodes the
+# The offline default per modality. image: EfficientNet-Lite0 at 64 px beside a 16-px colour thumbnail (small,
+# degraded images: docs/encoders.md); audio: Whisper base's encoder (speech content; resemblyzer-lstm encodes the
 # speaker instead). Used for the modalities the data has when no encoders are named (docs/recipes.md).
-DEFAULT_ENCODERS: dict[str, Any] = {"audio": "whisper-base", "image": "efficientnet-lite0", "text": "minilm-l6"}
+DEFAULT_ENCODERS: dict[str, Any] = {"audio": "whisper-base", "image": "efficientnet-lite0-pixels", "text": "minilm-l6"}
 SPLITS = {"val": "validation", "test": "test"}
 
 
