@@ -117,7 +117,7 @@ def test_parse_args_overrides_and_defaults(tmp_path: Path) -> None:
                     "--model.hidden_dim", "32", "--model.modality_dropout={image: 0.2}", "--data.batch_size", "8"])
     assert (s.heads, s.stages, s.seeds) == (["concat", "moe"], ["late"], [3])
     assert s.model["hidden_dim"] == 32 and s.model["modality_dropout"] == {"image": 0.2}
-    assert s.model["encoders"]["image"] == "efficientnet-lite0"  # from the default recipe
+    assert s.model["encoders"] is None  # the default recipe names none: the data's modalities decide
     assert s.data["batch_size"] == 8
     d = parse_args([])
     assert d.heads == ["concat", "average", "cross_attention", "gating", "moe"] and len(d.seeds) == 3
