@@ -299,12 +299,23 @@ def _search(name: str, quick: bool, train: Callable[[dict[str, Any]], dict[str, 
     return runs
 
 
+def _parse_variant(variant: str) -> tuple[int, bool, bool]:
+    """``SIZE[/full][+px]`` -> (EfficientNet input side, whole image without the centre crop, thumbnail added)."""
+    base, plus, extra = variant.partition("+")
+    size, _, crop = base.partition("/")
+    if not size.isdigit() or crop not in ("", "full") or (plus and extra != "px"):
+        raise DataError(f"image variant {variant!r}: write SIZE, SIZE/full, SIZE+px or SIZE/full+px.")
+    return int(size), crop == "full", bool(plus)
+
+
 def _image_encoder(variant: str) -> Encoder:
-    """``SIZE`` (the encoder's resize + centre crop at SIZE px) or ``SIZE/full`` (no crop: the whole image)."""
-    size, _, crop = variant.partition("/")
-    enc = create_encoder("efficientnet-lite0", image_size=int(size))
-    if crop == "full":
-        enc.preprocessor.crop_pct = 1.0  # type: ignore[attr-defined]
+    """``SIZE``: efficientnet-lite0 at SIZE px (the encoder's resize + centre crop); ``/full``: the whole image, no
+    crop; ``+px``: efficientnet-lite0-pixels (the same features plus its pixel thumbnail, default options)."""
+    size, full, px = _parse_variant(variant)
+    enc = create_encoder("efficientnet-lite0-pixels" if px else "efficientnet-lite0", image_size=size)
+    if full:
+        net = enc.network if px else enc  # type: ignore[attr-defined]
+        net.preprocessor.crop_pct = 1.0
     return enc
 
 
@@ -320,8 +331,7 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 def _image_vectors(variant: str, images: Sequence[str], cache_dir: Path, device: str) -> tuple[Tensor, dict]:
-    if variant.partition("/")[2] not in ("", "full"):
-        raise DataError(f"image variant {variant!r}: write SIZE or SIZE/full.")
+    _parse_variant(variant)
     return encode_unique(lambda: _image_encoder(variant), images, cache_dir, f"efficientnet-lite0@{variant}",
                          files=True, device=device)
 
@@ -350,8 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("data_dir", type=Path)
     p.add_argument("--columns", default='{"text": "question", "image": "image", "label": "answer"}')
     p.add_argument("--image-variants", nargs="+", default=["224", "128", "128/full"],
-                   help="image encoder inputs: SIZE (resize + centre crop) or SIZE/full (no crop); the first one "
-                        "gets the full hyper-parameter grid, the others each model's chosen settings")
+                   help="image encoder inputs: SIZE (efficientnet-lite0, resize + centre crop), SIZE/full (no crop), "
+                        "SIZE+px (efficientnet-lite0-pixels); the first one gets the full hyper-parameter grid, the "
+                        "others each model's chosen settings")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="a previous --out file: keep its runs and its chosen settings (from its first image input), "
+                        "run only the image inputs it lacks")
     p.add_argument("--models", nargs="+", default=list(FEATURE_MODELS), choices=list(FEATURE_MODELS))
     p.add_argument("--variant-models", nargs="*", default=["image-linear", "concat-mlp1", "concat-mlp2", "product"],
                    help="models trained (with their chosen settings) on the image variants after the first")
@@ -421,7 +435,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         winner = {**BASE, **cfg}
     else:
         chosen: dict[str, dict[str, Any]] = {}
-        for k, variant in enumerate(args.image_variants):
+        variants = list(args.image_variants)
+        have: set[tuple[str, str]] = set()
+        if args.resume:
+            before = json.loads(args.resume.read_text())
+            report["results"], report["encoding"] = before["results"], {**before["encoding"], **report["encoding"]}
+            first = before["results"][0]["image_variant"]
+            for name in {r["model"] for r in before["results"]}:
+                runs = [r for r in before["results"] if r["model"] == name and r["image_variant"] == first]
+                top = max(runs, key=lambda r: (r["val"], -r["params"]))
+                chosen[name] = {key: top[key] for key in BASE}
+            have = {(r["image_variant"], r["model"]) for r in report["results"]}
+            variants = [first, *[v for v in variants if v != first]]
+            print(f"[probe] resumed {len(report['results'])} runs from {args.resume}; chosen: {chosen}", flush=True)
+        for k, variant in enumerate(variants):
+            if args.resume and (k == 0 or all((variant, m) in have for m in args.variant_models if m in chosen)):
+                continue
             i = _standardise(image_features(variant), train_rows.image).to(dev)
 
             def train(hp: dict[str, Any], name: str = "", variant: str = variant, i: Tensor = i) -> dict[str, Any]:
@@ -438,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runs = _search(name, args.quick, lambda hp, name=name: train(hp, name))
                     top = max(runs, key=lambda r: (r["val"], -r["params"]))
                     chosen[name] = {key: top[key] for key in BASE}
-                else:
+                elif (variant, name) not in have:
                     train(chosen[name], name)
         report["chosen"] = chosen
         # the overall pick: best validation accuracy over every (variant, model) run with its chosen settings
