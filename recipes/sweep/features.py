@@ -152,7 +152,9 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
         for m, spec in sorted(specs.items()):
             s: dict[str, Any] = {"name": spec} if isinstance(spec, str) else dict(spec)
             enc = create_encoder(s["name"], finetune="frozen", **dict(s.get("options") or {}))
-            encoders[m] = CappedEncoder(enc, cap=need_tokens)
+            # pooled only: the plain encoder, so the entries are the ones `fusion-zoo fit` writes (and reads); the
+            # cache folds image encoders itself. With tokens: capped tokens, entries of their own.
+            encoders[m] = CappedEncoder(enc, cap=True) if need_tokens else enc
     task: Any = settings.model.get("task") or "multiclass"  # checked by FusionModelConfig
     cfg = FusionModelConfig(encoders=specs, labels=tuple(dm.labels), task=task,
                             stage="early" if need_tokens else "late")

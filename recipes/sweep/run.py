@@ -37,7 +37,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_EPOCHS = 6
 DEFAULT_BATCH = 64
 _MODEL_KEYS = ("encoders", "head_options", "task", "hidden_dim", "trunk_layers", "dropout", "modality_dropout",
-               "late_loss_weight")
+               "late_loss_weight", "late_decision", "fuse_tokens")
 _OPTIM_KEYS = ("lr", "weight_decay", "warmup_ratio")
 
 
@@ -148,7 +148,11 @@ def run_sweep(
     start = time.perf_counter()
     fs: FeatureSet | None = None
     if todo:  # one encoder pass serves every stage: late cells read a pooled-only view of the same features
-        need_tokens = any(stage != "late" for _, stage, _ in todo)
+        # early/hybrid cells read tokens only when they fuse tokens; pooled-only features are fit's own cache entries
+        fuse_tokens = settings.model.get("fuse_tokens")
+        if fuse_tokens is None:
+            fuse_tokens = FusionModelConfig.__dataclass_fields__["fuse_tokens"].default
+        need_tokens = bool(fuse_tokens) and any(stage != "late" for _, stage, _ in todo)
         fs = features(settings, need_tokens)
         echo(f"features ({fs.info.get('token caps', 'tokens' if need_tokens else 'pooled only')}): "
              f"{fs.info.get('source', '')}, ready after {fmt_seconds(time.perf_counter() - start)}")

@@ -138,7 +138,7 @@ def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
     from recipes.cache import FeatureCache
     from recipes.cli import main as cli_main
 
-    common = ["--stages", "early,late", "--seeds", "0", "--max-epochs", "1",
+    common = ["--stages", "early,late", "--seeds", "0", "--max-epochs", "1", "--model.fuse_tokens", "true",
               "--model.encoders={audio: mel-cnn, image: tiny-image, text: tiny-text}", "--model.hidden_dim", "16",
               "--data.max_samples", "16", "--data.cache_dir", str(tmp_path / "cache")]
     assert cli_main(["sweep", "--heads", "concat", "--output-dir", str(tmp_path / "a"), *common]) == 0
@@ -156,6 +156,32 @@ def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
     monkeypatch.setattr(FeatureCache, "_compute", no_encoding)
     assert cli_main(["sweep", "--heads", "moe", "--output-dir", str(tmp_path / "b"), *common]) == 0
     assert (tmp_path / "b" / "gates_late_moe.png").is_file()
+
+
+def test_sweep_of_pooled_cells_reads_the_entries_fit_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit, then a sweep of the same data and encoders (default recipe: one pooled vector per modality): the sweep
+    encodes nothing, whatever the stage (issue 10: fit, test, predict and the sweep share one cache)."""
+    from recipes.cache import FeatureCache
+    from recipes.cli import main as cli_main
+
+    cache = tmp_path / "cache"
+    data = ["--data.max_samples", "16", "--data.cache_dir", str(cache)]
+    enc = "--model.encoders={image: pixels}"  # no random weights: the same encoder in both processes
+    assert cli_main(["fit", enc, "--model.hidden_dim", "16", "--trainer.max_epochs", "1",
+                     "--trainer.default_root_dir", str(tmp_path / "runs"), *data]) == 0
+    entries = sorted(cache.glob("*.safetensors"))
+    assert entries  # the fit cached its frozen image features
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the sweep must read the entries fit wrote, not run the encoder")
+
+    FeatureCache.clear_memory()  # a sweep in a new process sees only the disk
+    monkeypatch.setattr(FeatureCache, "_compute", no_encoding)
+    assert cli_main(["sweep", "--heads", "concat", "--stages", "early,late", "--seeds", "0", "--max-epochs", "1",
+                     enc, "--model.hidden_dim", "16", "--output-dir", str(tmp_path / "sweep"), *data]) == 0
+    assert sorted(cache.glob("*.safetensors")) == entries  # nothing new written either
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert [(r["head"], r["stage"]) for r in rows] == [("concat", "early"), ("concat", "late")]
 
 
 def test_token_caps_and_pooled_view() -> None:
