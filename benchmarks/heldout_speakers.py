@@ -1,0 +1,327 @@
+"""Held-out speakers: a proxy for real spoken digits + degraded handwritten digits (docs/heldout_speakers.md).
+
+``python benchmarks/heldout_speakers.py prepare|run|baseline [DIR]``
+
+``prepare DIR`` writes what a user with recordings like the Free Spoken Digit Dataset would have: ``audio/*.wav``
+(8 kHz mono int16, silence-trimmed, random gain, mild background noise), spoken by espeak-ng *speakers* (an accent +
+a voice variant, with a random speed and pitch per clip); ``images/*.png`` (28x28 grayscale, heavily degraded
+handwritten digits from scikit-learn's ``load_digits``); and ``train.csv``, ``validation.csv``, ``test.csv`` with the
+columns ``image,audio,label,speaker``. Validation has the train speakers; the test speakers (accents *and* variants)
+are never heard in training, and the test images are never seen in training. ``speaker`` is an extra column the fit
+must ignore.
+
+``baseline DIR`` fits logistic regressions on raw MFCC mean+std, raw pixels and both, and prints test accuracies.
+
+``run DIR`` runs a bare ``fusion-zoo fit --data.data_dir DIR`` with a cold feature cache, times it and merges
+``heldout_speakers_test_accuracy``, ``heldout_speakers_seconds``, ``heldout_speakers_baseline_lr`` and
+``heldout_speakers`` (details) into ``benchmarks/results.json``.
+
+The data is never committed: the default DIR is ``~/.cache/fusion-zoo/heldout-speakers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.easyvqa import _new_metrics, merge_results  # noqa: E402
+from fusion_errors import DataError, MissingDependencyError  # noqa: E402
+
+__all__ = ["DEFAULT_DIR", "TRAIN_SPEAKERS", "TEST_SPEAKERS", "prepare", "degrade", "baseline", "heldout_benchmark",
+           "main"]
+
+DEFAULT_DIR = Path("~/.cache/fusion-zoo/heldout-speakers").expanduser()
+RATE = 8000  # like the Free Spoken Digit Dataset
+#: train/validation speakers: accent + voice variant; the test ones share neither the accent nor the variant
+TRAIN_SPEAKERS = ("en-us+m1", "en-us+f2", "en-gb+m3", "en-gb-x-rp+f4", "en-gb-x-gbcwmd+m7")
+TEST_SPEAKERS = ("en-gb-scotland+f3", "en-029+m5", "en-us-nyc+m6", "en-gb-x-gbclan+f5")
+SIZES = {"train": 1800, "validation": 200, "test": 600}
+SPEED = (120, 210)  # words per minute, uniform per clip
+PITCH = (20, 80)  # espeak-ng pitch 0..99, uniform per clip
+SNR_DB = (15.0, 35.0)  # mild white background noise, like a quiet room recording
+IMAGE_SIZE = 28
+CONTRAST = (0.35, 0.7)  # share of the grey range the strokes span
+NOISE = (0.15, 0.25)  # pixel noise std, of the grey range
+IMAGE_POOLS = {"train": 0.65, "validation": 0.1, "test": 0.25}  # share of the 1,797 images per split (by image)
+_MARKER = "prepared.json"
+_FORMAT = 1
+
+
+def degrade(img8: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One 8x8 digit (0..16) -> a ``size``² uint8 image: upscaled, blurred, shifted, low contrast, noisy.
+
+    Heavy on purpose: the real check's images gave 0.48 with a logistic regression on raw pixels.
+    """
+    from PIL import Image, ImageFilter
+
+    img = Image.fromarray((img8 * (255 / 16)).astype(np.uint8)).resize((size - 8, size - 8),
+                                                                       Image.Resampling.BILINEAR)
+    canvas = Image.new("L", (size, size))
+    dx, dy = (int(v) for v in rng.integers(2, 7, 2))  # random placement: the digit is not centred
+    canvas.paste(img, (dx, dy))
+    canvas = canvas.rotate(float(rng.uniform(-10, 10)), resample=Image.Resampling.BILINEAR)
+    canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.8, 1.8))))
+    x = np.asarray(canvas, dtype=np.float32) / 255  # [H, W] 0..1
+    contrast, background = rng.uniform(CONTRAST[0], CONTRAST[1]), rng.uniform(0.0, 0.4)
+    x = background + contrast * x
+    x = x + rng.normal(0.0, rng.uniform(NOISE[0], NOISE[1]), x.shape)  # heavy pixel noise
+    return np.clip(x * 255, 0, 255).astype(np.uint8)
+
+
+def _speak(word: str, speaker: str, rng: np.random.Generator, workdir: Path) -> np.ndarray:
+    """One clip as int16 at 8 kHz: espeak-ng (random speed/pitch), trimmed, gain, mild noise."""
+    from scipy.signal import resample_poly
+
+    from recipes.tridigits.build import synthesise  # 16 kHz float32, silence trimmed
+
+    wav16 = synthesise(word, speaker, int(rng.integers(*SPEED)), int(rng.integers(*PITCH)), workdir)
+    wav = resample_poly(wav16, 1, 2).astype(np.float64)  # [T] at 8 kHz
+    loud = np.flatnonzero(np.abs(wav) > 0.05 * np.abs(wav).max())  # trim like FSDD: a little silence left
+    pad = int(rng.integers(0, 400))
+    wav = wav[max(0, loud[0] - pad): loud[-1] + int(rng.integers(0, 400))]
+    snr = rng.uniform(*SNR_DB)
+    wav = wav + rng.normal(size=len(wav)) * np.sqrt(np.mean(wav**2) / 10 ** (snr / 10))
+    wav *= rng.uniform(0.1, 0.9) / np.abs(wav).max()
+    return np.round(wav * 32767).astype(np.int16)
+
+
+def _image_pools(labels: np.ndarray, rng: np.random.Generator) -> dict[str, dict[int, np.ndarray]]:
+    """Indices of the digit images each split may use, per class; no image is in two splits."""
+    pools: dict[str, dict[int, np.ndarray]] = {s: {} for s in IMAGE_POOLS}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_tr, n_va = round(IMAGE_POOLS["train"] * len(idx)), round(IMAGE_POOLS["validation"] * len(idx))
+        pools["train"][c], pools["validation"][c] = idx[:n_tr], idx[n_tr:n_tr + n_va]
+        pools["test"][c] = idx[n_tr + n_va:]
+    return pools
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["image", "audio", "label", "speaker"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _is_current(out: Path, seed: int) -> bool:
+    try:
+        meta = json.loads((out / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == _FORMAT and meta.get("seed") == seed
+
+
+def prepare(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, force: bool = False) -> Path:
+    """Write the held-out-speakers folder to ``out_dir`` (reused when already written with ``seed``); returns it."""
+    import soundfile as sf
+    from PIL import Image
+
+    out = Path(out_dir).expanduser().resolve()
+    if _is_current(out, seed) and not force:
+        return out
+    if out.exists() and any(out.iterdir()) and not (out / _MARKER).is_file():
+        raise DataError(f"{out} exists and was not written by `heldout_speakers.py prepare`; choose a new folder.")
+    if shutil.which("espeak-ng") is None:
+        raise MissingDependencyError("espeak-ng is not on PATH; install it with `apt install espeak-ng` and rerun")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise MissingDependencyError("prepare needs scikit-learn: pip install scikit-learn") from e
+    from recipes.tridigits.build import WORDS
+
+    digits = load_digits()
+    labels = digits.target.astype(int)
+    rng = np.random.default_rng(seed)
+    pools = _image_pools(labels, rng)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "audio").mkdir()
+        (tmp / "images").mkdir()
+        counts: dict[str, int] = {}
+        for split, n in SIZES.items():
+            speakers = TEST_SPEAKERS if split == "test" else TRAIN_SPEAKERS
+            rows = []
+            for i in range(n):
+                label = i % 10  # balanced classes, like FSDD
+                speaker = speakers[int(rng.integers(len(speakers)))]
+                name = f"{split}_{i:04d}"
+                wav = _speak(WORDS[label], speaker, rng, tmp)
+                sf.write(tmp / "audio" / f"{name}.wav", wav, RATE, subtype="PCM_16")
+                img = degrade(digits.images[rng.choice(pools[split][label])], rng)
+                Image.fromarray(img, mode="L").save(tmp / "images" / f"{name}.png")
+                rows.append({"image": f"images/{name}.png", "audio": f"audio/{name}.wav", "label": label,
+                             "speaker": speaker.replace("+", "_")})
+            order = rng.permutation(len(rows))
+            _write_csv(tmp / f"{split}.csv", [rows[j] for j in order])
+            counts[split] = n
+        (tmp / "say.wav").unlink(missing_ok=True)
+        meta = {"format": _FORMAT, "seed": seed, "rows": counts, "train_speakers": TRAIN_SPEAKERS,
+                "test_speakers": TEST_SPEAKERS, "rate": RATE, "image_size": IMAGE_SIZE,
+                "source": "espeak-ng speech + scikit-learn load_digits images"}
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _read_split(data: Path, split: str) -> list[dict[str, str]]:
+    with open(data / f"{split}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def mfcc_stats(path: Path, rate: int = RATE) -> np.ndarray:
+    """Raw MFCC (20 coefficients) mean and std over time of one audio file -> [40]."""
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    wav, sr = sf.read(path, dtype="float32", always_2d=True)
+    x = torch.from_numpy(wav.mean(1))  # [T]
+    if sr != rate:
+        x = torchaudio.functional.resample(x, sr, rate)
+    m = torchaudio.transforms.MFCC(sample_rate=rate, n_mfcc=20, melkwargs={"n_fft": 256, "hop_length": 80,
+                                                                           "n_mels": 40})(x)  # [20, F]
+    return torch.cat([m.mean(1), m.std(1)]).numpy()
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32).ravel() / 255
+
+
+def baseline(data_dir: str | Path = DEFAULT_DIR) -> dict[str, float]:
+    """Test accuracy of logistic regressions (fit on train) on raw MFCC stats, raw pixels and both."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = Path(data_dir).expanduser().resolve()
+    feats = {}
+    for split in ("train", "test"):
+        rows = _read_split(data, split)
+        audio = np.stack([mfcc_stats(data / r["audio"]) for r in rows])
+        image = np.stack([_pixels(data / r["image"]) for r in rows])
+        feats[split] = ({"audio": audio, "image": image, "both": np.hstack([audio, image])},
+                        np.array([int(r["label"]) for r in rows]))
+    out = {}
+    for name in ("audio", "image", "both"):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        clf.fit(feats["train"][0][name], feats["train"][1])
+        out[name] = float((clf.predict(feats["test"][0][name]) == feats["test"][1]).mean())
+    return out
+
+
+def heldout_benchmark(data_dir: str | Path = DEFAULT_DIR, extra: Sequence[str] = (), workdir: str | Path | None = None,
+                      cache_dir: str | Path | None = None, timeout: float = 3600.0) -> dict[str, Any]:
+    """A bare ``fusion-zoo fit --data.data_dir DIR`` (cold feature cache) -> fused/per-modality test accuracy, time.
+
+    ``cache_dir`` keeps the feature cache for later experiments; it must be new or empty, so the fit stays cold.
+    """
+    data = prepare(data_dir)
+    if cache_dir is not None and Path(cache_dir).expanduser().is_dir() and any(Path(cache_dir).expanduser().iterdir()):
+        raise DataError(f"--cache-dir {cache_dir} is not empty; the timed fit must start cold: give a new folder.")
+    argv = ["fusion-zoo", "fit", "--data.data_dir", str(data), *extra]
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fz-heldout-") as scratch:
+        cwd = Path(workdir).expanduser().resolve() if workdir else Path(scratch)
+        cwd.mkdir(parents=True, exist_ok=True)
+        cache = Path(cache_dir).expanduser().resolve() if cache_dir else Path(scratch) / "cache"
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "FUSION_ZOO_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1"}
+        runs = cwd / "runs"
+        before = set(runs.glob("fit-*")) if runs.is_dir() else set()
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "recipes.cli", *argv[1:]], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        details: dict[str, Any] = {"command": shlex.join(argv), "cache": "cold (empty feature cache)",
+                                   "load_average_before": [round(v, 2) for v in load_before],
+                                   "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+        if proc.returncode != 0:
+            details["error"] = (proc.stdout + proc.stderr)[-2000:]
+            return {"heldout_speakers_test_accuracy": None, "heldout_speakers_seconds": seconds,
+                    "heldout_speakers": details}
+        metrics_path = _new_metrics(runs, before)
+        metrics = json.loads(metrics_path.read_text())
+        if workdir:
+            details["run_dir"] = str(metrics_path.parent)
+    details["test_accuracy"] = {row: vals.get("accuracy") for row, vals in metrics["test"].items()}
+    details["validation_accuracy"] = {row: vals.get("accuracy") for row, vals in metrics.get("validation", {}).items()}
+    return {"heldout_speakers_test_accuracy": metrics["test"]["fused"]["accuracy"],
+            "heldout_speakers_seconds": seconds, "heldout_speakers": details}
+
+
+TARGETS = {"heldout_speakers_test_accuracy": (">=", 0.97), "heldout_speakers_seconds": ("<=", 600.0)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="synthesise the folder (audio, images, train/validation/test CSVs)")
+    pp.add_argument("out_dir", nargs="?", default=str(DEFAULT_DIR))
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
+    pb = sub.add_parser("baseline", help="logistic regressions on raw MFCC stats and raw pixels")
+    pb.add_argument("out_dir", nargs="?", default=str(DEFAULT_DIR))
+    pr = sub.add_parser("run", help="time a bare fusion-zoo fit and merge its result into results.json")
+    pr.add_argument("out_dir", nargs="?", default=str(DEFAULT_DIR))
+    pr.add_argument("--workdir", default=None, help="keep runs/ here (default: a temporary folder)")
+    pr.add_argument("--cache-dir", default=None, help="keep the (cold: new or empty) feature cache here")
+    pr.add_argument("--results", default=str(ROOT / "benchmarks" / "results.json"))
+    pr.add_argument("--no-merge", action="store_true", help="print the result only")
+    pr.add_argument("--no-baseline", action="store_true", help="skip the logistic-regression baseline")
+    pr.add_argument("--timeout", type=float, default=3600.0)
+    pr.epilog = "more `fusion-zoo fit` flags go after `--` (the recorded result is then no longer a bare fit)"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:len(argv) - len(rest) - (1 if "--" in argv else 0)])
+    if args.cmd == "prepare":
+        out = prepare(args.out_dir, args.seed, args.force)
+        print(f"held-out speakers written to {out}: {json.loads((out / _MARKER).read_text())['rows']}")
+        return 0
+    if args.cmd == "baseline":
+        print(json.dumps(baseline(prepare(args.out_dir)), indent=2))
+        return 0
+    result = heldout_benchmark(args.out_dir, rest, args.workdir, args.cache_dir, args.timeout)
+    if not args.no_baseline:
+        result["heldout_speakers_baseline_lr"] = baseline(args.out_dir)
+    print(json.dumps(result, indent=2, default=str))
+    if not args.no_merge:
+        print(f"merged into {merge_results(result, args.results, TARGETS)}")
+    return 0 if result["heldout_speakers_test_accuracy"] is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
