@@ -41,6 +41,7 @@ RATE = 16000
 N_FFT = 400  # 25 ms
 HOP = 160  # 10 ms: 100 mel frames per second, 50 encoder frames per second after conv2's stride 2
 WINDOW_SECONDS = 30.0  # Whisper's positional table covers 1500 encoder frames = 30 s
+WHOLE_CONTEXT = 1 << 30  # "attend to every frame" (clamped to the context length)
 CACHE_FORMAT = "1"  # bump when the cached safetensors layout changes
 
 
@@ -123,18 +124,25 @@ class WhisperSpeechEncoder(Encoder):
         mel = (lengths + HOP - 1) // HOP
         return (mel + 1) // 2
 
-    def n_encoder_frames(self, lengths: Tensor) -> int:
-        """Context length for a batch: the longest clip's frames + 1, so that every valid frame's conv window
-        sees the clip's silent continuation (as in Whisper's padded 30 s input) rather than conv zero padding."""
-        limit = self.encoder.config.max_source_positions
+    def n_encoder_frames(self, n_samples: int | Tensor) -> int | Tensor:
+        """Context length for a batch ``n_samples`` wide (the preprocessor pads to the longest clip): that clip's
+        frames + 1, so that every valid frame's conv window sees the clip's silent continuation (as in Whisper's
+        padded 30 s input) rather than conv zero padding; at most Whisper's 1500 positions.
+
+        Derived from the waveform's width, not from ``lengths``' values, so a traced graph (ONNX / TorchScript, where
+        ``n_samples`` is a size tensor) keeps the context dynamic. Wider padding only adds masked frames: a clip's
+        own frames do not change.
+        """
+        limit = int(self.encoder.config.max_source_positions)
         if self.context == "30s":
             return limit
-        return min(int(self.valid_frames(lengths).max()) + 1 if lengths.numel() else 1, limit)
+        frames = self.valid_frames(n_samples) + 1  # type: ignore[arg-type]
+        return frames.clamp(max=limit) if isinstance(frames, Tensor) else min(int(frames), limit)
 
     # forward --------------------------------------------------------------------------------------------------
-    def log_mel(self, waveform: Tensor, lengths: Tensor) -> Tensor:
-        """[B, N] waveform → [B, n_mels, 2 T] features for this batch's context (T = ``n_encoder_frames``)."""
-        return self.frontend(waveform, 2 * self.n_encoder_frames(lengths))
+    def log_mel(self, waveform: Tensor) -> Tensor:
+        """[B, N] waveform → [B, n_mels, 2 T] features for this batch's context (T = ``n_encoder_frames(N)``)."""
+        return self.frontend(waveform, 2 * self.n_encoder_frames(waveform.shape[1]))
 
     def encode_features(self, features: Tensor, valid: Tensor | None = None) -> Tensor:
         """Whisper's encoder on features [B, n_mels, 2 T] (any even 2 T ≤ 3000) → states [B, T, D].
@@ -145,7 +153,7 @@ class WhisperSpeechEncoder(Encoder):
         x = F.gelu(enc.conv1(features))  # [B, D, 2T]
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, T, D]
         t = x.shape[1]
-        if t > enc.embed_positions.num_embeddings:
+        if not torch.jit.is_tracing() and t > enc.embed_positions.num_embeddings:  # (a size tensor when tracing)
             raise ConfigError(f"{t} encoder frames exceed Whisper's {enc.embed_positions.num_embeddings} positions.")
         x = x + enc.embed_positions.weight[:t]
         x = F.dropout(x, p=enc.dropout, training=self.training)
@@ -164,10 +172,12 @@ class WhisperSpeechEncoder(Encoder):
         lengths = batch["lengths"].to(device)  # [B]
         present = batch.get("present", lengths > 0).to(device)
         valid = self.valid_frames(lengths)  # [B]
-        features = self.log_mel(wav, lengths)  # [B, M, 2T]
-        t = features.shape[-1] // 2
+        features = self.log_mel(wav)  # [B, M, 2T]
+        t = features.shape[-1] // 2  # a size tensor while tracing: ops below take it as a tensor, never int(t)
         # absent rows (no frames) attend everywhere so no softmax row is empty; the contract masks them out
-        attend = None if self.context == "30s" else torch.where(valid > 0, valid.clamp(max=t), valid.new_full((), t))
+        attend = None
+        if self.context != "30s":
+            attend = torch.where(valid > 0, valid, torch.full_like(valid, WHOLE_CONTEXT)).clamp(max=t)  # [B]
         tokens = self.encode_features(features, attend)  # [B, T, D]
         mask = frame_mask(valid, t, present)  # [B, T]
         tokens = tokens * mask[..., None]

@@ -144,9 +144,10 @@ class MoEFusion(FusionHead):
         """``u + sum_e c_e E_e(u)`` for units u [N, D], each expert run only on the units sent to it."""
         out = torch.zeros_like(u)
         for e, expert in enumerate(self.experts):
-            idx = routing.dispatch[:, e].nonzero(as_tuple=True)[0]
-            if idx.numel():
-                out = out.index_add(0, idx, routing.combine[idx, e, None] * expert(u[idx]))  # [N, D]
+            # no skip of an empty expert: a trace (ONNX / TorchScript export) would bake in which experts its own
+            # example used; an expert on 0 units costs nothing
+            idx = routing.dispatch[:, e].nonzero(as_tuple=True)[0]  # [n_e]
+            out = out.index_add(0, idx, routing.combine[idx, e, None] * expert(u[idx]))  # [N, D]
         return u + out
 
     def fuse(self, inputs: dict[str, ModalityOutput], present: dict[str, Tensor]) -> FusionOutput:

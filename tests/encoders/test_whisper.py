@@ -139,7 +139,7 @@ def test_frontend_matches_whisper_feature_extractor() -> None:
     enc = encoders.create_encoder("tiny-whisper", max_seconds=30.0)
     clips = [A1, A2, B1, B2]
     batch = enc.preprocessor(clips)  # one batch: shorter clips are zero-padded to the longest
-    ours = enc.log_mel(batch["waveform"], batch["lengths"])  # [4, 80, 2T]
+    ours = enc.log_mel(batch["waveform"])  # [4, 80, 2T]
     assert ours.shape[-1] == 2 * (int(enc.valid_frames(batch["lengths"]).max()) + 1)
     for i, path in enumerate(clips):
         wav = sf.read(path, dtype="float32")[0]
@@ -172,6 +172,23 @@ def test_gradients_reach_the_waveform_and_clips_encode_alike_in_any_batch() -> N
     batch["waveform"].requires_grad_(True)
     enc(batch).pooled.square().sum().backward()
     assert batch["waveform"].grad is not None and batch["waveform"].grad.abs().sum() > 0
+
+
+def test_wider_padding_only_adds_masked_frames() -> None:
+    """The context follows the waveform's width (so exports keep it dynamic); a batch padded wider than its longest
+    clip (``pad_to_max``) gets more frames, all masked, and the clips' own frames and pooled vectors are unchanged."""
+    torch.manual_seed(0)
+    enc = encoders.create_encoder("tiny-whisper").eval()  # max_seconds 2.0
+    rng = np.random.default_rng(1)
+    clips = [rng.normal(0, 0.1, 8000).astype(np.float32), rng.normal(0, 0.1, 12000).astype(np.float32)]
+    tight = enc.preprocessor(clips)
+    wide = dict(tight, waveform=torch.nn.functional.pad(tight["waveform"], (0, 32000 - 12000)))  # 2 s wide
+    with torch.no_grad():
+        a, b = enc(tight), enc(wide)
+    assert a.tokens.shape[1] == 39 and b.tokens.shape[1] == 101  # ceil(ceil(N / 160) / 2) + 1
+    assert b.mask[:, 39:].sum() == 0 and torch.equal(a.mask, b.mask[:, :39])
+    torch.testing.assert_close(b.tokens[:, :39], a.tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.pooled, a.pooled, atol=1e-5, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the frame count is fixed at trace time on purpose
@@ -244,7 +261,7 @@ def window30(base: encoders.Encoder) -> dict[str, torch.Tensor]:
     batch = base.preprocessor([A1, B2])
     enc30 = encoders.create_encoder("whisper-base", context="30s")
     with torch.no_grad():
-        features = enc30.log_mel(batch["waveform"], batch["lengths"])  # [2, 80, 3000]
+        features = enc30.log_mel(batch["waveform"])  # [2, 80, 3000]
         states = enc30.encode_features(features)  # [2, 1500, 512]
     return {"features": features, "states": states, "lengths": batch["lengths"], **batch}
 

@@ -151,6 +151,42 @@ def test_moe_fixed_router_uses_one_expert_per_modality() -> None:
     assert out.tokens is not None and out.tokens.shape == (B, 6, 8)
 
 
+def test_moe_trace_runs_experts_its_example_did_not_use() -> None:
+    """A trace (what ONNX / TorchScript export records) made on samples that all go to expert 0 still runs expert 1
+    for samples routed there: no expert is skipped by a branch on the traced example's routing."""
+    head = moe(router="topk", top_k=1, num_experts=2)
+
+    def outputs(image: Tensor, text: Tensor) -> dict[str, ModalityOutput]:
+        one = torch.ones(image.shape[0], 1, dtype=torch.bool)
+        return {"image": ModalityOutput(image[:, None], one, image), "text": ModalityOutput(text[:, None], one, text)}
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, image: Tensor, text: Tensor) -> Tensor:
+            return self.head(outputs(image, text)).fused  # [B, D]
+
+    def first_choice(image: Tensor, text: Tensor) -> Tensor:
+        return head.router(head.units(outputs(image, text))[0][:, 0]).argmax(-1)  # [B]
+
+    feats = features({"image": 4, "text": 5})
+    with torch.no_grad():
+        for proj in head.proj.values():
+            proj.bias.zero_()  # units u = LN(W x) are odd in x: -x routes to the other expert
+        head.router.weight.zero_()
+        head.router.bias.zero_()
+        head.router.weight[0, 0], head.router.weight[1, 0] = 10.0, -10.0  # expert 0 iff u[0] > 0
+        u0 = head.units(outputs(feats["image"].pooled, feats["text"].pooled))[0][:, 0, 0]  # [B]
+        sign = torch.where(u0 > 0, 1.0, -1.0)[:, None]
+        image, text = feats["image"].pooled * sign, feats["text"].pooled * sign  # [B, 4], [B, 5]
+        assert (first_choice(image, text) == 0).all() and (first_choice(-image, -text) == 1).all()
+        flat = Flat().eval()
+        traced = torch.jit.trace(flat, (image, text), check_trace=False)
+        torch.testing.assert_close(traced(-image, -text), flat(-image, -text))
+
+
 # ----------------------------------------------------------------------------------------------- concat
 def test_concat_with_identity_projection_is_torch_cat() -> None:
     dims = {"text": 5, "image": 3}  # unsorted on purpose: the head concatenates in sorted order

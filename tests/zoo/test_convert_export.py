@@ -92,6 +92,29 @@ def test_export_runs_at_other_batch_and_clip_length(tmp_path: Path, fmt: str, st
     assert axes["audio.waveform"] == {"0": "batch", "1": "audio_samples"}
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_whisper_context_follows_the_clip_length_in_export(tmp_path: Path, fmt: str) -> None:
+    """Whisper's context (frames of the longest clip + 1), positions and key mask stay dynamic in the exported graph:
+    traced on 1 s clips (51 frames), run on 2.5 s clips (126 frames). A context frozen at 51 frames would drop
+    the later frames and change the pooled vector."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="verifying ONNX needs onnxruntime")
+    from zoo.config import FusionModelConfig
+    from zoo.export import verify_example
+    from zoo.model import FusionModel
+
+    torch.manual_seed(0)
+    cfg = FusionModelConfig(encoders={"audio": {"name": "tiny-whisper", "options": {"max_seconds": 3.0}},
+                                      "text": "zoo-fake-text"},
+                            labels=("a", "b", "c"), stage="late", fusion_head="gating", hidden_dim=8)
+    model = FusionModel(cfg).eval()
+    out = export(model, tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'pt'}", format=fmt)
+    other = verify_example(model)
+    frames = model.encoders["audio"](model.preprocess(audio=other["audio"])["audio"]).tokens.shape[1]
+    assert frames == 126  # 2.5 s: 125 frames + 1
+    assert verify_export(model, out) <= 1e-4
+
+
 def test_fastpath_is_restored_after_export(make_model, raw, tmp_path: Path) -> None:
     from zoo.export import fastpath_disabled
 
