@@ -10,9 +10,16 @@ __all__ = ["ENCODER_LICENCES", "licence_of", "render_card", "metrics_table"]
 ENCODER_LICENCES: dict[str, str] = {
     "minilm-l6": "Apache-2.0",
     "efficientnet-lite0": "Apache-2.0",
+    "efficientnet-lite0-pixels": "Apache-2.0",  # EfficientNet-Lite0's weights; the thumbnail has none
+    "whisper-base": "MIT",
     "resemblyzer-lstm": "Apache-2.0",
+    "pixels": "no weights",
+    "small-cnn": "random init (no weights)",
     "tiny-text": "random init (no weights)",
     "tiny-image": "random init (no weights)",
+    "tiny-whisper": "random init (no weights)",
+    "tiny-wav2vec2": "random init (no weights)",
+    "tiny-torchaudio-wav2vec2": "random init (no weights)",
     "mel-cnn": "random init (no weights)",
 }
 
