@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -26,12 +26,12 @@ from fusion_errors import CheckpointError, ConfigError, FusionZooError
 
 from ._quiet import configure_output, split_verbose
 from .cache import clean_stale_temps
-from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, ResumeCallback
+from .callbacks import AtomicCheckpointIO, CachedFeatureThreads, FusionCheckpoint, ResumeCallback
 from .metrics import format_table, write_metrics_json
 from .recipe import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args
 from .task import FusionTask
 
-__all__ = ["main", "FusionCLI", "CONFIG_DIR", "resolve_config_args"]
+__all__ = ["main", "FusionCLI", "FusionCheckpoint", "CONFIG_DIR", "resolve_config_args"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 ZOO_COMMANDS = ("predict", "zoo", "export", "convert", "serve", "push")
@@ -92,41 +92,12 @@ def _run_stamp(subcommand: str, create: bool = True) -> str:
     return stamp
 
 
-class FusionCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that, with ``every_n_train_steps``, writes ``last.ckpt`` every N steps from step 0.
-
-    Lightning defers every save until the monitored validation metric exists, so a run killed during epoch 0
-    had no checkpoint to resume from; the best-checkpoint logic is unchanged.
-
-    ``best.ckpt`` holds the weights only (it is for testing and exporting; ``last.ckpt`` carries the optimizer
-    and loop state that resuming needs), so a run writes about a third of the bytes it would otherwise.
-    """
-
-    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
-        is_last = Path(filepath).name.startswith(self.CHECKPOINT_NAME_LAST or "last")
-        trainer.save_checkpoint(filepath, self.save_weights_only or not is_last)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        n, step = self._every_n_train_steps, trainer.global_step
-        if not self.save_last or n < 1 or step % n or self._should_skip_saving_checkpoint(trainer):
-            return
-        candidates = self._monitor_candidates(trainer)
-        if self.monitor is None or self.monitor in candidates:
-            return  # Lightning saved (or decided) itself
-        saved = self._last_global_step_saved
-        self._save_last_checkpoint(trainer, candidates)
-        self._last_global_step_saved = saved  # the deferred save after validation still happens
-
-
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The most recently written ``.ckpt`` under ``<run_dir>/checkpoints`` (None if there is none yet)."""
-    found = [p for p in Path(run_dir, "checkpoints").glob("*.ckpt") if p.is_file()]
+    """The most recently written ``last*.ckpt`` under ``<run_dir>/checkpoints`` (None if there is none yet).
+
+    Only ``last`` checkpoints carry the optimizer and loop states a resume needs; ``best.ckpt`` holds weights only
+    and may be newer (the best is checked every epoch, last.ckpt written every few: recipes/callbacks.py)."""
+    found = [p for p in Path(run_dir, "checkpoints").glob("last*.ckpt") if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
