@@ -30,6 +30,24 @@ def best_time(fn: Callable[[], Any], reps: int = 5, warmup: int = 2) -> float:
     return min(times)
 
 
+def best_times(fns: dict[str, Callable[[], Any]], reps: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Best wall seconds of each of several ``fns``, timed in turns (a, b, a, b, ...) after ``warmup`` calls each.
+
+    In turns, not one after the other: a burst of load from another process then slows every setup alike instead
+    of only the one timed during it, so a ratio of two best times stays honest on a shared machine.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def _rows(split: str, n: int) -> list[dict[str, Any]]:
     from recipes.tridigits.dataset import load_tridigits
 
@@ -235,7 +253,7 @@ def partial_finetune_overhead(n: int = 192, batch: int = 32,
     image = {"name": image_encoder, "finetune": "last_n", "last_n": 1}
     layouts = {"alone": {"image": image},
                "with_frozen": {"image": image, "text": "minilm-l6", "audio": "whisper-base"}}
-    seconds: dict[str, float] = {}
+    epochs: dict[str, Callable[[], None]] = {}
     with tempfile.TemporaryDirectory(prefix="fz-partial-") as cache:
         for name, encoders in layouts.items():
             torch.manual_seed(0)
@@ -254,7 +272,8 @@ def partial_finetune_overhead(n: int = 192, batch: int = 32,
                     loss.backward()
                     opt.step()
 
-            seconds[name] = best_time(epoch, reps=3, warmup=1)
+            epochs[name] = epoch
+        seconds = best_times(epochs, reps=3, warmup=1)  # in turns: load bursts hit both layouts alike
     return {"partial_finetune_overhead": seconds["with_frozen"] / seconds["alone"],
             "partial_finetune_epoch_seconds": seconds, "partial_finetune_rows": n}
 

@@ -135,7 +135,7 @@ def collect(loader: DataLoader) -> SplitFeatures:
 def cached_features(settings: Any, need_tokens: bool) -> Any:
     """The sweep's default feature provider: train and test features of the recipe's encoders and data.
 
-    Encoders are the recipe's ``model.encoders`` (default: the offline trio), always frozen here.
+    Encoders are the recipe's ``model.encoders`` (default: each modality the data has, its default encoder), frozen.
     """
     from recipes.data import FusionDataModule
     from recipes.task import DEFAULT_ENCODERS
@@ -143,9 +143,10 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
     from zoo.model import FusionModel
 
     start = time.perf_counter()
-    specs = dict(settings.model.get("encoders") or DEFAULT_ENCODERS)
     data = {k: v for k, v in settings.data.items() if k not in ("batch_size", "num_workers")}
     dm = FusionDataModule(**data, batch_size=ENCODE_BATCH, cache_features=True)  # the encoding batch on a miss
+    # as in `fusion-zoo fit`: with no encoders named, each modality the data has gets its default encoder
+    specs = dict(settings.model.get("encoders") or {m: DEFAULT_ENCODERS[m] for m in dm.modalities})
     encoders: dict[str, Encoder] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # randomly initialised encoders (tests, pretrained=False) are the same every sweep
@@ -157,7 +158,7 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
             encoders[m] = CappedEncoder(enc, cap=True) if need_tokens else enc
     task: Any = settings.model.get("task") or "multiclass"  # checked by FusionModelConfig
     cfg = FusionModelConfig(encoders=specs, labels=tuple(dm.labels), task=task,
-                            stage="early" if need_tokens else "late")
+                            stage="early" if need_tokens else "late", fuse_tokens=need_tokens)
     dm.attach(FusionModel(cfg, encoders=encoders))
     train, test = collect(dm.train_dataloader()), collect(dm.test_dataloader())
     limit = settings.data.get("max_samples")

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def _provider(calls: list[bool]):
 
 def _settings(out: Path, **kw) -> SweepSettings:
     base = dict(heads=["concat", "gating"], stages=["early", "late"], seeds=[0, 1], output_dir=str(out),
-                max_epochs=1, batch_size=16, model={"hidden_dim": 16, "modality_dropout": 0.1},
+                max_epochs=1, batch_size=16, model={"hidden_dim": 16, "modality_dropout": 0.1, "fuse_tokens": True},
                 noise=[0.5, 1.0], token_drop=[0.5])
     return SweepSettings(**(base | kw))
 
@@ -117,7 +118,7 @@ def test_parse_args_overrides_and_defaults(tmp_path: Path) -> None:
                     "--model.hidden_dim", "32", "--model.modality_dropout={image: 0.2}", "--data.batch_size", "8"])
     assert (s.heads, s.stages, s.seeds) == (["concat", "moe"], ["late"], [3])
     assert s.model["hidden_dim"] == 32 and s.model["modality_dropout"] == {"image": 0.2}
-    assert s.model["encoders"] is None  # the default recipe names none: the data's modalities decide
+    assert s.model.get("encoders") is None  # the default recipe names none: the data's modalities decide
     assert s.data["batch_size"] == 8
     d = parse_args([])
     assert d.heads == ["concat", "average", "cross_attention", "gating", "moe"] and len(d.seeds) == 3
@@ -184,6 +185,32 @@ def test_sweep_of_pooled_cells_reads_the_entries_fit_wrote(tmp_path: Path, monke
     assert [(r["head"], r["stage"]) for r in rows] == [("concat", "early"), ("concat", "late")]
 
 
+@pytest.mark.slow  # the default image and text encoders' real weights
+def test_sweep_with_no_encoders_named_uses_the_modalities_the_data_has(tmp_path: Path) -> None:
+    """An image + text table (no audio column) with the default recipe: the sweep encodes image and text only, as
+    `fusion-zoo fit` would, instead of stopping on the missing audio column."""
+    from PIL import Image
+
+    from recipes.cli import main as cli_main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for split, n in (("train", 24), ("validation", 8), ("test", 8)):
+        lines = ["image,question,answer"]
+        for i in range(n):
+            label = i % 2
+            pixels = (rng.random((8, 8, 3)) * 60 + 190 * label).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "img" / f"{split}{i}.png")
+            lines.append(f"img/{split}{i}.png,is it {'bright' if label else 'dark'}?,{'yes' if label else 'no'}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--heads", "concat", "--stages", "late", "--seeds", "0", "--max-epochs", "1",
+                     "--model.encoders=null", "--data.data_dir", str(tmp_path), "--data.cache_dir",
+                     str(tmp_path / "cache"), "--output-dir", str(out)]) == 0
+    info = (out / "results.md").read_text()
+    assert "image" in info and "text" in info and "audio" not in info
+
+
 def test_token_caps_and_pooled_view() -> None:
     from recipes.sweep.features import cap_tokens, pooled_view
 
@@ -202,3 +229,27 @@ def test_token_caps_and_pooled_view() -> None:
     view = pooled_view(_split(5, 0, True))
     assert view.feats["text"].tokens.shape == (5, 1, 5)
     assert torch.equal(view.feats["text"].tokens[:, 0], view.feats["text"].pooled)
+
+
+@pytest.mark.parametrize(("flag", "needle"), [
+    ("--model.hidden_dimm", "unknown key --model.hidden_dimm .*did you mean --model.hidden_dim?"),
+    ("--model.learning_rate", "unknown key --model.learning_rate"),
+    ("--model.warmup_ration", "did you mean --model.warmup_ratio?"),
+])
+def test_a_typo_in_the_model_settings_names_the_close_match(flag: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_args([flag, "32"])
+
+
+def test_sweep_cells_are_checked_by_the_configs(tmp_path: Path) -> None:
+    """A grid given directly (not through parse_args) is checked before any features are computed; optimizer and
+    model values go through OptimConfig / FusionModelConfig."""
+    calls: list[bool] = []
+    with pytest.raises(ConfigError, match="did you mean --model.dropout?"):
+        run_sweep(_settings(tmp_path, model={"dropuot": 0.1}), _provider(calls), echo=lambda s: None)
+    with pytest.raises(ConfigError, match="lr=-1 must be a finite number > 0"):
+        run_sweep(_settings(tmp_path, model={"lr": -1}), _provider(calls), echo=lambda s: None)
+    with pytest.raises(ConfigError, match="init_from does not apply to a sweep"):
+        run_sweep(_settings(tmp_path, model={"init_from": "tridigits-late-gating"}), _provider(calls),
+                  echo=lambda s: None)
+    assert calls == []  # nothing was encoded
