@@ -41,7 +41,7 @@ USAGE = """usage: fusion-zoo <command> [options]
 
 commands:
   fit        train a recipe, then test the best checkpoint, print the metrics table, write metrics.json
-             and a fused model folder (default recipe: late fusion, concat head, tridigits)
+             and a fused model folder (default recipe: early fusion of pooled vectors, concat head, tridigits)
   validate   evaluate a model on the validation split (--ckpt_path run/checkpoints/best.ckpt)
   test       evaluate on the test split, fused and each modality alone
   predict    predict from raw text/image/audio with a saved or zoo model
@@ -395,7 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "sweep":
         from .sweep.run import main as sweep_main
 
-        return int(sweep_main(args[1:]) or 0)
+        rest, verbose = split_verbose(args[1:])
+        configure_output(verbose)  # the cells' Trainers are as quiet as a fit's
+        try:
+            return int(sweep_main(rest) or 0)
+        except FusionZooError as e:  # a user mistake: one line naming the fix, not a traceback
+            print(f"fusion-zoo sweep: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     print(f"fusion-zoo: unknown command {command!r}; choose one of "
           f"{', '.join([*LIGHTNING_COMMANDS, *ZOO_COMMANDS, 'sweep'])} (see fusion-zoo --help).", file=sys.stderr)
     return 2

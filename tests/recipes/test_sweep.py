@@ -126,6 +126,14 @@ def test_parse_args_overrides_and_defaults(tmp_path: Path) -> None:
         parse_args(["--trainer.max_epochs", "3"])
 
 
+def test_cli_sweep_bad_option_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes.cli import main as cli_main
+
+    assert cli_main(["sweep", "--heads", "nope", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fusion-zoo sweep: ConfigError:") and "nope" in err and "\n" not in err
+
+
 def test_unknown_head_or_stage_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a fusion head"):
         run_sweep(_settings(tmp_path, heads=["nope"]), _provider([]), echo=lambda s: None)
@@ -134,7 +142,7 @@ def test_unknown_head_or_stage_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     from recipes.cache import FeatureCache
     from recipes.cli import main as cli_main
@@ -149,6 +157,10 @@ def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
     assert [(r["head"], r["stage"]) for r in rows] == [("concat", "early"), ("concat", "late")]
     header = (tmp_path / "a" / "results.md").read_text()
     assert "2x2 pooled patches" in header and "first 16 rows" in header
+    printed = "".join(capfd.readouterr())
+    assert "[1/2] concat@early" in printed  # the sweep's own progress shows ...
+    for noise in ("litlogger", "TPU available", "LeafSpec"):  # ... the cells' Lightning chatter does not
+        assert noise not in printed, noise
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("a second sweep must read the feature cache, not run the encoders")
