@@ -3,7 +3,9 @@
 Every ``__init__`` argument is a plain typed value, so ``LightningCLI`` exposes it as a flag
 (``--model.fusion_head gating --model.stage early``) and the saved ``.ckpt`` is self-describing:
 ``hyper_parameters["config"]`` is the resolved :class:`FusionModelConfig` and loads with
-``torch.load(path, weights_only=True)``.
+``torch.load(path, weights_only=True)``. The flags are the fields of two typed configs, which own every default
+and every check: :class:`zoo.config.FusionModelConfig` (the model) and :class:`recipes.settings.OptimConfig`
+(training); ``__init__`` builds both at once (tests/recipes/test_module.py checks that the signature matches them).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from torch import Tensor, nn
 
 from fusion_errors import CheckpointError, ConfigError, FusionZooError
 from zoo._format import is_lora_key
-from zoo.config import FusionModelConfig
+from zoo.config import FusionModelConfig, field_defaults
 from zoo.convert import ENCODERS_KEY, fill_state_dict, lean_state_dict
 from zoo.model import FusionModel, FusionModelOutput
 
 from .metrics import SplitMetrics
+from .settings import OptimConfig
 
 __all__ = ["FusionTask", "DEFAULT_ENCODERS"]
 
@@ -35,6 +38,11 @@ __all__ = ["FusionTask", "DEFAULT_ENCODERS"]
 # speaker instead). Used for the modalities the data has when no encoders are named (docs/recipes.md).
 DEFAULT_ENCODERS: dict[str, Any] = {"audio": "whisper-base", "image": "efficientnet-lite0-pixels", "text": "minilm-l6"}
 SPLITS = {"val": "validation", "test": "test"}
+_M = field_defaults(FusionModelConfig)  # the one default of every model setting (zoo/config.py)
+_O = field_defaults(OptimConfig)  # ... and of every training setting (recipes/settings.py)
+#: model settings whose flag default is None: "the loaded model's" under init_from, else the config's default
+#: (encoders: the data's modalities' DEFAULT_ENCODERS; labels: linked from the data)
+INHERITED = ("encoders", "labels", "fusion_head", "head_options")
 
 
 def warmup_cosine(step: int, total: float, warmup: int) -> float:
@@ -57,19 +65,11 @@ def _eval_frozen(module: nn.Module) -> None:
             _eval_frozen(child)
 
 
-def _check_optimizer(lr: float, encoder_lr: float, weight_decay: float, warmup_ratio: float) -> None:
-    """One-line ConfigErrors for optimizer settings that would train wrongly (lr < 0 is gradient ascent)."""
-    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name}={value} must be a finite number > 0 (e.g. --model.{name} 1e-3).")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ConfigError(f"weight_decay={weight_decay} must be a finite number >= 0.")
-    if not (isinstance(warmup_ratio, (int, float)) and 0 <= warmup_ratio < 1):
-        raise ConfigError(f"warmup_ratio={warmup_ratio} must be in [0, 1).")
-
-
 class FusionTask(pl.LightningModule):
     """Train a fused text/image/audio model on one task.
+
+    The model-shape arguments are :class:`FusionModelConfig`'s fields and take their defaults from it; ``lr`` ...
+    ``warmup_ratio`` are :class:`OptimConfig`'s. Both are built (and validated) here: ``self.cfg``, ``self.optim``.
 
     Args:
         encoders: modality -> encoder name or spec (``{"name": ..., "finetune": "frozen"|"full"|"last_n"|"lora"}``);
@@ -84,7 +84,8 @@ class FusionTask(pl.LightningModule):
         hidden_dim: shared width D of projections, fused vector and trunk.
         trunk_layers: layers of the trunk after the head.
         dropout: dropout in projections, trunk and task heads.
-        modality_dropout: modality -> probability of hiding it for a training sample (a float: every modality).
+        modality_dropout: modality -> probability of hiding it for a training sample (a float: every modality;
+            None, in checkpoints of older releases: 0).
         late_loss_weight: weight of the mean per-modality loss (late and hybrid stages).
         late_decision: what the late stage fuses: decision ``embedding``s or per-modality ``logits``.
         fuse_tokens: early/hybrid: fuse every modality's tokens (True) or one pooled vector each (False).
@@ -108,26 +109,26 @@ class FusionTask(pl.LightningModule):
         modalities: list[str] | None = None,
         fusion_head: str | None = None,
         head_options: dict[str, Any] | None = None,
-        stage: Literal["early", "late", "hybrid"] = "late",
-        task: Literal["multiclass", "multilabel", "regression"] = "multiclass",
-        hidden_dim: int = 128,
-        trunk_layers: int = 1,
-        dropout: float = 0.1,
-        modality_dropout: dict[str, float] | float | None = None,
-        late_loss_weight: float = 0.5,
-        late_decision: Literal["embedding", "logits"] = "embedding",
-        fuse_tokens: bool = True,
-        lr: float = 1e-3,
-        encoder_lr: float = 1e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.05,
+        stage: Literal["early", "late", "hybrid"] = _M["stage"],
+        task: Literal["multiclass", "multilabel", "regression"] = _M["task"],
+        hidden_dim: int = _M["hidden_dim"],
+        trunk_layers: int = _M["trunk_layers"],
+        dropout: float = _M["dropout"],
+        modality_dropout: dict[str, float] | float | None = _M["modality_dropout"],
+        late_loss_weight: float = _M["late_loss_weight"],
+        late_decision: Literal["embedding", "logits"] = _M["late_decision"],
+        fuse_tokens: bool = _M["fuse_tokens"],
+        lr: float = _O["lr"],
+        encoder_lr: float = _O["encoder_lr"],
+        weight_decay: float = _O["weight_decay"],
+        warmup_ratio: float = _O["warmup_ratio"],
         init_from: str | None = None,
         train_only_head: bool | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         args = {k: copy.deepcopy(v) for k, v in locals().items() if k in inspect.signature(FusionTask).parameters}
-        _check_optimizer(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        self.optim = OptimConfig(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
         swapped = False
         if config is not None:
             self.model = FusionModel(FusionModelConfig.from_dict(config))
@@ -145,15 +146,15 @@ class FusionTask(pl.LightningModule):
                     raise ConfigError(f"the data has none of the modalities {sorted(DEFAULT_ENCODERS)}; map a column "
                                       "with --data.columns '{\"text\": \"<column>\"}' or name --model.encoders.")
                 encoders = {m: DEFAULT_ENCODERS[m] for m in have}
-            if isinstance(modality_dropout, (int, float)):
-                modality_dropout = {m: float(modality_dropout) for m in encoders} if modality_dropout else {}
             if not labels:
                 raise ConfigError("FusionTask needs labels: pass --model.labels or use a data module that sets them.")
+            given: dict[str, Any] = {"fusion_head": fusion_head, "head_options": head_options}
             cfg = FusionModelConfig(
-                encoders=dict(encoders), labels=tuple(labels), fusion_head=fusion_head or "concat",
-                head_options=dict(head_options or {}), stage=stage, task=task, hidden_dim=hidden_dim,
-                trunk_layers=trunk_layers, dropout=dropout, modality_dropout=dict(modality_dropout or {}),
+                encoders=dict(encoders), labels=tuple(labels), stage=stage, task=task, hidden_dim=hidden_dim,
+                trunk_layers=trunk_layers, dropout=dropout,
+                modality_dropout=0.0 if modality_dropout is None else copy.deepcopy(modality_dropout),
                 late_loss_weight=late_loss_weight, late_decision=late_decision, fuse_tokens=fuse_tokens,
+                **{k: v for k, v in given.items() if v is not None},  # None: the config's default
             )
             self.model = FusionModel(cfg)
         have = list(self.model.config.labels)
@@ -252,7 +253,7 @@ class FusionTask(pl.LightningModule):
             raise FusionZooError(
                 f"training loss is {loss.item()} at batch {batch_idx} (epoch {self.current_epoch}, global step "
                 f"{self.global_step}; task {task_loss.item():.4g}, late {late_loss.item():.4g}, aux "
-                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {self.hparams['lr'] / 10:g}, "
+                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {self.optim.lr / 10:g}, "
                 "or clip gradients with --trainer.gradient_clip_val 1.0."
             )
         b = labels.shape[0]
@@ -345,7 +346,7 @@ class FusionTask(pl.LightningModule):
         adapters, which start at zero, and encoders trained from scratch, ``Encoder.pretrained = False``) and
         ``heads`` (everything else) at ``lr``: a small fine-tuning rate would leave new weights barely moved.
         """
-        hp = self.hparams
+        opt = self.optim
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -358,8 +359,8 @@ class FusionTask(pl.LightningModule):
             groups.setdefault((part, p.ndim >= 2), []).append(p)
         return [
             {"name": f"{part}{'' if decay else '_no_decay'}", "params": params,
-             "lr": hp["encoder_lr"] if part == "encoders" else hp["lr"],
-             "weight_decay": hp["weight_decay"] if decay else 0.0}
+             "lr": opt.encoder_lr if part == "encoders" else opt.lr,
+             "weight_decay": opt.weight_decay if decay else 0.0}
             for (part, decay), params in sorted(groups.items())
         ]
 
@@ -369,7 +370,7 @@ class FusionTask(pl.LightningModule):
             raise ConfigError("no trainable parameters: unfreeze an encoder or set --model.train_only_head false.")
         optimizer = torch.optim.AdamW(groups)
         total = float(self.trainer.estimated_stepping_batches)
-        warmup = int(self.hparams['warmup_ratio'] * total) if math.isfinite(total) else 0
+        warmup = int(self.optim.warmup_ratio * total) if math.isfinite(total) else 0
 
         def schedule(step: int) -> float:
             return warmup_cosine(step, total, warmup)

@@ -56,6 +56,7 @@ def register_migration(from_version: int) -> Callable[[Callable[[dict[str, Any]]
 def _from_v0(doc: dict[str, Any]) -> dict[str, Any]:
     """Version 0 (pre-release) config.json was the bare FusionModelConfig dict, with no encoder records."""
     model = {k: v for k, v in doc.items() if k != "format_version"}
+    model["format_version"] = 1  # written with the version-1 model defaults (zoo.config._V1_DEFAULTS)
     return {"format_version": 1, "model": model, "encoders": {}, "metrics": {}}
 
 

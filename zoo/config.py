@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -13,9 +14,13 @@ from typing import Any, Literal, get_args, get_origin
 from encoders import FINETUNE_POLICIES, MODALITIES, check_encoder_options, check_options, default_finetune
 from fusion_errors import ConfigError
 
-__all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS"]
+__all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS", "check_known_keys",
+           "dataclass_from_dict", "field_defaults"]
 
-FORMAT_VERSION = 1
+# 2: defaults = the default recipe (early, pooled vectors, dropout 0.2, modality dropout 0.1). A version-1 dict
+# was written with the version-1 defaults below, which a missing key keeps (to_dict always writes every field).
+FORMAT_VERSION = 2
+_V1_DEFAULTS: dict[str, Any] = {"stage": "late", "dropout": 0.1, "fuse_tokens": True, "modality_dropout": 0.0}
 STAGES = ("early", "late", "hybrid")
 TASKS = ("multiclass", "multilabel", "regression")
 
@@ -55,6 +60,36 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
         raise ConfigError(f"{where} must be {base.__name__}, got {type(value).__name__} {value!r}.")
 
 
+def check_known_keys(keys: Any, known: Any, where: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key not in ``known``, naming the closest known key (difflib).
+
+    ``prefix`` is how a user writes the key (``--model.`` on a command line), so the message names the flag.
+    """
+    known = sorted(known)
+    for key in sorted(str(k) for k in keys):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"unknown key {prefix}{key} in {where}; {hint}known keys: {', '.join(known)}.")
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Field name -> default of a dataclass (factories called); fields without a default are left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys (with the close match), missing required keys and
+    wrong types raise ConfigError naming ``where.key``; the class's ``__post_init__`` checks the values."""
+    return _from_dict(cls, data, where)
+
+
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     if isinstance(data, cls):
         return data
@@ -62,9 +97,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}.")
+    check_known_keys(data, names, where)
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -123,28 +156,32 @@ class FusionModelConfig:
         hidden_dim: shared width D of projections, the fused vector and the trunk.
         trunk_layers: layers of the shared trunk after the head.
         dropout: dropout in projections, trunk and task heads.
-        modality_dropout: modality -> probability of hiding it for a training sample.
+        modality_dropout: modality -> probability of hiding it for a training sample, or one probability for
+            every modality (``modality_dropout_map`` resolves either).
         late_loss_weight: weight of the per-modality losses in late and hybrid stages.
         late_decision: what the head fuses in the late stage: each modality's decision ``embedding``
             (width D) or its ``logits`` (width C, classic stacking).
         fuse_tokens: early and hybrid stages: the head fuses every modality's tokens (True) or one pooled vector
             per modality (False: feature-level fusion of pooled vectors, cheap on CPU; the feature cache then
             stores pooled vectors only).
+
+    The defaults are the default recipe (``fusion-zoo fit`` with no flags): the one place each default is set;
+    ``recipes.task.FusionTask`` takes its flags' defaults from here.
     """
 
     encoders: dict[str, EncoderSpec]
     labels: tuple[str, ...]
     fusion_head: str = "concat"
     head_options: dict[str, Any] = field(default_factory=dict)
-    stage: Literal["early", "late", "hybrid"] = "late"
+    stage: Literal["early", "late", "hybrid"] = "early"
     task: Literal["multiclass", "multilabel", "regression"] = "multiclass"
-    hidden_dim: int = 128
+    hidden_dim: int = 128  # checkpoints stay small: weights + AdamW state grow with hidden_dim^2
     trunk_layers: int = 1
-    dropout: float = 0.1
-    modality_dropout: dict[str, float] = field(default_factory=dict)
+    dropout: float = 0.2
+    modality_dropout: dict[str, float] | float = 0.1
     late_loss_weight: float = 0.5
     late_decision: Literal["embedding", "logits"] = "embedding"
-    fuse_tokens: bool = True
+    fuse_tokens: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -161,11 +198,18 @@ class FusionModelConfig:
             raise ConfigError(f"stage={self.stage!r} is not one of {STAGES}.")
         if self.task not in TASKS:
             raise ConfigError(f"task={self.task!r} is not one of {TASKS}.")
+        md = self.modality_dropout
+        if isinstance(md, (int, float)) and not isinstance(md, bool):  # one probability for every modality
+            if not 0.0 <= md < 1.0:
+                raise ConfigError(f"modality_dropout={md} must be in [0, 1).")
+            object.__setattr__(self, "modality_dropout", float(md))  # kept as one number: replace() keeps it valid
+        elif not isinstance(md, dict):
+            raise ConfigError(f"modality_dropout={md!r} must be a number in [0, 1) or a mapping modality -> number.")
         if not self.labels:
             raise ConfigError("labels is empty: give the class names (or target names for regression).")
         if self.task != "regression" and len(self.labels) < 2:
             raise ConfigError(f"a {self.task} task needs at least 2 labels, got {list(self.labels)}.")
-        for m, p in self.modality_dropout.items():
+        for m, p in self.modality_dropout_map.items():
             if m not in self.encoders:
                 raise ConfigError(f"modality_dropout names {m!r}, which has no encoder; use {list(self.encoders)}.")
             if not 0.0 <= float(p) < 1.0:
@@ -199,6 +243,12 @@ class FusionModelConfig:
         return list(self.encoders)
 
     @property
+    def modality_dropout_map(self) -> dict[str, float]:
+        """``modality_dropout`` as modality -> probability (one number: that probability for every modality)."""
+        md = self.modality_dropout
+        return dict(md) if isinstance(md, dict) else {m: float(md) for m in self.encoders if md}
+
+    @property
     def num_outputs(self) -> int:
         return len(self.labels)
 
@@ -218,8 +268,13 @@ class FusionModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FusionModelConfig:
-        """Validate ``data`` against the schema (unknown keys and wrong types name the key) and build."""
+        """Validate ``data`` against the schema (unknown keys name the closest known key, wrong types name the key)
+        and build. A dict of ``format_version`` 1 keeps that version's defaults for the keys it leaves out; the
+        result is a current-version config (every value explicit)."""
         data = dict(data)
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and not isinstance(version, bool) and version < 2:
+            data = {**_V1_DEFAULTS, **data, "format_version": FORMAT_VERSION}
         if "encoders" in data and isinstance(data["encoders"], dict):
             data["encoders"] = {m: EncoderSpec.parse(v, f"config.encoders.{m}") for m, v in data["encoders"].items()}
         return _from_dict(cls, data, "config")

@@ -226,7 +226,7 @@ class FusionModel(nn.Module):
         return f
 
     def _modality_dropout(self, feats: dict[str, ModalityOutput]) -> dict[str, ModalityOutput]:
-        probs = self.config.modality_dropout
+        probs = self.config.modality_dropout_map
         if not self.training or not probs or len(feats) < 2:
             return feats
         ref = next(iter(feats.values()))

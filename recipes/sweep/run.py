@@ -8,7 +8,9 @@ cells already there (same settings) and finishes only the missing ones. See docs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -22,7 +24,9 @@ import yaml
 
 from fusion_errors import ConfigError
 from recipes.recipe import load_recipe
-from zoo.config import FusionModelConfig
+from recipes.settings import OptimConfig
+from recipes.task import FusionTask
+from zoo.config import FusionModelConfig, check_known_keys, field_defaults
 
 from .features import FeatureSet, pooled_view
 from .report import fmt_seconds, write_results
@@ -36,9 +40,10 @@ DEFAULT_STAGES = ("early", "late", "hybrid")
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_EPOCHS = 6
 DEFAULT_BATCH = 64
-_MODEL_KEYS = ("encoders", "head_options", "task", "hidden_dim", "trunk_layers", "dropout", "modality_dropout",
-               "late_loss_weight", "late_decision", "fuse_tokens")
-_OPTIM_KEYS = ("lr", "weight_decay", "warmup_ratio")
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(FusionModelConfig)} - {"format_version", "labels"}
+_OPTIM_FIELDS = {f.name for f in dataclasses.fields(OptimConfig)}
+_GRID_KEYS = ("fusion_head", "stage")  # the grid's --heads / --stages replace the recipe's values
+_FIT_ONLY = ("init_from", "train_only_head", "config")  # a cell is a new head-only model: these cannot apply
 
 
 @dataclass
@@ -98,11 +103,25 @@ def append_cell(path: Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
+def split_model_settings(model: Mapping[str, Any]) -> tuple[dict[str, Any], OptimConfig]:
+    """A recipe's ``model:`` section -> (FusionModelConfig keyword values, OptimConfig), checked.
+
+    Keys are FusionTask's flags: an unknown one raises ConfigError naming the closest (``--model.hidden_dimm``
+    -> ``--model.hidden_dim``); a fit-only one with a value raises; None (or left out) means the config's default.
+    """
+    check_known_keys(model, inspect.signature(FusionTask).parameters, "the sweep's model settings", "--model.")
+    for key in _FIT_ONLY:
+        if model.get(key) is not None:
+            raise ConfigError(f"--model.{key} does not apply to a sweep: every cell trains a new head-only model on "
+                              f"cached features; drop it (or run fusion-zoo fit).")
+    given = {k: v for k, v in model.items() if v is not None}
+    optim = OptimConfig.from_dict({k: v for k, v in given.items() if k in _OPTIM_FIELDS}, "--model")
+    config = {k: v for k, v in given.items() if k in _MODEL_FIELDS and k not in _GRID_KEYS}
+    return config, optim
+
+
 def _cell_config(settings: SweepSettings, fs: FeatureSet, head: str, stage: str) -> FusionModelConfig:
-    model = {k: v for k, v in settings.model.items() if k in _MODEL_KEYS and v is not None}
-    md = model.get("modality_dropout")
-    if isinstance(md, (int, float)):  # one probability for every modality, as in the recipes
-        model["modality_dropout"] = {m: float(md) for m in fs.train.feats} if md else {}
+    model, _ = split_model_settings(settings.model)
     model.setdefault("task", fs.task)
     model["encoders"] = fs.encoders or model.get("encoders") or {m: "cached-features" for m in fs.train.feats}
     model["stage"] = stage  # checked by FusionModelConfig, as every other key
@@ -131,6 +150,7 @@ def run_sweep(
     if bad or not settings.heads or not settings.stages or not settings.seeds:
         raise ConfigError(f"--stages must be a non-empty subset of {DEFAULT_STAGES} (got {bad or 'none'}), "
                           "and --heads/--seeds non-empty.")
+    model, optim = split_model_settings(settings.model)  # a typo fails here, before any encoding
     if features is None:
         from .features import cached_features
 
@@ -149,9 +169,7 @@ def run_sweep(
     fs: FeatureSet | None = None
     if todo:  # one encoder pass serves every stage: late cells read a pooled-only view of the same features
         # early/hybrid cells read tokens only when they fuse tokens; pooled-only features are fit's own cache entries
-        fuse_tokens = settings.model.get("fuse_tokens")
-        if fuse_tokens is None:
-            fuse_tokens = FusionModelConfig.__dataclass_fields__["fuse_tokens"].default
+        fuse_tokens = model.get("fuse_tokens", field_defaults(FusionModelConfig)["fuse_tokens"])
         need_tokens = bool(fuse_tokens) and any(stage != "late" for _, stage, _ in todo)
         fs = features(settings, need_tokens)
         echo(f"features ({fs.info.get('token caps', 'tokens' if need_tokens else 'pooled only')}): "
@@ -167,7 +185,6 @@ def run_sweep(
         assert fs is not None
         cell_fs = pooled if stage == "late" else fs
         config = _cell_config(settings, cell_fs, head, stage)
-        optim = {k: float(settings.model[k]) for k in _OPTIM_KEYS if k in settings.model}
         elapsed = time.perf_counter() - cells_start
         eta = f", ~{fmt_seconds(elapsed / n_run * (len(todo) - n_run))} left" if n_run else ""
         echo(f"{tag} ...{eta}")
@@ -245,6 +262,7 @@ def parse_args(argv: Sequence[str]) -> SweepSettings:
     args, extra = p.parse_known_args(list(argv))
     recipe = load_recipe(args.config)
     _apply_overrides(recipe, extra)
+    split_model_settings(recipe["model"])  # unknown keys name the close match before anything runs
     return SweepSettings(
         heads=_csv_list(args.heads), stages=_csv_list(args.stages), seeds=_csv_list(args.seeds, int),
         output_dir=args.output_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}",

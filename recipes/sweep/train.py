@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from encoders import ModalityOutput
+from recipes.settings import OptimConfig
 from recipes.task import FusionTask
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
@@ -61,17 +62,17 @@ class CachedFeatureTask(FusionTask):
     """``FusionTask`` around a head-only ``FusionModel(config, embed_dims=...)`` for cached features.
 
     Only construction differs: the model has no encoders. Training, evaluation (fused and each modality
-    alone), losses and the AdamW + warm-up/cosine optimiser are FusionTask's own.
+    alone), losses and the AdamW + warm-up/cosine optimiser are FusionTask's own (``optim``: OptimConfig's
+    defaults when None; ``encoder_lr`` is unused, there are no encoder weights).
     """
 
-    def __init__(self, config: dict[str, Any], embed_dims: dict[str, int], lr: float = 1e-3,
-                 weight_decay: float = 0.01, warmup_ratio: float = 0.05) -> None:
+    def __init__(self, config: dict[str, Any], embed_dims: dict[str, int], optim: OptimConfig | None = None) -> None:
         pl.LightningModule.__init__(self)
         self.model = FusionModel(FusionModelConfig.from_dict(config), embed_dims=embed_dims)
         self.cfg = self.model.config
+        self.optim = optim or OptimConfig()
         self.train_only_head = False
-        self.save_hyperparameters({"config": config, "embed_dims": embed_dims, "lr": lr, "encoder_lr": lr,
-                                   "weight_decay": weight_decay, "warmup_ratio": warmup_ratio})
+        self.save_hyperparameters({"config": config, "embed_dims": embed_dims, **self.optim.to_dict()})
         self._init_metrics()
 
 
@@ -139,7 +140,7 @@ def train_cell(
     seed: int,
     max_epochs: int,
     batch_size: int,
-    optim: Mapping[str, float],
+    optim: OptimConfig,
     robustness: Mapping[str, Any],
     echo: Callable[[str], None] = print,
     prefix: str = "",
@@ -152,7 +153,7 @@ def train_cell(
         heads with gate/routing diagnostics, ``gates``.
     """
     pl.seed_everything(seed, workers=False, verbose=False)
-    task = CachedFeatureTask(config.to_dict(), train.embed_dims, **optim)
+    task = CachedFeatureTask(config.to_dict(), train.embed_dims, optim)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, enable_checkpointing=False, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

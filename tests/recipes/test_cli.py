@@ -107,7 +107,7 @@ def test_recipe_model_sections_build_and_train(recipe):
     assert task.cfg.stage == {"early_fusion.yaml": "early", "hybrid_fusion.yaml": "hybrid",
                               "default.yaml": "early"}.get(recipe, "late")
     # the default fuses one pooled vector per modality; the early/hybrid recipes fuse token sequences
-    assert task.cfg.fuse_tokens == (recipe != "default.yaml")
+    assert task.cfg.needs_tokens == (recipe in ("early_fusion.yaml", "hybrid_fusion.yaml"))
     present = torch.ones(4, dtype=torch.bool)
     inputs = {m: {"x": torch.randn(4, 4), "present": present} for m in ("image", "text")}
     batch = {"inputs": inputs, "labels": torch.arange(4) % 3}

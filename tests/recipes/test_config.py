@@ -56,3 +56,48 @@ def test_missing_required_key_is_named() -> None:
 def test_invalid_json_says_how_to_fix() -> None:
     with pytest.raises(ConfigError, match="save_pretrained"):
         FusionModelConfig.from_json("{not json")
+
+
+def test_unknown_key_names_the_close_match() -> None:
+    data = {**make().to_dict(), "hidden_dimm": 64}
+    with pytest.raises(ConfigError, match="unknown key hidden_dimm in config; did you mean hidden_dim?"):
+        FusionModelConfig.from_dict(data)
+
+
+def test_defaults_are_the_default_recipe_and_to_dict_writes_every_field() -> None:
+    cfg = make()
+    # the default recipe (docs/recipes.md): early fusion of one pooled vector per modality, concat head
+    assert (cfg.stage, cfg.fuse_tokens, cfg.fusion_head, cfg.hidden_dim, cfg.dropout) == (
+        "early", False, "concat", 128, 0.2)
+    assert cfg.modality_dropout == 0.1 and cfg.modality_dropout_map == {"image": 0.1, "text": 0.1}  # every modality
+    assert cfg.replace(encoders={"text": "tiny-text"}).modality_dropout_map == {"text": 0.1}
+    import dataclasses
+
+    assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(FusionModelConfig)}
+    assert cfg.to_dict()["format_version"] == FORMAT_VERSION
+
+
+def test_a_version_1_dict_keeps_the_version_1_defaults_for_keys_it_leaves_out() -> None:
+    """Models saved before the defaults became the default recipe (format_version 1, e.g. the shipped tridigits
+    models, whose config.json has no fuse_tokens) keep their meaning: late, token fusion, dropout 0.1, no
+    modality dropout."""
+    data = make().to_dict()
+    for key in ("stage", "fuse_tokens", "dropout", "modality_dropout"):
+        del data[key]
+    old = FusionModelConfig.from_dict({**data, "format_version": 1})
+    assert (old.stage, old.fuse_tokens, old.dropout, old.modality_dropout_map) == ("late", True, 0.1, {})
+    assert old.format_version == FORMAT_VERSION  # every value is explicit now: it saves as the current version
+    assert FusionModelConfig.from_json(old.to_json()) == old
+    new = FusionModelConfig.from_dict(data)  # no version given: the current defaults
+    assert (new.stage, new.fuse_tokens, new.dropout) == ("early", False, 0.2)
+
+
+def test_shipped_early_and_hybrid_models_still_fuse_tokens() -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "zoo" / "pretrained"
+    for name in ("tridigits-early-concat", "tridigits-hybrid-gating"):
+        doc = json.loads((root / name / "config.json").read_text())
+        assert "fuse_tokens" not in doc["model"] and doc["model"]["format_version"] == 1  # the case this covers
+        assert FusionModelConfig.from_dict(doc["model"]).needs_tokens, name

@@ -54,7 +54,7 @@ def model():
     torch.manual_seed(0)
     cfg = FusionModelConfig(encoders={"text": "tiny-text", "image": "tiny-image",
                                       "audio": {"name": "mel-cnn", "finetune": "frozen"}},
-                            labels=LABELS, stage="early", hidden_dim=32)
+                            labels=LABELS, stage="early", fuse_tokens=True, hidden_dim=32)
     return FusionModel(cfg).eval()
 
 

@@ -285,3 +285,38 @@ def test_with_no_encoders_named_the_data_modalities_decide(monkeypatch: pytest.M
     assert named.model.modalities == ["text"]  # named encoders win over the data's columns
     with pytest.raises(ConfigError, match="none of the modalities"):
         FusionTask(labels=LABELS, modalities=["video"])
+
+
+def test_task_flags_are_the_config_fields_with_their_defaults() -> None:
+    """Every FusionModelConfig / OptimConfig field is a FusionTask flag with the dataclass's own default and type:
+    one default per setting. Compared against the dataclasses, so a field added there (or a default changed in
+    either place) without the other fails here."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from recipes.settings import OptimConfig
+    from recipes.task import INHERITED
+    from zoo.config import FusionModelConfig
+
+    params = inspect.signature(FusionTask).parameters
+    hints = typing.get_type_hints(FusionTask.__init__)
+    for cls in (FusionModelConfig, OptimConfig):
+        cls_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "format_version":
+                continue
+            assert f.name in params, f"{cls.__name__}.{f.name} is not a FusionTask argument"
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if f.name in INHERITED:  # None = the config's default (or, under init_from, the loaded model's)
+                assert params[f.name].default is None, f.name
+                continue
+            assert params[f.name].default == default, f"{f.name}: FusionTask {params[f.name].default!r} != {default!r}"
+            # the flag accepts what the field accepts (modality_dropout also None, from older checkpoints)
+            assert set(typing.get_args(cls_hints[f.name]) or [cls_hints[f.name]]) <= set(
+                typing.get_args(hints[f.name]) or [hints[f.name]]), f.name
+    built = make_task()  # no model flags given: the config built is the dataclass's defaults
+    want = FusionModelConfig(encoders=built.cfg.encoders, labels=tuple(LABELS), hidden_dim=16)
+    assert built.cfg == want
+    assert built.optim == OptimConfig()
