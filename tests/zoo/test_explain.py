@@ -37,8 +37,8 @@ def xor_with_noise(n: int, seed: int) -> tuple[dict[str, ModalityOutput], torch.
 def train(head: str, stage: str) -> FusionModel:
     torch.manual_seed(0)
     config = FusionModelConfig(encoders=dict.fromkeys(("audio", "image", "text"), "synthetic"),
-                               labels=("even", "odd"), fusion_head=head, stage=stage, hidden_dim=32,
-                               dropout=0.0, late_loss_weight=0.1,
+                               labels=("even", "odd"), fusion_head=head, stage=stage, fuse_tokens=True,
+                               hidden_dim=32, dropout=0.0, late_loss_weight=0.1,
                                modality_dropout=dict.fromkeys(("audio", "image", "text"), 0.2))
     model = FusionModel(config, embed_dims=dict.fromkeys(("audio", "image", "text"), DIM))
     feats, y = xor_with_noise(512, seed=1)

@@ -94,13 +94,13 @@ def test_missing_files(make_model, tmp_path: Path) -> None:
 
 
 def test_config_and_weights_disagree(make_model, tmp_path: Path) -> None:
-    path = save_pretrained(make_model(hidden_dim=8), tmp_path / "ck")
+    path = save_pretrained(make_model(hidden_dim=8, stage="late"), tmp_path / "ck")
     doc = json.loads((path / "config.json").read_text())
     doc["model"]["hidden_dim"] = 12
     (path / "config.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=r"disagree: shape mismatch .*classifier\.weight"):
         from_pretrained(path)
-    doc["model"]["hidden_dim"], doc["model"]["stage"] = 8, "early"
+    doc["model"]["hidden_dim"], doc["model"]["stage"], doc["model"]["fuse_tokens"] = 8, "early", True
     (path / "config.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=r"missing from the weights: .*modality_embed.*unexpected"):
         from_pretrained(path)
