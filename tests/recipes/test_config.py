@@ -92,12 +92,23 @@ def test_a_version_1_dict_keeps_the_version_1_defaults_for_keys_it_leaves_out() 
     assert (new.stage, new.fuse_tokens, new.dropout) == ("early", False, 0.2)
 
 
-def test_shipped_early_and_hybrid_models_still_fuse_tokens() -> None:
+def test_a_version_1_model_folder_without_fuse_tokens_loads_as_token_fusion(tmp_path) -> None:
+    """The shipped models of the first release had format_version 1 and no fuse_tokens in their config.json; an
+    early model of that kind has the token-fusion weights (modality embeddings), which load only as token fusion."""
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "zoo" / "pretrained"
-    for name in ("tridigits-early-concat", "tridigits-hybrid-gating"):
-        doc = json.loads((root / name / "config.json").read_text())
-        assert "fuse_tokens" not in doc["model"] and doc["model"]["format_version"] == 1  # the case this covers
-        assert FusionModelConfig.from_dict(doc["model"]).needs_tokens, name
+    import torch
+
+    from zoo import FusionModel
+
+    torch.manual_seed(0)
+    model = FusionModel(make(stage="early", fuse_tokens=True, hidden_dim=8)).eval()
+    folder = model.save_pretrained(tmp_path / "v1")
+    doc = json.loads((folder / "config.json").read_text())
+    del doc["model"]["fuse_tokens"]
+    doc["model"]["format_version"] = 1
+    (folder / "config.json").write_text(json.dumps(doc))
+    loaded = FusionModel.from_pretrained(folder)
+    assert loaded.config.needs_tokens and loaded.config.stage == "early"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
