@@ -130,3 +130,23 @@ def test_a_kill_loses_at_most_the_interval_and_resume_is_exact(tmp_path: Path) -
     assert a["global_step"] == b["global_step"] == 42
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_best_is_the_epoch_with_the_lowest_validation_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default monitor is val/loss (min): validation accuracy that saturates early (same speakers as training)
+    must not freeze best.ckpt at an undertrained epoch. best.ckpt's last write is the epoch of the lowest val/loss
+    in the run's own metrics.csv."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    writes = _count_writes(monkeypatch)
+    _toy_module().run(["fit", "--trainer.max_epochs", "7", "--trainer.default_root_dir", "run", *EPOCH_SCHEDULE])
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()) if r.get("val/loss")]
+    rows = [r for r in rows if int(r["step"]) == (int(r["epoch"]) + 1) * STEPS_PER_EPOCH - 1]  # end of each epoch
+    assert [int(r["epoch"]) for r in rows] == list(range(7))  # (the after-fit evaluation's row is left out)
+    losses = [float(r["val/loss"]) for r in rows]
+    best_epoch = min(range(7), key=losses.__getitem__)  # 0-based
+    best_steps = [step for name, step, _ in writes if name == "best.ckpt"]
+    assert best_steps[-1] == (best_epoch + 1) * STEPS_PER_EPOCH
+    improved = [e for e in range(7) if losses[e] < min(losses[:e], default=float("inf"))]
+    assert best_steps == [(e + 1) * STEPS_PER_EPOCH for e in improved]  # one write per new lowest loss
