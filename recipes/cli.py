@@ -118,6 +118,43 @@ def _check_ckpt(path: str) -> None:
                               f"{str(e).splitlines()[0][:200]}); give a .ckpt written by fusion-zoo fit.") from e
 
 
+def _init_names(cls: Any) -> list[str] | None:
+    """The keyword names ``cls(...)`` takes, following ``**kwargs`` up to the parent class that receives them
+    (None when no class in the chain names them all)."""
+    import inspect
+
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def check_flag_names(argv: Sequence[str], groups: dict[str, Any]) -> None:
+    """A ``--group.name`` flag whose name ``group``'s class does not take is a one-line ConfigError naming the
+    closest valid flag (jsonargparse would print its whole usage, then "unrecognized arguments")."""
+    import difflib
+
+    for arg in argv:
+        if not arg.startswith("--") or "." not in arg:
+            continue
+        group, _, rest = arg[2:].split("=", 1)[0].partition(".")
+        name = rest.split(".")[0].rstrip("+")  # --trainer.callbacks+=..., --model.head_options.x
+        if group not in groups or name in ("class_path", "init_args", "help"):
+            continue
+        known = _init_names(groups[group])
+        if known is None or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean --{group}.{close[0]}?" if close else f"see fusion-zoo fit --help for the {group} flags."
+        raise ConfigError(f"unknown option --{group}.{name}; {hint}")
+
+
 def _resume_args(argv: list[str]) -> list[str]:
     """``--resume RUN_DIR``: continue that run from its latest checkpoint, or start it if it has none yet."""
     out, i, run = [], 0, None
@@ -356,6 +393,13 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionC
     # `--init-from NAME` is the documented short form of `--model.init_from NAME`
     argv = [a.replace("--init-from", "--model.init_from", 1) if a.startswith("--init-from") else a for a in argv]
     argv = _resume_args(argv)
+    from pytorch_lightning import Trainer
+
+    groups: dict[str, Any] = {"model": FusionTask, "trainer": Trainer, "checkpoint": FusionCheckpoint,
+                              "early_stopping": EarlyStopping}
+    if not any(a.startswith("--data.class_path") or a == "--data" for a in argv):  # a user's own data module
+        groups["data"] = datamodule_class
+    check_flag_names(argv, groups)
     for i, a in enumerate(argv):  # checked before LightningCLI reads the file's hyperparameters at parse time
         if a == "--ckpt_path" and i + 1 < len(argv) or a.startswith("--ckpt_path="):
             _check_ckpt(argv[i + 1] if a == "--ckpt_path" else a.split("=", 1)[1])

@@ -350,9 +350,11 @@ def test_cli_unknown_head_is_one_line_exit_2(toy_cli: Callable[..., int], capsys
 ])
 def test_cli_bad_flags_and_config_files_exit_2(toy_cli: Callable[..., int], capsys: pytest.CaptureFixture,
                                                args: list[str], needle: str) -> None:
-    with pytest.raises(SystemExit) as info:
-        toy_cli(["fit", *args])
-    assert info.value.code == 2
+    try:  # a misspelt flag is caught before parsing (one line, returns 2); the others exit from jsonargparse
+        code = toy_cli(["fit", *args])
+    except SystemExit as info:
+        code = info.code
+    assert code == 2
     assert needle in capsys.readouterr().err
 
 

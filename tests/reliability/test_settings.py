@@ -120,3 +120,19 @@ def test_predict_refuses_non_positive_batch_sizes(batch_size: int) -> None:
     model = FusionModel(FusionModelConfig(encoders={"text": "tiny-text"}, labels=("a", "b"), hidden_dim=8))
     with pytest.raises(InputError, match="must be a positive integer"):  # -1 returned [] and 0 a traceback
         model.predict(text=["hello"], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("flag, suggestion", [
+    (["--model.hidden_dimm", "3"], "--model.hidden_dim"),
+    (["--trainer.max_epoch", "1"], "--trainer.max_epochs"),
+    (["--data.batchsize=8"], "--data.batch_size"),
+    (["--checkpoint.last_every_n_epoch", "2"], "--checkpoint.last_every_n_epochs"),
+])
+def test_misspelt_fit_flag_is_one_line_naming_the_close_match(flag: list[str], suggestion: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """jsonargparse printed its 110-line usage before "unrecognized arguments"; now one line and exit 2."""
+    from recipes.cli import main
+
+    assert main(["fit", *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"did you mean {suggestion}?" in err, err
