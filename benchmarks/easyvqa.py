@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from encoders import DataError, MissingDependencyError  # noqa: E402
+from encoders._atomic import atomic_write  # noqa: E402
 
 __all__ = ["DEFAULT_DIR", "FIT_ARGS", "prepare", "fit_command", "easyvqa_benchmark", "merge_results", "main"]
 
@@ -55,14 +56,30 @@ def _easy_vqa() -> Any:
     return easy_vqa
 
 
-def _write_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A CSV table as a user would write it (header + rows), written atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(header)
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out`` by renames (an existing ``out`` is moved aside, then deleted), so
+    an interrupted prepare leaves the old folder or the new one, never half of one."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _write_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    write_csv(path, COLUMNS, rows)
 
 
 def _split_rows(questions: tuple[list[str], list[str], list[int]], split: str,
@@ -130,13 +147,7 @@ def prepare(out_dir: str | Path = DEFAULT_DIR, val_fraction: float = 0.1, seed: 
         meta = {"format": _FORMAT, "val_fraction": val_fraction, "seed": seed, "answers": answers, "rows": counts,
                 "source": "pip package easy-vqa (MIT)"}
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():  # ours (checked above): replace it
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)  # an existing out is ours (checked above)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -210,9 +221,8 @@ def merge_results(values: dict[str, Any], path: str | Path = ROOT / "benchmarks"
         value = doc.get(key)
         doc.setdefault("targets", {})[key] = {"op": op, "value": target}
         doc.setdefault("met", {})[key] = None if value is None else (value >= target if op == ">=" else value <= target)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
 
 

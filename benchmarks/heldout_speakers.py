@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shlex
@@ -41,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.easyvqa import _new_metrics, merge_results  # noqa: E402
+from benchmarks.easyvqa import _new_metrics, merge_results, swap_in, write_csv  # noqa: E402
 from fusion_errors import DataError, MissingDependencyError  # noqa: E402
 
 __all__ = ["DEFAULT_DIR", "TRAIN_SPEAKERS", "TEST_SPEAKERS", "prepare", "degrade", "baseline", "heldout_benchmark",
@@ -113,14 +112,11 @@ def _image_pools(labels: np.ndarray, rng: np.random.Generator) -> dict[str, dict
     return pools
 
 
+COLUMNS = ("image", "audio", "label", "speaker")
+
+
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", "audio", "label", "speaker"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_csv(path, COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
 
 
 def _is_current(out: Path, seed: int) -> bool:
@@ -180,13 +176,7 @@ def prepare(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, force: bool = Fals
                 "test_speakers": TEST_SPEAKERS, "rate": RATE, "image_size": IMAGE_SIZE,
                 "source": "espeak-ng speech + scikit-learn load_digits images"}
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
