@@ -18,14 +18,13 @@ import datasets
 from fusion_errors import DataError
 
 __all__ = [
-    "TRIDIGITS_LABELS", "FEATURES", "DATA_DIR", "SPLITS", "MODALITIES_ENCODERS",
+    "TRIDIGITS_LABELS", "FEATURES", "DATA_DIR", "SPLITS",
     "load_tridigits", "describe", "write_manifest",
 ]  # fmt: skip
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("train", "validation", "test")
 TRIDIGITS_LABELS = [str(d) for d in range(10)]
-MODALITIES_ENCODERS = {"audio": "resemblyzer-lstm", "image": "efficientnet-lite0", "text": "minilm-l6"}  # defaults
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `apt install espeak-ng` then `python -m recipes.tridigits.build`"
 FEATURES = datasets.Features(

@@ -1,7 +1,7 @@
 """Measures how much each tridigits modality tells: frozen default encoders + a linear probe per modality and fused.
 
-The pooled embeddings of the project's offline default encoders (``minilm-l6``, ``efficientnet-lite0``,
-``resemblyzer-lstm``) are cached as ``.npy`` files; a standardised logistic regression is fit on ``train`` and
+The pooled embeddings of the project's offline default encoders (``recipes.task.DEFAULT_ENCODERS``: ``minilm-l6``,
+``efficientnet-lite0-pixels``, ``whisper-base``) are cached as ``.npy`` files; a standardised logistic regression is fit on ``train`` and
 scored on ``test``, once per modality and once on the concatenation of all three (late-fusion upper baseline).
 Needs scikit-learn (a dev dependency). Run it with ``python -m recipes.tridigits.build --evaluate``.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.tridigits.dataset import DATA_DIR, MODALITIES_ENCODERS, load_tridigits
+from recipes.task import DEFAULT_ENCODERS
+from recipes.tridigits.dataset import DATA_DIR, load_tridigits
 
 __all__ = ["embed_split", "evaluate"]
 
@@ -37,7 +38,7 @@ def embed_split(split: str, data_dir: Path = DATA_DIR, cache: Path | None = None
     ds = load_tridigits(split, data_dir=data_dir).cast_column("image", __import__("datasets").Image(decode=False))
     digest = hashlib.sha256((data_dir / f"{split}.parquet").read_bytes()).hexdigest()[:16]
     out = {}
-    for modality, name in sorted(MODALITIES_ENCODERS.items()):
+    for modality, name in sorted(DEFAULT_ENCODERS.items()):
         path = cache / f"{split}-{modality}-{digest}.npy" if cache else None
         if path is not None and path.is_file():
             out[modality] = np.load(path)
