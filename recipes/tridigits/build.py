@@ -31,10 +31,11 @@ TRAIN_VOICES = [
 TEST_VOICES = ["en-us-nyc", "en-gb-x-gbclan+f2", "en-gb-x-gbcwmd+m2"]
 SPEEDS = [125, 150, 175, 200]  # words per minute
 PITCHES = [25, 40, 55, 70]  # espeak-ng pitch, 0..99
-# Noise levels that keep every modality alone at or below ~0.90 with the default encoders while fused stays >= 0.97
-# (docs/dataset.md has the measurements: at sigma 18 / -6..7 dB, image and audio alone each reached 0.94)
-NOISE_STD = 38.0  # image noise, grey levels of 255
-SNR_DB = (-10.0, 3.0)  # audio background noise, dB, uniform per clip
+# Degradations that keep every modality alone at or below ~0.90 with the default encoders (a linear probe on frozen
+# features and the main job's single-modality test) while fused stays >= 0.97; docs/dataset.md has the measurements.
+# Image noise alone could not do it (probe 0.93 at sigma 38, 0.91 at 64): hiding a third instead of a fifth does.
+NOISE_STD = 40.0  # image noise, grey levels of 255
+SNR_DB = (-12.0, 1.0)  # audio background noise, dB, uniform per clip
 FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
 
 # (digits the clue allows, phrasings); every set has 2..5 digits so a clue alone never names the digit
@@ -91,7 +92,7 @@ def degrade_image(img8: np.ndarray, rng: np.random.Generator, size: int = 32) ->
 
     img = Image.fromarray((img8 * (255 / 16)).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
     x = np.array(img, dtype=np.float32)  # [H, W], 0..255
-    cut = size // 5 + int(rng.integers(-size // 16, size // 16 + 1))  # hide about a fifth, from a random side
+    cut = size // 3 + int(rng.integers(-size // 16, size // 16 + 1))  # hide about a third, from a random side
     sides: list[Any] = [np.s_[:cut], np.s_[-cut:], np.s_[:, :cut], np.s_[:, -cut:]]
     x[sides[int(rng.integers(4))]] = 0.0
     noisy = x + rng.normal(0.0, NOISE_STD, x.shape)  # float64
