@@ -257,15 +257,29 @@ class FusionTask(pl.LightningModule):
                 "or clip gradients with --trainer.gradient_clip_val 1.0."
             )
         b = labels.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/task_loss", task_loss, batch_size=b)
-        if out.modality_logits:
-            self.log("train/late_loss", late_loss, batch_size=b)
-        for key, value in out.aux.items():
-            if isinstance(value, Tensor) and value.numel() == 1:
-                self.log(f"train/aux/{key}", value.detach().float().reshape(()), batch_size=b)
+        if self._step_is_logged():
+            self.log("train/loss", loss, prog_bar=True, batch_size=b)
+            self.log("train/task_loss", task_loss, batch_size=b)
+            if out.modality_logits:
+                self.log("train/late_loss", late_loss, batch_size=b)
+            for key, value in out.aux.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    self.log(f"train/aux/{key}", value.detach().float().reshape(()), batch_size=b)
         self._log_routing(out.aux, b)
         return loss
+
+    def _step_is_logged(self) -> bool:
+        """Whether this training step's scalars are logged: on the steps the loggers write (every
+        ``--trainer.log_every_n_steps``) and on each epoch's last batch (for the progress bar and epoch callbacks).
+
+        A ``self.log`` call costs ~1.5 ms on CPU, as much as the rest of a head-only step on cached features, and
+        a value logged on any other step is never written anywhere.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)  # Lightning's own "write logs now?" test
+        return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run or trainer.is_last_batch)
 
     def _log_routing(self, aux: dict[str, Tensor], b: int) -> None:
         """MoE telemetry, epoch means: each expert's share of the routed tokens, and the routing entropy (nats;
@@ -368,7 +382,9 @@ class FusionTask(pl.LightningModule):
         groups = self.param_groups()
         if not groups:
             raise ConfigError("no trainable parameters: unfreeze an encoder or set --model.train_only_head false.")
-        optimizer = torch.optim.AdamW(groups)
+        # the fused kernel (one call for all tensors) on CPU/CUDA: ~20% of a head-only step on cached features
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, fused=fused or None)
         total = float(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim.warmup_ratio * total) if math.isfinite(total) else 0
 
