@@ -162,8 +162,8 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
     dm.attach(FusionModel(cfg, encoders=encoders))
     train, test = collect(dm.train_dataloader()), collect(dm.test_dataloader())
     limit = settings.data.get("max_samples")
-    info = {"dataset": f"{settings.data.get('dataset', 'tridigits')}" + (f" (first {limit} rows per split)"
-                                                                        if limit else ""),
+    source = settings.data.get("data_dir") or settings.data.get("dataset") or "tridigits"  # what the tables name
+    info = {"dataset": f"{source}" + (f" (first {limit} rows per split)" if limit else ""),
             "encoders": {m: specs[m] for m in sorted(specs)},
             "source": f"feature cache {dm.cache.root} in {time.perf_counter() - start:.1f}s",
             "token caps": (f"image {IMAGE_GRID}x{IMAGE_GRID} pooled patches, audio every {AUDIO_STRIDE}th frame, "

@@ -221,6 +221,8 @@ def test_sweep_with_no_encoders_named_uses_the_modalities_the_data_has(tmp_path:
                      str(tmp_path / "cache"), "--output-dir", str(out)]) == 0
     info = (out / "results.md").read_text()
     assert "image" in info and "text" in info and "audio" not in info
+    assert f"- dataset: {tmp_path}\n" in info  # the folder swept, not the bundled dataset's name
+    assert "(tridigits)" not in info
 
 
 def test_token_caps_and_pooled_view() -> None:
