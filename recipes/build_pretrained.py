@@ -20,7 +20,7 @@ from typing import Any
 
 from zoo.registry import PRETRAINED_DIR
 
-__all__ = ["GRID", "model_name", "build_one", "raw_split", "raw_accuracy", "main"]
+__all__ = ["GRID", "model_name", "build_one", "raw_split", "raw_accuracy", "card_table", "main"]
 
 DATASET = "tridigits"
 # every stage, and every one of the five named heads
@@ -70,6 +70,22 @@ def card_accuracy(folder: Path, split: str = "test") -> float | None:
     return None if value is None else float(value)
 
 
+def card_table(results: Sequence[dict[str, Any]], out_dir: Path = PRETRAINED_DIR) -> str:
+    """docs/zoo.md's table of the built models: each card's test accuracy (fused and each modality alone), the
+    accuracy re-measured from raw inputs, and the build time."""
+    lines = ["| model | fused | text alone | image alone | audio alone | re-measured from raw inputs | build time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["name"]):
+        if "error" in r:
+            lines.append(f"| `{r['name']}` | failed: {r['error']} | | | | | |")
+            continue
+        test = json.loads((out_dir / r["name"] / "config.json").read_text()).get("metrics", {}).get("test", {})
+        cells = [f"{test[k]['accuracy']:.3f}" if "accuracy" in test.get(k, {}) else "" for k in
+                 ("fused", "text", "image", "audio")]
+        lines.append(f"| `{r['name']}` | {' | '.join(cells)} | {r['raw_test_accuracy']:.3f} | {r['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
 def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = PRETRAINED_DIR) -> dict[str, Any]:
     """Train one (stage, head) with the recipes, ship its model folder, re-check its test accuracy."""
     from recipes.cli import main as recipes_main
@@ -116,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ["--trainer.max_epochs", str(args.epochs)] if args.epochs else []
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
+    results = []
     for stage, head in GRID:
         if args.only and model_name(stage, head) not in args.only:
             continue
@@ -125,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = {"name": model_name(stage, head), "error": f"{type(e).__name__}: {e}"}
         failed += "error" in result or not result.get("consistent", False)
         print(json.dumps(result), flush=True)
+        results.append(result)
+    print(card_table(results, args.out))
     return 1 if failed else 0
 
 

@@ -1,8 +1,9 @@
 """Measures how much each tridigits modality tells: frozen default encoders + a linear probe per modality and fused.
 
 The pooled embeddings of the project's offline default encoders (``recipes.task.DEFAULT_ENCODERS``: ``minilm-l6``,
-``efficientnet-lite0-pixels``, ``whisper-base``) are cached as ``.npy`` files; a standardised logistic regression is fit on ``train`` and
-scored on ``test``, once per modality and once on the concatenation of all three (late-fusion upper baseline).
+``efficientnet-lite0-pixels``, ``whisper-base``) are cached as ``.npy`` files; a standardised logistic regression
+is fit on ``train`` and scored on ``test``, once per modality, per pair, on all three concatenated, and as the sum
+of the three single-modality probes' log-probabilities (late fusion).
 Needs scikit-learn (a dev dependency). Run it with ``python -m recipes.tridigits.build --evaluate``.
 """
 
