@@ -279,7 +279,8 @@ class FusionTask(pl.LightningModule):
         if trainer is None:
             return True
         connector = getattr(trainer, "_logger_connector", None)  # Lightning's own "write logs now?" test
-        return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run or trainer.is_last_batch)
+        return bool(getattr(connector, "should_update_logs", True) or getattr(trainer, "fast_dev_run", False)
+                    or trainer.is_last_batch)
 
     def _log_routing(self, aux: dict[str, Tensor], b: int) -> None:
         """MoE telemetry, epoch means: each expert's share of the routed tokens, and the routing entropy (nats;
