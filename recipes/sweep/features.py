@@ -30,7 +30,8 @@ from .train import SplitFeatures
 
 @dataclass
 class FeatureSet:
-    """Cached features of the train and test splits for one stage family (pooled-only or with tokens)."""
+    """Cached features of the train, test and (when the data has one) validation splits for one stage family
+    (pooled-only or with tokens). Cells pick their epoch on ``val`` as ``fusion-zoo fit`` picks its checkpoint."""
 
     train: SplitFeatures
     test: SplitFeatures
@@ -38,6 +39,12 @@ class FeatureSet:
     task: str
     info: dict[str, Any] = field(default_factory=dict)
     encoders: dict[str, Any] = field(default_factory=dict)  # modality -> the encoder spec behind the features
+    val: SplitFeatures | None = None
+
+    def pooled(self) -> FeatureSet:
+        """The same splits with pooled vectors only (what late-stage cells read)."""
+        return FeatureSet(pooled_view(self.train), pooled_view(self.test), self.labels, self.task, self.info,
+                          self.encoders, pooled_view(self.val) if self.val is not None else None)
 
 __all__ = ["cached_features", "cap_tokens", "pooled_view", "collect", "CappedEncoder", "IMAGE_GRID",
            "AUDIO_STRIDE"]
@@ -161,6 +168,7 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
                             stage="early" if need_tokens else "late", fuse_tokens=need_tokens)
     dm.attach(FusionModel(cfg, encoders=encoders))
     train, test = collect(dm.train_dataloader()), collect(dm.test_dataloader())
+    val = collect(dm.val_dataloader())  # fit's validation split (or the slice of train it holds out)
     limit = settings.data.get("max_samples")
     source = settings.data.get("data_dir") or settings.data.get("dataset") or "tridigits"  # what the tables name
     info = {"dataset": f"{source}" + (f" (first {limit} rows per split)" if limit else ""),
@@ -168,4 +176,4 @@ def cached_features(settings: Any, need_tokens: bool) -> Any:
             "source": f"feature cache {dm.cache.root} in {time.perf_counter() - start:.1f}s",
             "token caps": (f"image {IMAGE_GRID}x{IMAGE_GRID} pooled patches, audio every {AUDIO_STRIDE}th frame, "
                            "text as is") if need_tokens else "pooled only"}
-    return FeatureSet(train, test, list(dm.labels), task, info, specs)
+    return FeatureSet(train, test, list(dm.labels), task, info, specs, val if len(val) else None)

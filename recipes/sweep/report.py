@@ -28,7 +28,7 @@ def cell_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     row |= {f"alone_{m}": v for m, v in sorted(rec["alone"].items())}
     row |= {f"rob_{k}": v for k, v in rec["robustness"].items()}
     row |= {"params": rec["params"], "train_seconds": round(rec["train_seconds"], 3),
-            "latency_ms": round(rec["latency_ms"], 4)}
+            "latency_ms": round(rec["latency_ms"], 4), "best_epoch": rec.get("best_epoch", "")}
     return row
 
 
@@ -82,15 +82,18 @@ def write_results(
     lines += [f"- {k}: {v}" for k, v in header.items()] + [""]
     lines += [f"Test {metric}: mean ± 95% CI over seeds (Student t, n-1 degrees of freedom). `alone:<m>` is the "
               "fused model fed that modality only. Params: trainable head-side parameters (encoders frozen, "
-              "not counted). Latency: median single-sample forward of the head side on cached features.", ""]
-    head_cols = [f"fused {metric}", *(f"alone:{m}" for m in modalities), "params", "train s", "latency ms"]
+              "not counted). Latency: median single-sample forward of the head side on cached features. Epoch "
+              "kept: per seed, the epoch whose weights were evaluated (lowest validation loss).", ""]
+    head_cols = [f"fused {metric}", *(f"alone:{m}" for m in modalities), "params", "train s", "latency ms",
+                 "epoch kept"]
     body = []
     for h, s in cells:
         sel = [r for r in rows if r["head"] == h and r["stage"] == s]
         body.append([h, s, str(len(sel)), _cell(rows, h, s, f"fused_{metric}"),
                      *(_cell(rows, h, s, f"alone_{m}") for m in modalities),
                      f"{int(sel[0]['params']):,}", _cell(rows, h, s, "train_seconds", 1),
-                     _cell(rows, h, s, "latency_ms", 2)])
+                     _cell(rows, h, s, "latency_ms", 2),
+                     ", ".join(str(r["best_epoch"]) for r in sel if r.get("best_epoch") != "")])
     lines += _table(["head", "stage", "seeds", *head_cols], body) + [""]
     lines += [f"## Paired comparison against `{BASELINE}` at the same stage", "",
               f"Paired t-test over matched seeds of the fused {metric} (two-sided, alpha 0.05).", ""]

@@ -28,10 +28,10 @@ from recipes.settings import OptimConfig
 from recipes.task import FusionTask
 from zoo.config import FusionModelConfig, check_known_keys, field_defaults
 
-from .features import FeatureSet, pooled_view
+from .features import FeatureSet
 from .report import fmt_seconds, write_results
 from .robustness import DEFAULT_NOISE, DEFAULT_TOKEN_DROP, primary_metric
-from .train import train_cell
+from .train import CELL_PROTOCOL, train_cell
 
 __all__ = ["SweepSettings", "FeatureSet", "run_sweep", "parse_args", "main", "DEFAULT_HEADS", "DEFAULT_STAGES"]
 
@@ -64,6 +64,7 @@ class SweepSettings:
     def signature(self) -> str:
         """Hash of what changes a cell's result (not the grid axes or the output folder)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("heads", "stages", "seeds", "output_dir")}
+        keep["protocol"] = CELL_PROTOCOL  # cells of an older protocol are run again, not mixed in
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -174,7 +175,7 @@ def run_sweep(
         fs = features(settings, need_tokens)
         echo(f"features ({fs.info.get('token caps', 'tokens' if need_tokens else 'pooled only')}): "
              f"{fs.info.get('source', '')}, ready after {fmt_seconds(time.perf_counter() - start)}")
-        pooled = FeatureSet(pooled_view(fs.train), pooled_view(fs.test), fs.labels, fs.task, fs.info, fs.encoders)
+        pooled = fs.pooled()
     n_run, cells_start = 0, time.perf_counter()
     for i, (head, stage, seed) in enumerate(grid, start=1):
         key = _cell_key(head, stage, seed)
@@ -193,7 +194,7 @@ def run_sweep(
         try:
             result = train_cell(config, cell_fs.train, cell_fs.test, seed, settings.max_epochs, settings.batch_size,
                                 optim, {"noise": settings.noise, "token_drop": settings.token_drop}, echo=echo,
-                                prefix=tag)
+                                prefix=tag, val=cell_fs.val)
         finally:
             torch.set_num_threads(threads)
         metric = primary_metric(config.task)
@@ -210,7 +211,7 @@ def run_sweep(
     metric = primary_metric(meta["task"])
     header = {"dataset": meta["info"].get("dataset", "custom features"), "labels": meta["labels"],
               "cells": f"{len(grid)} ({n_run} run now)", "epochs": settings.max_epochs,
-              "batch size": settings.batch_size, "signature": sig,
+              "batch size": settings.batch_size, "weights evaluated": CELL_PROTOCOL, "signature": sig,
               "wall time of this run": fmt_seconds(time.perf_counter() - start),
               **{k: v for k, v in meta["info"].items() if k != "dataset"}}
     modalities = meta["modalities"]

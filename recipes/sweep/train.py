@@ -26,9 +26,11 @@ from zoo.model import FusionModel
 
 from .robustness import robustness_report
 
-__all__ = ["SplitFeatures", "CachedFeatureTask", "feature_loader", "train_cell", "gate_matrix"]
+__all__ = ["SplitFeatures", "CachedFeatureTask", "feature_loader", "train_cell", "gate_matrix", "CELL_PROTOCOL"]
 
 GATE_KEYS = ("gates", "routing_probs", "expert_utilisation")
+#: how a cell is trained and which weights it reports (part of the sweep signature)
+CELL_PROTOCOL = "fixed epochs; the epoch with the lowest val/loss when a validation split exists, else the last"
 
 
 @dataclass
@@ -85,8 +87,31 @@ class _EpochPrinter(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loss = trainer.callback_metrics.get("train/loss")
         text = f"{float(loss):.3f}" if loss is not None else "-"
+        val = trainer.callback_metrics.get("val/loss")
+        text += f" val_loss={float(val):.3f}" if val is not None else ""
         self.echo(f"    {self.prefix} epoch {trainer.current_epoch + 1}/{trainer.max_epochs} loss={text} "
                   f"({time.perf_counter() - self.start:.1f}s)")
+
+
+class _KeepBest(pl.Callback):
+    """Keeps, in memory, the head weights of the epoch with the lowest ``val/loss``: the rule `fusion-zoo fit`
+    checkpoints by, so a cell reports the model a fit of the same recipe would keep."""
+
+    def __init__(self) -> None:
+        self.best, self.epoch = float("inf"), -1
+        self.losses: list[float] = []
+        self.state: dict[str, Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or value is None:
+            return
+        loss = float(value)
+        self.losses.append(loss)
+        if loss < self.best:
+            self.best, self.epoch = loss, trainer.current_epoch
+            weights = cast(CachedFeatureTask, pl_module).model.state_dict()
+            self.state = {k: v.detach().clone() for k, v in weights.items()}
 
 
 @torch.no_grad()
@@ -144,24 +169,34 @@ def train_cell(
     robustness: Mapping[str, Any],
     echo: Callable[[str], None] = print,
     prefix: str = "",
+    val: SplitFeatures | None = None,
 ) -> dict[str, Any]:
     """Train one head-only cell with a Lightning Trainer on CPU and evaluate it.
 
+    With ``val``, the loss on it is measured after every epoch and the cell is evaluated with the weights of the
+    epoch where it was lowest (``fusion-zoo fit``'s checkpoint rule); without, with the last epoch's.
+
     Returns:
         ``fused`` (test metrics), ``alone`` (modality -> test accuracy of the fused model fed that modality
-        alone), ``robustness`` (condition -> metric), ``params``, ``train_seconds``, ``latency_ms`` and, for
-        heads with gate/routing diagnostics, ``gates``.
+        alone), ``robustness`` (condition -> metric), ``params``, ``train_seconds``, ``latency_ms``,
+        ``best_epoch`` (1-based; the last epoch without ``val``), ``val_losses`` (per epoch; empty without
+        ``val``) and, for heads with gate/routing diagnostics, ``gates``.
     """
     pl.seed_everything(seed, workers=False, verbose=False)
     task = CachedFeatureTask(config.to_dict(), train.embed_dims, optim)
+    keep = _KeepBest()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, enable_checkpointing=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        gradient_clip_val=1.0, callbacks=[_EpochPrinter(prefix, echo)],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val is not None else 0, gradient_clip_val=1.0,
+        callbacks=[keep, _EpochPrinter(prefix, echo)],
     )
     start = time.perf_counter()
-    trainer.fit(task, train_dataloaders=feature_loader(train, batch_size, True, seed))
+    trainer.fit(task, train_dataloaders=feature_loader(train, batch_size, True, seed),
+                val_dataloaders=feature_loader(val, 512, False) if val is not None else None)
     train_seconds = time.perf_counter() - start
+    if keep.state is not None:
+        task.model.load_state_dict(keep.state)
     trainer.test(task, dataloaders=feature_loader(test, 512, False), verbose=False)
     results = task.results["test"]
     model = task.model.eval()
@@ -173,5 +208,7 @@ def train_cell(
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_seconds": train_seconds,
         "latency_ms": head_latency_ms(model, test),
+        "best_epoch": keep.epoch + 1 if keep.state is not None else max_epochs,
+        "val_losses": keep.losses,
         "gates": gate_matrix(model, test),
     }

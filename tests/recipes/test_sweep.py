@@ -267,3 +267,42 @@ def test_sweep_cells_are_checked_by_the_configs(tmp_path: Path) -> None:
         run_sweep(_settings(tmp_path, model={"init_from": "tridigits-late-gating"}), _provider(calls),
                   echo=lambda s: None)
     assert calls == []  # nothing was encoded
+
+
+def test_a_cell_reports_the_weights_of_its_lowest_validation_loss_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation labels are the training labels reversed, so every epoch of training raises the validation loss:
+    the lowest is after epoch 1, and the cell must be evaluated with those weights, not the last epoch's."""
+    import torch.nn.functional as F
+
+    from recipes.settings import OptimConfig
+    from recipes.sweep import train as train_mod
+    from zoo.config import FusionModelConfig
+
+    train, test = _split(96, 0, False), _split(24, 1, False)
+    val = SplitFeatures(train.feats, 2 - train.labels)  # same inputs, labels 0 <-> 2
+    seen = []
+    monkeypatch.setattr(train_mod, "head_latency_ms", lambda model, split: seen.append(model) or 0.0)
+    config = FusionModelConfig(encoders={m: "cached-features" for m in DIMS}, labels=("a", "b", "c"),
+                               fusion_head="concat", stage="early", hidden_dim=16)
+    result = train_mod.train_cell(config, train, test, seed=0, max_epochs=4, batch_size=16,
+                                  optim=OptimConfig(lr=3e-3), robustness={"noise": [0.5], "token_drop": [0.5]},
+                                  echo=lambda _: None, val=val)
+    losses = result["val_losses"]
+    assert len(losses) == 4 and losses[0] < losses[-1]
+    assert result["best_epoch"] == 1 + losses.index(min(losses))
+    model = seen[0].eval()
+    with torch.no_grad():
+        logits = model.fuse({m: f.index(torch.arange(len(val))) for m, f in val.feats.items()}).logits
+    assert abs(float(F.cross_entropy(logits, val.labels)) - min(losses)) < 1e-4  # the restored weights
+
+
+def test_a_cell_without_validation_reports_its_last_epoch() -> None:
+    from recipes.settings import OptimConfig
+    from recipes.sweep.train import train_cell
+    from zoo.config import FusionModelConfig
+
+    config = FusionModelConfig(encoders={m: "cached-features" for m in DIMS}, labels=("a", "b", "c"),
+                               fusion_head="concat", stage="early", hidden_dim=16)
+    result = train_cell(config, _split(48, 0, False), _split(24, 1, False), seed=0, max_epochs=2, batch_size=16,
+                        optim=OptimConfig(), robustness={"noise": [0.5], "token_drop": [0.5]}, echo=lambda _: None)
+    assert result["best_epoch"] == 2 and result["val_losses"] == []
