@@ -32,7 +32,13 @@ from safetensors.torch import load_file, save_file
 from encoders import Encoder, ModalityOutput
 from encoders._atomic import atomic_write
 from fusion_errors import DataError, InputError
-from zoo.optimize import INFERENCE_TAG_FOLDED, INFERENCE_TAG_PLAIN, count_batchnorms, inference_copy
+from zoo.optimize import (
+    INFERENCE_TAG_FOLDED,
+    INFERENCE_TAG_PLAIN,
+    count_batchnorms,
+    inference_copy,
+    run_in_chunks,
+)
 
 __all__ = ["clean_stale_temps", "FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 
@@ -346,7 +352,8 @@ class FeatureCache:
                 items = [None if v is None else transform(v) if transform else v for v in chunk[column]]
                 batch = self._preprocess(encoder, items, split, column, start, row_ids)
                 with torch.inference_mode():
-                    out = runner({k: v.to(device) for k, v in batch.items()})
+                    # CPU image batches run in cache-sized chunks, folded or not (zoo.optimize.CHUNK_PIXELS)
+                    out = run_in_chunks(runner, {k: v.to(device) for k, v in batch.items()}, device)
                     if not store_tokens:
                         out = ModalityOutput(out.pooled[:, None], out.present[:, None], out.pooled)
                     parts.append(ModalityOutput(out.tokens.float().cpu(), out.mask.cpu(), out.pooled.float().cpu()))

@@ -28,7 +28,8 @@ from encoders import Encoder
 from fusion_errors import InputError
 
 __all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms",
-           "inference_copy", "inference_model", "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_PLAIN"]
+           "inference_copy", "inference_model", "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_PLAIN", "CHUNK_PIXELS",
+           "cpu_chunk_size", "run_in_chunks"]
 
 INFERENCE_TAG_FOLDED = "bnfold-cl"  # BatchNorm folded into convs, channels-last weights
 INFERENCE_TAG_PLAIN = "plain"  # the encoder as trained
@@ -238,3 +239,32 @@ def inference_model(model: nn.Module, enabled: bool = True) -> tuple[nn.Module, 
     out._modules = dict(model._modules)  # own table, so swapping encoders leaves ``model`` alone
     out._modules["encoders"] = nn.ModuleDict({m: e for m, (e, _) in copies.items()})
     return out, tags
+
+
+#: pixels per image chunk on CPU (64 images of 64 x 64; 5 of 224 x 224): a CNN's early activations for the chunk
+#: then stay in the CPU caches instead of streaming through memory. Measured on the 2-core CI CPU, EfficientNet-Lite0
+#: at 224 px, 2 threads: batches of 64 ran at 13 images/s plain and 33 folded; chunks of 4 at 39 and 58.
+CHUNK_PIXELS = 64 * 64 * 64
+
+
+def cpu_chunk_size(batch: dict[str, Tensor], device: torch.device | str) -> int | None:
+    """Images per chunk for an image batch (``pixel_values`` [B, C, H, W]) run on CPU, or None to run it whole
+    (other devices, other modalities, or a batch already at most that size)."""
+    pixels = batch.get("pixel_values")
+    if torch.device(device).type != "cpu" or not isinstance(pixels, Tensor) or pixels.dim() != 4:
+        return None
+    chunk = max(1, CHUNK_PIXELS // max(1, pixels.shape[-2] * pixels.shape[-1]))
+    return chunk if chunk < pixels.shape[0] else None
+
+
+def run_in_chunks(encoder: nn.Module, batch: dict[str, Tensor], device: torch.device | str) -> Any:
+    """``encoder(batch)``, on CPU image batches in chunks of ``cpu_chunk_size`` images (the same outputs up to
+    float rounding, 1.5-3x faster for 224-px CNNs); the chunks' ModalityOutputs are concatenated along the batch."""
+    chunk = cpu_chunk_size(batch, device)
+    if chunk is None:
+        return encoder(batch)
+    n = int(batch["pixel_values"].shape[0])
+    parts = [encoder({k: v[i:i + chunk] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+                      for k, v in batch.items()}) for i in range(0, n, chunk)]
+    return type(parts[0])(torch.cat([o.tokens for o in parts]), torch.cat([o.mask for o in parts]),
+                          torch.cat([o.pooled for o in parts]))  # [B, T, D], [B, T], [B, D]

@@ -210,3 +210,37 @@ def test_frozen_image_encoders_are_encoded_folded_and_the_key_says_so(tmp_path) 
     plain, _ = plain_cache.get_or_compute(enc, ds, "image", store_tokens=False)
     torch.testing.assert_close(folded.pooled, plain.pooled, rtol=0, atol=1e-4)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in enc.modules()) == 13  # the encoder itself is left as it was
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_cpu_image_batches_run_in_cache_sized_chunks_with_the_same_features(tmp_path, monkeypatch, fold) -> None:
+    """Both paths split a CPU image batch into chunks of CHUNK_PIXELS // (H * W) images; the features equal the
+    encoder run on the whole batch at once."""
+    from PIL import Image
+
+    import zoo.optimize as optimize
+    from encoders import create_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder("tiny-image").eval()  # 32 x 32 inputs
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(7)]
+    ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
+    monkeypatch.setattr(optimize, "CHUNK_PIXELS", 3 * 32 * 32)  # 3 images per chunk
+    sizes: list[int] = []
+    real = optimize.inference_copy
+
+    def spy(encoder, enabled=True):  # record the batch size of every call the cache makes
+        runner, tag = real(encoder, enabled)
+        hook = runner.register_forward_pre_hook(lambda m, args: sizes.append(int(args[0]["pixel_values"].shape[0])))
+        return runner, tag if runner is not encoder else (hook.remove() or tag)
+
+    monkeypatch.setattr("recipes.cache.inference_copy", spy)
+    if not fold:
+        enc.register_forward_pre_hook(lambda m, args: sizes.append(int(args[0]["pixel_values"].shape[0])))
+    out, _ = FeatureCache(tmp_path, memory=False, fold=fold).get_or_compute(enc, ds, "image", batch_size=7)
+    assert sizes == [3, 3, 1]
+    with torch.no_grad():
+        whole = enc(enc.preprocessor(pictures))
+    torch.testing.assert_close(out.pooled, whole.pooled, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.tokens, whole.tokens, rtol=0, atol=1e-4)
