@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from encoders import Encoder
+from encoders import Encoder, ModalityOutput
 from fusion_errors import InputError
 
 __all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms",
@@ -257,7 +257,7 @@ def cpu_chunk_size(batch: dict[str, Tensor], device: torch.device | str) -> int 
     return chunk if chunk < pixels.shape[0] else None
 
 
-def run_in_chunks(encoder: nn.Module, batch: dict[str, Tensor], device: torch.device | str) -> Any:
+def run_in_chunks(encoder: nn.Module, batch: dict[str, Tensor], device: torch.device | str) -> ModalityOutput:
     """``encoder(batch)``, on CPU image batches in chunks of ``cpu_chunk_size`` images (the same outputs up to
     float rounding, 1.5-3x faster for 224-px CNNs); the chunks' ModalityOutputs are concatenated along the batch."""
     chunk = cpu_chunk_size(batch, device)
@@ -266,5 +266,5 @@ def run_in_chunks(encoder: nn.Module, batch: dict[str, Tensor], device: torch.de
     n = int(batch["pixel_values"].shape[0])
     parts = [encoder({k: v[i:i + chunk] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
                       for k, v in batch.items()}) for i in range(0, n, chunk)]
-    return type(parts[0])(torch.cat([o.tokens for o in parts]), torch.cat([o.mask for o in parts]),
+    return ModalityOutput(torch.cat([o.tokens for o in parts]), torch.cat([o.mask for o in parts]),
                           torch.cat([o.pooled for o in parts]))  # [B, T, D], [B, T], [B, D]
