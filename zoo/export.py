@@ -2,7 +2,8 @@
 
 The exported graph takes one flat tensor per ``<modality>.<key>`` of each encoder's preprocessor output, in
 sorted order (e.g. ``audio.waveform``, ``audio.present``, ``text.input_ids``, ...), and returns ``logits`` [B, C].
-Raw-input preprocessing is not in the graph: ``<out>.preprocessing.json`` records each preprocessor's settings.
+Raw-input preprocessing is not in the graph: ``<out>.preprocessing.json`` records each preprocessor's settings
+(texts as one window: ``max_windows`` 1, truncated to ``max_length`` tokens).
 
 Shapes: the batch axis of every input, the token axis of 2-D text inputs and the sample axis of audio waveforms
 are dynamic (image size is fixed by the preprocessor). Export runs with ``nn.TransformerEncoderLayer``'s fused
@@ -201,7 +202,10 @@ def _onnx(wrapper: nn.Module, tensors: tuple[Tensor, ...], out: Path, input_name
 
 def _preprocessing(model: FusionModel, modality: str) -> dict[str, Any]:
     encoder: Any = model.encoders[modality]
-    return portable_preprocessing(dict(encoder.preprocessor.to_dict()))
+    settings = dict(encoder.preprocessor.to_dict())
+    if "max_windows" in settings:  # the graph runs each text as one sequence: windows are a PyTorch-side loop
+        settings["max_windows"] = 1
+    return portable_preprocessing(settings)
 
 
 def sidecar_path(out_path: str | Path) -> Path:

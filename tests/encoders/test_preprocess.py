@@ -37,8 +37,8 @@ def test_text_errors_name_index_and_fix() -> None:
     assert check_texts(["a", None]) == ["a", None]
 
 
-def test_long_text_is_truncated() -> None:
-    enc = encoders.create_encoder("tiny-text", max_length=16)
+def test_long_text_is_truncated_with_one_window() -> None:
+    enc = encoders.create_encoder("tiny-text", max_length=16, max_windows=1)
     batch = enc.preprocessor(["word " * 500, "short"])
     assert batch["input_ids"].shape == (2, 16)
     assert enc(batch).mask.sum(1).tolist()[0] == 16

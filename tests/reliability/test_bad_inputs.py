@@ -85,9 +85,10 @@ def test_text_preprocessor_rejects(text_pre: Any, case: str) -> None:
         text_pre(items)
 
 
-def test_text_huge_is_truncated_and_none_is_missing(text_pre: Any) -> None:
+def test_text_huge_is_bounded_and_none_is_missing(text_pre: Any) -> None:
     batch = text_pre(["word " * 200_000, None])
-    assert batch["input_ids"].shape == (2, text_pre.max_length)
+    assert batch["input_ids"].shape == (2, text_pre.max_windows * text_pre.max_length)  # every window used
+    assert batch["attention_mask"][0].all() and batch["attention_mask"][1].sum() == 2  # [CLS] [SEP] placeholder
     assert batch["present"].tolist() == [True, False]
 
 

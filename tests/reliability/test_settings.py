@@ -100,7 +100,8 @@ def test_config_refuses_out_of_range_settings(change: dict, needle: str) -> None
 
 
 def test_unknown_encoder_options_name_the_accepted_ones_at_create_encoder() -> None:
-    with pytest.raises(ConfigError, match=r"accepted: \['hidden_size', 'num_layers', 'num_heads', 'max_length'\]"):
+    accepted = r"accepted: \['hidden_size', 'num_layers', 'num_heads', 'max_length', 'max_windows'\]"
+    with pytest.raises(ConfigError, match=accepted):
         encoders.create_encoder("tiny-text", hiden_size=8)  # was TypeError: unexpected keyword argument
 
 
