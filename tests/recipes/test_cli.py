@@ -175,8 +175,8 @@ def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = '{"image": "tiny-image", "text": "tiny-text"}'
     common = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--data.max_samples", "16"]
-    assert cli.main(["fit", "--model.encoders", tiny, "--model.hidden_dim", "32", "--model.stage", "late", *common,
-                     "--trainer.default_root_dir", "base"]) == 0
+    assert cli.main(["fit", "--model.encoders", tiny, "--model.hidden_dim", "32", "--model.stage", "late",
+                     "--model.fusion_head", "concat", *common, "--trainer.default_root_dir", "base"]) == 0
     before = FusionModel.from_pretrained(tmp_path / "base" / "model")
     assert cli.main(["fit", "--init-from", str(tmp_path / "base" / "model"), "--model.fusion_head", "gating",
                      *common, "--trainer.default_root_dir", "swapped"]) == 0
