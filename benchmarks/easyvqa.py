@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import random
 import shlex
 import shutil
 import subprocess
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from encoders import DataError, MissingDependencyError  # noqa: E402
 from encoders._atomic import atomic_write  # noqa: E402
 
-__all__ = ["DEFAULT_DIR", "FIT_ARGS", "prepare", "fit_command", "easyvqa_benchmark", "merge_results", "main"]
+__all__ = ["DEFAULT_DIR", "FIT_ARGS", "read_rows", "write_csv", "prepare", "fit_command", "easyvqa_benchmark",
+           "merge_results", "main"]
 
 DEFAULT_DIR = Path("~/.cache/fusion-zoo/easyvqa").expanduser()
 COLUMNS = ("image", "question", "answer")
@@ -64,6 +66,19 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
     writer.writerows(rows)
     with atomic_write(path) as tmp:
         tmp.write_text(buf.getvalue())
+
+
+def read_rows(folder: str | Path, split: str, seed: int | None = None) -> list[dict[str, str]]:
+    """The rows of ``<folder>/<split>.csv`` written by ``prepare`` (shuffled by ``seed`` when given); a missing
+    table is a DataError naming the ``prepare`` command."""
+    path = Path(folder) / f"{split}.csv"
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run `python benchmarks/easyvqa.py prepare {Path(folder)}` first.")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    return rows
 
 
 def swap_in(tmp: Path, out: Path) -> None:

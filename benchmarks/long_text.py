@@ -9,7 +9,6 @@ prepare`` first (default folder ``~/.cache/fusion-zoo/easyvqa``) and scikit-lear
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import sys
@@ -22,25 +21,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders import DataError, create_encoder  # noqa: E402
-
-
-def _rows(folder: Path, split: str, n: int) -> list[dict[str, str]]:
-    path = folder / f"{split}.csv"
-    if not path.is_file():
-        raise DataError(f"{path} is missing; run `python benchmarks/easyvqa.py prepare {folder}` first.")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    random.Random(0).shuffle(rows)
-    return rows[:n]
+from benchmarks.easyvqa import DEFAULT_DIR, read_rows  # noqa: E402
+from encoders import create_encoder  # noqa: E402
 
 
 def measure(folder: Path, n_train: int = 3000, n_test: int = 1000, distractors: int = 20) -> dict[str, Any]:
     """Test accuracy of the probe with truncated and with windowed text features."""
     from sklearn.linear_model import LogisticRegression
 
-    train, test = _rows(folder, "train", n_train), _rows(folder, "test", n_test)
-    others = [r["question"] for r in _rows(folder, "validation", 3000)]
+    train, test = read_rows(folder, "train", seed=0)[:n_train], read_rows(folder, "test", seed=0)[:n_test]
+    others = [r["question"] for r in read_rows(folder, "validation", seed=0)[:3000]]
     rng = random.Random(1)
     texts = {name: [" ".join(rng.sample(others, distractors)) + " " + r["question"] for r in rows]
              for name, rows in (("train", train), ("test", test))}
@@ -61,7 +51,7 @@ def measure(folder: Path, n_train: int = 3000, n_test: int = 1000, distractors: 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    folder = Path(args[0]).expanduser() if args else Path("~/.cache/fusion-zoo/easyvqa").expanduser()
+    folder = Path(args[0]).expanduser() if args else DEFAULT_DIR
     print(json.dumps(measure(folder)))
     return 0
 

@@ -16,9 +16,7 @@ Prints one JSON line per fit and a summary line (mean per head). Needs ``benchma
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders import DataError  # noqa: E402
+from benchmarks.easyvqa import COLUMNS, DEFAULT_DIR, read_rows, write_csv  # noqa: E402
 
 SIZES = {"train": 400, "validation": 400, "test": 2000}
 
@@ -40,17 +38,9 @@ def prepare(folder: Path, train_rows: int = SIZES["train"]) -> dict[str, Path]:
     """Write the seeded subsets as ``small<train_rows>_<split>.csv`` in ``folder``; returns split -> path."""
     out = {}
     for split, n in {**SIZES, "train": train_rows}.items():
-        source = folder / f"{split}.csv"
-        if not source.is_file():
-            raise DataError(f"{source} is missing; run `python benchmarks/easyvqa.py prepare {folder}` first.")
-        with source.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        random.Random(0).shuffle(rows)
+        rows = read_rows(folder, split, seed=0)[:n]
         out[split] = folder / f"small{train_rows}_{split}.csv"
-        with out[split].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image", "question", "answer"])
-            writer.writeheader()
-            writer.writerows({k: r[k] for k in ("image", "question", "answer")} for r in rows[:n])
+        write_csv(out[split], COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
     return out
 
 
@@ -79,8 +69,7 @@ def raw_baseline(files: dict[str, Path]) -> dict[str, Any]:
     from sklearn.preprocessing import StandardScaler
 
     def load(path: Path) -> tuple[list[dict[str, str]], np.ndarray]:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_rows(path.parent, path.stem)
         pixels = [np.asarray(Image.open(path.parent / r["image"]).convert("RGB").resize((16, 16))).ravel() / 255.0
                   for r in rows]
         return rows, np.stack(pixels)  # [N, 768]
@@ -102,7 +91,7 @@ def raw_baseline(files: dict[str, Path]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folder", nargs="?", default="~/.cache/fusion-zoo/easyvqa")
+    p.add_argument("folder", nargs="?", default=str(DEFAULT_DIR))
     p.add_argument("--heads", default="concat,gating")
     p.add_argument("--seeds", default="42,1,2")
     p.add_argument("--train-rows", type=int, default=SIZES["train"], help="training rows (validation and test stay)")

@@ -159,3 +159,28 @@ def test_probe_feature_fusion_learns_an_interaction_that_additive_models_cannot(
     for additive in ("concat-linear", "late-mlp"):
         assert probe.train_probe(additive, hp, t, i, tables, 2)["test"] <= 0.80
     assert 1 <= mlp["best_epoch"] <= 15 and len(mlp["val_curve"]) == 15
+
+
+def test_read_rows_shuffles_by_seed_and_names_prepare_when_missing(fake: types.ModuleType, tmp_path: Path) -> None:
+    out = easyvqa.prepare(tmp_path / "data")
+    plain = easyvqa.read_rows(out, "test")
+    assert plain == _rows(out / "test.csv")
+    shuffled = easyvqa.read_rows(out, "test", seed=0)
+    assert shuffled != plain and sorted(map(str, shuffled)) == sorted(map(str, plain))  # same rows, new order
+    assert easyvqa.read_rows(out, "test", seed=0) == shuffled
+    with pytest.raises(DataError, match=r"nowhere/train\.csv is missing; run `python benchmarks/easyvqa.py prepare"):
+        easyvqa.read_rows(tmp_path / "nowhere", "train")
+
+
+def test_small_data_subsets_are_seeded_prefixes_of_the_prepared_splits(fake: types.ModuleType, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    small = importlib.import_module("benchmarks.small_data")
+    monkeypatch.setattr(small, "SIZES", {"train": 10, "validation": 4, "test": 6})
+    out = easyvqa.prepare(tmp_path / "data")
+    files = small.prepare(out, train_rows=7)
+    assert {s: p.name for s, p in files.items()} == {s: f"small7_{s}.csv" for s in ("train", "validation", "test")}
+    for split, n in (("train", 7), ("validation", 4), ("test", 6)):
+        rows = _rows(files[split])
+        assert list(rows[0]) == ["image", "question", "answer"] and len(rows) == n
+        assert rows == easyvqa.read_rows(out, split, seed=0)[:n]
+        assert all((out / r["image"]).is_file() for r in rows)  # image paths still resolve next to the prepared CSVs
