@@ -11,6 +11,7 @@ last window is dropped. ``max_windows=1`` is plain truncation.
 from __future__ import annotations
 
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -117,11 +118,12 @@ class TextPreprocessor(Preprocessor):
             raise InputError("text batch is empty; pass at least one text (None = missing).")
         present = torch.tensor([t is not None for t in texts], dtype=torch.bool)  # [B]
         filled = [t if t is not None else "" for t in texts]  # placeholder: special tokens only
-        if self.max_windows > 1 and self.max_length > 8 and getattr(self.tokenizer, "is_fast", False):
+        stride = min(WINDOW_OVERLAP, self.max_length // 4)
+        if self.max_windows > 1 and self._can_window(stride):
             cap = self.max_windows * self.max_length * _CHARS_PER_TOKEN
             enc = self.tokenizer([t[:cap] for t in filled], padding="max_length", truncation=True,
-                                 max_length=self.max_length, stride=min(WINDOW_OVERLAP, self.max_length // 4),
-                                 return_overflowing_tokens=True, return_tensors="pt")
+                                 max_length=self.max_length, stride=stride, return_overflowing_tokens=True,
+                                 return_tensors="pt")
             owner = enc["overflow_to_sample_mapping"]  # [N] text of each window, in order
             if len(owner) > len(filled):  # some text is longer than one window
                 return {**self._side_by_side(enc["input_ids"], enc["attention_mask"], owner, len(filled)),
@@ -132,7 +134,24 @@ class TextPreprocessor(Preprocessor):
         else:
             enc = self.tokenizer(filled, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
+            if self.max_windows > 1 and int(enc["attention_mask"].sum(1).max()) >= self.max_length:
+                self._say_truncating()  # a text filled its one window: its tail may be cut
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "present": present}
+
+    def _can_window(self, stride: int) -> bool:
+        """Whether texts can be split into windows: a fast (Rust) tokenizer, which returns the overflowing
+        windows, and room in a window for more text than the overlap."""
+        room = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
+        return bool(getattr(self.tokenizer, "is_fast", False)) and room > stride
+
+    def _say_truncating(self) -> None:
+        """Once per preprocessor: max_windows > 1 asked for windows that this tokenizer or max_length cannot give."""
+        if not getattr(self, "_said_truncating", False):
+            self._said_truncating = True
+            warnings.warn(f"{self.tokenizer_name}: texts longer than max_length={self.max_length} tokens are "
+                          "truncated, not read in windows (windows need a fast tokenizer and room for text beside "
+                          "its special tokens); pass max_windows=1 to truncate on purpose.",
+                          stacklevel=3)
 
     def _side_by_side(self, ids: Tensor, mask: Tensor, owner: Tensor, n: int) -> dict[str, Tensor]:
         """Windows [N, L] of ``n`` texts -> [n, W * L]: text i's first ``max_windows`` windows side by side."""

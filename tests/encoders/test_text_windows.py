@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -87,3 +90,32 @@ def test_a_huge_text_is_bounded_by_max_windows() -> None:
 def test_max_windows_out_of_range_names_the_fix(bad: int) -> None:
     with pytest.raises(ConfigError, match=r"max_windows=.* must be in 1\.\.64"):
         encoders.create_encoder("tiny-text", max_windows=bad)
+
+
+def test_a_slow_tokenizer_truncates_and_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    enc = _enc(max_windows=4)
+    monkeypatch.setattr(type(enc.preprocessor.tokenizer), "is_fast", property(lambda self: False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert enc.preprocessor([SHORT])["input_ids"].shape == (1, 5)  # nothing cut: nothing said
+    with pytest.warns(UserWarning, match=r"truncated, not read in windows.*max_windows=1 to truncate on purpose"):
+        batch = enc.preprocessor([LONG, SHORT])
+    assert batch["input_ids"].shape == (2, 16)  # one window each: truncated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.preprocessor([LONG])  # said once per preprocessor
+
+
+def test_an_export_sidecar_records_one_window_per_text(tmp_path) -> None:
+    from zoo.config import FusionModelConfig
+    from zoo.export import export, sidecar_path
+    from zoo.model import FusionModel
+
+    torch.manual_seed(0)
+    cfg = FusionModelConfig(encoders={"text": {"name": "tiny-text", "options": {"max_length": 16}}},
+                            labels=("a", "b"), hidden_dim=8)
+    model = FusionModel(cfg).eval()
+    assert model.encoders["text"].preprocessor.max_windows == 8
+    out = export(model, tmp_path / "m.pt", format="torchscript", example={"text": ["one text", "another text"]})
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["preprocessing"]["text"]["max_windows"] == 1 and side["preprocessing"]["text"]["max_length"] == 16
