@@ -278,7 +278,7 @@ def partial_finetune_overhead(n: int = 192, batch: int = 32,
             "partial_finetune_epoch_seconds": seconds, "partial_finetune_rows": n}
 
 
-def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 2) -> dict[str, Any]:
+def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 4) -> dict[str, Any]:
     """The feature cache encoding the same ``n`` tridigits images (efficientnet-lite0, frozen) on a miss, with and
     without folding (``FeatureCache(fold=...)``: BatchNorm folded, channels-last, ``zoo.optimize.inference_copy``),
     in one process; each timing is the best of ``reps`` misses into fresh cache folders, fold time included.

@@ -8,17 +8,10 @@ not depend on how a backbone names or orders its submodules. timm's ``BatchNormA
 that also applies dropout and an activation) is folded the same way and replaced by its ``drop`` + ``act``.
 The fused copy is checked against the original on the same example input before it is returned.
 
-After the fold, each convolution becomes a :class:`FoldedConv2d`: TensorFlow "same" padding (timm's
-``Conv2dSame``, which pads every input with ``F.pad`` before the conv) is turned into the conv's own symmetric
-padding (an asymmetric pad becomes one more zero row/column at the start of the kernel: the same sums, no padded
-copy of the activation), and a ReLU/ReLU6 that is the only reader of the conv's output is applied by the
-convolution itself on CPU (oneDNN's fused post-op) instead of a second pass over the activation. On this project's
-2-core CPU (EfficientNet-Lite0, 224 px, chunks of 5, 8 interleaved runs) that took the folded encoder from a median
-of 61 to 64 images/s (best 73 to 81); as trained it runs about 29.
-
-``inference_copy(encoder)`` is what inference paths call (feature cache, predict, test, export): a folded,
-channels-last copy of a *frozen* image encoder plus a short tag for cache keys; anything else comes back as is.
-``inference_model(model)`` does the same for every encoder of a fused model, sharing all other modules.
+After the fold, timm's ``Conv2dSame`` (TensorFlow "same" padding, an ``F.pad`` copy of every input before the
+conv) becomes a :class:`StaticSameConv2d` that pads inside the convolution, exactly. On this project's 2-core CPU
+(EfficientNet-Lite0, 224 px, chunks of 5, interleaved runs) that took the folded encoder from a median of 53 to 58
+images/s at 2 threads and 26.5 to 30 at 1 thread; as trained it runs about 24-29 at 2 threads.
 """
 
 from __future__ import annotations
@@ -37,7 +30,7 @@ from encoders import Encoder, ModalityOutput
 from fusion_errors import InputError
 
 __all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms",
-           "inference_copy", "inference_model", "FoldedConv2d", "fuse_conv_epilogues",
+           "inference_copy", "inference_model", "StaticSameConv2d", "static_same_padding",
            "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_PLAIN", "CHUNK_PIXELS",
            "cpu_chunk_size", "run_in_chunks"]
 
@@ -148,168 +141,54 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
     return total // 2, total - total // 2
 
 
-def _tracing() -> bool:
-    """True while a graph is being captured (TorchScript, ONNX, torch.compile/export): use plain ATen ops there."""
-    return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-                or torch.onnx.is_in_onnx_export())
-
-
-def _pointwise_conv_op() -> Any:
-    """oneDNN's convolution with a fused post-op (private ATen op, CPU only), or None where this build lacks it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_POINTWISE_CONV = _pointwise_conv_op()
-
-
-class FoldedConv2d(nn.Conv2d):
-    """An inference-only convolution (parameters shared with the conv it replaces) that can
-
-    - compute TensorFlow "same" padding itself (``same=True``, what timm's ``Conv2dSame`` does with an ``F.pad``
-      copy of every input): symmetric padding goes to the conv; an asymmetric one (one more after than before)
-      becomes symmetric padding of ``after`` with a zero row/column added at the kernel's start, which sums the
-      same products without copying the input;
-    - apply the activation that followed it (``act`` ``"relu"`` or ``"hardtanh"`` with ``act_scalars`` min, max):
-      on CPU float32 outside graph capture as oneDNN's fused post-op, elsewhere as the plain op after the conv.
+class StaticSameConv2d(nn.Conv2d):
+    """TensorFlow "same" padding without padding the input (what timm's ``Conv2dSame`` does with an ``F.pad`` copy
+    of every activation it reads): a symmetric pad goes to the convolution itself; an asymmetric one (one more
+    after than before, dilation 1) becomes symmetric padding of ``after`` with a zero row/column added at the
+    kernel's start, which sums exactly the same products. Parameters are shared with the conv it replaces.
     """
 
-    def __init__(self, conv: nn.Conv2d, same: bool = False) -> None:
-        pad = 0 if same else cast(tuple[int, int], conv.padding)
+    def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__(conv.in_channels, conv.out_channels, cast(tuple[int, int], conv.kernel_size),
-                         cast(tuple[int, int], conv.stride), pad, cast(tuple[int, int], conv.dilation),
+                         cast(tuple[int, int], conv.stride), 0, cast(tuple[int, int], conv.dilation),
                          conv.groups, conv.bias is not None, device="meta")
-        self.weight = conv.weight  # shared, frozen: [C_out, C_in / groups, kH, kW]
+        self.weight = conv.weight  # shared: [C_out, C_in / groups, kH, kW]
         self.bias = conv.bias  # [C_out] or None
-        self.same = same
-        self.act = "none"
-        self.act_scalars: list[float] = []
-        if same:  # the kernel with a zero row (dh) / column (dw) in front, for each asymmetric case an input can hit
-            for dh, dw in sorted({(dh, dw) for dh in self._shifts(0) for dw in self._shifts(1)} - {(0, 0)}):
-                shifted = F.pad(conv.weight.detach(), (dw, 0, dh, 0))  # [C_out, C_in / g, kH + dh, kW + dw]
-                if conv.weight.is_contiguous(memory_format=torch.channels_last):
-                    shifted = shifted.contiguous(memory_format=torch.channels_last)
-                self.register_buffer(f"weight_shift_{dh}{dw}", shifted, persistent=False)
+        # the kernel with a zero row (dh) / column (dw) in front, for each asymmetric case an input size can hit;
+        # buffers, so they follow .to() and give graph capture a fixed shape, but are never saved
+        for dh, dw in sorted({(dh, dw) for dh in self._shifts(0) for dw in self._shifts(1)} - {(0, 0)}):
+            shifted = F.pad(conv.weight.detach(), (dw, 0, dh, 0))  # [C_out, C_in / g, kH + dh, kW + dw]
+            if conv.weight.is_contiguous(memory_format=torch.channels_last):
+                shifted = shifted.contiguous(memory_format=torch.channels_last)
+            self.register_buffer(f"weight_shift_{dh}{dw}", shifted, persistent=False)
 
     def _shifts(self, dim: int) -> set[int]:
-        """How much longer than before "same" padding gets after, over every input size (0 or 1 each)."""
+        """How much longer than before "same" padding is after, over every input size (0 or 1 each)."""
         k, st, d = self.kernel_size[dim], self.stride[dim], self.dilation[dim]
         if d != 1:
             return {0}  # dilated: an asymmetric pad is applied to the input instead
         return {b - a for a, b in (_same_pads(n, k, st, d) for n in range(8 * st, 9 * st))}
 
-    def set_activation(self, act: nn.Module) -> None:
-        """Take over ``act`` (an ``nn.ReLU`` or ``nn.Hardtanh``/``nn.ReLU6``) as this conv's epilogue."""
-        if isinstance(act, nn.Hardtanh):
-            self.act, self.act_scalars = "hardtanh", [float(act.min_val), float(act.max_val)]
-        elif isinstance(act, nn.ReLU):
-            self.act, self.act_scalars = "relu", []
-        else:
-            raise InputError(f"FoldedConv2d cannot apply a {type(act).__name__}; only ReLU and Hardtanh/ReLU6.")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", same=True" if self.same else "") + \
-            (f", act={self.act}{self.act_scalars or ''}" if self.act != "none" else "")
-
-    def _weight_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int], Tensor]:
-        """(weight, symmetric padding, input) for ``x`` [B, C, H, W]: the input is padded only where an asymmetric
-        "same" padding cannot be moved into the kernel (dilation > 1)."""
-        if not self.same:
-            return self.weight, cast(tuple[int, int], self.padding), x
+    def forward(self, x: Tensor) -> Tensor:  # x [B, C_in, H, W] -> [B, C_out, ceil(H / sH), ceil(W / sW)]
         k, st, d = self.kernel_size, self.stride, self.dilation
-        (th, bh), (lw, rw) = (_same_pads(int(x.shape[-2]), k[0], st[0], d[0]),
-                              _same_pads(int(x.shape[-1]), k[1], st[1], d[1]))
-        if (bh > th and d[0] != 1) or (rw > lw and d[1] != 1):
-            return self.weight, (0, 0), F.pad(x, (lw, rw, th, bh))
-        if (th, lw) == (bh, rw):
-            return self.weight, (th, lw), x
-        weight = cast(Tensor, getattr(self, f"weight_shift_{bh - th}{rw - lw}"))  # a buffer: fixed shape
-        return weight, (bh, rw), x
-
-    def forward(self, x: Tensor) -> Tensor:  # x [B, C_in, H, W] -> [B, C_out, H', W']
-        weight, padding, x = self._weight_padding(x)
-        if self.act != "none" and _POINTWISE_CONV is not None and x.device.type == "cpu" \
-                and x.dtype == torch.float32 and not _tracing() \
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return cast(Tensor, _POINTWISE_CONV(x, weight, self.bias, list(padding), list(self.stride),
-                                                list(self.dilation), self.groups, self.act, self.act_scalars, ""))
-        y = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        if self.act == "relu":
-            return F.relu(y, inplace=True)  # y is this call's own tensor
-        if self.act == "hardtanh":
-            return F.hardtanh(y, self.act_scalars[0], self.act_scalars[1], inplace=True)
-        return y
+        (top, bottom), (left, right) = (_same_pads(int(x.shape[-2]), k[0], st[0], d[0]),
+                                        _same_pads(int(x.shape[-1]), k[1], st[1], d[1]))
+        if (bottom > top and d[0] != 1) or (right > left and d[1] != 1):
+            return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, st, 0, d, self.groups)
+        weight = self.weight if (top, left) == (bottom, right) else \
+            cast(Tensor, self.get_buffer(f"weight_shift_{bottom - top}{right - left}"))
+        return F.conv2d(x, weight, self.bias, st, (bottom, right), d, self.groups)
 
 
-def _is_same_conv(mod: nn.Module) -> bool:
-    """timm's ``Conv2dSame`` (TF "same" padding computed per input), recognised without importing timm."""
-    return type(mod).__name__ == "Conv2dSame" and type(mod).__module__.startswith("timm.")
-
-
-def fuse_conv_epilogues(model: nn.Module, example: Any) -> list[tuple[str, nn.Module]]:
-    """Turn each plain ``nn.Conv2d`` (and timm ``Conv2dSame``) of ``model`` into a :class:`FoldedConv2d`, in place,
-    and hand it the ReLU/ReLU6 that reads its output, found by data flow on ``example`` like the BatchNorm pairs.
-
-    An activation is taken over only when it runs once per forward, its input is that conv's output, and nothing
-    read that output before it (after an in-place activation, later readers see the activated tensor either way).
-    Returns ``(name, original_module)`` for every replaced module, so a caller can undo the change.
-    """
-    replaced: list[tuple[str, nn.Module]] = []
+def static_same_padding(model: nn.Module) -> int:
+    """Replace every timm ``Conv2dSame`` of ``model`` (in place) by a :class:`StaticSameConv2d` sharing its
+    parameters; returns how many. Recognised by name, so ``zoo`` does not import timm."""
+    count = 0
     for name, mod in list(model.named_modules()):
-        plain = type(mod) is nn.Conv2d and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-        if plain or _is_same_conv(mod):
-            _set(model, name, FoldedConv2d(cast(nn.Conv2d, mod), same=_is_same_conv(mod)))
-            replaced.append((name, mod))
-    names = {mod: name for name, mod in model.named_modules()}
-    produced: dict[int, FoldedConv2d] = {}
-    readers: dict[int, list[nn.Module]] = {}
-    calls: dict[nn.Module, list[int]] = {}
-    kept: list[Any] = []
-    hooks = []
-
-    def on_out(mod: nn.Module, _inp: tuple[Any, ...], out: Any) -> None:
-        if isinstance(out, Tensor):
-            kept.append(out)
-            produced[id(out)] = cast(FoldedConv2d, mod)
-
-    def on_in(mod: nn.Module, inp: tuple[Any, ...]) -> None:
-        ids = [id(x) for x in inp if isinstance(x, Tensor)]
-        kept.extend(x for x in inp if isinstance(x, Tensor))
-        calls.setdefault(mod, []).extend(ids[:1])
-        for i in ids:
-            readers.setdefault(i, []).append(mod)
-
-    for mod in model.modules():
-        if isinstance(mod, FoldedConv2d):
-            hooks.append(mod.register_forward_hook(on_out))
-        if not list(mod.children()):
-            hooks.append(mod.register_forward_pre_hook(on_in))
-    try:
-        with torch.no_grad():
-            _call(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
-    for tid, conv in produced.items():
-        order = readers.get(tid, [])
-        act = order[0] if order else None
-        if not isinstance(act, (nn.ReLU, nn.Hardtanh)) or len(calls.get(act, [])) != 1 or conv.act != "none":
-            continue
-        if len(order) > 1 and not getattr(act, "inplace", False):
-            continue  # another module reads the conv's raw output
-        conv.set_activation(act)
-        replaced.append((names[act], act))
-        _set(model, names[act], nn.Identity())
-    return replaced
-
-
-def _restore(model: nn.Module, replaced: list[tuple[str, nn.Module]]) -> None:
-    for name, original in reversed(replaced):
-        _set(model, name, original)
+        if type(mod).__name__ == "Conv2dSame" and type(mod).__module__.startswith("timm."):
+            _set(model, name, StaticSameConv2d(cast(nn.Conv2d, mod)))
+            count += 1
+    return count
 
 
 def count_batchnorms(model: nn.Module) -> int:
@@ -330,7 +209,7 @@ def fuse_for_inference(
     channels_last: bool = True,
     atol: float = 1e-4,
     inplace: bool = False,
-    epilogues: bool = True,
+    static_padding: bool = True,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorms folded into the conv/linear layers that feed them.
 
@@ -343,8 +222,8 @@ def fuse_for_inference(
             depthwise/pointwise kernels run much faster; outputs are unchanged up to float rounding.
         atol: largest allowed absolute output difference between fused and original on ``example``.
         inplace: fuse ``model`` itself instead of a deep copy.
-        epilogues: also turn the convolutions into :class:`FoldedConv2d` (static "same" padding, the following
-            ReLU/ReLU6 fused), kept only if the outputs still match within ``atol``.
+        static_padding: run TensorFlow "same" convolutions (timm ``Conv2dSame``) as :class:`StaticSameConv2d`,
+            which pads inside the convolution instead of copying each input (exact).
 
     Returns:
         The fused model (a FusionModel keeps its type; only its encoder submodules change).
@@ -370,12 +249,10 @@ def fuse_for_inference(
         if channels_last:
             # nn.Module.to takes memory_format (documented), but its typed overloads leave it out
             target.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        replaced = fuse_conv_epilogues(target, ex) if epilogues else []
+        if static_padding:
+            static_same_padding(target)
         with torch.no_grad():
             diff = _max_diff(before, _call(target, ex))
-            if diff > atol and replaced:  # e.g. an activation's input also read outside modules: keep the fold only
-                _restore(target, replaced)
-                diff = _max_diff(before, _call(target, ex))
         if diff > atol:
             raise InputError(f"fused {type(target).__name__} differs by {diff:.2e} > atol={atol}; "
                              "this module has a non-foldable norm; use it unfused.")

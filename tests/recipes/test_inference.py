@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 import pytest
 import torch
 from torch import nn
 
 from encoders import create_encoder
 from fusion_errors import InputError
-from zoo.optimize import FoldedConv2d, count_batchnorms, example_image_batch, find_foldable_pairs, fuse_for_inference
+from zoo.optimize import (
+    StaticSameConv2d,
+    count_batchnorms,
+    example_image_batch,
+    find_foldable_pairs,
+    fuse_for_inference,
+)
 
 
 def _randomise_norms(model: nn.Module) -> None:
@@ -50,14 +54,10 @@ def test_batchnormact_keeps_activation() -> None:
     _randomise_norms(model)
     model.eval()
     x = torch.randn(2, 3, 8, 8)
-    fused = fuse_for_inference(model, example=x, epilogues=False)
+    fused = fuse_for_inference(model, example=x)
     assert isinstance(fused[1], nn.ReLU)
     assert torch.allclose(model(x), fused(x), atol=1e-5)
     assert bool((fused(x) >= 0).all())
-    # with epilogues the ReLU moves into the convolution
-    fused = fuse_for_inference(model, example=x)
-    assert isinstance(fused[0], FoldedConv2d) and fused[0].act == "relu" and isinstance(fused[1], nn.Identity)
-    assert torch.allclose(model(x), fused(x), atol=1e-5)
 
 
 def test_conv_feeding_two_readers_is_not_folded() -> None:
@@ -97,112 +97,52 @@ def test_module_without_example_is_an_input_error() -> None:
         fuse_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
 
 
-# --- FoldedConv2d: "same" padding moved into the conv, activations fused (checked against timm and eager ops) ---
+# --- StaticSameConv2d: TF "same" padding moved into the convolution (checked against timm's Conv2dSame) ---
 
 @pytest.mark.parametrize("kernel,stride,dilation,groups", [(3, 2, 1, 1), (5, 2, 1, 6), (3, 1, 1, 6), (4, 2, 1, 1),
                                                             (3, 2, 2, 6), (5, 3, 1, 1)])
 @pytest.mark.parametrize("size", [(16, 16), (17, 15), (9, 12)])
-def test_folded_conv_same_padding_matches_timm(kernel: int, stride: int, dilation: int, groups: int,
-                                               size: tuple[int, int]) -> None:
+def test_static_same_conv_matches_timm(kernel: int, stride: int, dilation: int, groups: int,
+                                       size: tuple[int, int]) -> None:
     from timm.layers import Conv2dSame
 
     torch.manual_seed(0)
     conv = Conv2dSame(6, 12, kernel, stride=stride, dilation=dilation, groups=groups, bias=True).eval()
-    folded = FoldedConv2d(conv, same=True)
+    static = StaticSameConv2d(conv)
     x = torch.randn(2, 6, *size)
     with torch.no_grad():
-        ref, out = conv(x), folded(x)
+        ref, out = conv(x), static(x)
     assert out.shape == ref.shape
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_folded_conv_moves_an_asymmetric_pad_into_the_kernel() -> None:
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input size is a constant of the trace
+def test_static_same_conv_moves_an_asymmetric_pad_into_the_kernel() -> None:
     from timm.layers import Conv2dSame
 
     conv = Conv2dSame(4, 4, 3, stride=2, groups=4, bias=False)
-    folded = FoldedConv2d(conv, same=True)
+    static = StaticSameConv2d(conv)
     # an even input needs (0, 1) padding: the conv runs a 4x4 kernel whose first row and column are zero
-    shifted = folded.get_buffer("weight_shift_11")
+    shifted = static.get_buffer("weight_shift_11")
     assert shifted.shape == (4, 1, 4, 4)
     assert bool((shifted[..., 0, :] == 0).all()) and bool((shifted[..., 0] == 0).all())
     assert torch.equal(shifted[..., 1:, 1:], conv.weight.detach())
-    assert "weight_shift_11" not in folded.state_dict()  # derived, never saved
-
-
-@pytest.mark.parametrize("act", [nn.ReLU6(), nn.ReLU(), nn.Hardtanh(-1.0, 2.0)])
-@pytest.mark.parametrize("fused_op", [True, False])
-def test_folded_conv_applies_its_activation(act: nn.Module, fused_op: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import zoo.optimize as optimize
-
-    if not fused_op:  # the path a GPU, graph capture or a torch without oneDNN takes
-        monkeypatch.setattr(optimize, "_POINTWISE_CONV", None)
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 8, 3, padding=1).eval()
-    folded = FoldedConv2d(conv)
-    folded.set_activation(act)
-    x = torch.randn(2, 3, 10, 10) * 4
-    with torch.inference_mode():
-        assert torch.allclose(folded(x), act(conv(x)), atol=1e-5)
-
-
-def test_folded_conv_traces_to_plain_ops() -> None:
-    conv = nn.Conv2d(3, 8, 3, padding=1).eval()
-    folded = FoldedConv2d(conv)
-    folded.set_activation(nn.ReLU6())
-    x = torch.randn(2, 3, 10, 10) * 4
-    with torch.no_grad():
-        traced = torch.jit.trace(folded, x)
-        assert "convolution_pointwise" not in str(traced.graph)
-        y = torch.randn(5, 3, 12, 12) * 4
-        assert torch.allclose(traced(y), nn.functional.relu6(conv(y)), atol=1e-5)
-
-
-def test_an_activation_module_used_twice_is_not_taken_over() -> None:
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(self.act(self.conv(x)) - 1.0 + x)  # the second call reads no conv
-
-    model = Block().eval()
-    x = torch.randn(2, 4, 6, 6)
-    fused = fuse_for_inference(model, example=x)
-    assert isinstance(fused.act, nn.ReLU) and cast(FoldedConv2d, fused.conv).act == "none"
-    with torch.no_grad():
-        assert torch.allclose(model(x), fused(x), atol=1e-6)
-
-
-def test_an_output_read_outside_modules_keeps_the_conv_as_it_was() -> None:
-    class Skip(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            return self.act(y) + y  # y read by an add no hook sees: fusing the ReLU would change it
-
-    model = Skip().eval()
-    x = torch.randn(2, 4, 6, 6)
-    fused = fuse_for_inference(model, example=x)
-    assert type(fused.conv) is nn.Conv2d and isinstance(fused.act, nn.ReLU)  # restored
-    with torch.no_grad():
-        assert torch.allclose(model(x), fused(x), atol=1e-6)
+    assert list(static.state_dict()) == ["weight"]  # derived kernels are never saved
+    with torch.no_grad():  # and it traces with the shifted kernel as a fixed-shape constant
+        traced = torch.jit.trace(static, torch.randn(1, 4, 8, 8))
+        y = torch.randn(3, 4, 8, 8)
+        assert torch.allclose(traced(y), conv(y), atol=1e-6)
 
 
 @pytest.mark.slow  # efficientnet-lite0's real weights
 @pytest.mark.parametrize("size", [(224, 224), (97, 130)])
-def test_efficientnet_lite0_inference_copy_has_no_padding_copies_or_activation_passes(size: tuple[int, int]) -> None:
+def test_efficientnet_lite0_inference_copy_pads_inside_its_convolutions(size: tuple[int, int]) -> None:
     from timm.layers import Conv2dSame
 
     enc = create_encoder("efficientnet-lite0", finetune="frozen")
-    relu6 = sum(isinstance(m, nn.ReLU6) for m in enc.modules())  # each BatchNormAct2d's act
     fused = fuse_for_inference(enc)
-    convs = [m for m in fused.modules() if isinstance(m, FoldedConv2d)]
-    assert not any(isinstance(m, (Conv2dSame, nn.ReLU6, nn.BatchNorm2d)) for m in fused.modules())
-    assert sum(c.same for c in convs) == 5 and sum(c.act == "hardtanh" for c in convs) == relu6 > 0
+    assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in fused.modules())
+    assert sum(isinstance(m, StaticSameConv2d) for m in fused.modules()) == 5  # the stem and 4 stride-2 depthwise
     x = torch.randn(3, 3, *size)
     with torch.inference_mode():
         assert _max_diff(enc({"pixel_values": x}), fused({"pixel_values": x})) <= 1e-4
