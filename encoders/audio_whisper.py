@@ -42,6 +42,7 @@ N_FFT = 400  # 25 ms
 HOP = 160  # 10 ms: 100 mel frames per second, 50 encoder frames per second after conv2's stride 2
 WINDOW_SECONDS = 30.0  # Whisper's positional table covers 1500 encoder frames = 30 s
 WHOLE_CONTEXT = 1 << 30  # "attend to every frame" (clamped to the context length)
+MAX_WINDOWS = 16  # a clip longer than one window is read as up to this many (8 minutes for Whisper's 30 s)
 CACHE_FORMAT = "1"  # bump when the cached safetensors layout changes
 
 
@@ -95,6 +96,8 @@ class WhisperSpeechEncoder(Encoder):
 
     tokens: [B, T, D] encoder states, T = 50 per second of the longest clip (+1 frame); mask: the frames whose
     centre lies inside each clip (``ceil(ceil(samples / 160) / 2)``); pooled: masked mean of the tokens.
+    A batch wider than Whisper's 30 s window is read in windows (``_encode_windows``): ``max_seconds`` up to
+    ``MAX_WINDOWS`` windows, so a long recording is heard to its end instead of cropped at 30 s.
     """
 
     modality = "audio"
@@ -106,9 +109,12 @@ class WhisperSpeechEncoder(Encoder):
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         window = config.max_source_positions * 2 * HOP / RATE  # seconds the positional table covers
-        if not 0 < max_seconds <= window:
-            raise ConfigError(f"max_seconds={max_seconds} must be in (0, {window:g}]: Whisper's positions cover "
-                              f"{window:g} s; split longer recordings into clips.")
+        if not 0 < max_seconds <= window * MAX_WINDOWS:
+            raise ConfigError(f"max_seconds={max_seconds} must be in (0, {window * MAX_WINDOWS:g}]: longer clips "
+                              f"are read as up to {MAX_WINDOWS} windows of {window:g} s (Whisper's positions); "
+                              "split longer recordings into several rows.")
+        self.window_seconds = window
+        self.window_samples = int(config.max_source_positions) * 2 * HOP  # [S] samples per window
         if context not in ("clip", "30s"):
             raise ConfigError(f"context={context!r} must be 'clip' (sized to the batch) or '30s' (Whisper's window).")
         self.context = context
@@ -171,6 +177,37 @@ class WhisperSpeechEncoder(Encoder):
         wav = batch["waveform"].to(device)  # [B, N]
         lengths = batch["lengths"].to(device)  # [B]
         present = batch.get("present", lengths > 0).to(device)
+        if wav.shape[1] > self.window_samples and not torch.jit.is_tracing():
+            return self._encode_windows(wav, lengths, present)
+        return self._encode_window(wav, lengths, present)
+
+    def _encode_windows(self, wav: Tensor, lengths: Tensor, present: Tensor) -> ModalityOutput:
+        """Clips longer than one window: each is cut into consecutive windows of ``window_samples`` (no overlap),
+        every non-empty window is encoded as a clip of its own (in chunks of ``encode_batch_size`` windows), and the
+        windows' frames sit side by side: tokens [B, W·T, D], mask [B, W·T]; pooled is the mean of every valid frame
+        of every window. A clip that fits one window gives the frames it gives alone, then masked padding."""
+        b, n = wav.shape
+        span = self.window_samples
+        w = -(-n // span)
+        windows = F.pad(wav, (0, w * span - n)).reshape(b * w, span)  # [B·W, S]
+        starts = torch.arange(w, device=wav.device) * span  # [W]
+        lens = (lengths[:, None] - starts[None, :]).clamp(0, span)  # [B, W] samples of each clip in each window
+        lens = torch.where(present[:, None], lens, torch.zeros_like(lens)).reshape(-1)  # [B·W]
+        t = int(self.n_encoder_frames(span))
+        rows = (lens > 0).nonzero().squeeze(1)  # windows that hold audio
+        tokens = wav.new_zeros(b * w, t, self.embed_dim)  # [B·W, T, D]
+        mask = torch.zeros(b * w, t, dtype=torch.bool, device=wav.device)  # [B·W, T]
+        if rows.numel():
+            outs = [self._encode_window(windows[r], lens[r], torch.ones_like(r, dtype=torch.bool))
+                    for r in rows.split(self.encode_batch_size)]
+            tokens = tokens.index_copy(0, rows, torch.cat([o.tokens for o in outs]))
+            mask = mask.index_copy(0, rows, torch.cat([o.mask for o in outs]))
+        tokens, mask = tokens.reshape(b, w * t, self.embed_dim), mask.reshape(b, w * t)  # [B, W·T, D], [B, W·T]
+        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
+        return ModalityOutput(tokens, mask, pooled)
+
+    def _encode_window(self, wav: Tensor, lengths: Tensor, present: Tensor) -> ModalityOutput:
+        """Clips of at most one window: wav [B, N ≤ S], lengths [B], present [B] → tokens [B, T, D]."""
         valid = self.valid_frames(lengths)  # [B]
         features = self.log_mel(wav)  # [B, M, 2T]
         t = features.shape[-1] // 2  # a size tensor while tracing: ops below take it as a tensor, never int(t)
@@ -300,12 +337,13 @@ def _whisper_config(**sizes: int) -> Any:
 
 @register_encoder("whisper-base")
 def whisper_base(
-    max_seconds: float = 30.0, context: Literal["clip", "30s"] = "clip", pretrained: bool = True
+    max_seconds: float = 120.0, context: Literal["clip", "30s"] = "clip", pretrained: bool = True
 ) -> WhisperSpeechEncoder:
     """Whisper base's audio encoder (512-d, 6 layers, 16 kHz): what is said, offline from two pip wheels.
 
     Args:
-        max_seconds: clips are cropped to this length (at most 30 s, Whisper's window).
+        max_seconds: clips are cropped to this length; beyond Whisper's 30 s window a clip is read as consecutive
+            30 s windows (at most 16, 480 s), each encoded on its own, their frames side by side.
         context: ``clip`` (sized to the batch's longest clip, each clip attends to its own frames) or ``30s``
             (Whisper's fixed window; attention spans the padding as in training; 1500 tokens per clip).
         pretrained: load the weights (True) or keep transformers' random initialisation.

@@ -205,6 +205,9 @@ def _preprocessing(model: FusionModel, modality: str) -> dict[str, Any]:
     settings = dict(encoder.preprocessor.to_dict())
     if "max_windows" in settings:  # the graph runs each text as one sequence: windows are a PyTorch-side loop
         settings["max_windows"] = 1
+    window = getattr(encoder, "window_seconds", None)  # likewise audio: the graph runs one window (Whisper's 30 s)
+    if window is not None and settings.get("max_seconds", 0) > window:
+        settings["max_seconds"] = float(window)
     return portable_preprocessing(settings)
 
 

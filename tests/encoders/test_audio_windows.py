@@ -1,0 +1,98 @@
+"""Whisper reads a clip longer than its 30 s window as consecutive windows instead of cropping it at 30 s."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import encoders
+from fusion_errors import ConfigError
+
+RATE = 16000
+WINDOW = 30 * RATE  # Whisper's positions: 1500 encoder frames
+
+
+def _clip(seconds: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.1, round(seconds * RATE)).astype(np.float32)
+
+
+def test_a_long_clip_is_read_in_windows_each_encoded_as_a_clip_of_its_own() -> None:
+    torch.manual_seed(0)
+    enc = encoders.create_encoder("tiny-whisper", max_seconds=75.0).eval()
+    long, short = _clip(70, 0), _clip(3, 1)
+    with torch.no_grad():
+        both = enc(enc.preprocessor([long, short]))
+        # expected values from the one-window path: each 30 s segment alone, then the short clip alone
+        parts = [enc(enc.preprocessor([long[i:i + WINDOW]])) for i in range(0, len(long), WINDOW)]
+        alone = enc(enc.preprocessor([short]))
+    assert both.tokens.shape == (2, 3 * 1500, 32)
+    assert [p.mask.sum().item() for p in parts] == [1500, 1500, 500]  # 50 frames per second
+    assert both.mask.sum(1).tolist() == [3500, 150]
+    for k, part in enumerate(parts):
+        n = int(part.mask.sum())
+        block = both.tokens[0, k * 1500:(k + 1) * 1500]
+        torch.testing.assert_close(block[:n], part.tokens[0, :n], atol=1e-5, rtol=0)
+        assert bool(both.mask[0, k * 1500:k * 1500 + n].all())
+        assert not bool(both.mask[0, k * 1500 + n:(k + 1) * 1500].any())
+    frames = torch.cat([p.tokens[0, :int(p.mask.sum())] for p in parts])  # every frame of every window
+    torch.testing.assert_close(both.pooled[0], frames.mean(0), atol=1e-5, rtol=0)
+    # a clip that fits one window gives what it gives alone, beside a long one
+    torch.testing.assert_close(both.tokens[1, :150], alone.tokens[0, :150], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both.pooled[1], alone.pooled[0], atol=1e-5, rtol=0)
+
+
+def test_what_is_said_after_30_s_changes_the_features_unless_cropped() -> None:
+    torch.manual_seed(0)
+    head = _clip(30, 2)
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(20 * RATE) / RATE)).astype(np.float32)
+    a, b = np.concatenate([head, _clip(20, 3)]), np.concatenate([head, tone])  # same first 30 s, then noise / tone
+    windowed = encoders.create_encoder("tiny-whisper", max_seconds=60.0).eval()
+    cropped = encoders.create_encoder("tiny-whisper", max_seconds=30.0).eval()
+    cropped.load_state_dict(windowed.state_dict())
+    with torch.no_grad():
+        w = windowed(windowed.preprocessor([a, b])).pooled
+        c = cropped(cropped.preprocessor([a, b])).pooled
+    assert (w[0] - w[1]).abs().max() > 1e-3
+    torch.testing.assert_close(c[0], c[1], atol=1e-6, rtol=0)
+
+
+def test_gradients_reach_the_waveform_past_the_first_window() -> None:
+    torch.manual_seed(0)
+    enc = encoders.create_encoder("tiny-whisper", max_seconds=40.0, finetune="full").eval()
+    batch = enc.preprocessor([_clip(40, 5)])
+    batch["waveform"].requires_grad_(True)
+    enc(batch).pooled.square().sum().backward()
+    grad = batch["waveform"].grad
+    assert grad is not None and grad[0, WINDOW:].abs().sum() > 0
+
+
+def test_absent_rows_and_silent_windows_stay_masked() -> None:
+    torch.manual_seed(0)
+    enc = encoders.create_encoder("tiny-whisper", max_seconds=40.0).eval()
+    with torch.no_grad():
+        out = enc(enc.preprocessor([_clip(35, 6), None]))
+    assert out.mask.sum(1).tolist() == [1500 + 250, 0]
+    assert out.tokens[1].abs().sum() == 0 and out.pooled[1].abs().sum() == 0
+
+
+def test_max_seconds_is_bounded_and_the_error_says_what_to_do() -> None:
+    with pytest.raises(ConfigError, match=r"max_seconds=481.*16 windows of 30 s.*split longer recordings"):
+        encoders.create_encoder("tiny-whisper", max_seconds=481.0)
+    assert encoders.create_encoder("tiny-whisper", max_seconds=480.0).preprocessor.max_seconds == 480.0
+
+
+def test_an_export_sidecar_records_one_window_of_audio(tmp_path) -> None:
+    from zoo.config import FusionModelConfig
+    from zoo.export import export, sidecar_path
+    from zoo.model import FusionModel
+
+    torch.manual_seed(0)
+    cfg = FusionModelConfig(encoders={"audio": {"name": "tiny-whisper", "options": {"max_seconds": 75.0}}},
+                            labels=("a", "b"), hidden_dim=8)
+    model = FusionModel(cfg).eval()
+    out = export(model, tmp_path / "m.pt", format="torchscript", example={"audio": [_clip(1, 7), _clip(2, 8)]})
+    side = json.loads(sidecar_path(out).read_text())
+    assert side["preprocessing"]["audio"]["max_seconds"] == 30.0
