@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,8 @@ class AudioPreprocessor(Preprocessor):
                 continue
             wav, _ = load_audio(item, self.sample_rate, self.allow_resample, name=f"audio item {i}",
                                 max_seconds=self.max_seconds)
+            if wav.numel() >= max_n:
+                self._say_cropping()
             clips.append(wav[:max_n])  # crop long clips
         lengths = torch.tensor([0 if c is None else c.numel() for c in clips], dtype=torch.long)  # [B]
         min_n = round(self.min_seconds * self.sample_rate)
@@ -198,6 +201,14 @@ class AudioPreprocessor(Preprocessor):
                 waveform[i, : c.numel()] = c
         present = torch.tensor([c is not None for c in clips], dtype=torch.bool)  # [B]
         return {"waveform": waveform, "lengths": lengths, "present": present}
+
+    def _say_cropping(self) -> None:
+        """Once per preprocessor: a clip reached ``max_seconds``, so whatever follows in it is not heard."""
+        if not getattr(self, "_said_cropping", False):
+            self._said_cropping = True
+            warnings.warn(f"audio clips reach max_seconds={self.max_seconds:g} and are cut there; to hear more, "
+                          "raise the audio encoder's max_seconds option (whisper-base reads up to 480 s, in 30 s "
+                          "windows) or split long recordings into several rows.", stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -96,3 +96,20 @@ def test_an_export_sidecar_records_one_window_of_audio(tmp_path) -> None:
     out = export(model, tmp_path / "m.pt", format="torchscript", example={"audio": [_clip(1, 7), _clip(2, 8)]})
     side = json.loads(sidecar_path(out).read_text())
     assert side["preprocessing"]["audio"]["max_seconds"] == 30.0
+
+
+def test_a_clip_cut_at_max_seconds_is_said_once() -> None:
+    import warnings
+
+    from encoders._audio_io import AudioPreprocessor
+
+    pre = AudioPreprocessor(sample_rate=RATE, max_seconds=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # clips shorter than max_seconds: silent
+        pre([_clip(1.5, 9), _clip(0.5, 10)])
+    with pytest.warns(UserWarning, match=r"max_seconds=2 and are cut there.*raise the audio encoder's max_seconds"):
+        batch = pre([_clip(3.0, 11)])
+    assert batch["waveform"].shape == (1, 2 * RATE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre([_clip(5.0, 12)])  # said once per preprocessor
