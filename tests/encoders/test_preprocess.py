@@ -147,3 +147,29 @@ def test_all_none_batch(name: str) -> None:
     assert batch["present"].tolist() == [False, False]
     out = enc(batch)
     assert not out.mask.any() and out.pooled.abs().sum() == 0
+
+
+def test_image_batch_equals_the_per_image_formula() -> None:
+    """The batch is normalised in one pass; every image must equal resize -> centre crop -> (x / 255 - mean) / std
+    computed on its own with PIL and numpy, exactly; missing items stay zeros."""
+    pre = ImagePreprocessor(image_size=24, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), crop_pct=0.875,
+                            interpolation="bilinear")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)),  # tall
+              None,
+              Image.fromarray(rng.integers(0, 256, (7, 90), dtype=np.uint8), mode="L"),  # tiny, wide, grey
+              Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), mode="RGBA")]
+    out = pre(images)
+    assert out["pixel_values"].shape == (4, 3, 24, 24) and out["present"].tolist() == [True, False, True, True]
+    assert not out["pixel_values"][1].any()
+    for i in (0, 2, 3):
+        img = load_image(images[i], "ref")
+        scale = round(24 / 0.875)
+        w, h = img.size
+        r = scale / min(w, h)
+        img = img.resize((max(24, round(w * r)), max(24, round(h * r))), Image.Resampling.BILINEAR)
+        left, top = (img.width - 24) // 2, (img.height - 24) // 2
+        ref = np.asarray(img.crop((left, top, left + 24, top + 24)), dtype=np.float32) / 255.0  # [S, S, 3]
+        ref = (ref - np.array([0.4, 0.5, 0.6], np.float32)) / np.array([0.2, 0.25, 0.3], np.float32)
+        assert torch.equal(out["pixel_values"][i], torch.from_numpy(ref.transpose(2, 0, 1).copy())), i
+        assert torch.equal(pre.to_tensor(load_image(images[i], "ref")), out["pixel_values"][i])
