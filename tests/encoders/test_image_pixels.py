@@ -96,7 +96,11 @@ def test_composite_is_efficientnet_beside_the_thumbnail() -> None:
     net = encoders.create_encoder("efficientnet-lite0", image_size=64)
     thumb = encoders.create_encoder("pixels", image_size=12)
     assert both.embed_dim == 1280 + 144
-    out = both(both.preprocessor(images))
+    batch = both.preprocessor(images)
+    assert torch.equal(batch["pixel_values"], net.preprocessor(images)["pixel_values"])  # same preprocessing, exactly
+    assert torch.equal(batch["pixels"], thumb.preprocessor(images)["pixels"])
+    assert batch["present"].tolist() == [True, False, True]
+    out = both(batch)
     ref_net, ref_thumb = net(net.preprocessor(images)), thumb(thumb.preprocessor(images))
     assert torch.allclose(out.pooled[:, :1280], ref_net.pooled, atol=1e-5)
     assert torch.allclose(out.pooled[:, 1280:], ref_thumb.pooled, atol=1e-6)
