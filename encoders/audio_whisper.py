@@ -113,7 +113,6 @@ class WhisperSpeechEncoder(Encoder):
             raise ConfigError(f"max_seconds={max_seconds} must be in (0, {window * MAX_WINDOWS:g}]: longer clips "
                               f"are read as up to {MAX_WINDOWS} windows of {window:g} s (Whisper's positions); "
                               "split longer recordings into several rows.")
-        self.window_seconds = window
         self.window_samples = int(config.max_source_positions) * 2 * HOP  # [S] samples per window
         if context not in ("clip", "30s"):
             raise ConfigError(f"context={context!r} must be 'clip' (sized to the batch) or '30s' (Whisper's window).")
@@ -122,6 +121,11 @@ class WhisperSpeechEncoder(Encoder):
         self.encoder = WhisperEncoder(config)
         self.embed_dim = int(config.d_model)
         self.preprocessor = AudioPreprocessor(sample_rate=RATE, max_seconds=max_seconds, min_seconds=0.1)
+
+    @property
+    def window_seconds(self) -> float:
+        """Seconds Whisper's positional table covers (30): one window; an exported graph reads this much."""
+        return self.window_samples / RATE
 
     # frames ---------------------------------------------------------------------------------------------------
     @staticmethod

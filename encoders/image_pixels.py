@@ -136,15 +136,12 @@ class EfficientNetPixelsPreprocessor(Preprocessor):
         pixel_values = torch.zeros(n, 3, s, s)  # [B, 3, S, S]
         pixels = torch.zeros(n, self.thumbnail.channels, t, t)  # [B, C, T, T]
         present = torch.zeros(n, dtype=torch.bool)  # [B]
-        crops = []
         for i, item in enumerate(items):
             if item is None:
                 continue
             img = load_image(item, f"image item {i}")
-            crops.append(self.network.crop(img))  # [S, S, 3] uint8: normalised below, for the batch at once
+            self.network.normalize_into(pixel_values[i], self.network.crop(img))
             pixels[i], present[i] = self.thumbnail.to_tensor(img), True
-        if crops:
-            pixel_values[present] = self.network.normalize(torch.from_numpy(np.stack(crops)))  # [P, 3, S, S]
         return {"pixel_values": pixel_values, "pixels": pixels, "present": present}
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,10 @@ After the fold, timm's ``Conv2dSame`` (TensorFlow "same" padding, an ``F.pad`` c
 conv) becomes a :class:`StaticSameConv2d` that pads inside the convolution, exactly. On this project's 2-core CPU
 (EfficientNet-Lite0, 224 px, chunks of 5, interleaved runs) that took the folded encoder from a median of 53 to 58
 images/s at 2 threads and 26.5 to 30 at 1 thread; as trained it runs about 24-29 at 2 threads.
+
+``inference_copy(encoder)`` is what inference paths call (feature cache, predict, test, export): a folded,
+channels-last copy of a *frozen* image encoder plus a short tag for cache keys; anything else comes back as is.
+``inference_model(model)`` does the same for every encoder of a fused model, sharing all other modules.
 """
 
 from __future__ import annotations
