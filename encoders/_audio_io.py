@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,19 @@ from torch import Tensor
 
 from fusion_errors import ConfigError, InputError
 
-from ._contract import Preprocessor
+from ._contract import ModalityOutput, Preprocessor
 
-__all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "MAX_AMPLITUDE", "MIN_RATE", "MAX_RATE"]
+__all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "check_windows", "encode_in_windows", "MAX_AMPLITUDE",
+           "MIN_RATE", "MAX_RATE", "MAX_SECONDS", "MAX_WINDOWS", "WINDOW_SECONDS"]
 
 MAX_AMPLITUDE = 1e6  # float samples beyond this overflow float32 power spectra: a scaling mistake, not audio
 # sample rates outside this range are a mistake (a rate of 1 Hz would be upsampled to gigabytes before cropping)
 MIN_RATE, MAX_RATE = 1_000, 768_000
+# the longest clip any audio encoder reads, in seconds (a batch of 32 such clips is 1.2 GB of float32 at 16 kHz);
+# longer recordings belong in several rows
+MAX_SECONDS = 600.0
+MAX_WINDOWS = 16  # an encoder with a fixed window reads a long clip as up to this many windows
+WINDOW_SECONDS = 20.0  # wav2vec2-style encoders' window: attention over 1000 frames, a clip of their training size
 
 _HINT = (
     "Pass a file path, encoded bytes (wav/flac/ogg), an (array, rate) tuple, a bare array at the encoder's rate, "
@@ -170,6 +176,9 @@ class AudioPreprocessor(Preprocessor):
                 f"need sample_rate > 0 and 0 <= min_seconds <= max_seconds; got {sample_rate}, "
                 f"{min_seconds}, {max_seconds}."
             )
+        if max_seconds > MAX_SECONDS:
+            raise ConfigError(f"max_seconds={max_seconds:g} is above the {MAX_SECONDS:g} s any audio encoder reads "
+                              "(memory is sized for it before decoding); split longer recordings into several rows.")
         self.sample_rate = int(sample_rate)
         self.max_seconds = float(max_seconds)
         self.min_seconds = float(min_seconds)
@@ -207,8 +216,9 @@ class AudioPreprocessor(Preprocessor):
         if not getattr(self, "_said_cropping", False):
             self._said_cropping = True
             warnings.warn(f"audio clips reach max_seconds={self.max_seconds:g} and are cut there; to hear more, "
-                          "raise the audio encoder's max_seconds option (whisper-base reads up to 480 s, in 30 s "
-                          "windows) or split long recordings into several rows.", stacklevel=3)
+                          "raise the audio encoder's max_seconds option (whisper-base reads up to 480 s in 30 s "
+                          "windows, wav2vec2-style encoders up to 320 s in 20 s windows) or split long recordings "
+                          "into several rows.", stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -226,3 +236,58 @@ def frame_mask(lengths: Tensor, n_frames: int, present: Tensor | None = None) ->
     if present is not None:
         counts = torch.where(present.to(counts.device), counts.clamp_min(1), counts)
     return torch.arange(n_frames, device=lengths.device)[None, :] < counts[:, None]  # [B, T]
+
+
+def check_windows(window_seconds: float, preprocessor: AudioPreprocessor) -> int:
+    """Samples per window for an encoder that reads long clips in windows of ``window_seconds``; its preprocessor's
+    ``max_seconds`` must fit in ``MAX_WINDOWS`` of them (a ConfigError names both fixes)."""
+    if not 1.0 <= window_seconds <= 120.0:
+        raise ConfigError(f"window_seconds={window_seconds:g} must be in [1, 120] seconds.")
+    if preprocessor.max_seconds > window_seconds * MAX_WINDOWS:
+        raise ConfigError(f"max_seconds={preprocessor.max_seconds:g} is more than {MAX_WINDOWS} windows of "
+                          f"{window_seconds:g} s; lower max_seconds, raise window_seconds, or split longer "
+                          "recordings into several rows.")
+    return round(window_seconds * preprocessor.sample_rate)
+
+
+def encode_in_windows(wav: Tensor, lengths: Tensor, present: Tensor, span: int, dim: int, batch_size: int,
+                      encode_window: Callable[[Tensor, Tensor, Tensor], ModalityOutput],
+                      pad_tails: bool = True, min_tail: int = 1) -> ModalityOutput:
+    """Read clips longer than an encoder's window: each row of ``wav`` [B, N] is cut into consecutive windows of
+    ``span`` samples (no overlap), every window that holds audio is encoded as a clip of its own by
+    ``encode_window(wav [K, S], lengths [K], present [K])``, and the windows' frames sit side by side: tokens
+    [B, W·T, D] (T = the frames of a full window, D = ``dim``), mask [B, W·T]; pooled is the mean of every valid
+    frame of every window. Windows past a clip's end (and absent rows) never run.
+
+    Full windows run ``batch_size`` at a time. A clip's last, shorter window runs with them, zero-padded, when
+    ``pad_tails`` (encoders that mask padding, like Whisper), else on its own at its own length, at least
+    ``min_tail`` samples (encoders whose front-end normalises over the whole input, like wav2vec2's group norm,
+    would see the padding).
+    """
+    b, n = wav.shape
+    w = -(-n // span)
+    windows = torch.nn.functional.pad(wav, (0, w * span - n)).reshape(b * w, span)  # [B·W, S]
+    starts = torch.arange(w, device=wav.device) * span  # [W]
+    lens = (lengths[:, None] - starts[None, :]).clamp(0, span)  # [B, W] samples of each clip in each window
+    lens = torch.where(present[:, None], lens, torch.zeros_like(lens)).reshape(-1)  # [B·W]
+    if pad_tails:
+        groups = list((lens > 0).nonzero().squeeze(1).split(batch_size))  # windows that hold audio
+    else:
+        groups = [*(lens == span).nonzero().squeeze(1).split(batch_size),
+                  *((lens > 0) & (lens < span)).nonzero().squeeze(1).split(1)]
+    groups = [g for g in groups if g.numel()]
+    widths = [span if pad_tails else min(span, max(int(lens[g].max()), min_tail)) for g in groups]
+    outs = [encode_window(windows[g, :s], lens[g], torch.ones_like(g, dtype=torch.bool))
+            for g, s in zip(groups, widths, strict=True)]
+    t = max((o.tokens.shape[1] for o in outs), default=1)  # a full window's frames (1 when every row is absent)
+    tokens = wav.new_zeros(b * w, t, dim)  # [B·W, T, D]
+    mask = torch.zeros(b * w, t, dtype=torch.bool, device=wav.device)  # [B·W, T]
+    if outs:
+        rows = torch.cat(groups)  # [K]
+        got = [torch.nn.functional.pad(o.tokens, (0, 0, 0, t - o.tokens.shape[1])) for o in outs]  # [k, T, D]
+        tokens = tokens.index_copy(0, rows, torch.cat(got))
+        mask = mask.index_copy(0, rows, torch.cat([torch.nn.functional.pad(o.mask, (0, t - o.mask.shape[1]))
+                                                   for o in outs]))
+    tokens, mask = tokens.reshape(b, w * t, dim), mask.reshape(b, w * t)  # [B, W·T, D], [B, W·T]
+    pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
+    return ModalityOutput(tokens, mask, pooled)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fusion_errors import ConfigError
 
 from . import register_encoder
-from ._audio_io import AudioPreprocessor, frame_mask
+from ._audio_io import WINDOW_SECONDS, AudioPreprocessor, check_windows, encode_in_windows, frame_mask
 from ._contract import Encoder, ModalityOutput
 
 __all__ = ["HFAudioPreprocessor", "HFAudioEncoder"]
@@ -64,19 +64,34 @@ class HFAudioPreprocessor(AudioPreprocessor):
 
 
 class HFAudioEncoder(Encoder):
-    """tokens = last hidden states [B, T, D] with a frame mask derived from sample lengths; pooled = masked mean."""
+    """tokens = last hidden states [B, T, D] with a frame mask derived from sample lengths; pooled = masked mean.
+
+    Raw-waveform models (wav2vec2, HuBERT, WavLM) read a clip longer than ``window_seconds`` as consecutive windows,
+    each encoded as a clip of its own, frames side by side (``encode_in_windows``): attention cost stays that of one
+    window however long the recording. Spectrogram models (AST, Whisper) pad or crop to their own window.
+    """
 
     modality = "audio"
     model: Any  # a transformers PreTrainedModel
     preprocessor: HFAudioPreprocessor
 
-    def __init__(self, model: Any, preprocessor: HFAudioPreprocessor) -> None:
+    encode_batch_size = 16  # windows of a long clip per model call: 16 x 20 s of wav2vec2 attention is bounded
+
+    def __init__(self, model: Any, preprocessor: HFAudioPreprocessor, window_seconds: float = WINDOW_SECONDS) -> None:
         super().__init__()
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()  # Whisper: keep the audio encoder only
         self.model = model
         self.preprocessor = preprocessor
         self.embed_dim = int(getattr(model.config, "hidden_size", None) or model.config.d_model)
+        self.window_samples = check_windows(window_seconds, preprocessor)  # [S] samples per window
+
+    @property
+    def window_seconds(self) -> float | None:
+        """Seconds of one window for raw-waveform models (an exported graph reads this much); None for spectrogram
+        models, which keep their own window."""
+        return None if self.preprocessor.feature_extractor is not None else \
+            self.window_samples / self.preprocessor.sample_rate
 
     def _frames(self, lengths: Tensor, n_tokens: int) -> Tensor:
         """Valid output frames per clip from its sample count."""
@@ -96,15 +111,27 @@ class HFAudioEncoder(Encoder):
             tokens = self.model(**{self.preprocessor.input_name: feats}).last_hidden_state  # [B, T, D]
         else:
             wav = batch["waveform"].to(device)  # [B, N]
-            n = wav.shape[1]
-            usable = torch.where(present & (lengths > 0), lengths.clamp_min(min(n, 400)), torch.full_like(lengths, n))
-            valid = torch.arange(n, device=device)[None, :] < usable[:, None]  # [B, N]
-            if self.preprocessor.do_normalize:  # zero mean, unit variance over each clip's valid samples
-                w = valid.to(wav.dtype)
-                mean = (wav * w).sum(1, keepdim=True) / usable[:, None]
-                var = ((wav - mean) * w).pow(2).sum(1, keepdim=True) / usable[:, None]
-                wav = (wav - mean) / (var + 1e-7).sqrt() * w
-            tokens = self.model(input_values=wav, attention_mask=valid.long()).last_hidden_state  # [B, T, D]
+            if wav.shape[1] > self.window_samples and not torch.jit.is_tracing():
+                return encode_in_windows(wav, lengths, present, self.window_samples, self.embed_dim,
+                                         self.encode_batch_size, self._encode_waveform, pad_tails=False,
+                                         min_tail=round(self.preprocessor.min_seconds * self.preprocessor.sample_rate))
+            return self._encode_waveform(wav, lengths, present)
+        mask = frame_mask(self._frames(lengths, tokens.shape[1]), tokens.shape[1], present)  # [B, T]
+        tokens = tokens * mask[..., None]
+        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
+        return ModalityOutput(tokens, mask, pooled)
+
+    def _encode_waveform(self, wav: Tensor, lengths: Tensor, present: Tensor) -> ModalityOutput:
+        """Raw-waveform models on clips of at most one window: wav [B, N], lengths [B], present [B]."""
+        n = wav.shape[1]
+        usable = torch.where(present & (lengths > 0), lengths.clamp_min(min(n, 400)), torch.full_like(lengths, n))
+        valid = torch.arange(n, device=wav.device)[None, :] < usable[:, None]  # [B, N]
+        if self.preprocessor.do_normalize:  # zero mean, unit variance over each clip's valid samples
+            w = valid.to(wav.dtype)
+            mean = (wav * w).sum(1, keepdim=True) / usable[:, None]
+            var = ((wav - mean) * w).pow(2).sum(1, keepdim=True) / usable[:, None]
+            wav = (wav - mean) / (var + 1e-7).sqrt() * w
+        tokens = self.model(input_values=wav, attention_mask=valid.long()).last_hidden_state  # [B, T, D]
         mask = frame_mask(self._frames(lengths, tokens.shape[1]), tokens.shape[1], present)  # [B, T]
         tokens = tokens * mask[..., None]
         pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
@@ -142,15 +169,18 @@ def hf_audio(
     max_seconds: float = 10.0,
     allow_resample: bool = True,
     pretrained: bool = True,
+    window_seconds: float = WINDOW_SECONDS,
 ) -> HFAudioEncoder:
     """Any transformers audio encoder by hub name or local folder.
 
     Args:
         model_name: e.g. ``facebook/wav2vec2-base``, ``facebook/hubert-base-ls960``,
             ``MIT/ast-finetuned-audioset-10-10-0.4593``, ``openai/whisper-tiny`` (encoder only).
-        max_seconds: clips are cropped to this length (Whisper and AST pad/crop to their own window).
+        max_seconds: clips are cropped to this length (Whisper and AST pad/crop to their own window); raw-waveform
+            models read up to 16 windows (320 s with 20 s windows).
         allow_resample: resample clips to the model's rate.
         pretrained: load weights (True) or initialise randomly from the config.
+        window_seconds: raw-waveform models read longer clips in windows of this length.
     """
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
@@ -179,14 +209,15 @@ def hf_audio(
         max_seconds=max_seconds,
         allow_resample=allow_resample,
     )
-    encoder = HFAudioEncoder(model, pre)
+    encoder = HFAudioEncoder(model, pre, window_seconds)
     encoder.pretrained = pretrained
     return encoder
 
 
 @register_encoder("tiny-wav2vec2")
 def tiny_wav2vec2(
-    hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, max_seconds: float = 2.0
+    hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, max_seconds: float = 2.0,
+    window_seconds: float = WINDOW_SECONDS,
 ) -> HFAudioEncoder:
     """A random tiny transformers Wav2Vec2 (conv width 32, no SpecAugment) for tests; needs no network."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
@@ -201,4 +232,5 @@ def tiny_wav2vec2(
         num_conv_pos_embedding_groups=2,
         apply_spec_augment=False,
     )
-    return HFAudioEncoder(Wav2Vec2Model(config), HFAudioPreprocessor(None, True, max_seconds=max_seconds))
+    return HFAudioEncoder(Wav2Vec2Model(config), HFAudioPreprocessor(None, True, max_seconds=max_seconds),
+                          window_seconds)

@@ -31,7 +31,7 @@ from fusion_errors import CheckpointError, ConfigError
 
 from . import register_encoder
 from ._atomic import atomic_write
-from ._audio_io import AudioPreprocessor, frame_mask
+from ._audio_io import MAX_WINDOWS, AudioPreprocessor, encode_in_windows, frame_mask
 from ._contract import Encoder, ModalityOutput
 from ._weights import weights_cache_dir, whisper_base_parts
 
@@ -42,7 +42,6 @@ N_FFT = 400  # 25 ms
 HOP = 160  # 10 ms: 100 mel frames per second, 50 encoder frames per second after conv2's stride 2
 WINDOW_SECONDS = 30.0  # Whisper's positional table covers 1500 encoder frames = 30 s
 WHOLE_CONTEXT = 1 << 30  # "attend to every frame" (clamped to the context length)
-MAX_WINDOWS = 16  # a clip longer than one window is read as up to this many (8 minutes for Whisper's 30 s)
 CACHE_FORMAT = "1"  # bump when the cached safetensors layout changes
 
 
@@ -186,29 +185,11 @@ class WhisperSpeechEncoder(Encoder):
         return self._encode_window(wav, lengths, present)
 
     def _encode_windows(self, wav: Tensor, lengths: Tensor, present: Tensor) -> ModalityOutput:
-        """Clips longer than one window: each is cut into consecutive windows of ``window_samples`` (no overlap),
-        every non-empty window is encoded as a clip of its own (in chunks of ``encode_batch_size`` windows), and the
-        windows' frames sit side by side: tokens [B, W·T, D], mask [B, W·T]; pooled is the mean of every valid frame
-        of every window. A clip that fits one window gives the frames it gives alone, then masked padding."""
-        b, n = wav.shape
-        span = self.window_samples
-        w = -(-n // span)
-        windows = F.pad(wav, (0, w * span - n)).reshape(b * w, span)  # [B·W, S]
-        starts = torch.arange(w, device=wav.device) * span  # [W]
-        lens = (lengths[:, None] - starts[None, :]).clamp(0, span)  # [B, W] samples of each clip in each window
-        lens = torch.where(present[:, None], lens, torch.zeros_like(lens)).reshape(-1)  # [B·W]
-        t = int(self.n_encoder_frames(span))
-        rows = (lens > 0).nonzero().squeeze(1)  # windows that hold audio
-        tokens = wav.new_zeros(b * w, t, self.embed_dim)  # [B·W, T, D]
-        mask = torch.zeros(b * w, t, dtype=torch.bool, device=wav.device)  # [B·W, T]
-        if rows.numel():
-            outs = [self._encode_window(windows[r], lens[r], torch.ones_like(r, dtype=torch.bool))
-                    for r in rows.split(self.encode_batch_size)]
-            tokens = tokens.index_copy(0, rows, torch.cat([o.tokens for o in outs]))
-            mask = mask.index_copy(0, rows, torch.cat([o.mask for o in outs]))
-        tokens, mask = tokens.reshape(b, w * t, self.embed_dim), mask.reshape(b, w * t)  # [B, W·T, D], [B, W·T]
-        pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
-        return ModalityOutput(tokens, mask, pooled)
+        """Clips longer than one window: consecutive 30 s windows, each encoded as a clip of its own (in chunks of
+        ``encode_batch_size`` windows), frames side by side (``encode_in_windows``): tokens [B, W·T, D]. A clip that
+        fits one window gives the frames it gives alone, then masked padding."""
+        return encode_in_windows(wav, lengths, present, self.window_samples, self.embed_dim, self.encode_batch_size,
+                                 self._encode_window)
 
     def _encode_window(self, wav: Tensor, lengths: Tensor, present: Tensor) -> ModalityOutput:
         """Clips of at most one window: wav [B, N ≤ S], lengths [B], present [B] → tokens [B, T, D]."""

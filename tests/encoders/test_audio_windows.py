@@ -113,3 +113,86 @@ def test_a_clip_cut_at_max_seconds_is_said_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pre([_clip(5.0, 12)])  # said once per preprocessor
+
+
+# wav2vec2-style encoders (transformers and torchaudio): the same windows, here 2 s ones to keep the test small
+WAV2VEC2 = ["tiny-wav2vec2", "tiny-torchaudio-wav2vec2"]
+
+
+@pytest.mark.parametrize("name", WAV2VEC2)
+def test_wav2vec2_encoders_read_long_clips_in_windows_each_a_clip_of_its_own(name: str) -> None:
+    torch.manual_seed(0)
+    enc = encoders.create_encoder(name, max_seconds=7.0, window_seconds=2.0).eval()
+    span = 2 * RATE
+    long, short = _clip(5.5, 20), _clip(1.0, 21)
+    with torch.no_grad():
+        both = enc(enc.preprocessor([long, short, None]))
+        # expected values from the one-window path: each 2 s segment alone (the last one 1.5 s), the short clip alone
+        parts = [enc(enc.preprocessor([long[i:i + span]])) for i in range(0, len(long), span)]
+        alone = enc(enc.preprocessor([short]))
+    t = parts[0].tokens.shape[1]  # one full window: (32000 - 400) // 320 + 1 = 99 frames (20 ms hop, 25 ms field)
+    assert t == 99 and both.tokens.shape == (3, 3 * t, 32)
+    counts = [int(p.mask.sum()) for p in parts]
+    assert counts[:2] == [t, t] and counts[2] < t
+    assert both.mask.sum(1).tolist() == [sum(counts), int(alone.mask.sum()), 0]
+    for k, (part, n) in enumerate(zip(parts, counts, strict=True)):
+        torch.testing.assert_close(both.tokens[0, k * t:k * t + n], part.tokens[0, :n], atol=1e-5, rtol=0)
+        assert not bool(both.mask[0, k * t + n:(k + 1) * t].any())
+    frames = torch.cat([p.tokens[0, :n] for p, n in zip(parts, counts, strict=True)])
+    torch.testing.assert_close(both.pooled[0], frames.mean(0), atol=1e-5, rtol=0)
+    n = int(alone.mask.sum())
+    torch.testing.assert_close(both.tokens[1, :n], alone.tokens[0, :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both.pooled[1], alone.pooled[0], atol=1e-5, rtol=0)
+    assert both.pooled[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", WAV2VEC2)
+def test_a_last_window_of_a_few_samples_runs_at_the_shortest_clip_length(name: str) -> None:
+    torch.manual_seed(0)
+    enc = encoders.create_encoder(name, max_seconds=3.0, window_seconds=2.0).eval()
+    clip = _clip(2.0 + 50 / RATE, 27)  # 50 samples past the window: fewer than wav2vec2's 400-sample receptive field
+    with torch.no_grad():
+        out = enc(enc.preprocessor([clip]))
+        tail = enc(enc.preprocessor([clip[2 * RATE:]]))  # the preprocessor pads it to min_seconds (0.1 s)
+    assert out.mask.sum().item() == 99 + 1  # a present clip keeps at least one frame
+    torch.testing.assert_close(out.tokens[0, 99], tail.tokens[0, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", WAV2VEC2)
+def test_wav2vec2_audio_past_the_first_window_changes_the_features(name: str) -> None:
+    torch.manual_seed(0)
+    head = _clip(2.0, 22)
+    a, b = np.concatenate([head, _clip(1.5, 23)]), np.concatenate([head, _clip(1.5, 24)])
+    enc = encoders.create_encoder(name, max_seconds=4.0, window_seconds=2.0).eval()
+    with torch.no_grad():
+        out = enc(enc.preprocessor([a, b]))
+    assert (out.pooled[0] - out.pooled[1]).abs().max() > 1e-4
+    torch.testing.assert_close(out.tokens[0, :99], out.tokens[1, :99], atol=1e-6, rtol=0)  # same first window
+
+
+@pytest.mark.parametrize("name", WAV2VEC2)
+def test_wav2vec2_windows_bound_max_seconds_and_the_sidecar_reads_one_window(name: str, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"max_seconds=33 is more than 16 windows of 2 s.*split longer"):
+        encoders.create_encoder(name, max_seconds=33.0, window_seconds=2.0)
+    with pytest.raises(ConfigError, match=r"window_seconds=0.5 must be in \[1, 120\]"):
+        encoders.create_encoder(name, window_seconds=0.5)
+    from zoo.config import FusionModelConfig
+    from zoo.export import export, sidecar_path
+    from zoo.model import FusionModel
+
+    torch.manual_seed(0)
+    cfg = FusionModelConfig(encoders={"audio": {"name": name, "options": {"max_seconds": 6.0,
+                                                                           "window_seconds": 2.0}}},
+                            labels=("a", "b"), hidden_dim=8)
+    out = export(FusionModel(cfg).eval(), tmp_path / "m.pt", format="torchscript",
+                 example={"audio": [_clip(1, 25), _clip(1.5, 26)]})
+    assert json.loads(sidecar_path(out).read_text())["preprocessing"]["audio"]["max_seconds"] == 2.0
+
+
+def test_no_audio_encoder_reads_more_than_ten_minutes() -> None:
+    from encoders._audio_io import AudioPreprocessor
+
+    with pytest.raises(ConfigError, match=r"max_seconds=601 is above the 600 s.*split longer recordings"):
+        AudioPreprocessor(max_seconds=601.0)
+    with pytest.raises(ConfigError, match=r"max_seconds=700 is above the 600 s"):
+        encoders.create_encoder("mel-cnn", max_seconds=700.0)
