@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import datasets
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 
 from encoders import Encoder, ModalityOutput, Preprocessor
 from fusion_errors import DataError, InputError
+from recipes import cache as cache_module
 from recipes.cache import FeatureCache
 
 TEXTS = ["a b c", "dd", None, "e f g h i", "j", "k l"]
@@ -163,6 +166,66 @@ def test_bad_item_names_row_and_column(tmp_path, enc):
     with pytest.raises(DataError, match=r"split 'validation', row 11, column 'text'.*text item 0 is a int"):
         FeatureCache(tmp_path).get_or_compute(enc, ds, "text", "validation", batch_size=2,
                                               transform=lambda s: 7 if s == "also ok" else s, row_ids=[9, 10, 11])
+
+
+class ReadAheadProbe(WordEncoder):
+    """WordEncoder whose preprocessor logs each batch it reads; encoding batch k waits until batch k+1 is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[int] = []  # batch sizes, in the order they were preprocessed
+        self.reads_seen_by_encode: list[int] = []
+        self.next_read = threading.Condition()
+        inner = self.preprocessor
+
+        def logged(items):  # type: ignore[no-untyped-def]
+            out = inner(items)
+            with self.next_read:
+                self.read.append(len(items))
+                self.next_read.notify_all()
+            return out
+
+        self.preprocessor = type("Logged", (), {"__call__": staticmethod(logged), "to_dict": inner.to_dict})()
+
+    def encode(self, batch):  # type: ignore[override]
+        k = self.calls  # this is batch k (0-based); 3 batches of 2 rows in the test
+        with self.next_read:
+            assert self.next_read.wait_for(lambda: len(self.read) >= min(k + 2, 3), timeout=30), \
+                f"batch {k + 1} was not read while batch {k} was encoded"
+            self.reads_seen_by_encode.append(len(self.read))
+        return super().encode(batch)
+
+
+def test_the_next_batch_is_read_while_one_is_encoded_and_no_further(tmp_path, monkeypatch) -> None:
+    """Decoding and preprocessing overlap the encoder, one batch ahead at most (bounded memory), rows in order."""
+    monkeypatch.setattr(cache_module, "read_ahead", lambda device: True)
+    texts = ["a", "b c", "d e f", "g", "h i", "j k l m"]  # 6 distinct cells: 3 batches of 2
+    enc = ReadAheadProbe().set_finetune("frozen")
+    out, _ = FeatureCache(tmp_path).get_or_compute(enc, rows(texts), "text", "train", batch_size=2)
+    assert enc.read == [2, 2, 2] and enc.calls == 3
+    assert enc.reads_seen_by_encode == [2, 3, 3]  # one ahead while batches 0 and 1 are encoded, never two
+    with torch.no_grad():
+        direct = WordEncoder()(WordPreprocessor()(texts))
+    torch.testing.assert_close(out.pooled, direct.pooled, rtol=0, atol=1e-6)
+
+
+def test_without_read_ahead_batches_are_read_one_at_a_time(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(cache_module, "read_ahead", lambda device: False)
+    enc = ReadAheadProbe().set_finetune("frozen")
+    enc.next_read.wait_for = lambda predicate, timeout: True  # type: ignore[method-assign]  # (nothing to wait for)
+    FeatureCache(tmp_path).get_or_compute(enc, rows(["a", "b c", "d e f", "g"]), "text", "train", batch_size=2)
+    assert enc.reads_seen_by_encode == [1, 2]  # batch k is encoded before batch k+1 is read
+
+
+def test_read_ahead_only_when_a_core_is_free(monkeypatch) -> None:
+    """A reader thread beside torch's threads on a full CPU slows the encoder (measured); a free core or an
+    accelerator pays for it."""
+    monkeypatch.setattr(cache_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cache_module.torch, "get_num_threads", lambda: 2)
+    assert not cache_module.read_ahead(torch.device("cpu"))
+    assert cache_module.read_ahead(torch.device("cuda", 0))
+    monkeypatch.setattr(cache_module.torch, "get_num_threads", lambda: 1)
+    assert cache_module.read_ahead(torch.device("cpu"))
 
 
 class CountingEncoder(WordEncoder):
