@@ -27,7 +27,7 @@ MIN_RATE, MAX_RATE = 1_000, 768_000
 # longer recordings belong in several rows
 MAX_SECONDS = 600.0
 MAX_WINDOWS = 16  # an encoder with a fixed window reads a long clip as up to this many windows
-WINDOW_SECONDS = 20.0  # wav2vec2-style encoders' window: attention over 1000 frames, a clip of their training size
+WINDOW_SECONDS = 20.0  # wav2vec2-style encoders: 1000 frames of attention per window (pre-trained on <= 15.6 s)
 
 _HINT = (
     "Pass a file path, encoded bytes (wav/flac/ogg), an (array, rate) tuple, a bare array at the encoder's rate, "
