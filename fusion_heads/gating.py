@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders import ModalityOutput
+from fusion_errors import ConfigError
 
 from . import register_fusion_head
 from ._contract import FusionHead, FusionOutput
@@ -28,6 +29,8 @@ class GatedFusion(FusionHead):
         per_unit: one gate per modality and hidden unit (``z`` is [B, M, H], as in the paper's vector gate)
             instead of one per modality (``z`` is [B, M]); ``aux["gates"]`` is then the mean over units.
         dropout: dropout on ``h`` before the output layer.
+        floor: gates are ``(1 - floor) * softmax + floor / M``: every modality keeps at least ``floor / M`` of the
+            mix, so a gate cannot close on a modality entirely.
     """
 
     def __init__(
@@ -37,8 +40,12 @@ class GatedFusion(FusionHead):
         hidden_dim: int = 0,
         per_unit: bool = False,
         dropout: float = 0.0,
+        floor: float = 0.0,
     ) -> None:
         super().__init__(modality_dims, out_dim)
+        if not 0.0 <= floor < 1.0:
+            raise ConfigError(f"floor={floor} must be in [0, 1): the share of the mix spread evenly over modalities.")
+        self.floor = float(floor)
         hidden = hidden_dim if hidden_dim > 0 else out_dim
         self.hidden_dim, self.per_unit = hidden_dim, per_unit
         self.proj = nn.ModuleDict({m: nn.Linear(d, hidden, bias=False) for m, d in self.modality_dims.items()})
@@ -53,7 +60,8 @@ class GatedFusion(FusionHead):
         logits = self.gate(cat)  # [B, M] or [B, M*H]
         if self.per_unit:
             logits = logits.view(cat.shape[0], len(self.modalities), -1)  # [B, M, H]
-        return logits.softmax(dim=1)
+        z = logits.softmax(dim=1)
+        return z if self.floor == 0.0 else (1.0 - self.floor) * z + self.floor / len(self.modalities)
 
     def fuse(self, inputs: dict[str, ModalityOutput], present: dict[str, Tensor]) -> FusionOutput:
         h = torch.stack([torch.tanh(self.proj[m](inputs[m].pooled)) for m in self.modalities], dim=1)  # [B, M, H]
@@ -63,4 +71,4 @@ class GatedFusion(FusionHead):
         return FusionOutput(fused=fused, aux={"gates": z.mean(-1) if self.per_unit else z})
 
     def extra_config(self) -> dict[str, Any]:
-        return {"hidden_dim": self.hidden_dim, "per_unit": self.per_unit}
+        return {"hidden_dim": self.hidden_dim, "per_unit": self.per_unit, "floor": self.floor}

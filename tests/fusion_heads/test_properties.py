@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from encoders import ModalityOutput
+from fusion_errors import ConfigError
 from fusion_heads import create_fusion_head
 
 B = 6
@@ -79,6 +80,24 @@ def test_gating_saturated_gates_select_one_modality() -> None:
         out = head(feats)
         torch.testing.assert_close(out.fused, 0.3 * h["image"] + 0.7 * h["text"])
         assert out.fused.abs().max() <= 1.0  # a convex combination of tanh outputs
+
+
+def test_gating_floor_keeps_every_modality_in_the_mix() -> None:
+    """floor=0.5 with two modalities: a gate saturated on image still leaves text 0.25 of the mix."""
+    torch.manual_seed(0)
+    dims = {"image": 4, "text": 5}
+    head = create_fusion_head("gating", dims, 6, floor=0.5).eval()
+    feats = features(dims)
+    with torch.no_grad():
+        h = {m: torch.tanh(feats[m].pooled @ head.proj[m].weight.T) for m in dims}
+        head.gate.weight.zero_()
+        head.gate.bias.copy_(torch.tensor([30.0, -30.0]))
+        out = head(feats)
+    torch.testing.assert_close(out.aux["gates"], torch.tensor([[0.75, 0.25]]).expand(B, 2))
+    torch.testing.assert_close(out.fused, 0.75 * h["image"] + 0.25 * h["text"])
+    assert head.extra_config()["floor"] == 0.5
+    with pytest.raises(ConfigError, match=r"floor=1.0 must be in \[0, 1\)"):
+        create_fusion_head("gating", dims, 6, floor=1.0)
 
 
 # ----------------------------------------------------------------------------------------------- moe
