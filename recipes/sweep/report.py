@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,9 @@ def _gate_plots(out_dir: Path, records: Sequence[Mapping[str, Any]], cells: Sequ
         rows = list(labels) if labels and len(labels) == mat.shape[0] else [str(i) for i in range(mat.shape[0])]
         what = "gate weight" if gates[0]["key"] == "gates" else "expert routing probability"
         title = f"{h}@{s}: mean {what} per class ({len(gates)} seed{'s' if len(gates) > 1 else ''})"
-        out[f"gates_{s}_{h}"] = plots.heatmap(mat, [f"class {r}" for r in rows], gates[0]["columns"],
-                                              out_dir / f"gates_{s}_{h}.png", title=title)
+        stem = f"gates_{s}_{re.sub(r'[^A-Za-z0-9_.=-]+', '-', h)}"  # a head variant's colons left out of file names
+        out[stem] = plots.heatmap(mat, [f"class {r}" for r in rows], gates[0]["columns"], out_dir / f"{stem}.png",
+                                  title=title)
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from encoders import check_options
 from fusion_errors import ConfigError
 from recipes.recipe import load_recipe
 from recipes.settings import OptimConfig
@@ -121,12 +122,35 @@ def split_model_settings(model: Mapping[str, Any]) -> tuple[dict[str, Any], Opti
     return config, optim
 
 
+def parse_head(label: str) -> tuple[str, dict[str, Any]]:
+    """A ``--heads`` entry -> (registered head name, its options): ``gating`` or ``gating:floor=0.5`` (options
+    after colons, values read as YAML: ``moe:num_experts=8:top_k=2``), so one sweep can compare variants of a
+    head. The label itself names the cell and its row in the results."""
+    from fusion_heads import _REGISTRY as registered
+    from fusion_heads import list_fusion_heads
+
+    name, *parts = label.split(":")
+    if name not in list_fusion_heads():
+        raise ConfigError(f"--heads names {name!r}, which is not a fusion head; choose from {list_fusion_heads()}.")
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--heads entry {label!r}: {part!r} is not OPTION=VALUE; write e.g. gating:floor=0.5.")
+        options[key.strip()] = yaml.safe_load(value)
+    check_options("fusion head", name, registered.get(name), options, reserved=("modality_dims", "out_dim"))
+    return name, options
+
+
 def _cell_config(settings: SweepSettings, fs: FeatureSet, head: str, stage: str) -> FusionModelConfig:
     model, _ = split_model_settings(settings.model)
     model.setdefault("task", fs.task)
     model["encoders"] = fs.encoders or model.get("encoders") or {m: "cached-features" for m in fs.train.feats}
     model["stage"] = stage  # checked by FusionModelConfig, as every other key
-    return FusionModelConfig(labels=tuple(fs.labels), fusion_head=head, **model)
+    name, options = parse_head(head)
+    if options:  # a variant's options on top of the recipe's head_options
+        model["head_options"] = {**(model.get("head_options") or {}), **options}
+    return FusionModelConfig(labels=tuple(fs.labels), fusion_head=name, **model)
 
 
 def run_sweep(
@@ -143,10 +167,7 @@ def run_sweep(
         echo: progress output.
     """
     for h in settings.heads:
-        from fusion_heads import list_fusion_heads
-
-        if h not in list_fusion_heads():
-            raise ConfigError(f"--heads names {h!r}, which is not a fusion head; choose from {list_fusion_heads()}.")
+        parse_head(h)  # an unknown head or option fails here, before any encoding
     bad = [s for s in settings.stages if s not in DEFAULT_STAGES]
     if bad or not settings.heads or not settings.stages or not settings.seeds:
         raise ConfigError(f"--stages must be a non-empty subset of {DEFAULT_STAGES} (got {bad or 'none'}), "
@@ -252,7 +273,8 @@ def parse_args(argv: Sequence[str]) -> SweepSettings:
     """Command line -> SweepSettings (the recipe's model/data sections with the overrides applied)."""
     p = argparse.ArgumentParser(prog="fusion-zoo sweep", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="base recipe YAML (default: the default recipe)")
-    p.add_argument("--heads", default=",".join(DEFAULT_HEADS), help="comma-separated fusion heads")
+    p.add_argument("--heads", default=",".join(DEFAULT_HEADS),
+                   help="comma-separated fusion heads; a variant's options after colons, e.g. gating:floor=0.5")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated stages")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
     p.add_argument("--output-dir", default=None, help="results folder (default runs/sweep-<time>)")

@@ -126,6 +126,39 @@ def test_parse_args_overrides_and_defaults(tmp_path: Path) -> None:
         parse_args(["--trainer.max_epochs", "3"])
 
 
+def test_a_sweep_compares_variants_of_one_head(tmp_path: Path) -> None:
+    """``--heads gating,gating:floor=0.5``: a row each, and the variant's option (on top of the recipe's
+    head_options) reaches the head its cell builds."""
+    run_sweep(_settings(tmp_path, heads=["concat", "gating", "gating:floor=0.5"], stages=["late"], seeds=[0]),
+              _provider([]), echo=lambda s: None)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["head"] for r in rows] == ["concat", "gating", "gating:floor=0.5"]
+    records = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    floored = next(r for r in records if r["head"] == "gating:floor=0.5")
+    plain = next(r for r in records if r["head"] == "gating")
+    assert floored["params"] == plain["params"]  # same head, another option
+    assert "| gating:floor=0.5 | late | 1 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "gates_late_gating-floor=0.5.png").stat().st_size > 1000
+    settings = _settings(tmp_path, model={"hidden_dim": 16, "head_options": {"per_unit": True}})
+    fs = _provider([])(settings, False)
+    config = sweep_mod._cell_config(settings, fs, "gating:floor=0.5", "late")
+    assert config.fusion_head == "gating" and config.head_options == {"per_unit": True, "floor": 0.5}
+    from zoo.model import FusionModel
+
+    head = FusionModel(config, embed_dims=DIMS).fusion_head
+    assert head.floor == 0.5 and head.per_unit
+
+
+@pytest.mark.parametrize(("entry", "needle"), [("gating:floor", "is not OPTION=VALUE"),
+                                               ("gating:flor=0.5", "flor"),
+                                               ("gatting:floor=0.5", "not a fusion head")])
+def test_a_bad_head_variant_is_a_config_error_before_any_encoding(tmp_path: Path, entry: str, needle: str) -> None:
+    calls: list[bool] = []
+    with pytest.raises(ConfigError, match=needle):
+        run_sweep(_settings(tmp_path, heads=[entry]), _provider(calls), echo=lambda s: None)
+    assert calls == []
+
+
 def test_cli_sweep_bad_option_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from recipes.cli import main as cli_main
 
