@@ -18,7 +18,7 @@ from fusion_errors import ConfigError, InputError
 from ._contract import ModalityOutput, Preprocessor
 
 __all__ = ["load_audio", "AudioPreprocessor", "frame_mask", "check_windows", "encode_in_windows", "MAX_AMPLITUDE",
-           "MIN_RATE", "MAX_RATE", "MAX_SECONDS", "MAX_WINDOWS", "WINDOW_SECONDS"]
+           "MIN_RATE", "MAX_RATE", "MAX_SECONDS", "MAX_WINDOWS", "WAVEFORM_WINDOW_SECONDS"]
 
 MAX_AMPLITUDE = 1e6  # float samples beyond this overflow float32 power spectra: a scaling mistake, not audio
 # sample rates outside this range are a mistake (a rate of 1 Hz would be upsampled to gigabytes before cropping)
@@ -27,7 +27,8 @@ MIN_RATE, MAX_RATE = 1_000, 768_000
 # longer recordings belong in several rows
 MAX_SECONDS = 600.0
 MAX_WINDOWS = 16  # an encoder with a fixed window reads a long clip as up to this many windows
-WINDOW_SECONDS = 20.0  # wav2vec2-style encoders: 1000 frames of attention per window (pre-trained on <= 15.6 s)
+# wav2vec2-style (raw-waveform) encoders' window: 1000 frames of attention (pre-trained on crops up to 15.6 s)
+WAVEFORM_WINDOW_SECONDS = 20.0
 
 _HINT = (
     "Pass a file path, encoded bytes (wav/flac/ogg), an (array, rate) tuple, a bare array at the encoder's rate, "
@@ -202,7 +203,7 @@ class AudioPreprocessor(Preprocessor):
                 self._say_cropping()
             clips.append(wav[:max_n])  # crop long clips
         lengths = torch.tensor([0 if c is None else c.numel() for c in clips], dtype=torch.long)  # [B]
-        min_n = round(self.min_seconds * self.sample_rate)
+        min_n = self.min_samples
         n = max_n if self.pad_to_max else max(int(lengths.max()) if len(clips) else 0, min_n, 1)
         waveform = torch.zeros(len(clips), n)  # [B, N]
         for i, c in enumerate(clips):
@@ -210,6 +211,11 @@ class AudioPreprocessor(Preprocessor):
                 waveform[i, : c.numel()] = c
         present = torch.tensor([c is not None for c in clips], dtype=torch.bool)  # [B]
         return {"waveform": waveform, "lengths": lengths, "present": present}
+
+    @property
+    def min_samples(self) -> int:
+        """The fewest samples a batch is padded to (``min_seconds``): what convolutional front-ends need."""
+        return round(self.min_seconds * self.sample_rate)
 
     def _say_cropping(self) -> None:
         """Once per preprocessor: a clip reached ``max_seconds``, so whatever follows in it is not heard."""

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from fusion_errors import ConfigError
 
 from . import register_encoder
-from ._audio_io import WINDOW_SECONDS, AudioPreprocessor, check_windows, encode_in_windows, frame_mask
+from ._audio_io import (
+    WAVEFORM_WINDOW_SECONDS,
+    AudioPreprocessor,
+    check_windows,
+    encode_in_windows,
+    frame_mask,
+)
 from ._contract import Encoder, ModalityOutput
 
 __all__ = ["HFAudioPreprocessor", "HFAudioEncoder"]
@@ -77,21 +83,23 @@ class HFAudioEncoder(Encoder):
 
     encode_batch_size = 16  # windows of a long clip per model call: 16 x 20 s of wav2vec2 attention is bounded
 
-    def __init__(self, model: Any, preprocessor: HFAudioPreprocessor, window_seconds: float = WINDOW_SECONDS) -> None:
+    def __init__(self, model: Any, preprocessor: HFAudioPreprocessor,
+                 window_seconds: float = WAVEFORM_WINDOW_SECONDS) -> None:
         super().__init__()
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()  # Whisper: keep the audio encoder only
         self.model = model
         self.preprocessor = preprocessor
         self.embed_dim = int(getattr(model.config, "hidden_size", None) or model.config.d_model)
-        self.window_samples = check_windows(window_seconds, preprocessor)  # [S] samples per window
+        # [S] samples per window; spectrogram models keep their own window (0: never windowed here)
+        self.window_samples = check_windows(window_seconds, preprocessor) if preprocessor.feature_extractor is None \
+            else 0
 
     @property
     def window_seconds(self) -> float | None:
         """Seconds of one window for raw-waveform models (an exported graph reads this much); None for spectrogram
         models, which keep their own window."""
-        return None if self.preprocessor.feature_extractor is not None else \
-            self.window_samples / self.preprocessor.sample_rate
+        return self.window_samples / self.preprocessor.sample_rate if self.window_samples else None
 
     def _frames(self, lengths: Tensor, n_tokens: int) -> Tensor:
         """Valid output frames per clip from its sample count."""
@@ -114,7 +122,7 @@ class HFAudioEncoder(Encoder):
             if wav.shape[1] > self.window_samples and not torch.jit.is_tracing():
                 return encode_in_windows(wav, lengths, present, self.window_samples, self.embed_dim,
                                          self.encode_batch_size, self._encode_waveform, pad_tails=False,
-                                         min_tail=round(self.preprocessor.min_seconds * self.preprocessor.sample_rate))
+                                         min_tail=self.preprocessor.min_samples)
             return self._encode_waveform(wav, lengths, present)
         mask = frame_mask(self._frames(lengths, tokens.shape[1]), tokens.shape[1], present)  # [B, T]
         tokens = tokens * mask[..., None]
@@ -169,7 +177,7 @@ def hf_audio(
     max_seconds: float = 10.0,
     allow_resample: bool = True,
     pretrained: bool = True,
-    window_seconds: float = WINDOW_SECONDS,
+    window_seconds: float = WAVEFORM_WINDOW_SECONDS,
 ) -> HFAudioEncoder:
     """Any transformers audio encoder by hub name or local folder.
 
@@ -217,7 +225,7 @@ def hf_audio(
 @register_encoder("tiny-wav2vec2")
 def tiny_wav2vec2(
     hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, max_seconds: float = 2.0,
-    window_seconds: float = WINDOW_SECONDS,
+    window_seconds: float = WAVEFORM_WINDOW_SECONDS,
 ) -> HFAudioEncoder:
     """A random tiny transformers Wav2Vec2 (conv width 32, no SpecAugment) for tests; needs no network."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from fusion_errors import ConfigError, MissingDependencyError
 
 from . import register_encoder
-from ._audio_io import WINDOW_SECONDS, AudioPreprocessor, check_windows, encode_in_windows, frame_mask
+from ._audio_io import (
+    WAVEFORM_WINDOW_SECONDS,
+    AudioPreprocessor,
+    check_windows,
+    encode_in_windows,
+    frame_mask,
+)
 from ._contract import Encoder, ModalityOutput
 
 __all__ = ["TorchaudioWav2Vec2Encoder"]
@@ -34,7 +40,7 @@ class TorchaudioWav2Vec2Encoder(Encoder):
     encode_batch_size = 16  # windows of a long clip per model call
 
     def __init__(self, model: Any, sample_rate: int, normalize_waveform: bool, max_seconds: float,
-                 window_seconds: float = WINDOW_SECONDS) -> None:
+                 window_seconds: float = WAVEFORM_WINDOW_SECONDS) -> None:
         super().__init__()
         self.model = model
         self.normalize_waveform = normalize_waveform
@@ -55,7 +61,7 @@ class TorchaudioWav2Vec2Encoder(Encoder):
         if wav.shape[1] > self.window_samples and not torch.jit.is_tracing():
             return encode_in_windows(wav, lengths, present, self.window_samples, self.embed_dim,
                                      self.encode_batch_size, self._encode_window, pad_tails=False,
-                                     min_tail=round(self.preprocessor.min_seconds * self.preprocessor.sample_rate))
+                                     min_tail=self.preprocessor.min_samples)
         return self._encode_window(wav, lengths, present)
 
     def _encode_window(self, wav: Tensor, lengths: Tensor, present: Tensor) -> ModalityOutput:
@@ -84,7 +90,7 @@ class TorchaudioWav2Vec2Encoder(Encoder):
 
 @register_encoder("torchaudio-bundle")
 def torchaudio_bundle(bundle: str = "WAV2VEC2_BASE", max_seconds: float = 10.0,
-                      window_seconds: float = WINDOW_SECONDS) -> TorchaudioWav2Vec2Encoder:
+                      window_seconds: float = WAVEFORM_WINDOW_SECONDS) -> TorchaudioWav2Vec2Encoder:
     """A ``torchaudio.pipelines`` wav2vec2/HuBERT/WavLM bundle by name (weights are downloaded when online).
 
     Args:
@@ -109,7 +115,7 @@ def torchaudio_bundle(bundle: str = "WAV2VEC2_BASE", max_seconds: float = 10.0,
 
 @register_encoder("tiny-torchaudio-wav2vec2")
 def tiny_torchaudio_wav2vec2(embed_dim: int = 32, num_layers: int = 2, num_heads: int = 2,
-                             max_seconds: float = 2.0, window_seconds: float = WINDOW_SECONDS
+                             max_seconds: float = 2.0, window_seconds: float = WAVEFORM_WINDOW_SECONDS
                              ) -> TorchaudioWav2Vec2Encoder:
     """torchaudio's Wav2Vec2Model with tiny random parameters (conv width 32), for tests."""
     from torchaudio.models import wav2vec2_model

@@ -139,8 +139,9 @@ def _describe(item: Any) -> str:
 def read_ahead(device: torch.device) -> bool:
     """Whether the feature cache reads the next batch in a thread while it encodes one: when the encoder runs on an
     accelerator (the CPU is free) or a CPU core is left over by torch's threads. On a CPU that torch's threads fill,
-    a reader thread slows the encoder more than it saves (2 cores, 2 threads: folded EfficientNet-Lite0 49.6 -> 45.4
-    images/s; 1 thread: 30.4 -> 34.9)."""
+    a reader thread slows the encoder more than it saves (2 cores, 2 threads, folded EfficientNet-Lite0: 49.6 -> 45.4
+    images/s on tridigits, 52.3 -> 46.6 on easy-VQA; beside 1 thread: 30.4 -> 34.9 on tridigits, 32.8 -> 32.9 on
+    easy-VQA, docs/data.md)."""
     if device.type != "cpu":
         return True
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

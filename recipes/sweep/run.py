@@ -137,7 +137,11 @@ def parse_head(label: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--heads entry {label!r}: {part!r} is not OPTION=VALUE; write e.g. gating:floor=0.5.")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--heads entry {label!r}: {value!r} is not a YAML value ({str(e).splitlines()[0]}); "
+                              "write e.g. gating:floor=0.5.") from None
     check_options("fusion head", name, registered.get(name), options, reserved=("modality_dims", "out_dim"))
     return name, options
 

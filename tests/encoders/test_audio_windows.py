@@ -196,3 +196,19 @@ def test_no_audio_encoder_reads_more_than_ten_minutes() -> None:
         AudioPreprocessor(max_seconds=601.0)
     with pytest.raises(ConfigError, match=r"max_seconds=700 is above the 600 s"):
         encoders.create_encoder("mel-cnn", max_seconds=700.0)
+
+
+def test_spectrogram_models_keep_their_own_window_and_only_the_600_s_bound() -> None:
+    """hf-audio with a feature extractor (AST, Whisper): no 20 s windows, so no 16-window bound either; the
+    extractor is loaded lazily, so a tiny model stands in offline."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from encoders.audio_hf import HFAudioEncoder, HFAudioPreprocessor
+
+    model = Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, conv_dim=(32,) * 7))
+    spectrogram = HFAudioEncoder(model, HFAudioPreprocessor("some/extractor", max_seconds=400.0))
+    assert spectrogram.window_seconds is None and spectrogram.window_samples == 0
+    with pytest.raises(ConfigError, match=r"max_seconds=400 is more than 16 windows of 20 s"):
+        HFAudioEncoder(model, HFAudioPreprocessor(None, max_seconds=400.0))
+    assert HFAudioEncoder(model, HFAudioPreprocessor(None, max_seconds=40.0)).window_seconds == 20.0

@@ -151,7 +151,8 @@ def test_a_sweep_compares_variants_of_one_head(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("entry", "needle"), [("gating:floor", "is not OPTION=VALUE"),
                                                ("gating:flor=0.5", "flor"),
-                                               ("gatting:floor=0.5", "not a fusion head")])
+                                               ("gatting:floor=0.5", "not a fusion head"),
+                                               ("gating:floor=[0.5", "is not a YAML value")])
 def test_a_bad_head_variant_is_a_config_error_before_any_encoding(tmp_path: Path, entry: str, needle: str) -> None:
     calls: list[bool] = []
     with pytest.raises(ConfigError, match=needle):
