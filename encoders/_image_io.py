@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from fusion_errors import ConfigError, InputError
@@ -17,6 +17,8 @@ from fusion_errors import ConfigError, InputError
 from ._contract import Preprocessor
 
 __all__ = ["load_image", "ImagePreprocessor"]
+
+_ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the stored pixels
 
 _HINT = "Pass a PIL image, an HxW/HxWxC array or tensor, a file path, image bytes or a {'bytes','path'} dict."
 
@@ -69,6 +71,8 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise InputError(f"{name}: image has zero size ({img.width}x{img.height}).")
+    if img.getexif().get(_ORIENTATION, 1) != 1:  # a photo stored sideways: turn it the way image viewers show it
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)  # 16/32-bit greyscale: rescale to 0..255
         span = arr.max() - arr.min()
@@ -88,7 +92,9 @@ def load_image(x: Any, name: str = "image") -> Image.Image:
 
     Accepts PIL images, numpy arrays / torch tensors (HW, HWC or CHW; uint8, uint16 or float in [0, 1]),
     file paths (``str``/``Path``), encoded bytes and datasets-style ``{"bytes": ..., "path": ...}`` dicts.
-    Modes L, LA, P, RGBA (alpha composited on white), CMYK and I;16 become RGB.
+    Modes L, LA, P, RGBA (alpha composited on white), CMYK and I;16 become RGB. A photo whose EXIF orientation
+    tag says it is stored rotated or mirrored (phones do this) is turned upright first, as image viewers and
+    ``transformers``' image loading show it; otherwise a model would see phone photos sideways.
 
     Raises:
         InputError: zero-size, unreadable or corrupt images (naming the path), unsupported types.

@@ -71,6 +71,31 @@ def test_image_sources(tmp_path: Path) -> None:
         assert img.size == (7, 5) and img.getpixel((0, 0)) == (1, 2, 3)
 
 
+def _with_orientation(arr: np.ndarray, orientation: int, fmt: str = "PNG") -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_exif_orientation_turns_photos_upright(tmp_path: Path) -> None:
+    # a 2 x 3 picture with a distinct value per pixel, stored as a phone stores a photo taken sideways
+    stored = np.arange(18, dtype=np.uint8).reshape(2, 3, 3) * 10
+    upright = {1: stored, 2: stored[:, ::-1], 3: stored[::-1, ::-1], 6: np.rot90(stored, k=-1),  # 6: 90° clockwise
+               8: np.rot90(stored, k=1)}
+    for orientation, expected in upright.items():
+        data = _with_orientation(stored, orientation)
+        path = tmp_path / f"o{orientation}.png"
+        path.write_bytes(data)
+        for source in (data, path, {"bytes": data, "path": "o.png"}, Image.open(io.BytesIO(data))):
+            np.testing.assert_array_equal(np.asarray(load_image(source)), expected, err_msg=str(orientation))
+    # the preprocessor sees the upright picture: a sideways and an upright copy give the same pixels
+    pre = ImagePreprocessor(image_size=16, crop_pct=1.0)
+    sideways = pre([_with_orientation(stored, 6)])["pixel_values"]
+    torch.testing.assert_close(sideways, pre([np.ascontiguousarray(np.rot90(stored, k=-1))])["pixel_values"])
+
+
 def test_image_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="empty"):
         load_image(np.zeros((0, 5, 3), dtype=np.uint8))
