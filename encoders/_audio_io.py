@@ -69,8 +69,11 @@ def _as_array(x: Any, name: str) -> np.ndarray:
     arr = x.detach().cpu().float().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if arr.dtype.kind not in "fiu":
         raise InputError(f"{name}: audio array has dtype {arr.dtype}; expected float or integer samples.")
-    if arr.dtype.kind in "iu":  # integer PCM -> [-1, 1]
-        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    if arr.dtype.kind == "i":  # signed integer PCM -> [-1, 1)
+        arr = arr.astype(np.float32) / float(-np.iinfo(arr.dtype).min)
+    elif arr.dtype.kind == "u":  # unsigned PCM (8-bit WAV) is centred on half its range: silence is 128, not 0
+        half = float(np.iinfo(arr.dtype).max // 2 + 1)
+        arr = (arr.astype(np.float32) - half) / half
     if arr.ndim == 1:
         return arr.astype(np.float32)[:, None]  # [N, 1]
     if arr.ndim == 2:

@@ -133,6 +133,17 @@ def test_audio_sources_and_stereo(tmp_path: Path) -> None:
     assert load_audio((left, 32000), 16000)[0].shape == (800,)
 
 
+def test_integer_pcm_arrays_scale_like_decoded_files(tmp_path: Path) -> None:
+    # 8-bit PCM is unsigned, silence at 128; 16-bit is signed: both map onto [-1, 1) as libsndfile decodes them
+    u8 = np.array([0, 64, 128, 192, 255], dtype=np.uint8)
+    torch.testing.assert_close(load_audio(u8, 16000)[0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 127 / 128]))
+    i16 = np.array([-32768, -16384, 0, 16384, 32767], dtype=np.int16)
+    path = tmp_path / "pcm16.wav"
+    sf.write(path, i16, 16000, subtype="PCM_16")
+    torch.testing.assert_close(load_audio(i16, 16000)[0], load_audio(path, 16000)[0], rtol=0, atol=0)
+    torch.testing.assert_close(load_audio(i16, 16000)[0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 32767 / 32768]))
+
+
 def test_audio_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"8000 Hz.*16000 Hz.*allow_resample=True"):
         load_audio({"array": np.zeros(800, np.float32), "sampling_rate": 8000}, 16000, allow_resample=False)
