@@ -16,7 +16,7 @@ from fusion_errors import ConfigError, InputError
 
 from ._contract import Preprocessor
 
-__all__ = ["load_image", "ImagePreprocessor"]
+__all__ = ["load_image", "to_rgb", "ImagePreprocessor"]
 
 _ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the stored pixels
 
@@ -68,7 +68,9 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """An opened image as the encoders see it: upright (EXIF orientation), RGB, alpha composited on white, 16-bit
+    greyscale rescaled. Every path into a model (training, predict, serve) goes through it, so they agree."""
     if img.width == 0 or img.height == 0:
         raise InputError(f"{name}: image has zero size ({img.width}x{img.height}).")
     if img.getexif().get(_ORIENTATION, 1) != 1:  # a photo stored sideways: turn it the way image viewers show it
@@ -122,7 +124,7 @@ def load_image(x: Any, name: str = "image") -> Image.Image:
         raise InputError(f"{name}: dict has neither 'bytes' nor 'path' content. {_HINT}")
     else:
         raise InputError(f"{name}: unsupported image type {type(x).__name__}. {_HINT}")
-    return _to_rgb(img, name)
+    return to_rgb(img, name)
 
 
 class ImagePreprocessor(Preprocessor):

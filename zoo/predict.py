@@ -15,46 +15,21 @@ from fusion_errors import InputError
 
 from .config import FusionModelConfig
 
-__all__ = ["as_items", "decode", "explain", "describe", "check_samples", "load_image", "load_audio",
-           "drop_modality", "contributions", "explain_table"]
-
-_AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+__all__ = ["as_items", "decode", "explain", "describe", "check_samples", "drop_modality", "contributions",
+           "explain_table"]
 
 
-def load_image(item: Any) -> Any:
-    """A path or an [H, W] / [H, W, C] uint8 array -> RGB PIL image; PIL images and tensors pass through."""
-    from PIL import Image
-
-    if isinstance(item, (str, Path)):
-        path = Path(item).expanduser()
-        if not path.is_file():
-            raise InputError(f"image file {str(path)!r} does not exist; give an existing path or a PIL image.")
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except OSError as e:
-            raise InputError(f"cannot read image {str(path)!r} ({e}); give a PNG/JPEG file or a PIL image.") from e
-    if isinstance(item, np.ndarray):  # dtype, shape and NaN checks live in the encoders' loader
-        from encoders._image_io import load_image as load_array
-
-        return load_array(item, "image")
-    return item
-
-
-def load_audio(item: Any) -> Any:
-    """A path -> ``(mono float32 waveform [N], sample_rate)``; arrays and ``(array, rate)`` tuples pass through."""
-    if isinstance(item, (str, Path)):
-        import soundfile as sf
-
-        path = Path(item).expanduser()
-        if not path.is_file():
-            raise InputError(f"audio file {str(path)!r} does not exist; give an existing path or (waveform, rate).")
-        try:
-            wav, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, channels]
-        except Exception as e:
-            raise InputError(f"cannot read audio {str(path)!r} ({e}); give a WAV/FLAC file or (waveform, rate).") from e
-        return wav.mean(axis=1), int(rate)
-    return item
+def _checked_path(modality: str, item: Any) -> Any:
+    """A file path stays a path (decoded in its batch by the encoder's own loader, so predict sees exactly the
+    pixels and samples training saw, and a long list of files is never all in memory); a missing file is an
+    InputError now, before any model runs. Other items (PIL images, arrays, tensors, ``(waveform, rate)``) pass."""
+    if not isinstance(item, (str, Path)):
+        return item
+    path = Path(item).expanduser()
+    if not path.is_file():
+        example = "a PIL image" if modality == "image" else "(waveform, rate)"
+        raise InputError(f"{modality} file {str(path)!r} does not exist; give an existing path or {example}.")
+    return str(path)
 
 
 def _is_single(modality: str, value: Any) -> bool:
@@ -72,10 +47,8 @@ def as_items(modality: str, value: Any) -> list[Any] | None:
     if value is None:
         return None
     items = [value] if _is_single(modality, value) else list(value)
-    if modality == "image":
-        return [None if x is None else load_image(x) for x in items]
-    if modality == "audio":
-        return [None if x is None else load_audio(x) for x in items]
+    if modality in ("image", "audio"):
+        return [None if x is None else _checked_path(modality, x) for x in items]
     for i, x in enumerate(items):
         if x is not None and not isinstance(x, str):
             raise InputError(f"text item {i} is a {type(x).__name__}; give strings (or None for missing).")

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from encoders import Encoder, ModalityOutput, Preprocessor, register_encoder
+from encoders._audio_io import load_audio
+from encoders._image_io import load_image
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
@@ -43,7 +45,7 @@ class ImagePre(Preprocessor):
         px = torch.zeros(len(items), 3, 8, 8)
         for i, img in enumerate(items):
             if img is not None:
-                arr = np.asarray(img.convert("RGB").resize((8, 8)), dtype=np.float32) / 255.0  # [8, 8, 3]
+                arr = np.asarray(load_image(img).resize((8, 8)), dtype=np.float32) / 255.0  # [8, 8, 3]
                 px[i] = torch.from_numpy(arr).permute(2, 0, 1)
         return {"pixel_values": px, "present": torch.tensor([x is not None for x in items])}
 
@@ -58,7 +60,7 @@ class AudioPre(Preprocessor):
         wav = torch.zeros(len(items), 64)
         for i, x in enumerate(items):
             if x is not None:
-                arr = np.asarray(x[0] if isinstance(x, tuple) else x, dtype=np.float32)[:64]
+                arr = load_audio(x, 16000)[0].numpy()[:64]  # paths, arrays and (waveform, rate), like a real one
                 wav[i, : len(arr)] = torch.from_numpy(arr)
         return {"waveform": wav, "present": torch.tensor([x is not None for x in items])}
 

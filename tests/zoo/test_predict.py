@@ -46,6 +46,27 @@ def test_single_items_files_and_missing(make_model, raw, tmp_path: Path) -> None
     assert len(mixed) == 2
 
 
+def test_files_reach_the_model_as_training_reads_them(make_model, raw, tmp_path: Path) -> None:
+    """predict(image=path) sees the pixels the feature cache saw for that path: a transparent PNG is composited
+    on white and a sideways-stored photo is turned upright (it used to drop the alpha and keep the hidden RGB)."""
+    from PIL import Image
+
+    from encoders._image_io import load_image
+
+    pixels = np.asarray(raw["image"][0].convert("RGB"))
+    rgba = Image.fromarray(np.dstack([pixels, np.full(pixels.shape[:2], 0, np.uint8)]), "RGBA")  # invisible
+    rgba.save(tmp_path / "clear.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    raw["image"][1].save(tmp_path / "sideways.png", exif=exif.tobytes())
+    model = make_model(modalities=("image",))
+    got = predict(model, image=[str(tmp_path / "clear.png"), tmp_path / "sideways.png"])
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    upright = Image.fromarray(np.ascontiguousarray(np.rot90(np.asarray(raw["image"][1].convert("RGB")), k=-1)))
+    assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # what training reads
+    assert got == predict(model, image=[white, upright])
+
+
 def test_errors(make_model, raw) -> None:
     model = make_model(modalities=("image", "text"))
     with pytest.raises(InputError, match="every modality is missing"):

@@ -116,6 +116,23 @@ def server(model: Any) -> Iterator[str]:
 
 
 # endpoints -------------------------------------------------------------------------------------------
+def test_uploaded_images_decode_as_training_reads_them() -> None:
+    """The server's decoder agrees with the training loader: alpha composited on white, EXIF orientation."""
+    from PIL import Image
+
+    from zoo.serve.inputs import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 3), (10, 20, 30, 0)).save(buf, format="PNG")
+    assert decode_image(buf.getvalue(), Limits(), "body").getpixel((0, 0)) == (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored rotated: viewers turn it 90 degrees counter-clockwise
+    stored = np.arange(24, dtype=np.uint8).reshape(2, 4, 3) * 10
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="PNG", exif=exif.tobytes())
+    np.testing.assert_array_equal(np.asarray(decode_image(buf.getvalue(), Limits(), "body")), np.rot90(stored, k=1))
+
+
 def test_health_model_page_and_openapi(server: str) -> None:
     with httpx.Client(base_url=server) as c:
         health = c.get("/health")

@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from encoders._image_io import to_rgb
 from fusion_errors import InputError
 
 __all__ = ["Limits", "LimitError", "parse_multipart", "parse_urlencoded", "parse_json", "parse_json_sample",
@@ -197,7 +198,7 @@ def decode_image(data: bytes, limits: Limits, where: str) -> Any:
         raise InputError(f"{where}.image is {w}x{h}; send an image with pixels.")
     try:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img, f"{where}.image")  # as training saw it: upright, alpha composited on white
     except Image.DecompressionBombError as e:
         raise LimitError(f"{where}.image is too large to decode safely ({e}).") from e
     except (OSError, ValueError, SyntaxError) as e:
