@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import math
 import unicodedata
@@ -47,6 +48,42 @@ def _first_file(data_files: Any) -> str:
 def _all_files(data_files: Any) -> list[str]:
     values = data_files.values() if isinstance(data_files, dict) else [data_files]
     return [str(f) for v in values for f in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception behind ``e`` (datasets wraps a parser's error in its own)."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    return e
+
+
+def _first_bad_byte(path: str) -> str | None:
+    """Where the file at ``path`` stops being UTF-8 ("byte 0xe9 at offset 12, line 2"), or None if it is UTF-8
+    (read in 1 MiB pieces, so memory stays small whatever the file's size)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(1 << 20):
+                try:
+                    decoder.decode(piece)
+                except UnicodeDecodeError as e:
+                    lines += piece[:max(e.start, 0)].count(b"\n")
+                    at = min(max(e.start, 0), len(piece) - 1)  # a character split across pieces starts before
+                    return f"byte 0x{piece[at]:02x} at offset {offset + at}, line {lines}"
+                offset, lines = offset + len(piece), lines + piece.count(b"\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"a truncated character at the end, offset {offset}"
+    except OSError:
+        return None
+    return None
+
+
+def _not_utf8(path: str) -> bool:
+    return _first_bad_byte(path) is not None
 
 
 def _folder_tables(root: Path) -> dict[str, str]:
@@ -152,9 +189,14 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
             raise DataError(f"cannot read {first!r} as {fmt} ({e}); check the file or --data.data_format.") from e
         raise DataError(f"a split of --data.data_files is empty ({e}); every split needs rows: fill or drop "
                         "that file.") from e
-    except Exception as e:  # parser errors from pandas/pyarrow
-        raise DataError(f"cannot read {first!r} as {fmt} ({type(e).__name__}: {e}); check the file or "
-                        "pass the right --data.data_format.") from e
+    except Exception as e:  # parser errors from pandas/pyarrow, wrapped by datasets in DatasetGenerationError
+        root_cause = _root_cause(e)
+        bad = next((f for f in _all_files(data_files) if _not_utf8(f)), None) if fmt in ("csv", "json") else None
+        if bad is not None:  # a spreadsheet's legacy export (cp1252, latin-1): pandas and pyarrow read UTF-8 only
+            raise DataError(f"{bad!r} is not UTF-8 text ({_first_bad_byte(bad)}); re-save it as UTF-8 (a "
+                            "spreadsheet's 'CSV UTF-8' export, or: iconv -f cp1252 -t utf-8 IN > OUT).") from e
+        raise DataError(f"cannot read {first!r} as {fmt} ({type(root_cause).__name__}: {root_cause}); check the "
+                        "file or pass the right --data.data_format.") from e
     return loaded, root or Path(first).resolve().parent, None
 
 

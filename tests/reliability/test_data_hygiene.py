@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import encoders
 from encoders.text_hf import check_texts
 from fusion_errors import ConfigError, DataError, InputError
-from recipes._columns import cell_problem, is_missing
+from recipes._columns import cell_problem, is_missing, load_source
 from recipes.cache import FeatureCache, clean_stale_temps
 from recipes.data import FusionDataModule
 from zoo.config import FusionModelConfig
@@ -64,6 +64,20 @@ def test_a_zero_byte_csv_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_bytes(b"")
     with pytest.raises(DataError, match=r"is empty \(0 bytes\)"):  # was DatasetGenerationError
         FusionDataModule(data_files=str(tmp_path / "empty.csv"))
+
+
+def test_a_csv_that_is_not_utf8_is_named_with_the_byte_and_the_fix(tmp_path: Path) -> None:
+    good = "text,label\nplain,a\nother,b\n"
+    (tmp_path / "train.csv").write_text(good, encoding="utf-8")
+    (tmp_path / "test.csv").write_bytes(("text,label\nfine,a\nnaïve café,b\n").encode("cp1252"))  # Excel's export
+    files = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}
+    # "ï" is 0xef in cp1252, at offset 20 (11 + 7 + 2), line 3; the train file is fine and is not the one named
+    with pytest.raises(DataError, match=r"test\.csv' is not UTF-8 text \(byte 0xef at offset 20, line 3\); re-save it "
+                                        r"as UTF-8"):  # was "DatasetGenerationError: An error occurred ..."
+        FusionDataModule(data_files=files)
+    (tmp_path / "test.csv").write_text("\ufefftext,label\nfine,a\nnaïve café,b\n", encoding="utf-8")  # BOM
+    loaded, _, _ = load_source("", files, None, None)  # UTF-8 with a byte-order mark reads, the mark dropped
+    assert loaded["test"].column_names == ["text", "label"] and loaded["test"]["text"][1] == "naïve café"
 
 
 @pytest.mark.parametrize("text", ["\x00\x00", "\u200b", "\ufeff\u200d \t", "\x1b\x07"])
