@@ -50,6 +50,21 @@ def _all_files(data_files: Any) -> list[str]:
     return [str(f) for v in values for f in (v if isinstance(v, (list, tuple)) else [v])]
 
 
+def _header_delimiter(path: str) -> str | None:
+    """The delimiter of a ``.csv`` whose header row has no comma but semicolons, tabs or pipes (spreadsheets in
+    locales whose decimal mark is a comma export ``;``), else None (comma, the default)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.readline(1 << 16).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    if "," in header:
+        return None
+    counts = {sep: header.count(sep) for sep in (";", "\t", "|")}
+    sep = max(counts, key=lambda k: counts[k])
+    return sep if counts[sep] else None
+
+
 def _root_cause(e: BaseException) -> BaseException:
     """The innermost exception behind ``e`` (datasets wraps a parser's error in its own)."""
     seen = {id(e)}
@@ -179,6 +194,8 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
         raise DataError(f"cannot tell the format of {first!r}; pass --data.data_format csv|json|parquet "
                         "(or imagefolder|audiofolder with --data.data_dir).")
     kwargs = {"delimiter": "\t"} if fmt == "csv" and first.lower().endswith(".tsv") else {}
+    if fmt == "csv" and not kwargs and (sep := _header_delimiter(first)) is not None:
+        kwargs = {"delimiter": sep}  # e.g. a European spreadsheet's export, "text;image;label"
     try:
         loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
     except FileNotFoundError as e:
@@ -383,10 +400,13 @@ def visible(text: str) -> bool:
 
 
 def resolve(v: Any, base: Path | None) -> Any:
-    """A relative path (bare or in a ``{"bytes", "path"}`` dict without bytes) made absolute against ``base``."""
+    """A relative path (bare or in a ``{"bytes", "path"}`` dict without bytes) made absolute against ``base``; a
+    Windows-style relative path (``images\\cat.png``) is read with forward slashes when only that file exists."""
     if base is None:
         return v
     if isinstance(v, str) and not Path(v).expanduser().is_absolute() and "://" not in v:
+        if "\\" in v and not (base / v).exists() and (base / v.replace("\\", "/")).exists():
+            return str(base / v.replace("\\", "/"))  # a table written on Windows: images\cat.png
         return str(base / v)
     if isinstance(v, dict) and not v.get("bytes") and isinstance(v.get("path"), str) and v.get("array") is None:
         return {**v, "path": resolve(v["path"], base)}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import encoders
 from encoders.text_hf import check_texts
 from fusion_errors import ConfigError, DataError, InputError
-from recipes._columns import cell_problem, is_missing, load_source
+from recipes._columns import cell_problem, is_missing, load_source, resolve
 from recipes.cache import FeatureCache, clean_stale_temps
 from recipes.data import FusionDataModule
 from zoo.config import FusionModelConfig
@@ -78,6 +78,21 @@ def test_a_csv_that_is_not_utf8_is_named_with_the_byte_and_the_fix(tmp_path: Pat
     (tmp_path / "test.csv").write_text("\ufefftext,label\nfine,a\nnaïve café,b\n", encoding="utf-8")  # BOM
     loaded, _, _ = load_source("", files, None, None)  # UTF-8 with a byte-order mark reads, the mark dropped
     assert loaded["test"].column_names == ["text", "label"] and loaded["test"]["text"][1] == "naïve café"
+
+
+def test_semicolon_tables_and_windows_paths_from_spreadsheets_read(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "cat.png").write_bytes(b"x")
+    (tmp_path / "t.csv").write_text("text;image;label\nsoft fur;images\\cat.png;cat\nloud;images\\cat.png;dog\n")
+    loaded, base, _ = load_source("", str(tmp_path / "t.csv"), None, None)
+    assert loaded["train"].column_names == ["text", "image", "label"]  # was one column named "text;image;label"
+    assert loaded["train"]["text"] == ["soft fur", "loud"]
+    assert resolve(loaded["train"]["image"][0], base) == str(tmp_path / "images" / "cat.png")
+    (tmp_path / "images\\dog.png").write_bytes(b"y")  # on Linux a backslash may be part of a real file name
+    assert resolve("images\\dog.png", tmp_path) == str(tmp_path / "images\\dog.png")
+    assert resolve("images\\none.png", tmp_path) == str(tmp_path / "images\\none.png")  # absent: reported as is
+    (tmp_path / "c.csv").write_text("text,label\n1;2,a\n")  # a comma header stays comma-separated
+    assert load_source("", str(tmp_path / "c.csv"), None, None)[0]["train"]["text"] == ["1;2"]
 
 
 @pytest.mark.parametrize("text", ["\x00\x00", "\u200b", "\ufeff\u200d \t", "\x1b\x07"])
