@@ -395,6 +395,13 @@ class FusionDataModule(pl.LightningDataModule):
                                        **workers)
         return DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate, **workers)
 
+    def train_labels(self) -> Tensor:
+        """The training split's labels after row checks ([N] class indices | [N, C] multilabel targets), for
+        ``class_weights='balanced'``."""
+        if "train" not in self._checked or self._signature is None or self._signature[0] != id(self._get_model()):
+            self.setup("fit")
+        return self._checked["train"].labels
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
@@ -31,7 +32,7 @@ from zoo.model import FusionModel, FusionModelOutput
 from .metrics import SplitMetrics
 from .settings import OptimConfig
 
-__all__ = ["FusionTask", "DEFAULT_ENCODERS"]
+__all__ = ["FusionTask", "DEFAULT_ENCODERS", "class_weight_tensor"]
 
 # The offline default per modality. image: EfficientNet-Lite0 at 64 px beside a 16-px colour thumbnail (small,
 # degraded images: docs/encoders.md); audio: Whisper base's encoder (speech content; resemblyzer-lstm encodes the
@@ -65,6 +66,41 @@ def _eval_frozen(module: nn.Module) -> None:
             _eval_frozen(child)
 
 
+def class_weight_tensor(spec: str | list[float] | dict[str, float] | None, labels: list[str], task: str,
+                        train_labels: Tensor | None = None) -> Tensor | None:
+    """The loss weights [C] that ``class_weights`` ``spec`` means for ``labels``, or None for an unweighted loss.
+
+    ``"balanced"``: multiclass N / (C * n_c) over the training labels ``train_labels`` [N] (a class absent from
+    them weighs 1); multilabel, the ``pos_weight`` of each label, negatives / positives (1 when it has none).
+    """
+    if spec is None:
+        return None
+    if task == "regression":
+        raise ConfigError("class_weights applies to multiclass and multilabel tasks, not regression; drop it.")
+    c = len(labels)
+    if spec == "balanced":
+        if train_labels is None or train_labels.shape[0] == 0:
+            raise ConfigError("class_weights='balanced' needs the training labels; none were given.")
+        if task == "multiclass":
+            counts = torch.bincount(train_labels.long().reshape(-1), minlength=c).double()  # [C]
+            weight = torch.where(counts > 0, counts.sum() / (c * counts.clamp_min(1)), torch.ones_like(counts))
+        else:
+            pos = train_labels.double().sum(0)  # [C]
+            neg = train_labels.shape[0] - pos
+            weight = torch.where(pos > 0, neg.clamp_min(1) / pos.clamp_min(1), torch.ones_like(pos))
+        return weight.float()
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - set(labels))
+        if unknown:
+            raise ConfigError(f"class_weights names {unknown}, which are not labels of this task {labels}; "
+                              "fix the names.")
+        return torch.tensor([float(spec.get(name, 1.0)) for name in labels])
+    if len(spec) != c:
+        raise ConfigError(f"class_weights has {len(spec)} weights for {c} labels {labels}; give one per label, "
+                          "or a dict label -> weight.")
+    return torch.tensor([float(v) for v in spec])
+
+
 class FusionTask(pl.LightningModule):
     """Train a fused text/image/audio model on one task.
 
@@ -93,6 +129,8 @@ class FusionTask(pl.LightningModule):
         encoder_lr: peak learning rate of the fine-tuned weights of pretrained encoders.
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
         warmup_ratio: fraction of the training steps with linear warm-up before the cosine decay.
+        class_weights: per-class loss weights for imbalanced data: None, ``"balanced"`` (from the training
+            split's label counts when a fit starts), a list (one per label) or a dict label -> weight.
         init_from: a zoo name or saved folder to start from (its encoders, stage and weights are kept).
         train_only_head: train only ``model.head_parameters()``; None = True when ``init_from`` swapped the head.
         config: a resolved ``FusionModelConfig.to_dict()``; when given the model is built from it alone
@@ -122,13 +160,15 @@ class FusionTask(pl.LightningModule):
         encoder_lr: float = _O["encoder_lr"],
         weight_decay: float = _O["weight_decay"],
         warmup_ratio: float = _O["warmup_ratio"],
+        class_weights: str | list[float] | dict[str, float] | None = _O["class_weights"],
         init_from: str | None = None,
         train_only_head: bool | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         args = {k: copy.deepcopy(v) for k, v in locals().items() if k in inspect.signature(FusionTask).parameters}
-        self.optim = OptimConfig(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        self.optim = OptimConfig(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                                 class_weights=copy.deepcopy(class_weights))
         swapped = False
         if config is not None:
             self.model = FusionModel(FusionModelConfig.from_dict(config))
@@ -171,6 +211,14 @@ class FusionTask(pl.LightningModule):
         args["config"] = self.cfg.to_dict()
         self.save_hyperparameters(args)
         self._init_metrics()
+        if class_weights is not None:  # checked now, before any data is read or encoded
+            if class_weights != "balanced":
+                self.use_class_weights()
+            elif self.cfg.task == "regression":
+                class_weight_tensor(class_weights, list(self.cfg.labels), self.cfg.task)  # raises: not regression
+
+    #: per-class loss weights [C] (``class_weights``), None = unweighted; "balanced" is resolved in ``setup``
+    loss_weight: Tensor | None = None
 
     def _init_metrics(self) -> None:
         """Metrics per split: fused (+ each modality alone on test), and each late head in late/hybrid."""
@@ -230,11 +278,43 @@ class FusionTask(pl.LightningModule):
         return self.model(inputs)
 
     # losses ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Resolve ``class_weights`` (explicit ones at once; ``"balanced"`` from the data module's training
+        labels when a fit starts) and say what they are."""
+        spec = self.optim.class_weights
+        if spec is None or self.loss_weight is not None:
+            return
+        train_labels = None
+        if spec == "balanced":
+            if stage != "fit":
+                return  # evaluation alone: the loss stays unweighted, the metrics do not depend on it
+            datamodule = getattr(self._trainer, "datamodule", None)
+            if not callable(getattr(datamodule, "train_labels", None)):
+                raise ConfigError("class_weights='balanced' counts the training labels of a FusionDataModule; with "
+                                  "another data source give the weights (a list or a dict label -> weight).")
+            train_labels = datamodule.train_labels()  # type: ignore[union-attr]
+        self.use_class_weights(train_labels)
+
+    def use_class_weights(self, train_labels: Tensor | None = None, announce: bool = True) -> Tensor | None:
+        """Set ``loss_weight`` [C] from ``class_weights`` (``train_labels`` [N] | [N, C]: needed for "balanced")."""
+        spec = self.optim.class_weights
+        weight = class_weight_tensor(spec, list(self.cfg.labels), self.cfg.task, train_labels)
+        self.loss_weight = None if weight is None else weight.to(self.device)
+        if weight is not None:
+            self.hparams["class_weights"] = weight.tolist()  # checkpoints rebuild with these very weights
+            if announce:
+                shown = ", ".join(f"{n} {w:.3g}" for n, w in zip(self.cfg.labels, weight.tolist(), strict=True))
+                rank_zero_info(f"class weights ({spec if isinstance(spec, str) else 'given'}): {shown}")
+        return self.loss_weight
+
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        w = self.loss_weight
+        if w is not None and w.device != logits.device:
+            w = self.loss_weight = w.to(logits.device)
         if self.cfg.task == "multiclass":
-            return F.cross_entropy(logits, labels.long())
+            return F.cross_entropy(logits, labels.long(), weight=w)
         if self.cfg.task == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=w)
         return F.mse_loss(logits, labels.float().reshape(logits.shape))
 
     def _late_loss(self, out: FusionModelOutput, labels: Tensor) -> Tensor:

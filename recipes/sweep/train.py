@@ -184,6 +184,7 @@ def train_cell(
     """
     pl.seed_everything(seed, workers=False, verbose=False)
     task = CachedFeatureTask(config.to_dict(), train.embed_dims, optim)
+    task.use_class_weights(train.labels, announce=False)  # "balanced" counts this cell's training labels
     keep = _KeepBest()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, enable_checkpointing=False, logger=False,

@@ -320,3 +320,75 @@ def test_task_flags_are_the_config_fields_with_their_defaults() -> None:
     want = FusionModelConfig(encoders=built.cfg.encoders, labels=tuple(LABELS), hidden_dim=16)
     assert built.cfg == want
     assert built.optim == OptimConfig()
+
+
+def test_class_weights_balanced_from_counts_written_out():
+    from recipes.task import class_weight_tensor
+
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])  # 6 a, 2 b, no c: N / (C * n_c) = 8/18, 8/6; absent c weighs 1
+    torch.testing.assert_close(class_weight_tensor("balanced", LABELS, "multiclass", y),
+                               torch.tensor([8 / 18, 8 / 6, 1.0]))
+    multi = torch.tensor([[1.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 0]])  # positives 3, 1, 0 of 4
+    torch.testing.assert_close(class_weight_tensor("balanced", LABELS, "multilabel", multi),
+                               torch.tensor([1 / 3, 3.0, 1.0]))
+    torch.testing.assert_close(class_weight_tensor({"c": 4.0}, LABELS, "multiclass"), torch.tensor([1.0, 1.0, 4.0]))
+    assert class_weight_tensor(None, LABELS, "multiclass") is None
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"z": 2.0}, r"names \['z'\], which are not labels"),
+    ([1.0, 2.0], "2 weights for 3 labels"),
+    ("inverse", "is not known"),
+    ([1.0, -1.0, 1.0], "finite number > 0"),
+    ([], "empty"),
+])
+def test_bad_class_weights_fail_when_the_task_is_built(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        make_task(class_weights=spec)
+
+
+def test_class_weights_are_not_for_regression():
+    with pytest.raises(ConfigError, match="not regression"):
+        make_task(task="regression", class_weights="balanced")
+
+
+@pytest.mark.parametrize("task_kind", ["multiclass", "multilabel"])
+def test_weighted_loss_is_the_weighted_formula(task_kind):
+    w = torch.tensor([1.0, 2.0, 5.0])
+    task = make_task(task=task_kind, class_weights=w.tolist())
+    z = torch.tensor([[0.5, -1.0, 2.0], [2.0, 0.0, 0.0], [0.0, 1.0, -0.5]])
+    if task_kind == "multiclass":
+        y = torch.tensor([2, 0, 1])
+        nll = z.exp().sum(-1).log() - z.gather(1, y[:, None])[:, 0]  # per sample
+        expected = (w[y] * nll).sum() / w[y].sum()  # torch's weighted mean: normalised by the weights used
+    else:
+        y = torch.tensor([[0.0, 1, 1], [1, 0, 0], [0, 1, 0]])
+        log_p, log_q = -(1 + (-z).exp()).log(), -(1 + z.exp()).log()  # log sigmoid(z), log (1 - sigmoid(z))
+        expected = -(w * y * log_p + (1 - y) * log_q).mean()  # w multiplies the positives only (pos_weight)
+    assert task._loss(z, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    unweighted = make_task(task=task_kind)._loss(z, y)
+    assert unweighted.item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+class _CountedData(ToyDataModule):
+    """The toy data plus ``train_labels`` (what FusionDataModule offers for class_weights='balanced')."""
+
+    def train_labels(self) -> torch.Tensor:
+        return torch.cat([b["labels"] for b in self.splits["train"]])
+
+
+def test_balanced_weights_come_from_the_training_labels_and_reach_the_checkpoint(tmp_path):
+    data = _CountedData()
+    task = make_task(class_weights="balanced")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    trainer.fit(task, datamodule=data)
+    counts = torch.bincount(data.train_labels(), minlength=3).float()
+    assert task.loss_weight is not None
+    torch.testing.assert_close(task.loss_weight, 24 / (3 * counts))
+    path = tmp_path / "w.ckpt"
+    trainer.save_checkpoint(path)
+    back = FusionTask.from_checkpoint(path)  # rebuilt without any data: the weights come with the checkpoint
+    assert back.loss_weight is not None
+    torch.testing.assert_close(back.loss_weight, task.loss_weight)
+    with pytest.raises(ConfigError, match="counts the training labels of a FusionDataModule"):
+        tiny_trainer(tmp_path, max_epochs=1).fit(make_task(class_weights="balanced"), datamodule=ToyDataModule())
