@@ -340,3 +340,32 @@ def test_a_cell_without_validation_reports_its_last_epoch() -> None:
     result = train_cell(config, _split(48, 0, False), _split(24, 1, False), seed=0, max_epochs=2, batch_size=16,
                         optim=OptimConfig(), robustness={"noise": [0.5], "token_drop": [0.5]}, echo=lambda _: None)
     assert result["best_epoch"] == 2 and result["val_losses"] == []
+
+
+def test_a_cell_with_balanced_class_weights_weighs_its_own_training_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model.class_weights balanced` in a sweep: the validation loss a cell keeps is the cross-entropy weighted
+    by N / (C * n_c) over that cell's training labels (written out here from the counts)."""
+    import torch.nn.functional as F
+
+    from recipes.settings import OptimConfig
+    from recipes.sweep import train as train_mod
+    from zoo.config import FusionModelConfig
+
+    train, test = _split(96, 0, False), _split(24, 1, False)
+    keep = torch.cat([torch.nonzero(train.labels != 2)[:, 0], torch.nonzero(train.labels == 2)[:4, 0]])
+    train = SplitFeatures({m: f.index(keep) for m, f in train.feats.items()}, train.labels[keep])  # class c is rare
+    seen = []
+    monkeypatch.setattr(train_mod, "head_latency_ms", lambda model, split: seen.append(model) or 0.0)
+    config = FusionModelConfig(encoders={m: "cached-features" for m in DIMS}, labels=("a", "b", "c"),
+                               fusion_head="concat", stage="early", hidden_dim=16)
+    result = train_mod.train_cell(config, train, test, seed=0, max_epochs=2, batch_size=16,
+                                  optim=OptimConfig(lr=3e-3, class_weights="balanced"),
+                                  robustness={"noise": [0.5], "token_drop": [0.5]}, echo=lambda _: None, val=test)
+    counts = torch.bincount(train.labels, minlength=3).float()
+    assert counts[2] == 4
+    weight = len(train) / (3 * counts)
+    with torch.no_grad():
+        logits = seen[0].eval().fuse({m: f.index(torch.arange(len(test))) for m, f in test.feats.items()}).logits
+    kept = min(result["val_losses"])
+    assert abs(float(F.cross_entropy(logits, test.labels, weight=weight)) - kept) < 1e-4
+    assert abs(float(F.cross_entropy(logits, test.labels)) - kept) > 1e-3  # and not the unweighted loss
