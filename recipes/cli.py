@@ -418,6 +418,13 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> FusionC
     )
 
 
+def _predict_table(*args: Any, **kwargs: Any) -> Any:
+    """``recipes.predict_table.predict_table``, imported only when ``predict --table`` runs (it loads datasets)."""
+    from .predict_table import predict_table
+
+    return predict_table(*args, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fusion-zoo``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -438,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command in ZOO_COMMANDS:
         from zoo.cli import main as zoo_main
 
-        return int(zoo_main(args) or 0)
+        return int(zoo_main(args, table_predictor=_predict_table) or 0)
     if command == "sweep":
         from .sweep.run import main as sweep_main
 

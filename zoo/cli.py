@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", help="a text input (repeat for several samples)")
     p.add_argument("--image", action="append", help="an image file (repeat for several samples)")
     p.add_argument("--audio", action="append", help="an audio file (repeat for several samples)")
+    p.add_argument("--table", help="a CSV/TSV/JSON(L)/parquet table: predict every row (read as `fit` reads one; "
+                                   "relative file paths from its folder) and write a CSV (--output)")
+    p.add_argument("--output", default="predictions.csv",
+                   help="with --table: the CSV to write, the table's columns + prediction, probabilities, error")
+    p.add_argument("--columns", help="with --table: modality -> column where the names differ, as JSON, e.g. "
+                                     "'{\"text\": \"question\"}'")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per sample")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--no-explain", action="store_true", help="skip the per-modality contribution table")
@@ -72,11 +79,27 @@ def _predict(args: argparse.Namespace) -> int:
     from .model import FusionModel  # lazy: keeps `fusion-zoo --help` fast
     from .predict import explain_table
 
+    if args.table:
+        if args.text or args.image or args.audio:
+            raise InputError("give either --table or --text/--image/--audio inputs, not both.")
+        if args.table_predictor is None:
+            raise InputError("--table reads tables with the recipes package: run it as `fusion-zoo predict`.")
+        try:
+            columns = json.loads(args.columns) if args.columns else None
+        except json.JSONDecodeError as e:
+            raise InputError(f"--columns is not JSON ({e}); write it as '{{\"text\": \"question\"}}'.") from e
+        if columns is not None and not (isinstance(columns, dict)
+                                        and all(isinstance(v, str) for v in columns.values())):
+            raise InputError("--columns must map modalities to column names, e.g. '{\"text\": \"question\"}'.")
+        model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths)
+        args.table_predictor(model, args.table, args.output, columns=columns, batch_size=args.batch_size,
+                             fold=not args.no_fold)
+        return 0
     if not (args.text or args.image or args.audio):
-        raise InputError("give at least one input: --text '...', --image PATH or --audio PATH.")
+        raise InputError("give at least one input: --text '...', --image PATH or --audio PATH (or --table FILE).")
     model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths)
     rows = model.predict(text=args.text, image=args.image, audio=args.audio, explain=not args.no_explain,
-                         fold=not args.no_fold)
+                         fold=not args.no_fold, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -158,9 +181,14 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one zoo command; a :class:`FusionZooError` prints one line to stderr and returns 2."""
+def main(argv: Sequence[str] | None = None, table_predictor: Callable[..., Any] | None = None) -> int:
+    """Run one zoo command; a :class:`FusionZooError` prints one line to stderr and returns 2.
+
+    ``table_predictor``: what ``predict --table`` calls (``recipes.predict_table.predict_table``, passed in by the
+    ``fusion-zoo`` command: reading a table is the recipes layer's job, above this one).
+    """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args.table_predictor = table_predictor
     handlers = {"predict": _predict, "zoo": _zoo, "export": _export, "convert": _convert, "serve": _serve,
                 "push": _push}
     try:
