@@ -92,6 +92,8 @@ def predict_table(model: Any, table: str | Path, output: str | Path, columns: Ma
     path = Path(table).expanduser()
     if not path.is_file():
         raise DataError(f"table {str(path)!r} does not exist; give a CSV/TSV/JSON(L)/parquet file.")
+    if Path(output).expanduser().resolve() == path.resolve():
+        raise InputError(f"--output {str(output)!r} is the table itself; write the predictions to another file.")
     splits, base, _ = load_source(str(path), None, None, None)
     ds = splits[next(iter(splits))]
     names = list(ds.column_names)
@@ -104,7 +106,9 @@ def predict_table(model: Any, table: str | Path, output: str | Path, columns: Ma
     dtypes = {n: str(getattr(ds.features[n], "dtype", "")) for n in names}
     kept = [n for n in names if dtypes[n] in ("string", "large_string") or
             dtypes[n].startswith(("int", "uint", "float", "bool"))]
-    header = [*kept, *_result_columns(model), "error"]
+    added = [*_result_columns(model), "error"]
+    out_name = {n: f"input_{n}" if n in added else n for n in kept}  # the table's own "prediction" column stays
+    header = [*out_name.values(), *added]
     predicted = failed = 0
     start, step = time.perf_counter(), max(batch_size, (len(ds) // 10) // batch_size * batch_size)
     with atomic_write(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -127,7 +131,7 @@ def predict_table(model: Any, table: str | Path, output: str | Path, columns: Ma
                     except InputError as e:
                         results.append(str(e))
             for i, res in enumerate(results):
-                cells = {k: _plain(chunk[k][i]) for k in kept}
+                cells = {out_name[k]: _plain(chunk[k][i]) for k in kept}
                 if isinstance(res, str):
                     cells["error"], failed = res, failed + 1
                 else:

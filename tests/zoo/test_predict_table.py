@@ -103,3 +103,19 @@ def test_regression_and_multilabel_columns(make_model, raw, tmp_path: Path) -> N
     row = next(csv.DictReader((tmp_path / "m.csv").open()))
     want = multi.predict(text=raw["text"][:1], image=raw["image"][:1], audio=raw["audio"][:1], explain=False)[0]
     assert row["prediction"] == ";".join(want["labels"]) and "probability" not in row
+
+
+def test_the_tables_own_prediction_column_is_kept_apart_and_the_table_is_never_overwritten(make_model, raw,
+                                                                                        tmp_path: Path) -> None:
+    model = make_model(modalities=("text",))
+    table = tmp_path / "t.csv"
+    table.write_text("text,prediction,error\none,old,none\ntwo,older,\n")
+    predict_table(model, table, tmp_path / "out.csv", echo=lambda _: None)
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    assert [r["input_prediction"] for r in rows] == ["old", "older"]
+    assert [r["input_error"] for r in rows] == ["none", ""]
+    want = model.predict(text=["one", "two"], explain=False)
+    assert [r["prediction"] for r in rows] == [w["label"] for w in want] and [r["error"] for r in rows] == ["", ""]
+    with pytest.raises(InputError, match="is the table itself"):
+        predict_table(model, table, table, echo=lambda _: None)
+    assert table.read_text().startswith("text,prediction,error")
