@@ -20,7 +20,7 @@ from fusion_errors import ConfigError, InputError
 
 from . import register_encoder
 from ._contract import Encoder, ModalityOutput, Preprocessor
-from ._image_io import ImagePreprocessor, load_image
+from ._image_io import DRAFT_MARGIN, ImagePreprocessor, load_image
 from .image_timm import TimmImageEncoder, efficientnet_lite0
 
 __all__ = ["PixelPreprocessor", "PixelEncoder", "EfficientNetPixelsPreprocessor", "EfficientNetPixelsEncoder"]
@@ -58,6 +58,11 @@ class PixelPreprocessor(Preprocessor):
     def channels(self) -> int:
         return 1 if self.color == "gray" else 3
 
+    @property
+    def decode_side(self) -> int:
+        """The side length JPEGs may be decoded down to (``load_image``'s ``min_side``)."""
+        return DRAFT_MARGIN * self.image_size
+
     def to_tensor(self, img: Image.Image) -> Tensor:
         """One RGB image → [C, S, S] in 0..1."""
         s = self.image_size
@@ -75,7 +80,7 @@ class PixelPreprocessor(Preprocessor):
         for i, item in enumerate(items):
             if item is None:
                 continue
-            pixels[i] = self.to_tensor(load_image(item, f"image item {i}"))
+            pixels[i] = self.to_tensor(load_image(item, f"image item {i}", self.decode_side))
             present[i] = True
         return {"pixels": pixels, "present": present}
 
@@ -139,10 +144,15 @@ class EfficientNetPixelsPreprocessor(Preprocessor):
         for i, item in enumerate(items):
             if item is None:
                 continue
-            img = load_image(item, f"image item {i}")
+            img = load_image(item, f"image item {i}", self.decode_side)
             self.network.normalize_into(pixel_values[i], self.network.crop(img))
             pixels[i], present[i] = self.thumbnail.to_tensor(img), True
         return {"pixel_values": pixel_values, "pixels": pixels, "present": present}
+
+    @property
+    def decode_side(self) -> int:
+        """The side length JPEGs may be decoded down to: what the larger of the two resizes needs."""
+        return max(self.network.decode_side, self.thumbnail.decode_side)
 
     def to_dict(self) -> dict[str, Any]:
         return {"network": self.network.to_dict(), "thumbnail": self.thumbnail.to_dict()}

@@ -96,6 +96,34 @@ def test_exif_orientation_turns_photos_upright(tmp_path: Path) -> None:
     torch.testing.assert_close(sideways, pre([np.ascontiguousarray(np.rot90(stored, k=-1))])["pixel_values"])
 
 
+def _photo_jpeg(w: int = 1600, h: int = 1200) -> bytes:
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (h // 40, w // 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((w, h), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_big_jpegs_decode_at_the_smallest_dct_scale_the_resize_allows(tmp_path: Path) -> None:
+    data = _photo_jpeg()  # 1600 x 1200
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    assert load_image(data).size == (1600, 1200)  # no hint: full size
+    # JPEG scales are 1/1, 1/2, 1/4, 1/8; the smallest whose both sides stay >= min_side is chosen
+    assert load_image(data, min_side=100).size == (200, 150)
+    assert load_image(path, min_side=500).size == (800, 600)
+    assert load_image({"bytes": data, "path": "p.jpg"}, min_side=250).size == (400, 300)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, format="PNG")
+    assert load_image(png.getvalue(), min_side=100).size == (1600, 1200)  # other formats decode whole
+    pre = ImagePreprocessor(image_size=224)  # resizes the short side to 256: decoded at 1/2 (800 x 600 >= 512)
+    assert pre.decode_side == 512
+    full = pre.crop(load_image(data))
+    fast = pre.crop(load_image(data, min_side=pre.decode_side))
+    assert np.abs(full.astype(int) - fast.astype(int)).mean() < 1.5  # the same photo, within JPEG rounding
+    torch.testing.assert_close(pre([data])["pixel_values"][0], pre.normalize_into(torch.empty(3, 224, 224), fast))
+
+
 def test_image_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="empty"):
         load_image(np.zeros((0, 5, 3), dtype=np.uint8))

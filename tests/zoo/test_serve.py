@@ -133,6 +133,23 @@ def test_uploaded_images_decode_as_training_reads_them() -> None:
     np.testing.assert_array_equal(np.asarray(decode_image(buf.getvalue(), Limits(), "body")), np.rot90(stored, k=1))
 
 
+def test_an_uploaded_photo_reaches_the_encoder_with_the_pixels_training_decodes() -> None:
+    """A big JPEG is decoded at the DCT scale the image preprocessor's resize allows, in training and when served."""
+    import torch
+    from PIL import Image
+
+    from encoders._image_io import ImagePreprocessor, load_image
+    from zoo.serve.inputs import decode_image
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((1600, 1200)).save(buf, format="JPEG")
+    pre = ImagePreprocessor(image_size=96)
+    served = decode_image(buf.getvalue(), Limits(), "body", pre.decode_side)
+    assert served.size == load_image(buf.getvalue(), min_side=pre.decode_side).size == (400, 300)
+    torch.testing.assert_close(pre([served])["pixel_values"], pre([buf.getvalue()])["pixel_values"], rtol=0, atol=0)
+
+
 def test_health_model_page_and_openapi(server: str) -> None:
     with httpx.Client(base_url=server) as c:
         health = c.get("/health")

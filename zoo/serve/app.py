@@ -327,6 +327,9 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
     # slots x max_request_bytes (unread bodies wait in the socket, uvicorn applies back-pressure)
     slots = asyncio.Semaphore(max(2, 2 * cfg.max_batch_size))
 
+    image_encoder = model.encoders["image"] if "image" in model.encoders else None
+    image_side = getattr(getattr(image_encoder, "preprocessor", None), "decode_side", None)  # JPEGs as training
+
     def one_sample(kind: str, content_type: str, body: bytes) -> dict[str, Any]:
         raw: dict[str, bytes | str]
         if kind == "multipart/form-data":
@@ -335,7 +338,7 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
             raw = parse_json_sample(parse_json(body))
         else:
             raw = parse_urlencoded(body)
-        return decode_sample(raw, model.modalities, limits)
+        return decode_sample(raw, model.modalities, limits, image_side=image_side)
 
     def many_samples(body: bytes) -> list[dict[str, Any]]:
         doc = parse_json(body)
@@ -347,7 +350,7 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
             raise LimitError(f"the batch has {len(items)} items; the limit is {limits.max_batch_items} "
                              "(max_batch_items, --max-batch-items); split it into several requests.")
         raws = [parse_json_sample(x, f"items[{i}]") for i, x in enumerate(items)]
-        return [decode_sample(r, model.modalities, limits, f"items[{i}]") for i, r in enumerate(raws)]
+        return [decode_sample(r, model.modalities, limits, f"items[{i}]", image_side) for i, r in enumerate(raws)]
 
     @app.post("/predict", summary="predict one sample from any subset of text, image and audio",
               response_model=Prediction, response_model_exclude_none=True, responses=_ERRORS,

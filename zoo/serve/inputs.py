@@ -178,8 +178,11 @@ def decode_text(data: bytes | str, limits: Limits, where: str) -> str | None:
     return data if data.strip() else None
 
 
-def decode_image(data: bytes, limits: Limits, where: str) -> Any:
-    """Image file bytes -> RGB PIL image; the pixel count is checked from the header before decoding."""
+def decode_image(data: bytes, limits: Limits, where: str, min_side: int | None = None) -> Any:
+    """Image file bytes -> RGB PIL image; the pixel count is checked from the header before decoding.
+
+    ``min_side``: the model's image preprocessor's ``decode_side``; a JPEG is then decoded at the reduced DCT scale
+    training decodes it at (``encoders._image_io.load_image``), so both see the same pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -197,6 +200,8 @@ def decode_image(data: bytes, limits: Limits, where: str) -> Any:
     if w == 0 or h == 0:
         raise InputError(f"{where}.image is {w}x{h}; send an image with pixels.")
     try:
+        if min_side and img.format == "JPEG":
+            img.draft(img.mode, (min_side, min_side))
         img.load()
         return to_rgb(img, f"{where}.image")  # as training saw it: upright, alpha composited on white
     except Image.DecompressionBombError as e:
@@ -235,8 +240,9 @@ def decode_audio(data: bytes, limits: Limits, where: str) -> tuple[Any, int]:
 
 
 def decode_sample(raw: dict[str, bytes | str], modalities: list[str], limits: Limits,
-                  where: str = "body") -> dict[str, Any]:
-    """``{modality: bytes | str}`` -> ``{modality: str | PIL image | (waveform, rate)}`` for ``FusionModel.predict``.
+                  where: str = "body", image_side: int | None = None) -> dict[str, Any]:
+    """``{modality: bytes | str}`` -> ``{modality: str | PIL image | (waveform, rate)}`` for ``FusionModel.predict``
+    (``image_side``: the image preprocessor's ``decode_side``, see :func:`decode_image`).
 
     Raises :class:`InputError` (HTTP 422) for unusable inputs and :class:`LimitError` (HTTP 413) for big ones.
     """
@@ -253,7 +259,7 @@ def decode_sample(raw: dict[str, bytes | str], modalities: list[str], limits: Li
         elif not value:  # an empty upload (a form's unused file field) = not given
             continue
         elif m == "image":
-            out[m] = decode_image(bytes(value), limits, where)  # type: ignore[arg-type]
+            out[m] = decode_image(bytes(value), limits, where, image_side)  # type: ignore[arg-type]
         else:
             out[m] = decode_audio(bytes(value), limits, where)  # type: ignore[arg-type]
     if not out:
