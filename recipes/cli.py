@@ -54,8 +54,8 @@ commands:
 options:
   -h, --help     show this message; `fusion-zoo <command> --help` shows a command's options
   --version      show the version
-  --verbose, -v  (fit/validate/test) also show the libraries' info lines, warnings, progress bars and the model
-                 summary; by default a run prints its progress bar, the cache lines and the result tables
+  --verbose, -v  also show the libraries' info lines, warnings and progress bars (and a fit's model summary); by
+                 default a run prints its progress bar, the cache lines and the result tables
 
 recipes: {configs}
 """
@@ -445,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command in ZOO_COMMANDS:
         from zoo.cli import main as zoo_main
 
-        return int(zoo_main(args, table_predictor=_predict_table) or 0)
+        rest, verbose = split_verbose(args)
+        configure_output(verbose)  # no transformers weight-loading bar over a prediction
+        return int(zoo_main(rest, table_predictor=_predict_table) or 0)
     if command == "sweep":
         from .sweep.run import main as sweep_main
 

@@ -44,3 +44,23 @@ def test_default_fit_is_quiet_and_verbose_is_not(tmp_path: Path) -> None:
     loud = _fit(tmp_path, "--verbose")
     assert {"seed line", "transformers weight-loading bar", "FLOPs column", "litlogger tip"} <= {
         name for name, text in NOISE.items() if text in loud}
+
+
+@pytest.mark.slow  # loads minilm-l6
+def test_predict_is_quiet_too(tmp_path: Path) -> None:
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
+
+    FusionModel(FusionModelConfig(encoders={"text": "minilm-l6"}, labels=("a", "b"), hidden_dim=8)).save_pretrained(
+        tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def predict(*extra: str) -> str:
+        cmd = [sys.executable, "-m", "recipes.cli", "predict", "--model", str(tmp_path / "model"), "--text", "hello",
+               *extra]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    out = predict()  # (--verbose brings the bar back through the same configure_output the fit test checks)
+    assert "[0] " in out and NOISE["transformers weight-loading bar"] not in out, out
