@@ -161,11 +161,19 @@ def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
     import zoo.cli
 
     seen = []
-    monkeypatch.setattr(zoo.cli, "main", lambda argv: seen.append(("zoo", argv)) or 0)
+    readers = []
+
+    def zoo_main(argv, table_predictor=None):
+        readers.append(table_predictor)
+        seen.append(("zoo", argv))
+        return 0
+
+    monkeypatch.setattr(zoo.cli, "main", zoo_main)
     monkeypatch.setattr(recipes.sweep.run, "main", lambda argv: seen.append(("sweep", argv)) or 3)
-    assert cli.main(["export", "runs/x/model", "--format", "onnx"]) == 0
+    assert cli.main(["export", "runs/x/model", "--format", "onnx", "-v"]) == 0  # --verbose is the command's own
     assert cli.main(["sweep", "--heads", "concat"]) == 3
     assert seen == [("zoo", ["export", "runs/x/model", "--format", "onnx"]), ("sweep", ["--heads", "concat"])]
+    assert callable(readers[0])  # predict --table's reader comes from the recipes layer
 
 
 def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):
