@@ -1,4 +1,5 @@
-"""``fusion-zoo predict --table new.csv``: a saved model's predictions for every row of a table, as a CSV.
+"""``fusion-zoo predict --table new.csv``: a saved model's predictions for every row of a table (or every file of
+a folder of images or audio), as a CSV.
 
 The table is read exactly as ``fusion-zoo fit`` reads one (``recipes._columns.load_source``: CSV/TSV/JSON(L)/parquet,
 spreadsheet delimiters, UTF-8 checks; relative file paths from the table's folder; the usual column names), so a
@@ -17,10 +18,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from encoders._atomic import atomic_write
 from fusion_errors import DataError, InputError
 
-from ._columns import load_source
+from ._columns import AUDIO_EXTS, IMAGE_EXTS, _folder_tables, _load_folder, load_source
 from .cache import raw_view
 from .data import COLUMN_ALIASES, _cell
 
@@ -49,6 +52,21 @@ def find_columns(names: list[str], modalities: list[str], given: Mapping[str, st
         raise DataError(f"the table has no column for any of this model's modalities {modalities} (columns: "
                         f"{names}); map them with --columns '{{\"text\": \"<column>\"}}'.")
     return out
+
+
+def _folder_rows(root: Path) -> tuple[datasets.Dataset, Path]:
+    """Every image (or audio) file under ``root``, one row each (``image``/``audio`` = its path; ``label`` = its
+    class sub-folder when files sit in sub-folders), over all split sub-folders, as ``fit`` reads such a folder."""
+    if _folder_tables(root):
+        raise DataError(f"{root} holds tables ({', '.join(sorted(_folder_tables(root).values()))}); give one of them "
+                        "as --table, or a folder of image or audio files.")
+    has = {p.suffix.lower() for p in root.rglob("*") if p.is_file()}
+    kind = "audiofolder" if has & AUDIO_EXTS and not has & IMAGE_EXTS else "imagefolder"
+    splits = _load_folder(root, kind)
+    parts = list(splits.values())
+    if any("label" in p.column_names for p in parts):  # a split folder with files directly in it has no label
+        parts = [p if "label" in p.column_names else p.add_column("label", [None] * len(p)) for p in parts]
+    return datasets.concatenate_datasets(parts), root
 
 
 def _result_columns(model: Any) -> list[str]:
@@ -90,12 +108,17 @@ def predict_table(model: Any, table: str | Path, output: str | Path, columns: Ma
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r} must be a positive integer, e.g. --batch-size 64.")
     path = Path(table).expanduser()
-    if not path.is_file():
-        raise DataError(f"table {str(path)!r} does not exist; give a CSV/TSV/JSON(L)/parquet file.")
-    if Path(output).expanduser().resolve() == path.resolve():
-        raise InputError(f"--output {str(output)!r} is the table itself; write the predictions to another file.")
-    splits, base, _ = load_source(str(path), None, None, None)
-    ds = splits[next(iter(splits))]
+    base: Path | None
+    if path.is_dir():
+        ds, base = _folder_rows(path)
+    elif path.is_file():
+        if Path(output).expanduser().resolve() == path.resolve():
+            raise InputError(f"--output {str(output)!r} is the table itself; write the predictions to another file.")
+        splits, base, _ = load_source(str(path), None, None, None)
+        ds = splits[next(iter(splits))]
+    else:
+        raise DataError(f"table {str(path)!r} does not exist; give a CSV/TSV/JSON(L)/parquet file or a folder of "
+                        "image or audio files.")
     names = list(ds.column_names)
     used = find_columns(names, list(model.modalities), columns)
     shown = ", ".join(f"{m} <- {c!r}" if c else f"{m}: no column (predicted without it)" for m, c in used.items())

@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", help="a text input (repeat for several samples)")
     p.add_argument("--image", action="append", help="an image file (repeat for several samples)")
     p.add_argument("--audio", action="append", help="an audio file (repeat for several samples)")
-    p.add_argument("--table", help="a CSV/TSV/JSON(L)/parquet table: predict every row (read as `fit` reads one; "
-                                   "relative file paths from its folder) and write a CSV (--output)")
+    p.add_argument("--table", help="a CSV/TSV/JSON(L)/parquet table, or a folder of image/audio files: predict every "
+                                   "row (read as `fit` reads one; relative file paths from its folder) and write a "
+                                   "CSV (--output)")
     p.add_argument("--output", default="predictions.csv",
                    help="with --table: the CSV to write, the table's columns + prediction, probabilities, error")
     p.add_argument("--columns", help="with --table: modality -> column where the names differ, as JSON, e.g. "

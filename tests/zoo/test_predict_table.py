@@ -119,3 +119,20 @@ def test_the_tables_own_prediction_column_is_kept_apart_and_the_table_is_never_o
     with pytest.raises(InputError, match="is the table itself"):
         predict_table(model, table, table, echo=lambda _: None)
     assert table.read_text().startswith("text,prediction,error")
+
+
+def test_a_folder_of_images_is_predicted_file_by_file(make_model, raw, tmp_path: Path) -> None:
+    model = make_model(modalities=("image",))
+    photos = tmp_path / "photos"
+    for i, cls in enumerate(["cat", "dog", "dog"]):
+        (photos / "test" / cls).mkdir(parents=True, exist_ok=True)
+        raw["image"][i].save(photos / "test" / cls / f"{i}.png")
+    summary = predict_table(model, photos, tmp_path / "p.csv", echo=lambda _: None)
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert summary["predicted"] == 3 and [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png"]
+    assert [r["label"] for r in rows] == ["cat", "dog", "dog"]  # the class folders, kept to compare with
+    want = model.predict(image=raw["image"], explain=False)
+    assert [r["prediction"] for r in rows] == [w["label"] for w in want]
+    (photos / "train.csv").write_text("image,label\n")
+    with pytest.raises(DataError, match="holds tables"):
+        predict_table(model, photos, tmp_path / "q.csv", echo=lambda _: None)
