@@ -16,7 +16,7 @@ from fusion_errors import ConfigError, InputError
 
 from ._contract import Preprocessor
 
-__all__ = ["load_image", "to_rgb", "ImagePreprocessor", "DRAFT_MARGIN"]
+__all__ = ["load_image", "to_rgb", "draft", "ImagePreprocessor", "DRAFT_MARGIN"]
 
 _ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the stored pixels
 
@@ -29,11 +29,17 @@ _HINT = "Pass a PIL image, an HxW/HxWxC array or tensor, a file path, image byte
 DRAFT_MARGIN = 2
 
 
+def draft(img: Image.Image, min_side: int | None) -> Image.Image:
+    """Before ``img.load()``: let a JPEG decode at the smallest DCT scale whose both sides stay >= ``min_side``
+    (other formats, or no ``min_side``: unchanged). Training and the server both decode through this."""
+    if min_side and img.format == "JPEG":
+        img.draft(img.mode, (min_side, min_side))
+    return img
+
+
 def _open_bytes(data: bytes, name: str, min_side: int | None = None) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
-        if min_side and img.format == "JPEG":
-            img.draft(img.mode, (min_side, min_side))  # both sides stay >= min_side
+        img = draft(Image.open(io.BytesIO(data)), min_side)
         img.load()
     except Image.DecompressionBombError as e:  # a small file that would decode to gigabytes of pixels
         raise InputError(

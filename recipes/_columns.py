@@ -97,10 +97,6 @@ def _first_bad_byte(path: str) -> str | None:
     return None
 
 
-def _not_utf8(path: str) -> bool:
-    return _first_bad_byte(path) is not None
-
-
 def _folder_tables(root: Path) -> dict[str, str]:
     """``{split}.{csv,jsonl,json,parquet}`` files in ``root``, else ``metadata.*`` as the train split."""
     tables: dict[str, str] = {}
@@ -208,10 +204,11 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
                         "that file.") from e
     except Exception as e:  # parser errors from pandas/pyarrow, wrapped by datasets in DatasetGenerationError
         root_cause = _root_cause(e)
-        bad = next((f for f in _all_files(data_files) if _not_utf8(f)), None) if fmt in ("csv", "json") else None
+        files = _all_files(data_files) if fmt in ("csv", "json") else []
+        bad = next(((f, where) for f in files if (where := _first_bad_byte(f)) is not None), None)
         if bad is not None:  # a spreadsheet's legacy export (cp1252, latin-1): pandas and pyarrow read UTF-8 only
-            raise DataError(f"{bad!r} is not UTF-8 text ({_first_bad_byte(bad)}); re-save it as UTF-8 (a "
-                            "spreadsheet's 'CSV UTF-8' export, or: iconv -f cp1252 -t utf-8 IN > OUT).") from e
+            raise DataError(f"{bad[0]!r} is not UTF-8 text ({bad[1]}); re-save it as UTF-8 (a spreadsheet's "
+                            "'CSV UTF-8' export, or: iconv -f cp1252 -t utf-8 IN > OUT).") from e
         raise DataError(f"cannot read {first!r} as {fmt} ({type(root_cause).__name__}: {root_cause}); check the "
                         "file or pass the right --data.data_format.") from e
     return loaded, root or Path(first).resolve().parent, None

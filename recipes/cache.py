@@ -44,7 +44,8 @@ from zoo.optimize import (
 __all__ = ["clean_stale_temps", "FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 
 CACHE_ENV = "FUSION_ZOO_CACHE"
-FORMAT_VERSION = 2  # 2: images are turned upright by their EXIF orientation before encoding (encoders._image_io)
+# 2: images are turned upright by their EXIF orientation, big JPEGs decode at a reduced DCT scale (encoders._image_io)
+FORMAT_VERSION = 2
 MEMORY_LIMIT_BYTES = 4 << 30  # the in-process index keeps at most this much, least recently used dropped first
 _MEMORY: OrderedDict[str, ModalityOutput] = OrderedDict()
 

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from encoders._image_io import to_rgb
+from encoders._image_io import draft, to_rgb
 from fusion_errors import InputError
 
 __all__ = ["Limits", "LimitError", "parse_multipart", "parse_urlencoded", "parse_json", "parse_json_sample",
@@ -200,9 +200,7 @@ def decode_image(data: bytes, limits: Limits, where: str, min_side: int | None =
     if w == 0 or h == 0:
         raise InputError(f"{where}.image is {w}x{h}; send an image with pixels.")
     try:
-        if min_side and img.format == "JPEG":
-            img.draft(img.mode, (min_side, min_side))
-        img.load()
+        draft(img, min_side).load()
         return to_rgb(img, f"{where}.image")  # as training saw it: upright, alpha composited on white
     except Image.DecompressionBombError as e:
         raise LimitError(f"{where}.image is too large to decode safely ({e}).") from e
