@@ -35,8 +35,10 @@ from encoders._atomic import atomic_write
 from fusion_errors import DataError, InputError
 from zoo.optimize import (
     INFERENCE_TAG_FOLDED,
+    INFERENCE_TAG_GRAPH,
     INFERENCE_TAG_PLAIN,
     count_batchnorms,
+    graph_available,
     inference_copy,
     run_in_chunks,
 )
@@ -228,7 +230,9 @@ class FeatureCache:
     def _inference_tag(self, encoder: Encoder) -> str:
         """How a miss runs ``encoder`` (``zoo.optimize.inference_copy``'s tag), known without folding it."""
         foldable = self.fold and encoder.modality == "image" and not any(p.requires_grad for p in encoder.parameters())
-        return INFERENCE_TAG_FOLDED if foldable and count_batchnorms(encoder) else INFERENCE_TAG_PLAIN
+        if not (foldable and count_batchnorms(encoder)):
+            return INFERENCE_TAG_PLAIN
+        return INFERENCE_TAG_GRAPH if graph_available() else INFERENCE_TAG_FOLDED
 
     def key(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str = "train",
             store_tokens: bool = True, extra: str = "") -> str:

@@ -16,11 +16,20 @@ images/s at 2 threads and 26.5 to 30 at 1 thread; as trained it runs about 24-29
 ``inference_copy(encoder)`` is what inference paths call (feature cache, predict, test, export): a folded,
 channels-last copy of a *frozen* image encoder plus a short tag for cache keys; anything else comes back as is.
 ``inference_model(model)`` does the same for every encoder of a fused model, sharing all other modules.
+
+On CPU the folded copy then runs as a frozen TorchScript graph (``torch.jit.trace`` + ``freeze`` +
+``optimize_for_inference``: oneDNN convolutions with the ReLU6 fused in, no layout reorders between layers), one
+per input shape, built once a shape has been seen :data:`GRAPH_AFTER_CALLS` times and checked against the eager
+folded copy on the first batch of every batch size (:class:`GraphEncode`). Same 2-core CPU, 224 px, chunks of 5:
+eager folded 58 images/s, graph 82 (plain 23); building the graph takes about 0.7 s. ``torch.compile`` reached
+61 after a 45 s compile, so it is not the default. TorchScript is deprecated in torch 2.11 but has no replacement
+this fast on CPU; when it is missing or fails, the eager folded copy runs (same outputs within 1e-4).
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -35,11 +44,18 @@ from fusion_errors import InputError
 
 __all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms",
            "inference_copy", "inference_model", "StaticSameConv2d", "static_same_padding",
-           "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_PLAIN", "CHUNK_PIXELS",
+           "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_GRAPH", "INFERENCE_TAG_PLAIN", "CHUNK_PIXELS",
+           "GRAPH_AFTER_CALLS", "GraphEncode", "graph_available",
            "cpu_chunk_size", "run_in_chunks"]
 
 INFERENCE_TAG_FOLDED = "bnfold-cl"  # BatchNorm folded into convs, channels-last weights
+INFERENCE_TAG_GRAPH = "bnfold-cl-ts"  # folded, channels-last, run on CPU as a frozen TorchScript graph per shape
 INFERENCE_TAG_PLAIN = "plain"  # the encoder as trained
+
+#: calls with one input shape before :class:`GraphEncode` builds its graph (a single prediction never pays for one)
+GRAPH_AFTER_CALLS = 2
+#: distinct input shapes one :class:`GraphEncode` keeps a graph for (each holds a copy of the weights)
+GRAPH_MAX_SHAPES = 4
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -266,17 +282,115 @@ def fuse_for_inference(
     return out
 
 
+def graph_available() -> bool:
+    """Whether this torch can build :class:`GraphEncode` graphs (TorchScript trace, freeze, optimize)."""
+    return all(callable(getattr(torch.jit, name, None)) for name in ("trace", "freeze", "optimize_for_inference"))
+
+
+class _EncodeTensors(nn.Module):
+    """``encoder.encode({"pixel_values": x})`` as a tensor-in, tuple-out module that ``torch.jit.trace`` takes.
+
+    The encoder is held in a list, not as a submodule: the trace then inlines it with its weights as constants
+    instead of building a ScriptModule for each of its ~180 submodules (0.1 s to trace EfficientNet-Lite0, not 0.7).
+    """
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.held = [encoder]
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # [B, C, H, W] -> tokens, mask, pooled
+        encoder = self.held[0]
+        out = type(encoder).encode(encoder, {"pixel_values": pixels})  # the class's encode, not GraphEncode
+        return out.tokens, out.mask, out.pooled
+
+
+_GraphKey = tuple[tuple[int, ...], torch.dtype]
+
+
+class GraphEncode:
+    """An image encoder's ``encode`` that runs CPU batches through a frozen, oneDNN-optimized TorchScript graph.
+
+    Installed on a folded inference copy by :func:`inference_copy` (``encoder.encode = GraphEncode(encoder)``).
+    A batch that holds only ``pixel_values`` (plus ``present``, which ``Encoder.forward`` applies) on CPU is
+    counted by its shape without the batch dim; from the :data:`GRAPH_AFTER_CALLS`-th such call on, it runs a
+    graph traced for that shape (graphs take any batch size but bake in the image size). The first batch of each
+    batch size is also run eagerly and compared (``atol``); a graph that fails to build or to match is dropped
+    for that shape, which then always runs eagerly. Anything else runs the encoder's own ``encode``.
+    """
+
+    def __init__(self, encoder: Encoder, atol: float = 1e-4) -> None:
+        self.encoder = encoder
+        self.atol = atol
+        self._graphs: dict[_GraphKey, Any] = {}  # key -> a ScriptModule, or None when the graph failed
+        self._calls: dict[_GraphKey, int] = {}
+        self._checked: set[tuple[_GraphKey, int]] = set()
+        self._lock = threading.Lock()  # a server may call from several threads
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphEncode:
+        return GraphEncode(copy.deepcopy(self.encoder, memo), self.atol)  # graphs hold old weights: rebuild
+
+    def _eager(self, batch: dict[str, Tensor]) -> ModalityOutput:
+        return type(self.encoder).encode(self.encoder, batch)
+
+    def _build(self, pixels: Tensor) -> Any:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # the deprecation notice and the tracer's shape-to-int notes cannot be acted on by users: the image
+            # size is part of the graph's key, and every batch size is checked below
+            warnings.simplefilter("ignore")
+            example = pixels[:1].clone()  # graphs take any batch size; one image traces fastest
+            traced = torch.jit.trace(_EncodeTensors(self.encoder).eval(), example, check_trace=False)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+    def __call__(self, batch: dict[str, Tensor]) -> ModalityOutput:
+        pixels = batch.get("pixel_values")
+        if not isinstance(pixels, Tensor) or pixels.dim() != 4 or pixels.device.type != "cpu" \
+                or set(batch) - {"pixel_values", "present"} or torch.is_grad_enabled() or not graph_available() \
+                or any(p.device.type != "cpu" for p in self.encoder.parameters()):
+            return self._eager(batch)
+        key: _GraphKey = (tuple(pixels.shape[1:]), pixels.dtype)
+        n = int(pixels.shape[0])
+        with self._lock:
+            graph = self._graphs.get(key)
+            if key not in self._graphs:
+                self._calls[key] = calls = self._calls.get(key, 0) + 1
+                if calls < GRAPH_AFTER_CALLS or len(self._graphs) >= GRAPH_MAX_SHAPES:
+                    return self._eager(batch)
+                try:
+                    graph = self._build(pixels)
+                except Exception:  # noqa: BLE001 - any failure to trace or optimize means: run eagerly
+                    graph = None
+                self._graphs[key] = graph
+            if graph is None:
+                return self._eager(batch)
+            check = (key, n) not in self._checked
+        out = ModalityOutput(*graph(pixels))
+        if check:
+            with self._lock:
+                expected = self._eager(batch)
+                same = all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+                           zip((out.tokens, out.mask, out.pooled), (expected.tokens, expected.mask, expected.pooled),
+                               strict=True)) and torch.equal(out.mask, expected.mask) \
+                    and _max_diff(out, expected) <= self.atol
+                if not same:
+                    self._graphs[key] = None
+                    return expected
+                self._checked.add((key, n))
+        return out
+
+
 def _is_frozen(encoder: nn.Module) -> bool:
     return not any(p.requires_grad for p in encoder.parameters())
 
 
-def inference_copy(encoder: Encoder, enabled: bool = True) -> tuple[Encoder, str]:
+def inference_copy(encoder: Encoder, enabled: bool = True, graph: bool = True) -> tuple[Encoder, str]:
     """The encoder to run for inference, and a tag naming how it runs (put the tag in cache keys).
 
     A frozen image encoder with BatchNorms comes back as an eval-mode copy with the norms folded into its
     convolutions and channels-last weights (outputs within 1e-4 of the original, checked on random images):
-    tag ``"bnfold-cl"``. Anything else (trainable, no BatchNorm, other modalities, ``enabled=False``, or a fold
-    that fails its check) comes back unchanged with tag ``"plain"``. Run the result under
+    tag ``"bnfold-cl"``; with ``graph`` (and a torch that has TorchScript) its CPU batches also run as
+    :class:`GraphEncode` graphs: tag ``"bnfold-cl-ts"``. Export passes ``graph=False`` (it traces the model
+    itself). Anything else (trainable, no BatchNorm, other modalities, ``enabled=False``, or a fold that fails its
+    check) comes back unchanged with tag ``"plain"``. Run the result under
     ``torch.inference_mode()``. The original encoder is never modified.
     """
     if not enabled or getattr(encoder, "modality", "") != "image" or not _is_frozen(encoder) \
@@ -288,10 +402,13 @@ def inference_copy(encoder: Encoder, enabled: bool = True) -> tuple[Encoder, str
         warnings.warn(f"inference_copy: {e}", stacklevel=2)
         return encoder, INFERENCE_TAG_PLAIN
     folded.requires_grad_(False)
+    if graph and graph_available():
+        folded.encode = GraphEncode(cast(Encoder, folded))  # type: ignore[method-assign,assignment]
+        return cast(Encoder, folded), INFERENCE_TAG_GRAPH
     return cast(Encoder, folded), INFERENCE_TAG_FOLDED  # a folded copy of the encoder
 
 
-def inference_model(model: nn.Module, enabled: bool = True) -> tuple[nn.Module, dict[str, str]]:
+def inference_model(model: nn.Module, enabled: bool = True, graph: bool = True) -> tuple[nn.Module, dict[str, str]]:
     """A fused model whose encoders are :func:`inference_copy` results; every other module is shared.
 
     Returns ``(model_for_inference, {modality: tag})``. When nothing folds, ``model`` itself comes back.
@@ -299,7 +416,7 @@ def inference_model(model: nn.Module, enabled: bool = True) -> tuple[nn.Module, 
     encoders = getattr(model, "encoders", None)
     if not isinstance(encoders, nn.ModuleDict):
         raise InputError(f"inference_model needs a FusionModel (with .encoders), not a {type(model).__name__}.")
-    copies = {m: inference_copy(e, enabled) for m, e in encoders.items()}  # type: ignore[arg-type]
+    copies = {m: inference_copy(e, enabled, graph) for m, e in encoders.items()}  # type: ignore[arg-type]
     tags = {m: tag for m, (_, tag) in copies.items()}
     if all(copies[m][0] is encoders[m] for m in copies):
         return model, tags

@@ -266,7 +266,7 @@ def test_frozen_image_encoders_are_encoded_folded_and_the_key_says_so(tmp_path) 
     ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
     folded_cache, plain_cache = FeatureCache(tmp_path / "a", memory=False), FeatureCache(tmp_path / "b", memory=False,
                                                                                           fold=False)
-    assert folded_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl"
+    assert folded_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl-ts"
     assert plain_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "plain"
     assert folded_cache.key(enc, ds, "image") != plain_cache.key(enc, ds, "image")
     folded, _ = folded_cache.get_or_compute(enc, ds, "image", store_tokens=False)

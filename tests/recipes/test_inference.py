@@ -146,3 +146,102 @@ def test_efficientnet_lite0_inference_copy_pads_inside_its_convolutions(size: tu
     x = torch.randn(3, 3, *size)
     with torch.inference_mode():
         assert _max_diff(enc({"pixel_values": x}), fused({"pixel_values": x})) <= 1e-4
+
+
+# --- GraphEncode: the folded copy run as a frozen TorchScript graph on CPU ---------------------------------------
+
+
+def _frozen_tiny() -> nn.Module:
+    torch.manual_seed(0)
+    enc = create_encoder("tiny-image", finetune="frozen").eval()
+    _randomise_norms(enc)
+    return enc
+
+
+def _pixels(n: int, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_graph_is_built_after_repeated_shapes_and_matches_the_original_at_every_batch_size() -> None:
+    from zoo.optimize import GRAPH_AFTER_CALLS, INFERENCE_TAG_GRAPH, GraphEncode, inference_copy
+
+    enc = _frozen_tiny()
+    copy_, tag = inference_copy(enc)
+    assert tag == INFERENCE_TAG_GRAPH and isinstance(copy_.encode, GraphEncode)
+    runner = copy_.encode
+    key = ((3, 32, 32), torch.float32)
+    with torch.inference_mode():
+        copy_(_pixels(4))
+        assert GRAPH_AFTER_CALLS > 1 and key not in runner._graphs  # one call (a single prediction) builds nothing
+        for _ in range(GRAPH_AFTER_CALLS - 1):
+            copy_(_pixels(4))
+        assert isinstance(runner._graphs[key], torch.jit.ScriptModule)
+        for n, seed in ((4, 1), (1, 2), (7, 3), (7, 4)):  # other batch sizes run the same graph
+            batch = _pixels(n, seed=seed)
+            got, want = copy_(batch), enc(batch)
+            assert got.tokens.shape == want.tokens.shape and torch.equal(got.mask, want.mask)
+            assert _max_diff(got, want) <= 1e-4
+        assert runner._graphs[key] is not None and {b for (_, b) in runner._checked} == {4, 1, 7}
+        other = _pixels(2, size=40)  # another image size gets its own graph
+        for _ in range(GRAPH_AFTER_CALLS):
+            got = copy_(other)
+        assert isinstance(runner._graphs[((3, 40, 40), torch.float32)], torch.jit.ScriptModule)
+        assert _max_diff(got, enc(other)) <= 1e-4
+
+
+def test_a_graph_that_fails_to_build_or_to_match_is_dropped_for_eager_runs(monkeypatch) -> None:
+    from zoo.optimize import GRAPH_AFTER_CALLS, GraphEncode, inference_copy
+
+    enc = _frozen_tiny()
+    copy_ = inference_copy(enc)[0]
+    runner = copy_.encode
+    assert isinstance(runner, GraphEncode)
+    key = ((3, 32, 32), torch.float32)
+    batch = _pixels(3)
+    with torch.inference_mode():
+        want = enc(batch)
+
+        def broken(*_a, **_k):
+            raise RuntimeError("cannot trace")
+
+        monkeypatch.setattr(torch.jit, "trace", broken)
+        for _ in range(GRAPH_AFTER_CALLS + 1):
+            assert _max_diff(copy_(batch), want) <= 1e-4
+        assert key in runner._graphs and runner._graphs[key] is None
+        monkeypatch.undo()
+
+        wrong = GraphEncode(inference_copy(enc, graph=False)[0])  # a graph whose outputs are off by 1
+        real_build = wrong._build
+
+        def off_by_one(pixels):
+            graph = real_build(pixels)
+            return lambda x: tuple(t + 1 if t.is_floating_point() else t for t in graph(x))
+
+        monkeypatch.setattr(wrong, "_build", off_by_one)
+        for _ in range(GRAPH_AFTER_CALLS + 2):
+            assert _max_diff(wrong(batch), want) <= 1e-4  # the eager result, never the wrong one
+        assert wrong._graphs[key] is None
+
+
+def test_graphs_stay_out_of_grad_mode_export_and_copies() -> None:
+    import copy
+
+    from zoo.optimize import GRAPH_AFTER_CALLS, INFERENCE_TAG_FOLDED, GraphEncode, inference_copy
+
+    enc = _frozen_tiny()
+    plain_graph = inference_copy(enc, graph=False)
+    assert plain_graph[1] == INFERENCE_TAG_FOLDED and not isinstance(plain_graph[0].encode, GraphEncode)
+    copy_ = inference_copy(enc)[0]
+    runner = copy_.encode
+    for _ in range(GRAPH_AFTER_CALLS + 1):
+        with torch.enable_grad():
+            runner(_pixels(2))  # autograd on: the eager encode
+    assert runner._graphs == {}
+    with torch.inference_mode():
+        for _ in range(GRAPH_AFTER_CALLS):
+            copy_(_pixels(2))
+    assert runner._graphs
+    twin = copy.deepcopy(copy_)
+    assert isinstance(twin.encode, GraphEncode) and twin.encode.encoder is twin and twin.encode._graphs == {}
+    with torch.inference_mode():
+        assert _max_diff(twin(_pixels(2, seed=5)), enc(_pixels(2, seed=5))) <= 1e-4
