@@ -214,10 +214,12 @@ class ImagePreprocessor(Preprocessor):
         if not isinstance(items, Sequence):
             raise InputError(f"image batch is a {type(items).__name__}; pass a list of images (None = missing).")
         s = self.image_size
-        pixels = torch.zeros(len(items), 3, s, s)  # [B, 3, S, S]
+        pixels = torch.empty(len(items), 3, s, s)  # [B, 3, S, S]; every row is written below (no 38 MB zero fill)
         present = torch.tensor([item is not None for item in items], dtype=torch.bool)  # [B]
         for i, item in enumerate(items):
-            if item is not None:
+            if item is None:
+                pixels[i].zero_()
+            else:
                 self.normalize_into(pixels[i], self.crop(load_image(item, f"image item {i}", self.decode_side)))
         return {"pixel_values": pixels, "present": present}
 

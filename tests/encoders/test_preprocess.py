@@ -242,3 +242,18 @@ def test_image_batch_equals_the_per_image_formula() -> None:
         ref = (ref - np.array([0.4, 0.5, 0.6], np.float32)) / np.array([0.2, 0.25, 0.3], np.float32)
         assert torch.equal(out["pixel_values"][i], torch.from_numpy(ref.transpose(2, 0, 1).copy())), i
         assert torch.equal(pre.to_tensor(load_image(images[i], "ref")), out["pixel_values"][i])
+
+
+def test_missing_images_are_zero_rows_even_in_reused_memory() -> None:
+    from encoders._image_io import ImagePreprocessor
+
+    pre = ImagePreprocessor(image_size=32)
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(6)]
+    for _ in range(3):  # batches of the same size leave non-zero floats in the allocator's free blocks
+        full = pre(pictures)["pixel_values"]
+        del full
+    out = pre([pictures[0], None, pictures[1], None, None, pictures[2]])
+    assert out["present"].tolist() == [True, False, True, False, False, True]
+    assert all(float(out["pixel_values"][i].abs().max()) == 0.0 for i in (1, 3, 4))
+    torch.testing.assert_close(out["pixel_values"][[0, 2, 5]], pre(pictures[:3])["pixel_values"], rtol=0, atol=0)
