@@ -525,3 +525,31 @@ def test_cli_serves_a_shipped_model_and_stops_gracefully_on_sigterm(tmp_path: An
             proc.wait(10)
     out = (tmp_path / "server.log").read_text()
     assert "Application shutdown complete" in out and "Traceback" not in out
+
+
+def test_serving_folds_image_encoders_and_runs_them_as_checked_graphs() -> None:
+    import torch
+    from PIL import Image
+
+    from zoo import FusionModel
+    from zoo.config import FusionModelConfig
+    from zoo.optimize import GRAPH_AFTER_CALLS, GraphEncode, count_batchnorms
+    from zoo.serve import optimize_for_serving
+
+    torch.manual_seed(0)
+    model = FusionModel(FusionModelConfig(encoders={"image": "tiny-image"}, labels=("a", "b"), hidden_dim=8)).eval()
+    for m in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+              for i in range(3)]
+    want = model.predict(image=images, fold=False)
+    served = optimize_for_serving(model)
+    encoder = served.encoders["image"]
+    assert count_batchnorms(encoder) == 0 and isinstance(encoder.encode, GraphEncode)
+    for _ in range(GRAPH_AFTER_CALLS + 1):  # repeated requests: the graph is built, checked and used
+        got = served.predict(image=images, fold=False)
+    assert any(g is not None for g in encoder.encode._graphs.values())
+    for g, w in zip(got, want, strict=True):
+        assert g["label"] == w["label"] and g["probs"] == pytest.approx(w["probs"], abs=1e-4)
