@@ -54,8 +54,9 @@ INFERENCE_TAG_PLAIN = "plain"  # the encoder as trained
 
 #: calls with one input shape before :class:`GraphEncode` builds its graph (a single prediction never pays for one)
 GRAPH_AFTER_CALLS = 2
-#: distinct input shapes one :class:`GraphEncode` keeps a graph for (each holds a copy of the weights)
-GRAPH_MAX_SHAPES = 4
+#: distinct input shapes one :class:`GraphEncode` keeps a graph for: each graph holds its own copy of the weights (an
+#: image preprocessor makes one size, so one graph is the usual case); further shapes run eagerly
+GRAPH_MAX_SHAPES = 2
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -83,6 +84,12 @@ def find_foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]
     Runs ``model`` once in eval mode on ``example`` with forward hooks. A conv whose output feeds more than one
     module is skipped (folding would change what the others see).
     """
+    return _pairs_and_output(model, example)[0]
+
+
+def _pairs_and_output(model: nn.Module, example: Any) -> tuple[list[tuple[str, str]], Any]:
+    """:func:`find_foldable_pairs` and the model's output on ``example`` from that same pass (the fold's
+    reference: hooks only read, so the output is the unhooked model's)."""
     names = {mod: name for name, mod in model.named_modules()}
     produced: dict[int, nn.Module] = {}
     kept: list[Any] = []  # keep every seen tensor alive so ids stay unique during the pass
@@ -111,7 +118,7 @@ def find_foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]
     keeper = [m.register_forward_hook(lambda _m, _i, o: kept.append(o)) for m in model.modules()]
     try:
         with torch.no_grad():
-            _call(model, example)
+            output = _call(model, example)
     finally:
         for h in hooks + keeper:
             h.remove()
@@ -125,7 +132,7 @@ def find_foldable_pairs(model: nn.Module, example: Any) -> list[tuple[str, str]]
             ok_lin = isinstance(conv, nn.Linear) and type(norm) is nn.BatchNorm1d
             if (ok_conv or ok_lin) and norm.num_features == (conv.out_channels if ok_conv else conv.out_features):
                 pairs.append((names[conv], names[norm]))
-    return sorted(pairs)
+    return sorted(pairs), output
 
 
 def _norm_replacement(norm: nn.Module) -> nn.Module:
@@ -263,9 +270,8 @@ def fuse_for_inference(
     else:
         raise InputError(f"pass example=<an input batch> to fuse a {type(out).__name__} (no image encoder found).")
     for target, ex in targets:
-        with torch.no_grad():
-            before = _call(target, ex)
-        fold_pairs(target, find_foldable_pairs(target, ex))
+        pairs, before = _pairs_and_output(target, ex)
+        fold_pairs(target, pairs)
         if channels_last:
             # nn.Module.to takes memory_format (documented), but its typed overloads leave it out
             target.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
