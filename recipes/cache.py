@@ -376,8 +376,9 @@ class FeatureCache:
         encoder.to(device).eval()
         # a folded copy when the key says so (same features within 1e-4, ~3x faster on CPU); if folding fails its
         # own check the plain encoder runs, which gives those same features
-        runner = inference_copy(encoder, self.fold)[0] if self._inference_tag(encoder) != INFERENCE_TAG_PLAIN \
-            else encoder
+        # (its graph, zoo.optimize.GraphEncode, is built on the first batch: a miss runs many batches of one shape)
+        runner = inference_copy(encoder, self.fold, graph_after=1)[0] \
+            if self._inference_tag(encoder) != INFERENCE_TAG_PLAIN else encoder
         parts: list[ModalityOutput] = []
         step = max(1, (n // batch_size + 1) // 10) * batch_size
         rank_zero_info(f"feature cache: encoding {split}/{column} ({total} rows, {n} distinct) with {name} on {device}")

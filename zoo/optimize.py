@@ -318,22 +318,24 @@ class GraphEncode:
 
     Installed on a folded inference copy by :func:`inference_copy` (``encoder.encode = GraphEncode(encoder)``).
     A batch that holds only ``pixel_values`` (plus ``present``, which ``Encoder.forward`` applies) on CPU is
-    counted by its shape without the batch dim; from the :data:`GRAPH_AFTER_CALLS`-th such call on, it runs a
+    counted by its shape without the batch dim; from the ``after``-th such call on (default
+    :data:`GRAPH_AFTER_CALLS`; the feature cache, which runs many batches of one shape, builds at once), it runs a
     graph traced for that shape (graphs take any batch size but bake in the image size). The first batch of each
     batch size is also run eagerly and compared (``atol``); a graph that fails to build or to match is dropped
     for that shape, which then always runs eagerly. Anything else runs the encoder's own ``encode``.
     """
 
-    def __init__(self, encoder: Encoder, atol: float = 1e-4) -> None:
+    def __init__(self, encoder: Encoder, atol: float = 1e-4, after: int = GRAPH_AFTER_CALLS) -> None:
         self.encoder = encoder
         self.atol = atol
+        self.after = max(1, int(after))
         self._graphs: dict[_GraphKey, Any] = {}  # key -> a ScriptModule, or None when the graph failed
         self._calls: dict[_GraphKey, int] = {}
         self._checked: set[tuple[_GraphKey, int]] = set()
         self._lock = threading.Lock()  # a server may call from several threads
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphEncode:
-        return GraphEncode(copy.deepcopy(self.encoder, memo), self.atol)  # graphs hold old weights: rebuild
+        return GraphEncode(copy.deepcopy(self.encoder, memo), self.atol, self.after)  # graphs hold old weights: rebuild
 
     def _eager(self, batch: dict[str, Tensor]) -> ModalityOutput:
         return type(self.encoder).encode(self.encoder, batch)
@@ -359,7 +361,7 @@ class GraphEncode:
             graph = self._graphs.get(key)
             if key not in self._graphs:
                 self._calls[key] = calls = self._calls.get(key, 0) + 1
-                if calls < GRAPH_AFTER_CALLS or len(self._graphs) >= GRAPH_MAX_SHAPES:
+                if calls < self.after or len(self._graphs) >= GRAPH_MAX_SHAPES:
                     return self._eager(batch)
                 try:
                     graph = self._build(pixels)
@@ -388,7 +390,8 @@ def _is_frozen(encoder: nn.Module) -> bool:
     return not any(p.requires_grad for p in encoder.parameters())
 
 
-def inference_copy(encoder: Encoder, enabled: bool = True, graph: bool = True) -> tuple[Encoder, str]:
+def inference_copy(encoder: Encoder, enabled: bool = True, graph: bool = True,
+                   graph_after: int = GRAPH_AFTER_CALLS) -> tuple[Encoder, str]:
     """The encoder to run for inference, and a tag naming how it runs (put the tag in cache keys).
 
     A frozen image encoder with BatchNorms comes back as an eval-mode copy with the norms folded into its
@@ -409,7 +412,7 @@ def inference_copy(encoder: Encoder, enabled: bool = True, graph: bool = True) -
         return encoder, INFERENCE_TAG_PLAIN
     folded.requires_grad_(False)
     if graph and graph_available():
-        folded.encode = GraphEncode(cast(Encoder, folded))  # type: ignore[method-assign,assignment]
+        folded.encode = GraphEncode(cast(Encoder, folded), after=graph_after)  # type: ignore[method-assign,assignment]
         return cast(Encoder, folded), INFERENCE_TAG_GRAPH
     return cast(Encoder, folded), INFERENCE_TAG_FOLDED  # a folded copy of the encoder
 

@@ -302,3 +302,28 @@ def test_cpu_image_batches_run_in_cache_sized_chunks_with_the_same_features(tmp_
         whole = enc(enc.preprocessor(pictures))
     torch.testing.assert_close(out.pooled, whole.pooled, rtol=0, atol=1e-4)
     torch.testing.assert_close(out.tokens, whole.tokens, rtol=0, atol=1e-4)
+
+
+def test_a_miss_builds_the_encoders_graph_on_its_first_chunk_and_checks_each_chunk_size(tmp_path,
+                                                                                      monkeypatch) -> None:
+    from PIL import Image
+
+    import zoo.optimize as optimize
+    from encoders import create_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder("tiny-image", finetune="frozen").eval()
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(7)]
+    ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
+    monkeypatch.setattr(optimize, "CHUNK_PIXELS", 3 * 32 * 32)  # chunks of 3, 3 and 1 images
+    calls: list[str] = []
+    build, eager = optimize.GraphEncode._build, optimize.GraphEncode._eager
+    monkeypatch.setattr(optimize.GraphEncode, "_build", lambda self, x: calls.append("build") or build(self, x))
+    monkeypatch.setattr(optimize.GraphEncode, "_eager",
+                        lambda self, b: calls.append(f"eager{b['pixel_values'].shape[0]}") or eager(self, b))
+    out, _ = FeatureCache(tmp_path, memory=False).get_or_compute(enc, ds, "image", batch_size=7)
+    assert calls == ["build", "eager3", "eager1"]  # chunk 2 ran the graph alone; sizes 3 and 1 were checked once
+    with torch.no_grad():
+        whole = enc(enc.preprocessor(pictures))
+    torch.testing.assert_close(out.pooled, whole.pooled, rtol=0, atol=1e-4)
