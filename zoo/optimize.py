@@ -332,6 +332,7 @@ class GraphEncode:
         self._graphs: dict[_GraphKey, Any] = {}  # key -> a ScriptModule, or None when the graph failed
         self._calls: dict[_GraphKey, int] = {}
         self._checked: set[tuple[_GraphKey, int]] = set()
+        self._weights: tuple[tuple[int, int], ...] | None = None  # the weights the graphs were built from
         self._lock = threading.Lock()  # a server may call from several threads
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphEncode:
@@ -349,37 +350,53 @@ class GraphEncode:
             traced = torch.jit.trace(_EncodeTensors(self.encoder).eval(), example, check_trace=False)
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
+    def _weights_state(self) -> tuple[tuple[int, int], ...] | None:
+        """(version, storage) of every weight, or None when one is off the CPU: a graph holds a snapshot of the
+        weights, so any in-place change (training, ``load_state_dict``) or move drops the graphs."""
+        state = []
+        for t in (*self.encoder.parameters(), *self.encoder.buffers()):
+            if t.device.type != "cpu":
+                return None
+            state.append((-1 if t.is_inference() else t._version, t.data_ptr()))  # inference tensors have none
+        return tuple(state)
+
     def __call__(self, batch: dict[str, Tensor]) -> ModalityOutput:
         pixels = batch.get("pixel_values")
         if not isinstance(pixels, Tensor) or pixels.dim() != 4 or pixels.device.type != "cpu" \
-                or set(batch) - {"pixel_values", "present"} or torch.is_grad_enabled() or not graph_available() \
-                or any(p.device.type != "cpu" for p in self.encoder.parameters()):
+                or set(batch) - {"pixel_values", "present"} or torch.is_grad_enabled() or not graph_available():
+            return self._eager(batch)
+        weights = self._weights_state()
+        if weights is None:
             return self._eager(batch)
         key: _GraphKey = (tuple(pixels.shape[1:]), pixels.dtype)
         n = int(pixels.shape[0])
-        with self._lock:
+        with self._lock:  # decide (and build) under the lock; run outside it
+            if weights != self._weights:
+                self._graphs, self._calls, self._checked, self._weights = {}, {}, set(), weights
             graph = self._graphs.get(key)
             if key not in self._graphs:
                 self._calls[key] = calls = self._calls.get(key, 0) + 1
-                if calls < self.after or len(self._graphs) >= GRAPH_MAX_SHAPES:
-                    return self._eager(batch)
-                try:
-                    graph = self._build(pixels)
-                except Exception:  # noqa: BLE001 - any failure to trace or optimize means: run eagerly
-                    graph = None
-                self._graphs[key] = graph
-            if graph is None:
-                return self._eager(batch)
+                if calls >= self.after and len(self._graphs) < GRAPH_MAX_SHAPES:
+                    try:
+                        graph = self._build(pixels)
+                    except Exception:  # noqa: BLE001 - any failure to trace or optimize means: run eagerly
+                        graph = None
+                    self._graphs[key] = graph
             check = (key, n) not in self._checked
-        out = ModalityOutput(*graph(pixels))
-        if check:
+        if graph is None:
+            return self._eager(batch)
+        try:
+            out = ModalityOutput(*graph(pixels))
+        except Exception:  # noqa: BLE001 - a graph that cannot run this batch is dropped for its shape
+            out = None
+        if out is None or check:
+            expected = self._eager(batch)
+            same = out is not None and all(
+                a.shape == b.shape and a.dtype == b.dtype for a, b in
+                zip((out.tokens, out.mask, out.pooled), (expected.tokens, expected.mask, expected.pooled), strict=True)
+            ) and torch.equal(out.mask, expected.mask) and _max_diff(out, expected) <= self.atol
             with self._lock:
-                expected = self._eager(batch)
-                same = all(a.shape == b.shape and a.dtype == b.dtype for a, b in
-                           zip((out.tokens, out.mask, out.pooled), (expected.tokens, expected.mask, expected.pooled),
-                               strict=True)) and torch.equal(out.mask, expected.mask) \
-                    and _max_diff(out, expected) <= self.atol
-                if not same:
+                if out is None or not same:
                     self._graphs[key] = None
                     return expected
                 self._checked.add((key, n))

@@ -245,3 +245,28 @@ def test_graphs_stay_out_of_grad_mode_export_and_copies() -> None:
     assert isinstance(twin.encode, GraphEncode) and twin.encode.encoder is twin and twin.encode._graphs == {}
     with torch.inference_mode():
         assert _max_diff(twin(_pixels(2, seed=5)), enc(_pixels(2, seed=5))) <= 1e-4
+
+
+def test_a_graph_is_rebuilt_when_the_encoders_weights_change_in_place() -> None:
+    from zoo.optimize import GRAPH_AFTER_CALLS, GraphEncode, inference_copy
+
+    enc = _frozen_tiny()
+    copy_ = inference_copy(enc)[0]
+    runner = copy_.encode
+    assert isinstance(runner, GraphEncode)
+    batch = _pixels(3)
+    with torch.inference_mode():
+        for _ in range(GRAPH_AFTER_CALLS):
+            copy_(batch)
+        first = next(iter(runner._graphs.values()))
+        assert first is not None
+    with torch.no_grad():
+        for p in copy_.parameters():
+            p.mul_(1.5)  # e.g. a user trains or loads new weights into a model served with graphs
+    with torch.inference_mode():
+        got = copy_(batch)  # not the stale graph's answer
+        want = type(copy_).encode(copy_, batch)
+        assert _max_diff(got, want) <= 1e-4
+        for _ in range(GRAPH_AFTER_CALLS):
+            copy_(batch)
+        assert next(iter(runner._graphs.values())) is not first
