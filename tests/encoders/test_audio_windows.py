@@ -212,3 +212,93 @@ def test_spectrogram_models_keep_their_own_window_and_only_the_600_s_bound() -> 
     with pytest.raises(ConfigError, match=r"max_seconds=400 is more than 16 windows of 20 s"):
         HFAudioEncoder(model, HFAudioPreprocessor(None, max_seconds=400.0))
     assert HFAudioEncoder(model, HFAudioPreprocessor(None, max_seconds=40.0)).window_seconds == 20.0
+
+
+def _mel_cnn_with_layers(**kw):
+    torch.manual_seed(0)
+    return encoders.create_encoder("mel-cnn", channels=[8, 16], embed_dim=16, num_layers=2, num_heads=2,
+                                   max_seconds=8.0, **kw).eval()
+
+
+def _tokens_before_layers(enc, batch) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    hook = enc.proj.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            enc(batch)
+    finally:
+        hook.remove()
+    return seen[0]  # [B, T, D]: what the transformer layers read
+
+
+def test_mel_cnn_layers_attend_within_windows_so_long_clips_stay_linear() -> None:
+    enc = _mel_cnn_with_layers(attention_seconds=1.0)  # 100 frames/s halved twice: windows of 25 tokens
+    assert enc.attention_tokens == 25
+    lengths: list[int] = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda _m, args: lengths.append(int(args[0].shape[1])))
+             for layer in enc.layers]
+    try:
+        with torch.no_grad():
+            out = enc(enc.preprocessor([_clip(3.5, 1)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out.tokens.shape[1] == 88 and lengths and max(lengths) == 25  # 88 tokens, never more than 25 at once
+    # each window is the layers applied to its own tokens alone (torch's layers, run by hand here)
+    before = _tokens_before_layers(enc, enc.preprocessor([_clip(3.5, 1)]))
+    with torch.no_grad():
+        for start in (0, 25, 75):
+            x = before[:, start:start + 25]
+            for layer in enc.layers:
+                x = layer(x)
+            torch.testing.assert_close(out.tokens[:, start:start + x.shape[1]], x, rtol=0, atol=1e-5)
+
+
+def test_mel_cnn_windows_start_at_each_clip_so_batch_padding_does_not_move_them() -> None:
+    enc = _mel_cnn_with_layers(attention_seconds=1.0)  # windows of 25 tokens
+    gen = torch.Generator().manual_seed(0)
+    short, long_ = torch.randn(1, 58, 16, generator=gen), torch.randn(1, 140, 16, generator=gen)
+    batch = torch.cat([long_, torch.cat([short, torch.zeros(1, 82, 16)], 1)])  # [2, 140, 16], the short one padded
+    ignore = torch.zeros(2, 140, dtype=torch.bool)
+    ignore[1, 58:] = True
+    with torch.no_grad():
+        alone = enc._attend(short, torch.zeros(1, 58, dtype=torch.bool))
+        together = enc._attend(batch, ignore)
+    torch.testing.assert_close(together[1, :58], alone[0], rtol=0, atol=1e-5)
+    assert torch.isfinite(together).all()  # windows of padding only (the short clip's 4th-6th) give no NaN
+
+
+def test_mel_cnn_clips_within_one_window_attend_over_all_their_tokens() -> None:
+    enc = _mel_cnn_with_layers()  # 30 s windows: a 2.3 s clip attends over all of its tokens, as before windows
+    batch = enc.preprocessor([_clip(2.3, 2)])
+    before = _tokens_before_layers(enc, batch)
+    with torch.no_grad():
+        out = enc(batch)
+        x = before
+        for layer in enc.layers:
+            x = layer(x)
+    torch.testing.assert_close(out.tokens, x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seconds", [0.5, 121.0])
+def test_mel_cnn_attention_window_is_bounded(seconds: float) -> None:
+    with pytest.raises(ConfigError, match=r"attention_seconds=.* must be in \[1, 120\] seconds"):
+        encoders.create_encoder("mel-cnn", attention_seconds=seconds)
+
+
+@pytest.mark.parametrize(("layers", "read"), [(1, 2.0), (0, 6.0)])
+def test_an_exported_mel_cnn_reads_one_attention_window(tmp_path, layers: int, read: float) -> None:
+    """The exported graph attends over the whole clip it gets, so its sidecar crops clips to one window; without
+    transformer layers there is no window and it reads max_seconds."""
+    from zoo.config import FusionModelConfig
+    from zoo.export import export, sidecar_path
+    from zoo.model import FusionModel
+
+    torch.manual_seed(0)
+    options = {"channels": [4, 8], "embed_dim": 16, "num_layers": layers, "num_heads": 2, "max_seconds": 6.0,
+               "attention_seconds": 2.0}
+    cfg = FusionModelConfig(encoders={"audio": {"name": "mel-cnn", "options": options}}, labels=("a", "b"),
+                            hidden_dim=8)
+    out = export(FusionModel(cfg).eval(), tmp_path / "m.pt", format="torchscript",
+                 example={"audio": [_clip(1, 25), _clip(1.5, 26)]})
+    assert json.loads(sidecar_path(out).read_text())["preprocessing"]["audio"]["max_seconds"] == read
