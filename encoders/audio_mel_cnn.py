@@ -41,9 +41,8 @@ class MelCNNEncoder(Encoder):
     default ``max_seconds`` of 10, attend over the whole clip.
 
     tokens: [B, T', embed_dim] with T' = frames / 2**len(channels); pooled: masked mean of tokens.
-    Padded frames are zeroed after every block, so padding does not leak into a clip's frames (in eval mode).
-    Only a clip's last two STFT frames depend on the batch (reflection padding alone, zeros beside a longer
-    clip), and through the per-clip normalisation they shift its tokens slightly (about 0.03 on a 2.3 s clip).
+    Only frames whose STFT window ends inside the clip count, and padded frames are zeroed after every block, so
+    a clip's output does not depend on the batch's padding (in eval mode).
     """
 
     modality = "audio"
@@ -76,6 +75,7 @@ class MelCNNEncoder(Encoder):
         self.attention_tokens = max(1, round(attention_seconds * sample_rate / self.hop / 2 ** len(channels)))
         self.preprocessor = AudioPreprocessor(sample_rate=sample_rate, max_seconds=max_seconds, min_seconds=0.1)
         n_fft = round(0.025 * sample_rate)
+        self.half_window = n_fft // 2  # a centred STFT frame reads this many samples either side of its centre
         self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=self.hop, n_mels=n_mels)
         widths = [1, *channels]
         self.blocks = nn.ModuleList([_ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
@@ -93,7 +93,10 @@ class MelCNNEncoder(Encoder):
         lengths = batch["lengths"].to(device)  # [B]
         present = batch.get("present", lengths > 0).to(device)
         logmel = (real_mel_spectrogram(self.mel, wav) + 1e-6).log()  # [B, M, F] (real-valued: exports to ONNX)
-        n = lengths // self.hop + 1  # valid frames
+        # valid frames: those whose STFT window ends inside the clip. The last ones read past its end, which is
+        # reflection padding when the clip is alone and zeros beside a longer clip: counting them made a clip's
+        # features (through its normalisation, all of them) depend on the rest of the batch
+        n = ((lengths - self.half_window) // self.hop + 1).clamp_min(0)
         mask = frame_mask(n, logmel.shape[-1], present)  # [B, F]
         w = mask[:, None, :].to(logmel.dtype)  # [B, 1, F]
         count = (w.sum(-1, keepdim=True) * logmel.shape[1]).clamp_min(1.0)  # [B, 1, 1]

@@ -302,3 +302,20 @@ def test_an_exported_mel_cnn_reads_one_attention_window(tmp_path, layers: int, r
     out = export(FusionModel(cfg).eval(), tmp_path / "m.pt", format="torchscript",
                  example={"audio": [_clip(1, 25), _clip(1.5, 26)]})
     assert json.loads(sidecar_path(out).read_text())["preprocessing"]["audio"]["max_seconds"] == read
+
+
+def test_a_mel_cnn_clip_encodes_the_same_alone_and_beside_a_longer_one() -> None:
+    """Its last STFT frames would read reflection padding alone and zeros in a batch; they are not counted."""
+    torch.manual_seed(0)
+    for layers in (0, 1):
+        enc = encoders.create_encoder("mel-cnn", channels=[8, 16], embed_dim=16, num_layers=layers, num_heads=2,
+                                      max_seconds=8.0).eval()
+        for seconds in (2.3, 0.37, 1.0):
+            short = _clip(seconds, 2)
+            with torch.no_grad():
+                alone = enc(enc.preprocessor([short]))
+                together = enc(enc.preprocessor([_clip(6.0, 3), short]))
+            n = int(alone.mask[0].sum())
+            assert torch.equal(together.mask[1, :alone.mask.shape[1]], alone.mask[0]) and not together.mask[1, n:].any()
+            torch.testing.assert_close(together.tokens[1, :n], alone.tokens[0, :n], rtol=0, atol=1e-5)
+            torch.testing.assert_close(together.pooled[1], alone.pooled[0], rtol=0, atol=1e-5)
