@@ -200,10 +200,14 @@ class FeatureCache:
         memory: keep loaded entries in a process-wide index, so repeated calls are free.
     """
 
-    def __init__(self, root: str | Path | None = None, memory: bool = True, fold: bool = True) -> None:
+    def __init__(self, root: str | Path | None = None, memory: bool = True, fold: bool = True,
+                 graph: bool = False) -> None:
         self.root = Path(root).expanduser() if root else default_cache_dir()
         self.memory = memory
         self.fold = fold  # encode frozen image encoders BatchNorm-folded and channels-last (zoo.optimize)
+        # opt-in: run the folded copy as a TorchScript graph (zoo.optimize.GraphEncode); ~1.4x faster on CPU, but
+        # its features differ from the plain encoder's by up to 1.4e-4 on easy-VQA images, above the 1e-4 of folding
+        self.graph = graph
         clean_stale_temps(self.root)  # left by saves that were killed
 
     @staticmethod
@@ -232,7 +236,7 @@ class FeatureCache:
         foldable = self.fold and encoder.modality == "image" and not any(p.requires_grad for p in encoder.parameters())
         if not (foldable and count_batchnorms(encoder)):
             return INFERENCE_TAG_PLAIN
-        return INFERENCE_TAG_GRAPH if graph_available() else INFERENCE_TAG_FOLDED
+        return INFERENCE_TAG_GRAPH if self.graph and graph_available() else INFERENCE_TAG_FOLDED
 
     def key(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str = "train",
             store_tokens: bool = True, extra: str = "") -> str:
@@ -377,7 +381,7 @@ class FeatureCache:
         # a folded copy when the key says so (same features within 1e-4, ~3x faster on CPU); if folding fails its
         # own check the plain encoder runs, which gives those same features
         # (its graph, zoo.optimize.GraphEncode, is built on the first batch: a miss runs many batches of one shape)
-        runner = inference_copy(encoder, self.fold, graph_after=1)[0] \
+        runner = inference_copy(encoder, self.fold, graph=self.graph, graph_after=1)[0] \
             if self._inference_tag(encoder) != INFERENCE_TAG_PLAIN else encoder
         parts: list[ModalityOutput] = []
         step = max(1, (n // batch_size + 1) // 10) * batch_size

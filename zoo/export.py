@@ -241,7 +241,7 @@ def export(model_or_name: FusionModel | str | Path, out_path: str | Path, format
         raise ConfigError(f"format={format!r} is not one of {FORMATS}.")
     model = _load(model_or_name).eval()
     names, tensors = _flatten(model, example)
-    runner = traceable_copy(inference_model(model, graph=False)[0] if fold else model)
+    runner = traceable_copy(inference_model(model)[0] if fold else model)
     wrapper = FlatFusion(cast(FusionModel, runner), names).eval()  # a copy of the fused model
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -266,7 +266,7 @@ def test_frozen_image_encoders_are_encoded_folded_and_the_key_says_so(tmp_path) 
     ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
     folded_cache, plain_cache = FeatureCache(tmp_path / "a", memory=False), FeatureCache(tmp_path / "b", memory=False,
                                                                                           fold=False)
-    assert folded_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl-ts"
+    assert folded_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl"
     assert plain_cache.key_parts(enc, ds, "image", "train", False)["inference"] == "plain"
     assert folded_cache.key(enc, ds, "image") != plain_cache.key(enc, ds, "image")
     folded, _ = folded_cache.get_or_compute(enc, ds, "image", store_tokens=False)
@@ -322,7 +322,9 @@ def test_a_miss_builds_the_encoders_graph_on_its_first_chunk_and_checks_each_chu
     monkeypatch.setattr(optimize.GraphEncode, "_build", lambda self, x: calls.append("build") or build(self, x))
     monkeypatch.setattr(optimize.GraphEncode, "_eager",
                         lambda self, b: calls.append(f"eager{b['pixel_values'].shape[0]}") or eager(self, b))
-    out, _ = FeatureCache(tmp_path, memory=False).get_or_compute(enc, ds, "image", batch_size=7)
+    cache = FeatureCache(tmp_path, memory=False, graph=True)
+    assert cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl-ts"
+    out, _ = cache.get_or_compute(enc, ds, "image", batch_size=7)
     assert calls == ["build", "eager3", "eager1"]  # chunk 2 ran the graph alone; sizes 3 and 1 were checked once
     with torch.no_grad():
         whole = enc(enc.preprocessor(pictures))

@@ -166,7 +166,8 @@ def test_graph_is_built_after_repeated_shapes_and_matches_the_original_at_every_
     from zoo.optimize import GRAPH_AFTER_CALLS, INFERENCE_TAG_GRAPH, GraphEncode, inference_copy
 
     enc = _frozen_tiny()
-    copy_, tag = inference_copy(enc)
+    assert inference_copy(enc)[1] == "bnfold-cl"  # the graph is opt-in
+    copy_, tag = inference_copy(enc, graph=True)
     assert tag == INFERENCE_TAG_GRAPH and isinstance(copy_.encode, GraphEncode)
     runner = copy_.encode
     key = ((3, 32, 32), torch.float32)
@@ -193,7 +194,7 @@ def test_a_graph_that_fails_to_build_or_to_match_is_dropped_for_eager_runs(monke
     from zoo.optimize import GRAPH_AFTER_CALLS, GraphEncode, inference_copy
 
     enc = _frozen_tiny()
-    copy_ = inference_copy(enc)[0]
+    copy_ = inference_copy(enc, graph=True)[0]
     runner = copy_.encode
     assert isinstance(runner, GraphEncode)
     key = ((3, 32, 32), torch.float32)
@@ -210,7 +211,7 @@ def test_a_graph_that_fails_to_build_or_to_match_is_dropped_for_eager_runs(monke
         assert key in runner._graphs and runner._graphs[key] is None
         monkeypatch.undo()
 
-        wrong = GraphEncode(inference_copy(enc, graph=False)[0])  # a graph whose outputs are off by 1
+        wrong = GraphEncode(inference_copy(enc)[0])  # a graph whose outputs are off by 1
         real_build = wrong._build
 
         def off_by_one(pixels):
@@ -229,9 +230,9 @@ def test_graphs_stay_out_of_grad_mode_export_and_copies() -> None:
     from zoo.optimize import GRAPH_AFTER_CALLS, INFERENCE_TAG_FOLDED, GraphEncode, inference_copy
 
     enc = _frozen_tiny()
-    plain_graph = inference_copy(enc, graph=False)
+    plain_graph = inference_copy(enc)
     assert plain_graph[1] == INFERENCE_TAG_FOLDED and not isinstance(plain_graph[0].encode, GraphEncode)
-    copy_ = inference_copy(enc)[0]
+    copy_ = inference_copy(enc, graph=True)[0]
     runner = copy_.encode
     for _ in range(GRAPH_AFTER_CALLS + 1):
         with torch.enable_grad():
@@ -251,7 +252,7 @@ def test_a_graph_is_rebuilt_when_the_encoders_weights_change_in_place() -> None:
     from zoo.optimize import GRAPH_AFTER_CALLS, GraphEncode, inference_copy
 
     enc = _frozen_tiny()
-    copy_ = inference_copy(enc)[0]
+    copy_ = inference_copy(enc, graph=True)[0]
     runner = copy_.encode
     assert isinstance(runner, GraphEncode)
     batch = _pixels(3)

@@ -143,7 +143,7 @@ def test_predict_folds_frozen_image_encoder_with_same_outputs() -> None:
     for f, p in zip(folded, plain, strict=True):
         assert f["probs"] == pytest.approx(p["probs"], abs=1e-4)
     runner, tags = model.inference_runner()
-    assert tags == {"image": "bnfold-cl-ts"} and count_batchnorms(runner.encoders["image"]) == 0
+    assert tags == {"image": "bnfold-cl"} and count_batchnorms(runner.encoders["image"]) == 0
     assert count_batchnorms(model.encoders["image"]) > 0  # the loaded model itself is untouched
     assert model.inference_runner()[0] is runner
     with torch.no_grad():

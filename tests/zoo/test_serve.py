@@ -528,6 +528,8 @@ def test_cli_serves_a_shipped_model_and_stops_gracefully_on_sigterm(tmp_path: An
 
 
 def test_serving_folds_image_encoders_and_runs_them_as_checked_graphs() -> None:
+    import copy
+
     import torch
     from PIL import Image
 
@@ -545,7 +547,8 @@ def test_serving_folds_image_encoders_and_runs_them_as_checked_graphs() -> None:
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8))
               for i in range(3)]
     want = model.predict(image=images, fold=False)
-    served = optimize_for_serving(model)
+    assert not isinstance(optimize_for_serving(copy.deepcopy(model)).encoders["image"].encode, GraphEncode)  # opt-in
+    served = optimize_for_serving(model, graph=True)
     encoder = served.encoders["image"]
     assert count_batchnorms(encoder) == 0 and isinstance(encoder.encode, GraphEncode)
     for _ in range(GRAPH_AFTER_CALLS + 1):  # repeated requests: the graph is built, checked and used

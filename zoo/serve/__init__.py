@@ -73,14 +73,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def optimize_for_serving(model: Any) -> Any:
+def optimize_for_serving(model: Any, graph: bool = False) -> Any:
     """Fold the image encoder's BatchNorms into its convolutions, channels-last (``zoo.optimize``), in place.
 
     Outputs match the unfused model within 1e-4 (checked on an example); a model whose norms cannot be folded
     is served as it is, with a warning. Large batches of a folded channels-last EfficientNet run about as fast
     per image as small ones, which an unfolded one does not, so this is what lets batching pay on images.
-    Each folded image encoder then runs its CPU batches as a frozen TorchScript graph (``zoo.optimize.GraphEncode``:
-    built when an image size repeats, checked against the folded encoder once per batch size), as predict does.
+    With ``graph`` (opt-in) each folded image encoder then runs its CPU batches as a frozen TorchScript graph
+    (``zoo.optimize.GraphEncode``: built when an image size repeats, checked against the folded encoder once per
+    batch size); features may then differ from the model's by up to ~1.4e-4.
     """
     from ..optimize import GraphEncode, count_batchnorms, fuse_for_inference, graph_available
 
@@ -92,7 +93,7 @@ def optimize_for_serving(model: Any) -> Any:
     except FusionZooError as e:
         print(f"fusion-zoo serve: warning: serving the model unfused ({e})", file=sys.stderr)
         return model
-    if graph_available():
+    if graph and graph_available():
         for encoder in folding:
             encoder.encode = GraphEncode(encoder)
     return model
