@@ -47,7 +47,8 @@ from fusion_errors import InputError
 __all__ = ["fuse_for_inference", "fold_pairs", "find_foldable_pairs", "example_image_batch", "count_batchnorms",
            "inference_copy", "inference_model", "StaticSameConv2d", "static_same_padding",
            "INFERENCE_TAG_FOLDED", "INFERENCE_TAG_GRAPH", "INFERENCE_TAG_PLAIN", "CHUNK_PIXELS",
-           "GRAPH_AFTER_CALLS", "GraphEncode", "graph_available",
+           "GRAPH_AFTER_CALLS", "GraphEncode", "graph_available", "ConvAct2d", "conv_act_available",
+           "fuse_conv_activations", "unfuse_conv_activations",
            "cpu_chunk_size", "run_in_chunks"]
 
 INFERENCE_TAG_FOLDED = "bnfold-cl"  # BatchNorm folded into convs, channels-last weights
@@ -198,15 +199,27 @@ class StaticSameConv2d(nn.Conv2d):
             return {0}  # dilated: an asymmetric pad is applied to the input instead
         return {b - a for a, b in (_same_pads(n, k, st, d) for n in range(8 * st, 9 * st))}
 
-    def forward(self, x: Tensor) -> Tensor:  # x [B, C_in, H, W] -> [B, C_out, ceil(H / sH), ceil(W / sW)]
+    def _pads(self, x: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
         k, st, d = self.kernel_size, self.stride, self.dilation
-        (top, bottom), (left, right) = (_same_pads(int(x.shape[-2]), k[0], st[0], d[0]),
-                                        _same_pads(int(x.shape[-1]), k[1], st[1], d[1]))
-        if (bottom > top and d[0] != 1) or (right > left and d[1] != 1):
-            return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, st, 0, d, self.groups)
+        return (_same_pads(int(x.shape[-2]), k[0], st[0], d[0]), _same_pads(int(x.shape[-1]), k[1], st[1], d[1]))
+
+    def kernel_and_padding(self, x: Tensor) -> tuple[Tensor | None, tuple[int, int]]:
+        """The kernel and symmetric padding that give "same" output for ``x`` [B, C_in, H, W]; (None, ...) when
+        the input itself must be padded (dilated and asymmetric)."""
+        (top, bottom), (left, right) = self._pads(x)
+        if (bottom > top and self.dilation[0] != 1) or (right > left and self.dilation[1] != 1):
+            return None, (0, 0)
         weight = self.weight if (top, left) == (bottom, right) else \
             cast(Tensor, self.get_buffer(f"weight_shift_{bottom - top}{right - left}"))
-        return F.conv2d(x, weight, self.bias, st, (bottom, right), d, self.groups)
+        return weight, (bottom, right)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, C_in, H, W] -> [B, C_out, ceil(H / sH), ceil(W / sW)]
+        weight, padding = self.kernel_and_padding(x)
+        if weight is None:
+            (top, bottom), (left, right) = self._pads(x)
+            return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0,
+                            self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 def static_same_padding(model: nn.Module) -> int:
@@ -218,6 +231,132 @@ def static_same_padding(model: nn.Module) -> int:
             _set(model, name, StaticSameConv2d(cast(nn.Conv2d, mod)))
             count += 1
     return count
+
+
+def _post_op(act: nn.Module) -> tuple[str, list[float]] | None:
+    """An activation module's oneDNN post-op (name, scalars) for :class:`ConvAct2d`, or None: the clamps only,
+    which oneDNN applies exactly (its SiLU/GELU post-ops use their own approximations; those stay separate)."""
+    if type(act) is nn.ReLU:
+        return "relu", []
+    if type(act) in (nn.ReLU6, nn.Hardtanh):
+        hardtanh = cast(nn.Hardtanh, act)
+        return "hardtanh", [float(hardtanh.min_val), float(hardtanh.max_val)]
+    return None
+
+
+def conv_act_available() -> bool:
+    """Whether this torch has oneDNN's convolution with a fused activation (``mkldnn::_convolution_pointwise``,
+    the kernel ``torch.compile`` emits on x86 CPUs)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class ConvAct2d(nn.Module):
+    """A convolution and the ReLU/ReLU6 that reads its output, run as one oneDNN kernel on CPU.
+
+    oneDNN applies the clamp to each output tile while it is still in cache (a "post-op") instead of a second pass
+    over the whole activation, with the oneDNN convolution eager PyTorch calls for channels-last weights: outputs
+    are bit-identical to ``act(conv(x))`` (checked in tests). With contiguous (NCHW) weights, on other devices or
+    dtypes, with autograd, or while tracing/exporting (ONNX and TorchScript need standard ops) it runs
+    ``act(conv(x))`` itself. Installed by
+    :func:`fuse_conv_activations`; ``conv`` and ``act`` stay submodules, so weights and ``.to()`` work as before.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+        super().__init__()
+        post = _post_op(act)
+        if post is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise InputError(f"ConvAct2d fuses a zero-padded Conv2d with ReLU/ReLU6, not {conv} + {act}.")
+        self.conv = conv
+        self.act = act
+        self.attr, self.scalars = post
+
+    def _eager(self, x: Tensor) -> Tensor:
+        return cast(Tensor, self.act(self.conv(x)))
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, C_in, H, W] -> act(conv(x)) [B, C_out, H', W']
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 \
+                or (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)) \
+                or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() \
+                or torch.onnx.is_in_onnx_export():
+            return self._eager(x)
+        conv = self.conv
+        if isinstance(conv, StaticSameConv2d):
+            weight, padding = conv.kernel_and_padding(x)
+            if weight is None:  # dilated asymmetric "same" padding: pads the input itself
+                return self._eager(x)
+        else:
+            weight, padding = conv.weight, cast(tuple[int, int], conv.padding)
+        if not weight.is_contiguous(memory_format=torch.channels_last) or weight.dim() != 4:
+            return self._eager(x)  # eager PyTorch may run contiguous kernels without oneDNN: keep its numbers
+        return cast(Tensor, torch.ops.mkldnn._convolution_pointwise(
+            x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+            self.attr, self.scalars, ""))
+
+
+def fuse_conv_activations(model: nn.Module, example: Any) -> list[tuple[str, str]]:
+    """Replace (in place) each ``Conv2d`` whose output goes straight into a ReLU/ReLU6 module, and to no other
+    module, by a :class:`ConvAct2d` (the activation module becomes ``nn.Identity``); returns the fused
+    ``(conv_name, act_name)`` pairs.
+
+    Pairs are found by data flow in one pass over ``example`` (as the BatchNorm fold finds its pairs): the
+    activation must be the next module called after the conv and read exactly the conv's output tensor. Callers
+    check the result against the original (``fuse_for_inference`` does). A no-op where oneDNN is missing.
+    """
+    if not conv_act_available():
+        return []
+    names = {mod: name for name, mod in model.named_modules()}
+    order: list[tuple[nn.Module, int | None, int | None]] = []  # leaf calls: (module, input id, output id)
+    kept: list[Any] = []  # keep every seen tensor alive so ids stay unique during the pass
+    readers: dict[int, int] = {}
+
+    def on_out(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+        first = inp[0] if inp and isinstance(inp[0], Tensor) else None
+        kept.extend([first, out])
+        for x in inp:
+            if isinstance(x, Tensor):
+                readers[id(x)] = readers.get(id(x), 0) + 1
+        order.append((mod, None if first is None else id(first), id(out) if isinstance(out, Tensor) else None))
+
+    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, _NORMS)]
+    hooks = [m.register_forward_hook(on_out) for m in leaves]
+    try:
+        with torch.no_grad():
+            _call(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = []
+    for (conv, _, out), (act, act_in, act_out) in zip(order, order[1:], strict=False):
+        # an in-place activation hands on the conv's own tensor, so later readers see the activated values; a
+        # new tensor means any other reader of the conv's output would see it without the activation
+        only_act = act_out == out or readers.get(cast(int, out)) == 1
+        if type(conv) in (nn.Conv2d, StaticSameConv2d) and out is not None and act_in == out and only_act \
+                and _post_op(act) is not None and conv in names and act in names:
+            pairs.append((names[conv], names[act]))
+    done: list[tuple[str, str]] = []
+    for conv_name, act_name in dict.fromkeys(pairs):
+        conv, act = model.get_submodule(conv_name), model.get_submodule(act_name)
+        if isinstance(conv, ConvAct2d) or isinstance(act, nn.Identity):
+            continue  # a module called twice: fused on its first pair
+        try:
+            fused = ConvAct2d(cast(nn.Conv2d, conv), act)
+        except InputError:
+            continue
+        _set(model, conv_name, fused)
+        _set(model, act_name, nn.Identity())
+        done.append((conv_name, act_name))
+    return done
+
+
+def unfuse_conv_activations(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Undo :func:`fuse_conv_activations` ``pairs`` in place: each conv and activation goes back to its place."""
+    for conv_name, act_name in pairs:
+        fused = cast(ConvAct2d, model.get_submodule(conv_name))
+        _set(model, conv_name, fused.conv)
+        _set(model, act_name, fused.act)
 
 
 def count_batchnorms(model: nn.Module) -> int:
@@ -239,6 +378,7 @@ def fuse_for_inference(
     atol: float = 1e-4,
     inplace: bool = False,
     static_padding: bool = True,
+    conv_act: bool = True,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorms folded into the conv/linear layers that feed them.
 
@@ -253,6 +393,8 @@ def fuse_for_inference(
         inplace: fuse ``model`` itself instead of a deep copy.
         static_padding: run TensorFlow "same" convolutions (timm ``Conv2dSame``) as :class:`StaticSameConv2d`,
             which pads inside the convolution instead of copying each input (exact).
+        conv_act: run each conv + ReLU/ReLU6 pair as one oneDNN kernel on CPU (:class:`ConvAct2d`, exact); if
+            the fused copy then fails its check, this step alone is undone.
 
     Returns:
         The fused model (a FusionModel keeps its type; only its encoder submodules change).
@@ -279,8 +421,13 @@ def fuse_for_inference(
             target.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if static_padding:
             static_same_padding(target)
+        acts = fuse_conv_activations(target, ex) if conv_act else []
         with torch.no_grad():
             diff = _max_diff(before, _call(target, ex))
+        if diff > atol and acts:  # not expected (ConvAct2d is exact), but never worth losing the fold for
+            unfuse_conv_activations(target, acts)
+            with torch.no_grad():
+                diff = _max_diff(before, _call(target, ex))
         if diff > atol:
             raise InputError(f"fused {type(target).__name__} differs by {diff:.2e} > atol={atol}; "
                              "this module has a non-foldable norm; use it unfused.")

@@ -9,12 +9,17 @@ from torch import nn
 from encoders import create_encoder
 from fusion_errors import InputError
 from zoo.optimize import (
+    ConvAct2d,
     StaticSameConv2d,
+    conv_act_available,
     count_batchnorms,
     example_image_batch,
     find_foldable_pairs,
+    fuse_conv_activations,
     fuse_for_inference,
 )
+
+needs_onednn = pytest.mark.skipif(not conv_act_available(), reason="this torch has no oneDNN conv + activation")
 
 
 def _randomise_norms(model: nn.Module) -> None:
@@ -54,10 +59,15 @@ def test_batchnormact_keeps_activation() -> None:
     _randomise_norms(model)
     model.eval()
     x = torch.randn(2, 3, 8, 8)
+    unfused = fuse_for_inference(model, example=x, conv_act=False)
+    assert isinstance(unfused[1], nn.ReLU)
     fused = fuse_for_inference(model, example=x)
-    assert isinstance(fused[1], nn.ReLU)
-    assert torch.allclose(model(x), fused(x), atol=1e-5)
-    assert bool((fused(x) >= 0).all())
+    # the BatchNormAct's ReLU either stays a module after the conv or runs inside it (ConvAct2d)
+    assert isinstance(fused[1], nn.ReLU) or (isinstance(fused[0], ConvAct2d) and isinstance(fused[0].act, nn.ReLU))
+    for out in (unfused, fused):
+        with torch.no_grad():
+            assert torch.allclose(model(x), out(x), atol=1e-5)
+            assert bool((out(x) >= 0).all()) and bool((out(x) == 0).any())
 
 
 def test_conv_feeding_two_readers_is_not_folded() -> None:
@@ -146,6 +156,134 @@ def test_efficientnet_lite0_inference_copy_pads_inside_its_convolutions(size: tu
     x = torch.randn(3, 3, *size)
     with torch.inference_mode():
         assert _max_diff(enc({"pixel_values": x}), fused({"pixel_values": x})) <= 1e-4
+
+
+# --- ConvAct2d: a conv and the ReLU/ReLU6 after it as one oneDNN kernel -----------------------------------------
+
+@needs_onednn
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(inplace=True), nn.Hardtanh(-0.5, 0.25)])
+@pytest.mark.parametrize("groups,stride,padding", [(1, 1, 1), (6, 2, 1), (2, 1, 0)])
+@pytest.mark.parametrize("channels_last_input", [False, True])
+def test_conv_act_is_bit_identical_to_conv_then_activation(act: nn.Module, groups: int, stride: int, padding: int,
+                                                           channels_last_input: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, stride=stride, padding=padding, groups=groups).eval().requires_grad_(False)
+    conv = conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as inference copies hold it
+    fused = ConvAct2d(conv, act)
+    x = torch.randn(3, 6, 15, 13) * 3
+    if channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = act(conv(x.clone()))
+        out = fused(x)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    assert bool((out == ref.amin()).any()) and bool((out > ref.amin()).any())  # the clamp really bit
+
+
+@needs_onednn
+def test_conv_act_with_contiguous_weights_runs_eager_pytorch() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, groups=2).eval().requires_grad_(False)  # NCHW weights: not always oneDNN in eager
+    x = torch.randn(3, 6, 15, 13)
+    with torch.inference_mode():
+        assert torch.equal(ConvAct2d(conv, nn.ReLU())(x), conv(x).relu())
+
+
+@needs_onednn
+@pytest.mark.parametrize("size", [(16, 16), (17, 15)])
+def test_conv_act_runs_static_same_padding(size: tuple[int, int]) -> None:
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    same = Conv2dSame(4, 4, 3, stride=2, groups=4).eval().requires_grad_(False)
+    fused = ConvAct2d(StaticSameConv2d(same), nn.ReLU6())
+    x = torch.randn(2, 4, *size) * 4
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), same(x).clamp(0, 6), atol=1e-6)
+
+
+def test_conv_act_takes_only_clamps() -> None:
+    with pytest.raises(InputError, match="ReLU"):
+        ConvAct2d(nn.Conv2d(3, 3, 1), nn.SiLU())
+
+
+@needs_onednn
+def test_conv_act_falls_back_for_autograd_and_tracing() -> None:
+    torch.manual_seed(0)
+    fused = ConvAct2d(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6())
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    fused(x).sum().backward()  # the oneDNN kernel has no backward: autograd runs conv + act
+    assert x.grad is not None and fused.conv.weight.grad is not None
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, torch.randn(1, 3, 8, 8))
+    assert "mkldnn" not in str(traced.inlined_graph)  # exported graphs hold standard ops only
+    y = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(traced(y), fused.act(fused.conv(y)))
+
+
+@needs_onednn
+def test_only_a_conv_whose_output_goes_straight_into_the_activation_is_fused() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.act_a = nn.Conv2d(3, 4, 1), nn.ReLU()  # fused
+            self.b, self.act_b = nn.Conv2d(4, 4, 1), nn.ReLU()  # b's output also feeds `other`: kept
+            self.other = nn.Identity()
+            self.c, self.act_c = nn.Conv2d(4, 4, 1), nn.SiLU()  # not a clamp: kept
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.b(self.act_a(self.a(x)))
+            return self.act_c(self.c(self.act_b(y) + self.other(y)))
+
+    net = Net().eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        ref = net(x)
+        assert fuse_conv_activations(net, x) == [("a", "act_a")]
+        assert isinstance(net.a, ConvAct2d) and isinstance(net.act_a, nn.Identity)
+        assert torch.equal(net(x), ref)
+
+
+@needs_onednn
+def test_a_fused_activation_that_changes_outputs_is_undone_and_the_fold_kept() -> None:
+    class Peek(nn.Module):
+        """Reads the conv's output with a plain op before its in-place ReLU: invisible to module hooks."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            before = y * 2
+            return self.act(y) + before
+
+    model = Peek()
+    _randomise_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = fuse_for_inference(model, example=x)
+    assert count_batchnorms(fused) == 0 and not any(isinstance(m, ConvAct2d) for m in fused.modules())
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.slow  # efficientnet-lite0's real weights
+def test_efficientnet_lite0_runs_its_relu6s_inside_the_convolutions() -> None:
+    enc = create_encoder("efficientnet-lite0", finetune="frozen")
+    fused, plain = fuse_for_inference(enc), fuse_for_inference(enc, conv_act=False)
+    # every ReLU6: the stem's, the first block's depthwise conv's, the 15 inverted residuals' expansion and
+    # depthwise convs', and the head conv's
+    assert sum(isinstance(m, nn.ReLU6) for m in plain.modules()) == 1 + 1 + 2 * 15 + 1
+    assert sum(isinstance(m, ConvAct2d) for m in fused.modules()) == 1 + 1 + 2 * 15 + 1
+    assert not any(isinstance(m, nn.ReLU6) for m in fused.modules() if not isinstance(m, ConvAct2d)
+                   and m not in {a.act for a in fused.modules() if isinstance(a, ConvAct2d)})
+    x = torch.randn(5, 3, 224, 224)
+    with torch.inference_mode():
+        a, b = fused({"pixel_values": x}), plain({"pixel_values": x})
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
 
 
 # --- GraphEncode: the folded copy run as a frozen TorchScript graph on CPU ---------------------------------------
