@@ -80,7 +80,7 @@ class PixelPreprocessor(Preprocessor):
         for i, item in enumerate(items):
             if item is None:
                 continue
-            pixels[i] = self.to_tensor(load_image(item, f"image item {i}", self.decode_side))
+            pixels[i] = self.to_tensor(load_image(item, f"image item {i}", self.decode_side, keep_gray=True))
             present[i] = True
         return {"pixels": pixels, "present": present}
 
@@ -144,7 +144,7 @@ class EfficientNetPixelsPreprocessor(Preprocessor):
         for i, item in enumerate(items):
             if item is None:
                 continue
-            img = load_image(item, f"image item {i}", self.decode_side)
+            img = load_image(item, f"image item {i}", self.decode_side, keep_gray=True)
             self.network.normalize_into(pixel_values[i], self.network.crop(img))
             pixels[i], present[i] = self.thumbnail.to_tensor(img), True
         return {"pixel_values": pixel_values, "pixels": pixels, "present": present}

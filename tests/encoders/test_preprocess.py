@@ -257,3 +257,35 @@ def test_missing_images_are_zero_rows_even_in_reused_memory() -> None:
     assert out["present"].tolist() == [True, False, True, False, False, True]
     assert all(float(out["pixel_values"][i].abs().max()) == 0.0 for i in (1, 3, 4))
     torch.testing.assert_close(out["pixel_values"][[0, 2, 5]], pre(pictures[:3])["pixel_values"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_grey_images_resize_as_one_channel_with_the_pixels_of_their_rgb_conversion(interpolation: str) -> None:
+    """Greyscale images are resized as one channel (a third of the work) and replicated after: the batch must be
+    exactly what the same images converted to RGB first give."""
+    pre = ImagePreprocessor(image_size=40, interpolation=interpolation)
+    rng = np.random.default_rng(1)
+    grey = [rng.integers(0, 256, (32, 32), dtype=np.uint8),  # upscaled, as tridigits
+            rng.integers(0, 256, (300, 170), dtype=np.uint8),  # downscaled, tall
+            rng.integers(0, 65536, (20, 50), dtype=np.uint16)]  # 16-bit, rescaled to 8 first
+    grey_items = [grey[0], _png(Image.fromarray(grey[1], mode="L")), grey[2]]
+    rgb_items = [load_image(g, "ref").convert("RGB") for g in grey]
+    assert all(load_image(g, "g", keep_gray=True).mode == "L" for g in grey_items)
+    assert load_image(grey_items[1], "g").mode == "RGB"  # callers that do not ask get RGB, as before
+    out, ref = pre(grey_items), pre(rgb_items)
+    assert torch.equal(out["pixel_values"], ref["pixel_values"])
+    assert bool((out["pixel_values"][:, 0] != out["pixel_values"][:, 1]).any())  # per-channel mean/std applied
+
+
+@pytest.mark.parametrize("color", ["rgb", "gray"])
+def test_pixel_encoders_see_grey_images_as_their_rgb_conversion(color: str) -> None:
+    from encoders.image_pixels import EfficientNetPixelsPreprocessor, PixelPreprocessor
+
+    rng = np.random.default_rng(2)
+    grey = [Image.fromarray(rng.integers(0, 256, (33, 45), dtype=np.uint8), mode="L") for _ in range(2)]
+    rgb = [g.convert("RGB") for g in grey]
+    thumb = PixelPreprocessor(image_size=12, color=color)
+    both = EfficientNetPixelsPreprocessor(ImagePreprocessor(image_size=32), thumb)
+    for pre in (thumb, both):
+        a, b = pre(grey), pre(rgb)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
