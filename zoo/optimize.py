@@ -13,6 +13,11 @@ conv) becomes a :class:`StaticSameConv2d` that pads inside the convolution, exac
 (EfficientNet-Lite0, 224 px, chunks of 5, interleaved runs) that took the folded encoder from a median of 53 to 58
 images/s at 2 threads and 26.5 to 30 at 1 thread; as trained it runs about 24-29 at 2 threads.
 
+Last, each convolution whose output goes straight into a ReLU/ReLU6 runs with the clamp inside it
+(:class:`ConvAct2d`: oneDNN's convolution with an activation post-op, the kernel ``torch.compile`` emits on x86),
+bit-identical to the two ops and without a second pass over the activation: on an AVX-512 host, EfficientNet-Lite0
+folded at 224 px in chunks of 5 went from 138 to 147 images/s (median of 12 interleaved runs; best 160 -> 167).
+
 ``inference_copy(encoder)`` is what inference paths call (feature cache, predict, test, export): a folded,
 channels-last copy of a *frozen* image encoder plus a short tag for cache keys; anything else comes back as is.
 ``inference_model(model)`` does the same for every encoder of a fused model, sharing all other modules.
@@ -22,10 +27,11 @@ Opt-in (``graph=True``): on CPU the folded copy then runs as a frozen TorchScrip
 ReLU6s stay separate ops), one per input shape, built once a shape has been seen :data:`GRAPH_AFTER_CALLS` times
 (the feature cache: at once) and checked against the eager folded copy on the first batch of every batch size
 (:class:`GraphEncode`). Same 2-core CPU, 224 px, chunks of 5: eager folded 58 images/s, graph 80-85 (plain 23-30);
-building the graph takes 0.1-0.15 s. It is not the default: on easy-VQA images its features differ from the plain
-encoder's by up to 1.4e-4 (eager folding: 6.6e-5), above the 1e-4 inference paths promise. ``torch.compile``
-reached 61 after a 45 s compile. TorchScript is deprecated in torch 2.11; when it is missing or fails, the eager
-folded copy runs.
+building the graph takes 0.1-0.15 s. On an AVX-512 host, eager folding with :class:`ConvAct2d` runs as fast as the
+graph (146.5 against 145.8 images/s, medians of 12). It is not the default: on easy-VQA images (AVX2 host) its features
+differ from the plain encoder's by up to 1.4e-4 (eager folding: 6.6e-5), above the 1e-4 inference paths promise.
+``torch.compile`` reached 61 after a 45 s compile. TorchScript is deprecated in torch 2.11; when it is missing or
+fails, the eager folded copy runs.
 """
 
 from __future__ import annotations
