@@ -266,8 +266,8 @@ class ConvAct2d(nn.Module):
     over the whole activation, with the oneDNN convolution eager PyTorch calls for channels-last weights: outputs
     are bit-identical to ``act(conv(x))`` (checked in tests). With contiguous (NCHW) weights, on other devices or
     dtypes, with autograd, or while tracing/exporting (ONNX and TorchScript need standard ops) it runs
-    ``act(conv(x))`` itself. Installed by
-    :func:`fuse_conv_activations`; ``conv`` and ``act`` stay submodules, so weights and ``.to()`` work as before.
+    ``act(conv(x))`` itself. Installed by :func:`fuse_conv_activations`; ``conv`` and ``act`` stay submodules,
+    so weights and ``.to()`` work as before.
     """
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
