@@ -51,7 +51,11 @@ def train(head: str, stage: str) -> FusionModel:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 49:
+        # stop early once the labels are fitted, but not before 200 steps: the missing-modality embeddings learn
+        # only from the 20% of samples that drop each modality, and fitting the labels alone (as early as step 49)
+        # left them untrained, so leaving the noise modality out moved predictions (bottleneck@hybrid: the noise
+        # was smallest on 31-64 of 64 samples over six seeds at 50-100 steps, on 64 of 64 from 200)
+        if step % 50 == 49 and step >= 199:
             model.eval()
             with torch.no_grad():
                 if (model(feats).logits.argmax(-1) == y).float().mean() >= 0.99:
