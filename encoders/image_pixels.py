@@ -64,13 +64,13 @@ class PixelPreprocessor(Preprocessor):
         return DRAFT_MARGIN * self.image_size
 
     def to_tensor(self, img: Image.Image) -> Tensor:
-        """One RGB image → [C, S, S] in 0..1."""
+        """One RGB (or ``L``) image → [C, S, S] in 0..1; an ``L`` image resizes as one channel, repeated for RGB."""
         s = self.image_size
         shrink = img.width >= s and img.height >= s
         img = (img.convert("L") if self.color == "gray" else img).resize(
             (s, s), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # [S, S] or [S, S, 3]
-        return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+        return x.expand(self.channels, s, s) if x.dim() == 2 else x.permute(2, 0, 1)  # [C, S, S]
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
         _check_batch(items)

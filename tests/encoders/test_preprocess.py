@@ -289,3 +289,12 @@ def test_pixel_encoders_see_grey_images_as_their_rgb_conversion(color: str) -> N
     for pre in (thumb, both):
         a, b = pre(grey), pre(rgb)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pixel_to_tensor_gives_an_rgb_preprocessor_three_channels_from_a_grey_image() -> None:
+    from encoders.image_pixels import PixelPreprocessor
+
+    grey = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 30), dtype=np.uint8), mode="L")
+    rgb, gray = PixelPreprocessor(image_size=8, color="rgb"), PixelPreprocessor(image_size=8, color="gray")
+    assert torch.equal(rgb.to_tensor(grey), rgb.to_tensor(grey.convert("RGB")))  # [3, 8, 8], not [1, 8, 8]
+    assert gray.to_tensor(grey).shape == (1, 8, 8)

@@ -22,6 +22,14 @@ from zoo.optimize import (
 needs_onednn = pytest.mark.skipif(not conv_act_available(), reason="this torch has no oneDNN conv + activation")
 
 
+def _module_calls(fused: ConvAct2d) -> list[str]:
+    """Records each call of ``fused``'s own conv and act modules (the eager path; the oneDNN kernel calls neither)."""
+    calls: list[str] = []
+    fused.conv.register_forward_hook(lambda *_: calls.append("conv"))
+    fused.act.register_forward_hook(lambda *_: calls.append("act"))
+    return calls
+
+
 def _randomise_norms(model: nn.Module) -> None:
     """Give every BatchNorm non-trivial statistics and affine weights so a wrong fold shows."""
     gen = torch.Generator().manual_seed(0)
@@ -175,7 +183,9 @@ def test_conv_act_is_bit_identical_to_conv_then_activation(act: nn.Module, group
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ref = act(conv(x.clone()))
+        calls = _module_calls(fused)
         out = fused(x)
+    assert calls == []  # the one oneDNN kernel ran, not conv then act
     assert out.shape == ref.shape and torch.equal(out, ref)
     assert bool((out == ref.amin()).any()) and bool((out > ref.amin()).any())  # the clamp really bit
 
@@ -185,8 +195,12 @@ def test_conv_act_with_contiguous_weights_runs_eager_pytorch() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 12, 3, groups=2).eval().requires_grad_(False)  # NCHW weights: not always oneDNN in eager
     x = torch.randn(3, 6, 15, 13)
+    fused = ConvAct2d(conv, nn.ReLU())
     with torch.inference_mode():
-        assert torch.equal(ConvAct2d(conv, nn.ReLU())(x), conv(x).relu())
+        ref = conv(x).relu()
+        calls = _module_calls(fused)
+        assert torch.equal(fused(x), ref)
+    assert calls == ["conv", "act"]
 
 
 @needs_onednn
@@ -210,11 +224,17 @@ def test_conv_act_takes_only_clamps() -> None:
 @needs_onednn
 def test_conv_act_falls_back_for_autograd_and_tracing() -> None:
     torch.manual_seed(0)
-    fused = ConvAct2d(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6())
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fused = ConvAct2d(conv, nn.ReLU6())  # channels-last weights: the fused kernel unless a guard says otherwise
+    calls = _module_calls(fused)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     fused(x).sum().backward()  # the oneDNN kernel has no backward: autograd runs conv + act
-    assert x.grad is not None and fused.conv.weight.grad is not None
+    assert x.grad is not None and fused.conv.weight.grad is not None and calls == ["conv", "act"]
+    fused.requires_grad_(False)
     with torch.no_grad():
+        calls.clear()
+        fused(torch.randn(1, 3, 8, 8))
+        assert calls == []  # no autograd: the fused kernel
         traced = torch.jit.trace(fused, torch.randn(1, 3, 8, 8))
     assert "mkldnn" not in str(traced.inlined_graph)  # exported graphs hold standard ops only
     y = torch.randn(3, 3, 8, 8)
@@ -277,9 +297,9 @@ def test_efficientnet_lite0_runs_its_relu6s_inside_the_convolutions() -> None:
     # every ReLU6: the stem's, the first block's depthwise conv's, the 15 inverted residuals' expansion and
     # depthwise convs', and the head conv's
     assert sum(isinstance(m, nn.ReLU6) for m in plain.modules()) == 1 + 1 + 2 * 15 + 1
-    assert sum(isinstance(m, ConvAct2d) for m in fused.modules()) == 1 + 1 + 2 * 15 + 1
-    assert not any(isinstance(m, nn.ReLU6) for m in fused.modules() if not isinstance(m, ConvAct2d)
-                   and m not in {a.act for a in fused.modules() if isinstance(a, ConvAct2d)})
+    fused_acts = [m.act for m in fused.modules() if isinstance(m, ConvAct2d)]
+    assert len(fused_acts) == 1 + 1 + 2 * 15 + 1
+    assert sum(isinstance(m, nn.ReLU6) for m in fused.modules()) == len(fused_acts)  # none left on its own
     x = torch.randn(5, 3, 224, 224)
     with torch.inference_mode():
         a, b = fused({"pixel_values": x}), plain({"pixel_values": x})
