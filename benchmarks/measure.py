@@ -290,10 +290,11 @@ def _easyvqa_images(n: int) -> Any:
     return datasets.Dataset.from_dict({"image": files}) if len(files) == n else None
 
 
-def _misses(enc: Any, rows: Any, variants: dict[str, tuple[bool, bool, bool]], reps: int, batch_size: int,
-            detail: set[str], detail_reps: int) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, str]]:
+def _misses(enc: Any, rows: Any, variants: dict[str, tuple[bool, bool, bool, int | None]], reps: int,
+            batch_size: int, detail: set[str], detail_reps: int
+            ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, str]]:
     """Seconds of every round, features and cache keys of feature-cache misses on ``rows`` per variant (name ->
-    (fold, chunked, graph)), the variants in turns so a burst of load hits all; ``detail`` ones run
+    (fold, chunked, graph, chunk workers)), the variants in turns so a burst of load hits all; ``detail`` ones run
     ``detail_reps`` times."""
     import shutil
     import tempfile
@@ -305,13 +306,14 @@ def _misses(enc: Any, rows: Any, variants: dict[str, tuple[bool, bool, bool]], r
     times: dict[str, list[float]] = {}
     feats: dict[str, Any] = {}
     keys: dict[str, str] = {}
-    chunk_pixels = optimize.CHUNK_PIXELS
+    chunk_pixels, chunk_workers = optimize.CHUNK_PIXELS, optimize.CHUNK_WORKERS
     for rep in range(reps):
-        for name, (fold, chunked, graph) in variants.items():
+        for name, (fold, chunked, graph, workers) in variants.items():
             if name in detail and rep >= detail_reps:
                 continue
             root = Path(tempfile.mkdtemp(prefix="fz-bench-encode-"))
             optimize.CHUNK_PIXELS = chunk_pixels if chunked else 1 << 62
+            optimize.CHUNK_WORKERS = workers
             try:
                 cache = FeatureCache(root, memory=False, fold=fold, graph=graph)
                 t = time.perf_counter()
@@ -320,7 +322,7 @@ def _misses(enc: Any, rows: Any, variants: dict[str, tuple[bool, bool, bool]], r
                 times.setdefault(name, []).append(time.perf_counter() - t)
                 feats[name], keys[name] = out, stats.key
             finally:
-                optimize.CHUNK_PIXELS = chunk_pixels
+                optimize.CHUNK_PIXELS, optimize.CHUNK_WORKERS = chunk_pixels, chunk_workers
                 shutil.rmtree(root, ignore_errors=True)
     return times, feats, keys
 
@@ -333,20 +335,24 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
     paths in turns, so a burst of load on this shared machine hits both; the details' variants run
     ``detail_reps`` times).
 
-    Both paths run CPU image batches in cache-sized chunks (``zoo.optimize.CHUNK_PIXELS``); the details also time
-    the plain path on whole batches (what the cache did before chunking) for the overall gain, and, when easy-VQA
+    Both paths run CPU image batches in cache-sized chunks (``zoo.optimize.CHUNK_PIXELS``), side by side on one
+    worker thread per intra-op thread (``zoo.optimize.CHUNK_WORKERS``); the details also time both paths with the
+    chunks one after another on all threads, the plain path on whole batches (what the cache did before chunking)
+    for the overall gain, and, when easy-VQA
     is prepared, the same two paths on ``n`` of its images (real photos-like RGB data: the speedup and the largest
     feature difference that the 1e-4 promise is about), best of ``real_reps``."""
     from encoders import create_encoder
     from recipes.tridigits.dataset import load_tridigits
-    from zoo.optimize import cpu_chunk_size
+    from zoo.optimize import chunk_workers, cpu_chunk_size
 
     rows = load_tridigits("train").select(range(n)).select_columns(["image"])
     enc = create_encoder("efficientnet-lite0", finetune="frozen").eval()
-    variants = {"plain": (False, True, False), "folded": (True, True, False), "folded_graph": (True, True, True),
-                "plain_whole_batches": (False, False, False)}
-    rounds, feats, keys = _misses(enc, rows, variants, reps, batch_size, {"folded_graph", "plain_whole_batches"},
-                                  detail_reps)
+    variants: dict[str, tuple[bool, bool, bool, int | None]] = {
+        "plain": (False, True, False, None), "folded": (True, True, False, None),
+        "folded_graph": (True, True, True, None), "plain_whole_batches": (False, False, False, 1),
+        "plain_one_worker": (False, True, False, 1), "folded_one_worker": (True, True, False, 1)}
+    detail = {"folded_graph", "plain_whole_batches", "plain_one_worker", "folded_one_worker"}
+    rounds, feats, keys = _misses(enc, rows, variants, reps, batch_size, detail, detail_reps)
     times = {k: min(v) for k, v in rounds.items()}
     # the same comparison per round (plain and folded run back to back): how far one lucky or unlucky window of
     # this shared machine moves the ratio of the bests
@@ -366,12 +372,16 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
                    "images_per_s": {k: n / v for k, v in rt.items()},
                    "setup": f"the first {n} easy-VQA image files (sorted), best of {real_reps}"}
     chunk = cpu_chunk_size({"pixel_values": torch.zeros(batch_size, 3, 224, 224)}, "cpu")
+    with torch.no_grad():  # as the cache runs them
+        workers = chunk_workers(-(-batch_size // (chunk or batch_size)))
     return {
         "cache_encode_speedup": times["plain"] / times["folded"],
         "cache_encode_max_abs_diff": diff("folded", "plain"),
         "cache_encode_round_ratios": round_ratios,
         "cache_encode_median_round_ratio": float(statistics.median(round_ratios)),
         "cache_encode_vs_whole_batch_plain": times["plain_whole_batches"] / times["folded"],
+        # both paths with their chunks one after another on all threads (zoo.optimize.CHUNK_WORKERS = 1)
+        "cache_encode_one_worker_speedup": times["plain_one_worker"] / times["folded_one_worker"],
         # opt-in FeatureCache(graph=True) (zoo.optimize.GraphEncode)
         "cache_encode_graph_speedup": times["plain"] / times["folded_graph"],
         "cache_encode_graph_max_abs_diff": diff("folded_graph", "plain"),
@@ -379,5 +389,6 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
         "keys_differ": keys["plain"] != keys["folded"],
         "easyvqa": easyvqa,
         "setup": f"{n} tridigits train images, efficientnet-lite0 (224 px), batch {batch_size} in chunks of "
-                 f"{chunk}, {torch.get_num_threads()} threads, best of {reps} (details: of {detail_reps})",
+                 f"{chunk} on {workers} worker threads, "
+                 f"{torch.get_num_threads()} threads, best of {reps} (details: of {detail_reps})",
     }
