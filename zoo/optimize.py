@@ -262,21 +262,26 @@ def conv_act_available() -> bool:
 
 
 class ConvAct2d(nn.Module):
-    """A convolution and the ReLU/ReLU6 that reads its output, run as one oneDNN kernel on CPU.
+    """A convolution and the ReLU/ReLU6 that reads its output (or none: ``act=None``), run as one oneDNN kernel on
+    CPU.
 
     oneDNN applies the clamp to each output tile while it is still in cache (a "post-op") instead of a second pass
-    over the whole activation, with the oneDNN convolution eager PyTorch calls for channels-last weights: outputs
-    are bit-identical to ``act(conv(x))`` (checked in tests). With contiguous (NCHW) weights, on other devices or
-    dtypes, with autograd, or while tracing/exporting (ONNX and TorchScript need standard ops) it runs
+    over the whole activation, with the oneDNN convolution eager PyTorch calls for channels-last weights on more
+    than one thread: outputs are bit-identical to ``act(conv(x))`` there (checked in tests). On one thread eager
+    PyTorch runs small batches of 1x1 convolutions through its own im2col + GEMM kernel instead (and copies
+    channels-last inputs for it), which is what a chunk worker thread of :func:`run_in_chunks` would get; this
+    module keeps them on oneDNN (the same values up to float rounding). With contiguous (NCHW) weights, on other
+    devices or dtypes, with autograd, or while tracing/exporting (ONNX and TorchScript need standard ops) it runs
     ``act(conv(x))`` itself. Installed by :func:`fuse_conv_activations`; ``conv`` and ``act`` stay submodules,
     so weights and ``.to()`` work as before.
     """
 
-    def __init__(self, conv: nn.Conv2d, act: nn.Module) -> None:
+    def __init__(self, conv: nn.Conv2d, act: nn.Module | None) -> None:
         super().__init__()
-        post = _post_op(act)
+        post = ("none", []) if act is None else _post_op(act)
+        act = nn.Identity() if act is None else act
         if post is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise InputError(f"ConvAct2d fuses a zero-padded Conv2d with ReLU/ReLU6, not {conv} + {act}.")
+            raise InputError(f"ConvAct2d fuses a zero-padded Conv2d with ReLU/ReLU6 or none, not {conv} + {act}.")
         self.conv = conv
         self.act = act
         self.attr, self.scalars = post
@@ -304,10 +309,11 @@ class ConvAct2d(nn.Module):
             self.attr, self.scalars, ""))
 
 
-def fuse_conv_activations(model: nn.Module, example: Any) -> list[tuple[str, str]]:
+def fuse_conv_activations(model: nn.Module, example: Any, lone: bool = False) -> list[tuple[str, str]]:
     """Replace (in place) each ``Conv2d`` whose output goes straight into a ReLU/ReLU6 module, and to no other
-    module, by a :class:`ConvAct2d` (the activation module becomes ``nn.Identity``); returns the fused
-    ``(conv_name, act_name)`` pairs.
+    module, by a :class:`ConvAct2d` (the activation module becomes ``nn.Identity``); with ``lone``, every other
+    ``Conv2d`` with channels-last weights too, as ``ConvAct2d(conv, None)`` (oneDNN on any thread count). Returns
+    the fused ``(conv_name, act_name)`` pairs, ``act_name`` "" for a lone conv.
 
     Pairs are found by data flow in one pass over ``example`` (as the BatchNorm fold finds its pairs): the
     activation must be the next module called after the conv and read exactly the conv's output tensor. Callers
@@ -356,6 +362,16 @@ def fuse_conv_activations(model: nn.Module, example: Any) -> list[tuple[str, str
         _set(model, conv_name, fused)
         _set(model, act_name, nn.Identity())
         done.append((conv_name, act_name))
+    if lone:
+        for conv_name, conv in list(model.named_modules()):
+            if type(conv) in (nn.Conv2d, StaticSameConv2d) and conv.weight.is_contiguous(
+                    memory_format=torch.channels_last) and not isinstance(model.get_submodule(
+                        conv_name.rpartition(".")[0]) if "." in conv_name else model, ConvAct2d):
+                try:
+                    _set(model, conv_name, ConvAct2d(cast(nn.Conv2d, conv), None))
+                except InputError:
+                    continue
+                done.append((conv_name, ""))
     return done
 
 
@@ -364,7 +380,8 @@ def unfuse_conv_activations(model: nn.Module, pairs: list[tuple[str, str]]) -> N
     for conv_name, act_name in pairs:
         fused = cast(ConvAct2d, model.get_submodule(conv_name))
         _set(model, conv_name, fused.conv)
-        _set(model, act_name, fused.act)
+        if act_name:
+            _set(model, act_name, fused.act)
 
 
 def count_batchnorms(model: nn.Module) -> int:
@@ -401,8 +418,9 @@ def fuse_for_inference(
         inplace: fuse ``model`` itself instead of a deep copy.
         static_padding: run TensorFlow "same" convolutions (timm ``Conv2dSame``) as :class:`StaticSameConv2d`,
             which pads inside the convolution instead of copying each input (exact).
-        conv_act: run each conv + ReLU/ReLU6 pair as one oneDNN kernel on CPU (:class:`ConvAct2d`, exact); if
-            the fused copy then fails its check, this step alone is undone.
+        conv_act: run each conv + ReLU/ReLU6 pair as one oneDNN kernel on CPU (:class:`ConvAct2d`, exact), and
+            with ``channels_last`` every other conv on oneDNN too (``ConvAct2d(conv, None)``); if the fused copy
+            then fails its check, this step alone is undone.
 
     Returns:
         The fused model (a FusionModel keeps its type; only its encoder submodules change).
@@ -429,7 +447,7 @@ def fuse_for_inference(
             target.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if static_padding:
             static_same_padding(target)
-        acts = fuse_conv_activations(target, ex) if conv_act else []
+        acts = fuse_conv_activations(target, ex, lone=channels_last) if conv_act else []
         with torch.no_grad():
             diff = _max_diff(before, _call(target, ex))
         if diff > atol and acts:  # not expected (ConvAct2d is exact), but never worth losing the fold for

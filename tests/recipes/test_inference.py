@@ -216,6 +216,53 @@ def test_conv_act_runs_static_same_padding(size: tuple[int, int]) -> None:
         assert torch.allclose(fused(x), same(x).clamp(0, 6), atol=1e-6)
 
 
+@needs_onednn
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_lone_conv_runs_on_onednn_at_any_thread_count(threads: int) -> None:
+    """On one thread eager PyTorch runs a small batch of 1x1 convs through its own im2col kernel: the lone
+    ConvAct2d stays on oneDNN, equal to it up to float rounding (bit-identical where eager uses oneDNN too)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1).eval().requires_grad_(False).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fused = ConvAct2d(conv, None)
+    assert isinstance(fused.act, nn.Identity) and fused.attr == "none"
+    x = torch.randn(5, 24, 14, 14).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            ref = conv(x)
+            calls = _module_calls(fused)
+            with torch.profiler.profile() as prof:
+                out = fused(x)
+    finally:
+        torch.set_num_threads(before)
+    ops = {e.key for e in prof.key_averages()}
+    assert calls == [] and "mkldnn::_convolution_pointwise" in ops and "aten::_slow_conv2d_forward" not in ops
+    if threads > 1:
+        assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+def test_lone_convs_are_wrapped_only_with_channels_last_weights_and_unwrapped_back() -> None:
+    from zoo.optimize import unfuse_conv_activations
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 3)).eval()
+    net[2].to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net[0].to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = net(x)
+        done = fuse_conv_activations(net, x, lone=True)
+        assert done == [("0", "1"), ("2", "")]  # conv 3 keeps NCHW weights: left as it is
+        assert isinstance(net[0], ConvAct2d) and isinstance(net[2], ConvAct2d) and net[2].attr == "none"
+        assert type(net[3]) is nn.Conv2d
+        torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-6)
+        unfuse_conv_activations(net, done)
+        assert [type(m) for m in net] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Conv2d]
+        torch.testing.assert_close(net(x), ref, rtol=0, atol=0)
+
+
 def test_conv_act_takes_only_clamps() -> None:
     with pytest.raises(InputError, match="ReLU"):
         ConvAct2d(nn.Conv2d(3, 3, 1), nn.SiLU())
@@ -266,16 +313,19 @@ def test_only_a_conv_whose_output_goes_straight_into_the_activation_is_fused() -
 
 
 @needs_onednn
-def test_a_fused_activation_that_changes_outputs_is_undone_and_the_fold_kept() -> None:
+def test_a_fused_activation_that_changes_outputs_is_undone_and_the_fold_kept(monkeypatch) -> None:
+    import zoo.optimize as optimize
+
     class Peek(nn.Module):
         """Reads the conv's output with a plain op before its in-place ReLU: invisible to module hooks."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.conv2, self.act = nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.bn(self.conv(x))
+            y = self.conv2(self.bn(self.conv(x)))
             before = y * 2
             return self.act(y) + before
 
@@ -283,7 +333,12 @@ def test_a_fused_activation_that_changes_outputs_is_undone_and_the_fold_kept() -
     _randomise_norms(model)
     model.eval()
     x = torch.randn(2, 3, 6, 6)
+    fused_pairs: list[list[tuple[str, str]]] = []
+    real_fuse = optimize.fuse_conv_activations
+    monkeypatch.setattr(optimize, "fuse_conv_activations",
+                        lambda *a, **k: fused_pairs.append(real_fuse(*a, **k)) or fused_pairs[-1])
     fused = fuse_for_inference(model, example=x)
+    assert fused_pairs == [[("conv2", "act"), ("conv", "")]]  # the pair was fused, then undone with the lone conv
     assert count_batchnorms(fused) == 0 and not any(isinstance(m, ConvAct2d) for m in fused.modules())
     with torch.no_grad():
         assert torch.allclose(fused(x), model(x), atol=1e-5)
@@ -297,12 +352,21 @@ def test_efficientnet_lite0_runs_its_relu6s_inside_the_convolutions() -> None:
     # every ReLU6: the stem's, the first block's depthwise conv's, the 15 inverted residuals' expansion and
     # depthwise convs', and the head conv's
     assert sum(isinstance(m, nn.ReLU6) for m in plain.modules()) == 1 + 1 + 2 * 15 + 1
-    fused_acts = [m.act for m in fused.modules() if isinstance(m, ConvAct2d)]
+    fused_acts = [m.act for m in fused.modules() if isinstance(m, ConvAct2d) and not isinstance(m.act, nn.Identity)]
     assert len(fused_acts) == 1 + 1 + 2 * 15 + 1
     assert sum(isinstance(m, nn.ReLU6) for m in fused.modules()) == len(fused_acts)  # none left on its own
+    # and every other conv (the 16 projections after a depthwise conv) on oneDNN alone
+    assert sum(isinstance(m, ConvAct2d) for m in fused.modules()) == len(fused_acts) + 16
+    assert not any(type(m) in (nn.Conv2d, StaticSameConv2d) for name, m in fused.named_modules()
+                   if not name.endswith(".conv"))
     x = torch.randn(5, 3, 224, 224)
-    with torch.inference_mode():
-        a, b = fused({"pixel_values": x}), plain({"pixel_values": x})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # eager PyTorch then runs every one of these convs on oneDNN too
+    try:
+        with torch.inference_mode():
+            a, b = fused({"pixel_values": x}), plain({"pixel_values": x})
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
 
 
