@@ -92,6 +92,33 @@ def test_encoder_contract(name: str) -> None:
         assert not (_trainable(block) - last)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_encoder_gives_the_same_outputs_called_from_threads_at_once(name: str) -> None:
+    """The feature cache runs chunks on worker threads side by side: calls may not share state."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    enc = encoders.create_encoder(name, finetune="frozen", **OPTIONS.get(name, {})).eval()
+    rng = np.random.default_rng(1)
+    batches = [enc.preprocessor(_raw(enc.modality)), enc.preprocessor(_raw(enc.modality)[::-1])]
+    if enc.modality == "image":  # a second batch with other pixels
+        batches[1] = enc.preprocessor([rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)] * 2)
+    with torch.no_grad():
+        expected = [enc(b).pooled for b in batches]
+    meet = threading.Barrier(2, timeout=30)
+
+    def call(i: int) -> torch.Tensor:
+        meet.wait()  # both threads start their call together
+        with torch.no_grad():
+            return enc(batches[i % 2]).pooled
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(call, range(6)))
+    for i, out in enumerate(outs):
+        torch.testing.assert_close(out, expected[i % 2], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["tiny-text", "tiny-wav2vec2", "tiny-torchaudio-wav2vec2"])
 def test_lora_trains_only_adapters(name: str) -> None:
     torch.manual_seed(0)
