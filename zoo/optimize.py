@@ -707,7 +707,7 @@ def run_in_chunks(encoder: nn.Module, batch: dict[str, Tensor], device: torch.de
 
     Without grad, :func:`chunk_workers` threads run the chunks side by side, each with an equal share of torch's
     intra-op threads (one each on a 2-core CPU): a core then keeps its own chunk's activations in its caches, and
-    no layer waits for the slower thread of a split kernel (the convolutions release the GIL). The encoder's
+    kernels that scale badly over threads run one per core (the convolutions release the GIL). The encoder's
     forward must be safe to call from several threads at once, as an inference server would."""
     chunk = cpu_chunk_size(batch, device)
     if chunk is None:
