@@ -651,7 +651,10 @@ def cpu_chunk_size(batch: dict[str, Tensor], device: torch.device | str) -> int 
 #: interleaved runs): plain 41-43 -> 65 images/s, folded 102-117 -> 114-125.
 CHUNK_WORKERS: int | None = None
 
-_chunk_pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, workers, intra-op threads per worker)
+#: worker pools by (workers, intra-op threads per worker); a batch with fewer chunks than workers uses a smaller
+#: pool rather than rebuilding one, and the few pools kept are idle threads
+_chunk_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_CHUNK_POOLS_KEPT = 4
 _chunk_pool_lock = threading.Lock()
 
 
@@ -664,24 +667,23 @@ def chunk_workers(chunks: int) -> int:
     return max(1, min(int(wanted), chunks))
 
 
-def _forget_chunk_pool() -> None:
-    global _chunk_pool
-    _chunk_pool = None  # a forked child has none of the parent's threads
+def _forget_chunk_pools() -> None:
+    _chunk_pools.clear()  # a forked child has none of the parent's threads
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_chunk_pool)
+    os.register_at_fork(after_in_child=_forget_chunk_pools)
 
 
 def _workers_pool(workers: int, threads: int) -> ThreadPoolExecutor:
     """The process-wide pool of ``workers`` threads that each run torch ops on ``threads`` intra-op threads (built
     once per such pair, then reused across batches)."""
-    global _chunk_pool
     with _chunk_pool_lock:
-        if _chunk_pool is not None and _chunk_pool[1:] == (workers, threads):
-            return _chunk_pool[0]
-        if _chunk_pool is not None:
-            _chunk_pool[0].shutdown(wait=False)
+        pool = _chunk_pools.get((workers, threads))
+        if pool is not None:
+            return pool
+        while len(_chunk_pools) >= _CHUNK_POOLS_KEPT:
+            _chunk_pools.pop(next(iter(_chunk_pools))).shutdown(wait=False)
         total = torch.get_num_threads()
         started = threading.Barrier(workers, timeout=60)  # every setup call waits for the others: one per thread
 
@@ -694,10 +696,13 @@ def _workers_pool(workers: int, threads: int) -> ThreadPoolExecutor:
         try:
             for done in [pool.submit(setup) for _ in range(workers)]:
                 done.result()
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
         finally:
             # set_num_threads also stores the count that threads started later take: give the caller's back
             torch.set_num_threads(total)
-        _chunk_pool = (pool, workers, threads)
+        _chunk_pools[workers, threads] = pool
         return pool
 
 

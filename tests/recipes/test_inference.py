@@ -526,7 +526,7 @@ def test_chunks_run_side_by_side_on_worker_threads_in_order(monkeypatch) -> None
 
     monkeypatch.setattr(optimize, "CHUNK_PIXELS", 3 * 8 * 8)  # chunks of 3, 3, 3, 1 images
     monkeypatch.setattr(optimize, "CHUNK_WORKERS", 2)
-    monkeypatch.setattr(optimize, "_chunk_pool", None)  # a fresh pool: its workers set their own thread counts
+    monkeypatch.setattr(optimize, "_chunk_pools", {})  # a fresh pool: its workers set their own thread counts
     pixels = torch.arange(10 * 3 * 8 * 8, dtype=torch.float32).reshape(10, 3, 8, 8)
     enc = _RecordingEncoder(meet=2)  # the first two chunks must meet: one thread alone would time out
     before = torch.get_num_threads()
@@ -626,3 +626,24 @@ def test_efficientnet_chunks_on_workers_equal_one_after_another(monkeypatch) -> 
                              optimize.run_in_chunks(folded, batch, "cpu").pooled)
     for a, b in zip(outs[1], outs[2], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_chunk_pools_are_reused_per_size_and_bounded(monkeypatch) -> None:
+    import zoo.optimize as optimize
+
+    monkeypatch.setattr(optimize, "CHUNK_PIXELS", 2 * 8 * 8)  # chunks of 2 images
+    monkeypatch.setattr(optimize, "CHUNK_WORKERS", 3)
+    monkeypatch.setattr(optimize, "_chunk_pools", {})
+    threads: dict[int, set[int]] = {}
+    with torch.no_grad():
+        for images in (4, 6, 4, 6):  # 2 chunks (a pool of 2 workers), then 3 (a pool of 3), twice
+            enc = _RecordingEncoder()
+            optimize.run_in_chunks(enc, {"pixel_values": torch.ones(images, 3, 8, 8)}, "cpu")
+            threads.setdefault(images, set()).update(c[0] for c in enc.calls)
+    assert sorted(optimize._chunk_pools) == [(2, 1), (3, 1)]
+    assert len(threads[4]) <= 2 and len(threads[6]) <= 3  # the second batches ran on the same pools' threads
+    monkeypatch.setattr(optimize, "CHUNK_WORKERS", 8)
+    with torch.no_grad():
+        for images in range(8, 17, 2):  # pools of 4 .. 8 workers: only the last _CHUNK_POOLS_KEPT stay
+            optimize.run_in_chunks(_RecordingEncoder(), {"pixel_values": torch.ones(images, 3, 8, 8)}, "cpu")
+    assert sorted(optimize._chunk_pools) == [(5, 1), (6, 1), (7, 1), (8, 1)]
