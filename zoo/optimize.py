@@ -261,6 +261,14 @@ def conv_act_available() -> bool:
         return False
 
 
+def _suggests_channels_last(t: Tensor) -> bool:
+    """Whether PyTorch reads a 4-d tensor as channels-last (its ``suggest_memory_format``): channels-last
+    contiguous with the channels' stride 1 and the width's the channel count; sizes of 1 can make a tensor
+    contiguous both ways, and these strides decide (a 1x1 kernel's weights are either)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and t.stride(1) == 1 \
+        and t.stride(3) == t.shape[1] and t.shape[1] * t.shape[2] * t.shape[3] > 1
+
+
 class ConvAct2d(nn.Module):
     """A convolution and the ReLU/ReLU6 that reads its output (or none: ``act=None``), run as one oneDNN kernel on
     CPU.
@@ -270,9 +278,10 @@ class ConvAct2d(nn.Module):
     than one thread: outputs are bit-identical to ``act(conv(x))`` there (checked in tests). On one thread eager
     PyTorch runs small batches of 1x1 convolutions through its own im2col + GEMM kernel instead (and copies
     channels-last inputs for it), which is what a chunk worker thread of :func:`run_in_chunks` would get; this
-    module keeps them on oneDNN (the same values up to float rounding). With contiguous (NCHW) weights, on other
-    devices or dtypes, with autograd, or while tracing/exporting (ONNX and TorchScript need standard ops) it runs
-    ``act(conv(x))`` itself. Installed by :func:`fuse_conv_activations`; ``conv`` and ``act`` stay submodules,
+    module keeps them on oneDNN (the same values up to float rounding). Unless the weights are channels-last and
+    the weights or the input read as such (else eager PyTorch runs NCHW kernels), on other devices or dtypes,
+    with autograd, or while tracing/exporting (ONNX and TorchScript need standard ops) it runs ``act(conv(x))``
+    itself. Installed by :func:`fuse_conv_activations`; ``conv`` and ``act`` stay submodules,
     so weights and ``.to()`` work as before.
     """
 
@@ -302,8 +311,10 @@ class ConvAct2d(nn.Module):
                 return self._eager(x)
         else:
             weight, padding = conv.weight, cast(tuple[int, int], conv.padding)
-        if not weight.is_contiguous(memory_format=torch.channels_last) or weight.dim() != 4:
-            return self._eager(x)  # eager PyTorch may run contiguous kernels without oneDNN: keep its numbers
+        if weight.dim() != 4 or not weight.is_contiguous(memory_format=torch.channels_last) \
+                or not (_suggests_channels_last(weight) or _suggests_channels_last(x)):
+            # eager PyTorch runs NCHW kernels unless the input or the weights are channels-last: keep its numbers
+            return self._eager(x)
         return cast(Tensor, torch.ops.mkldnn._convolution_pointwise(
             x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
             self.attr, self.scalars, ""))

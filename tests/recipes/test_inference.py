@@ -290,7 +290,8 @@ def test_conv_act_falls_back_for_autograd_and_tracing() -> None:
 
 
 @needs_onednn
-def test_only_a_conv_whose_output_goes_straight_into_the_activation_is_fused() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_only_a_conv_whose_output_goes_straight_into_the_activation_is_fused(threads: int) -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -305,11 +306,16 @@ def test_only_a_conv_whose_output_goes_straight_into_the_activation_is_fused() -
 
     net = Net().eval()
     x = torch.randn(2, 3, 5, 5)
-    with torch.no_grad():
-        ref = net(x)
-        assert fuse_conv_activations(net, x) == [("a", "act_a")]
-        assert isinstance(net.a, ConvAct2d) and isinstance(net.act_a, nn.Identity)
-        assert torch.equal(net(x), ref)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # on 2, eager PyTorch runs these NCHW 1x1 convs on oneDNN's NCHW kernels
+    try:
+        with torch.no_grad():
+            ref = net(x)
+            assert fuse_conv_activations(net, x) == [("a", "act_a")]
+            assert isinstance(net.a, ConvAct2d) and isinstance(net.act_a, nn.Identity)
+            assert torch.equal(net(x), ref)  # NCHW input and weights: ConvAct2d runs them as eager PyTorch does
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_onednn
@@ -368,6 +374,10 @@ def test_efficientnet_lite0_runs_its_relu6s_inside_the_convolutions() -> None:
     finally:
         torch.set_num_threads(before)
     assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
+    with torch.inference_mode(), torch.profiler.profile() as prof:  # one thread: every conv still on the kernel
+        fused({"pixel_values": x[:2]})
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("mkldnn::_convolution_pointwise") == 49 and "aten::convolution" not in ops
 
 
 # --- GraphEncode: the folded copy run as a frozen TorchScript graph on CPU ---------------------------------------
