@@ -694,7 +694,8 @@ def _workers_pool(workers: int, threads: int) -> ThreadPoolExecutor:
         if pool is not None:
             return pool
         while len(_chunk_pools) >= _CHUNK_POOLS_KEPT:
-            _chunk_pools.pop(next(iter(_chunk_pools))).shutdown(wait=False)
+            # dropped, not shut down: a caller may still be mapping on it; its idle threads exit once it is freed
+            _chunk_pools.pop(next(iter(_chunk_pools)))
         total = torch.get_num_threads()
         started = threading.Barrier(workers, timeout=60)  # every setup call waits for the others: one per thread
 

@@ -657,3 +657,14 @@ def test_chunk_pools_are_reused_per_size_and_bounded(monkeypatch) -> None:
         for images in range(8, 17, 2):  # pools of 4 .. 8 workers: only the last _CHUNK_POOLS_KEPT stay
             optimize.run_in_chunks(_RecordingEncoder(), {"pixel_values": torch.ones(images, 3, 8, 8)}, "cpu")
     assert sorted(optimize._chunk_pools) == [(5, 1), (6, 1), (7, 1), (8, 1)]
+
+
+def test_a_pool_dropped_from_the_kept_ones_still_runs_its_callers_chunks(monkeypatch) -> None:
+    import zoo.optimize as optimize
+
+    monkeypatch.setattr(optimize, "_chunk_pools", {})
+    pool = optimize._workers_pool(2, 1)
+    for workers in range(3, 3 + optimize._CHUNK_POOLS_KEPT):  # another caller's pools push it out
+        optimize._workers_pool(workers, 1)
+    assert (2, 1) not in optimize._chunk_pools
+    assert list(pool.map(lambda i: i * 2, range(4))) == [0, 2, 4, 6]  # not shut down under its caller
