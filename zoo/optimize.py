@@ -15,8 +15,13 @@ images/s at 2 threads and 26.5 to 30 at 1 thread; as trained it runs about 24-29
 
 Last, each convolution whose output goes straight into a ReLU/ReLU6 runs with the clamp inside it
 (:class:`ConvAct2d`: oneDNN's convolution with an activation post-op, the kernel ``torch.compile`` emits on x86),
-bit-identical to the two ops and without a second pass over the activation: on an AVX-512 host, EfficientNet-Lite0
-folded at 224 px in chunks of 5 went from 138 to 147 images/s (median of 12 interleaved runs; best 160 -> 167).
+bit-identical to the two ops (where eager PyTorch runs oneDNN too) and without a second pass over the activation: on
+an AVX-512 host, EfficientNet-Lite0 folded at 224 px in chunks of 5 went from 138 to 147 images/s (median of 12
+interleaved runs; best 160 -> 167). The other convolutions run on oneDNN too (``ConvAct2d(conv, None)``): on one
+thread eager PyTorch would send small batches of 1x1 convolutions to a slower im2col kernel.
+
+CPU image batches in the feature cache run in chunks (:data:`CHUNK_PIXELS`) side by side on worker threads
+(:func:`run_in_chunks`, :data:`CHUNK_WORKERS`).
 
 ``inference_copy(encoder)`` is what inference paths call (feature cache, predict, test, export): a folded,
 channels-last copy of a *frozen* image encoder plus a short tag for cache keys; anything else comes back as is.
