@@ -338,9 +338,8 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
     Both paths run CPU image batches in cache-sized chunks (``zoo.optimize.CHUNK_PIXELS``), side by side on one
     worker thread per intra-op thread (``zoo.optimize.CHUNK_WORKERS``); the details also time both paths with the
     chunks one after another on all threads, the plain path on whole batches (what the cache did before chunking)
-    for the overall gain, and, when easy-VQA
-    is prepared, the same two paths on ``n`` of its images (real photos-like RGB data: the speedup and the largest
-    feature difference that the 1e-4 promise is about), best of ``real_reps``."""
+    for the overall gain, and, when easy-VQA is prepared, the same two paths on ``n`` of its images (real RGB
+    data: the speedup and the largest feature difference that the 1e-4 promise is about), best of ``real_reps``."""
     from encoders import create_encoder
     from recipes.tridigits.dataset import load_tridigits
     from zoo.optimize import chunk_workers, cpu_chunk_size

@@ -379,10 +379,10 @@ def fuse_conv_activations(model: nn.Module, example: Any, lone: bool = False) ->
         _set(model, act_name, nn.Identity())
         done.append((conv_name, act_name))
     if lone:
+        inside = {id(m.conv) for m in model.modules() if isinstance(m, ConvAct2d)}
         for conv_name, conv in list(model.named_modules()):
-            if type(conv) in (nn.Conv2d, StaticSameConv2d) and conv.weight.is_contiguous(
-                    memory_format=torch.channels_last) and not isinstance(model.get_submodule(
-                        conv_name.rpartition(".")[0]) if "." in conv_name else model, ConvAct2d):
+            if type(conv) in (nn.Conv2d, StaticSameConv2d) and id(conv) not in inside \
+                    and conv.weight.is_contiguous(memory_format=torch.channels_last):
                 try:
                     _set(model, conv_name, ConvAct2d(cast(nn.Conv2d, conv), None))
                 except InputError:
