@@ -263,6 +263,61 @@ def test_lone_convs_are_wrapped_only_with_channels_last_weights_and_unwrapped_ba
         torch.testing.assert_close(net(x), ref, rtol=0, atol=0)
 
 
+@needs_onednn
+def test_conv_act_reorders_its_kernel_once_and_again_when_it_changes() -> None:
+    """The kernel is kept in oneDNN's own layout between calls (bit-identical to reordering it on every call, as
+    eager PyTorch does); changed in place or replaced, the next call uses the new weights."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).eval().requires_grad_(False).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fused = ConvAct2d(conv, nn.ReLU6())
+    x = (torch.randn(5, 8, 12, 12) * 3).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        first = fused(x)
+        assert len(fused._packed) == 1
+        packed = next(iter(fused._packed.values()))[2]
+        assert packed.layout == torch._mkldnn  # type: ignore[attr-defined]
+        assert torch.equal(fused(x), first) and next(iter(fused._packed.values()))[2] is packed  # reused
+        assert torch.equal(first, conv(x).clamp(0, 6))
+    with torch.no_grad():
+        conv.weight.mul_(-0.5)  # in place: a new version of the same tensor
+    with torch.inference_mode():
+        assert torch.equal(fused(x), conv(x).clamp(0, 6)) and not torch.equal(fused(x), first)
+    conv.weight = nn.Parameter(torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last),
+                               requires_grad=False)  # replaced
+    with torch.inference_mode():
+        assert torch.equal(fused(x), conv(x).clamp(0, 6))
+    assert len(fused._packed) <= 4
+    with torch.inference_mode():  # a kernel made under inference_mode has no version counter: never kept
+        fused.conv.weight = nn.Parameter(conv.weight.clone(), requires_grad=False)
+        assert fused.conv.weight.is_inference()
+        assert torch.equal(fused(x), fused.conv(x).clamp(0, 6))
+        assert all(not kernel.is_inference() for kernel, _, _ in fused._packed.values())
+    for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):  # oneDNN tensors are not copied
+        assert twin._packed == {}
+        with torch.inference_mode():
+            assert torch.equal(twin(x), fused(x))
+
+
+@needs_onednn
+def test_conv_act_runs_with_plain_weights_where_the_reorder_fails(monkeypatch) -> None:
+    def refuse(*_args: object) -> torch.Tensor:
+        raise RuntimeError("no reorder here")
+
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", refuse)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).eval().requires_grad_(False).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fused = ConvAct2d(conv, nn.ReLU())
+    x = torch.randn(3, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = conv(x).relu()
+        calls = _module_calls(fused)
+        assert torch.equal(fused(x), ref)
+    assert calls == [] and fused._packed == {}
+
+
 def test_conv_act_takes_only_clamps() -> None:
     with pytest.raises(InputError, match="ReLU"):
         ConvAct2d(nn.Conv2d(3, 3, 1), nn.SiLU())
