@@ -78,6 +78,27 @@ def test_batchnormact_keeps_activation() -> None:
             assert bool((out(x) >= 0).all()) and bool((out(x) == 0).any())
 
 
+def test_linear_batchnorm1d_and_a_biasless_conv_fold_into_the_layer_itself() -> None:
+    """The fold writes new weights into the conv/linear module of the copy; the original model keeps its own."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 6), nn.BatchNorm1d(6))
+    _randomise_norms(model)
+    model[4].running_mean.copy_(torch.randn(6, generator=gen))
+    model[4].running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+    model[4].weight.data.copy_(torch.randn(6, generator=gen))
+    model.eval()
+    weights = [model[0].weight.clone(), model[3].weight.clone()]
+    x = torch.randn(3, 3, 5, 5, generator=gen)
+    fused = fuse_for_inference(model, example=x, channels_last=False)
+    assert count_batchnorms(fused) == 0 and fused[0].bias is not None
+    assert fused[0] is not model[0] and fused[3] is not model[3]
+    assert torch.equal(model[0].weight, weights[0]) and torch.equal(model[3].weight, weights[1])
+    assert not any(p.requires_grad for p in fused.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-5)
+
+
 def test_conv_feeding_two_readers_is_not_folded() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
