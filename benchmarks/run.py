@@ -115,6 +115,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``): the same code's ratios
+    differ between hosts (docs/benchmarks.md), so every step's details record where it ran."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     lines = ["# fusion-zoo benchmarks", "", f"Machine: {results['machine']}. Run: `{results['command']}`. "
              "Definitions: docs/benchmarks.md.", "", "| key | measured | target | met |", "|---|---|---|---|"]
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} ...", flush=True)
         out = fn()
         details[name] = {**{k: v for k, v in out.items() if k not in TARGETS},
-                         "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+                         "load_average_after": [round(x, 2) for x in os.getloadavg()], "cpu": cpu_model()}
         results |= {k: v for k, v in out.items() if k in TARGETS}
         print(f"[bench] {name}: {({k: v for k, v in out.items() if k in TARGETS})} "
               f"({time.perf_counter() - t:.0f}s)", flush=True)
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] main job (fusion-zoo fit) ...", flush=True)
         out = main_job()
         details["main_job"] = {**{k: v for k, v in out.items() if k not in TARGETS},
-                               "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+                               "load_average_after": [round(x, 2) for x in os.getloadavg()], "cpu": cpu_model()}
         results |= {k: v for k, v in out.items() if k in TARGETS}
         print(f"[bench] main job: {out.get('main_job_seconds')} s, {out.get('main_job_peak_mb')} MB", flush=True)
     out_dir = Path(args.out)
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     final["met"] = {**kept_met, **{k: _met(k, final[k]) for k in TARGETS}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(final, indent=2, default=str) + "\n")
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+    machine = (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, load average before the run {load_before}")
     command = " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     write_report({**final, "machine": machine, "command": command}, out_dir / "report.md")  # details: all steps
