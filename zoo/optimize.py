@@ -48,7 +48,7 @@ import copy
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -321,11 +321,11 @@ class ConvAct2d(nn.Module):
         return cast(Tensor, self.act(self.conv(x)))
 
     def _kernel(self, weight: Tensor, padding: list[int]) -> Tensor:
-        """``weight`` reordered once into oneDNN's blocked layout (what the convolution otherwise does to the
-        weights on every call: EfficientNet-Lite0 folded at 224 px in chunks of 5 runs ~5% faster without it, with
-        bit-identical outputs); made again when the kernel tensor changes in place, and one copy per kernel tensor
-        (a :class:`StaticSameConv2d` has up to four). ``weight`` itself where this torch cannot reorder, or for
-        a kernel made under ``inference_mode`` (no version counter: an in-place change could not be seen)."""
+        """``weight`` reordered once into oneDNN's blocked layout and kept, instead of the reorder the convolution
+        otherwise does on every call (EfficientNet-Lite0 folded at 224 px in chunks of 5: 5-10% faster, outputs
+        bit-identical). Made again when the kernel tensor changes in place; one copy per kernel tensor the conv
+        still holds (a :class:`StaticSameConv2d` has up to four). ``weight`` itself where this torch cannot
+        reorder, or for a kernel made under ``inference_mode`` (no version counter to see an in-place change)."""
         if weight.is_inference():  # made under inference_mode: no version counter to tell an in-place change
             return weight
         entry = self._packed.get(id(weight))
@@ -338,10 +338,16 @@ class ConvAct2d(nn.Module):
                 conv.groups)  # no input size: one layout for every input (a different one would be reordered)
         except (RuntimeError, NotImplementedError, AttributeError):
             return weight
-        if len(self._packed) >= 4:  # kernels replaced over and over: keep the latest only
-            self._packed.clear()
-        self._packed[id(weight)] = (weight, weight._version, packed)  # holds ``weight``: its id stays unique
+        # keep only kernels the conv still holds (a replaced weight is let go), then this one; holding ``weight``
+        # keeps its id unique
+        live = {id(t) for t in (conv.weight, *conv.buffers())}
+        self._packed = {k: v for k, v in self._packed.items() if k in live}
+        self._packed[id(weight)] = (weight, weight._version, packed)
         return packed
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConvAct2d:
+        self._packed = {}  # .to() / .cuda() / .half() give the conv new tensors: let the old ones go
+        return cast(ConvAct2d, super()._apply(fn, recurse))
 
     def forward(self, x: Tensor) -> Tensor:  # x [B, C_in, H, W] -> act(conv(x)) [B, C_out, H', W']
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 \

@@ -310,7 +310,10 @@ def test_conv_act_reorders_its_kernel_once_and_again_when_it_changes() -> None:
                                requires_grad=False)  # replaced
     with torch.inference_mode():
         assert torch.equal(fused(x), conv(x).clamp(0, 6))
-    assert len(fused._packed) <= 4
+    assert list(fused._packed) == [id(conv.weight)]  # the replaced kernel is let go
+    fused.to(torch.float64)
+    assert fused._packed == {}  # new tensors after .to(): the old ones are not kept alive
+    fused.to(torch.float32)
     with torch.inference_mode():  # a kernel made under inference_mode has no version counter: never kept
         fused.conv.weight = nn.Parameter(conv.weight.clone(), requires_grad=False)
         assert fused.conv.weight.is_inference()
