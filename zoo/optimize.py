@@ -21,7 +21,8 @@ interleaved runs; best 160 -> 167). The other convolutions run on oneDNN too (``
 thread eager PyTorch would send small batches of 1x1 convolutions to a slower im2col kernel. Each keeps its kernel in
 oneDNN's blocked layout between calls (what inductor's freezing does; eager PyTorch reorders the weights on every
 call): bit-identical, and on an AVX-512 AMD host 5-10% faster for that encoder (medians 235 -> 258 and 303 -> 322
-images/s in two interleaved runs).
+images/s in two interleaved runs on tridigits); a whole feature-cache miss of 512 easy-VQA images, where decoding
+takes a larger share, 221 -> 228 images/s (medians of 5 interleaved misses).
 
 CPU image batches in the feature cache run in chunks (:data:`CHUNK_PIXELS`) side by side on worker threads
 (:func:`run_in_chunks`, :data:`CHUNK_WORKERS`).
@@ -176,7 +177,8 @@ def fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
         norm = model.get_submodule(norm_name)
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_mean is None \
                 or norm.running_var is None:
-            raise InputError(f"{norm_name} has no running statistics to fold into {conv_name}.")
+            raise InputError(f"{norm_name} has no running statistics to fold into {conv_name}; leave this pair out "
+                             "of pairs (find_foldable_pairs does) or use the model unfused.")
         fold = fuse_conv_bn_weights if isinstance(conv, nn.Conv2d) else fuse_linear_bn_weights
         # the conv itself gets the folded weights (torch's fuse_*_eval would deep-copy each conv first; the model
         # is already the caller's copy); running stats, eps and affine of any BN subclass

@@ -99,6 +99,15 @@ def test_linear_batchnorm1d_and_a_biasless_conv_fold_into_the_layer_itself() -> 
         torch.testing.assert_close(fused(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_fold_pairs_refuses_a_norm_without_running_statistics() -> None:
+    from zoo.optimize import fold_pairs
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    assert find_foldable_pairs(model, torch.randn(1, 3, 4, 4)) == []  # never offered by the pair finder
+    with pytest.raises(InputError, match="no running statistics.*unfused"):
+        fold_pairs(model, [("0", "1")])
+
+
 def test_conv_feeding_two_readers_is_not_folded() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
