@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,11 @@ def _cell(rows: Sequence[Mapping[str, Any]], head: str, stage: str, column: str,
     return format_mean_ci(summarize(vals), digits) if vals else "-"
 
 
+def _num(value: float, digits: int) -> str:
+    """``value`` to ``digits`` decimals; "n/a" when undefined (NaN or infinite)."""
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
@@ -107,8 +113,8 @@ def write_results(
         if not seeds:
             continue
         t = paired_ttest([a[k] for k in seeds], [b[k] for k in seeds])
-        body.append([h, s, str(t.n), f"{t.mean_diff:+.4f}", f"{t.t:.3f}", f"{t.p_value:.4f}",
-                     t.verdict if t.n >= 2 else "n/a (one seed)"])
+        body.append([h, s, str(t.n), f"{t.mean_diff:+.4f}", _num(t.t, 3), _num(t.p_value, 4),
+                     "n/a (one seed)" if t.n < 2 else t.verdict])
     lines += _table(["head", "stage", "pairs", f"Δ {metric} vs {BASELINE}", "t", "p", "verdict"], body) + [""]
     rob_cols = [c for c in rows[0] if c.startswith("rob_")] if rows else []
     rob = {f"{h}@{s}": {c[4:]: float(np.mean(list(_by_seed(rows, h, s, c).values()))) for c in rob_cols}

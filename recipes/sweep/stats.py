@@ -15,6 +15,10 @@ from fusion_errors import InputError
 
 __all__ = ["Summary", "PairedTest", "summarize", "t_interval", "paired_ttest", "format_mean_ci"]
 
+ZERO_VARIANCE_RTOL = 1e-12  # a paired-difference std at or below this × the values' scale is float noise
+NOTE_ZERO_VARIANCE = "zero variance in paired differences: no test"
+NOTE_ONE_PAIR = "fewer than 2 pairs: no test"
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -39,9 +43,11 @@ class PairedTest:
     Attributes:
         n: number of pairs.
         mean_diff: mean of ``a - b``.
-        t: the t statistic (NaN when undefined: fewer than 2 pairs).
-        p_value: two-sided p-value (1.0 when all differences are exactly equal to zero).
-        significant: ``p_value < alpha`` — the difference is larger than seed noise at that level.
+        t: the t statistic; NaN when no test was run (fewer than 2 pairs, or zero variance in the differences).
+        p_value: two-sided p-value; NaN with fewer than 2 pairs, 1.0 when the differences have zero variance.
+        significant: ``p_value < alpha`` — the difference is larger than seed noise at that level; always
+            False when no test was run.
+        note: why no test was run (empty when the test ran).
     """
 
     n: int
@@ -49,9 +55,12 @@ class PairedTest:
     t: float
     p_value: float
     significant: bool
+    note: str = ""
 
     @property
     def verdict(self) -> str:
+        if self.note:
+            return self.note
         return "larger than seed noise" if self.significant else "within seed noise"
 
 
@@ -91,8 +100,10 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
 def paired_ttest(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> PairedTest:
     """Paired two-sided t-test of ``a`` against ``b`` (same seeds, same order).
 
-    Differences that are all identical and zero give ``t=0, p=1``; identical non-zero differences give
-    ``t=±inf, p=0`` (a constant shift with no seed noise at all).
+    No test is run — ``t`` is NaN, ``significant`` is False and ``note`` says why — with fewer than 2 pairs
+    (``p_value`` NaN) or when the differences have (numerically) zero variance (``p_value`` 1.0): their sample
+    std is at most ``ZERO_VARIANCE_RTOL · max(1, |a_i|, |b_i|, |mean diff|)``, i.e. floating-point noise
+    such as ``0.95 - 0.94`` against ``0.94 - 0.93``. Dividing by such a std gives a huge meaningless t.
     """
     xa, xb = _values(a, "a"), _values(b, "b")
     if len(xa) != len(xb):
@@ -101,12 +112,11 @@ def paired_ttest(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) ->
     n = len(diffs)
     mean_diff = math.fsum(diffs) / n
     if n < 2:
-        return PairedTest(n, mean_diff, math.nan, math.nan, False)
+        return PairedTest(n, mean_diff, math.nan, math.nan, False, NOTE_ONE_PAIR)
     sd = math.sqrt(math.fsum((d - mean_diff) ** 2 for d in diffs) / (n - 1))
-    if sd == 0.0:
-        if mean_diff == 0.0:
-            return PairedTest(n, 0.0, 0.0, 1.0, False)
-        return PairedTest(n, mean_diff, math.copysign(math.inf, mean_diff), 0.0, True)
+    scale = max(1.0, abs(mean_diff), *(abs(v) for v in xa), *(abs(v) for v in xb))
+    if sd <= ZERO_VARIANCE_RTOL * scale:
+        return PairedTest(n, mean_diff, math.nan, 1.0, False, NOTE_ZERO_VARIANCE)
     t = mean_diff / (sd / math.sqrt(n))
     p = float(2.0 * _st.t.sf(abs(t), n - 1))
     return PairedTest(n, mean_diff, t, p, p < alpha)

@@ -46,13 +46,37 @@ def test_paired_ttest_pins_t_and_p() -> None:
 
 def test_paired_ttest_degenerate_cases() -> None:
     same = paired_ttest([0.8, 0.9], [0.8, 0.9])
-    assert (same.t, same.p_value, same.significant) == (0.0, 1.0, False)
-    shift = paired_ttest([1.0, 2.0], [0.5, 1.5])
-    assert shift.p_value == 0.0 and shift.significant
+    assert math.isnan(same.t) and (same.p_value, same.significant) == (1.0, False)
+    shift = paired_ttest([1.0, 2.0], [0.5, 1.5])  # a constant shift: zero variance, so no test (issue 27)
+    assert math.isnan(shift.t) and shift.p_value == 1.0 and not shift.significant
     single = paired_ttest([0.8], [0.7])
     assert math.isnan(single.p_value) and not single.significant
     with pytest.raises(InputError, match="matched seeds"):
         paired_ttest([1.0, 2.0], [1.0])
+
+
+def test_paired_ttest_zero_variance_differences_are_no_test() -> None:
+    # issue 27: 0.95 - 0.94 and 0.94 - 0.93 are both "0.01" but differ in the last bits; the old code divided
+    # that noise by a ~8e-17 std and reported t ~ 1.8e14, p ~ 0, significant.
+    noisy = paired_ttest([0.95, 0.94], [0.94, 0.93])
+    assert noisy.mean_diff == pytest.approx(0.01, abs=1e-12)
+    assert math.isnan(noisy.t) and noisy.p_value == 1.0 and not noisy.significant
+    assert noisy.note == "zero variance in paired differences: no test" and noisy.verdict == noisy.note
+    exact = paired_ttest([0.95, 0.96], [0.94, 0.95])  # 0.95 - 0.94 == 0.96 - 0.95 bit for bit
+    assert math.isnan(exact.t) and exact.p_value == 1.0 and not exact.significant and exact.note
+    # float noise scales with the values compared, not with the mean difference: std here is ~1.3e-12
+    big = paired_ttest([10000.1, 20000.1], [10000.0, 20000.0])
+    assert math.isnan(big.t) and not big.significant
+    single = paired_ttest([0.95], [0.94])
+    assert math.isnan(single.t) and not single.significant and single.note
+
+
+def test_paired_ttest_with_seed_noise_still_computes_a_finite_t() -> None:
+    r = paired_ttest([0.95, 0.97, 0.93], [0.94, 0.95, 0.93])  # differences 0.01, 0.02, 0.00
+    assert math.isfinite(r.t) and r.t == pytest.approx(0.01 / (0.01 / math.sqrt(3)), rel=1e-9)
+    assert 0.0 < r.p_value < 1.0 and not r.note and r.verdict == "within seed noise"
+    tiny = paired_ttest([0.5 + 1e-9, 0.5 + 3e-9], [0.5, 0.5])  # small but real spread (well above float noise)
+    assert math.isfinite(tiny.t) and not tiny.note
 
 
 def test_format_mean_ci() -> None:

@@ -369,3 +369,20 @@ def test_a_cell_with_balanced_class_weights_weighs_its_own_training_counts(monke
     kept = min(result["val_losses"])
     assert abs(float(F.cross_entropy(logits, test.labels, weight=weight)) - kept) < 1e-4
     assert abs(float(F.cross_entropy(logits, test.labels)) - kept) > 1e-3  # and not the unweighted loss
+
+
+def test_results_md_shows_no_test_for_zero_variance_paired_differences(tmp_path: Path) -> None:
+    from recipes.sweep.report import write_results
+
+    def rec(head: str, seed: int, acc: float) -> dict:
+        return {"head": head, "stage": "late", "seed": seed, "fused": {"accuracy": acc}, "alone": {"audio": acc},
+                "robustness": {"all": acc}, "params": 10, "train_seconds": 1.0, "latency_ms": 0.1}
+
+    accs = {"concat": [0.94, 0.93], "gating": [0.95, 0.94], "moe": [0.97, 0.92]}  # gating - concat: 0.01 twice
+    records = [rec(h, k, v) for h, vals in accs.items() for k, v in enumerate(vals)]
+    write_results(tmp_path, records, list(accs), ["late"], ["audio"], "accuracy", {"dataset": "synthetic"})
+    md = (tmp_path / "results.md").read_text()
+    gating = next(line for line in md.splitlines() if line.startswith("| gating | late | 2 | +0.0100"))
+    assert gating.endswith("| n/a | 1.0000 | zero variance in paired differences: no test |")
+    moe = next(line for line in md.splitlines() if line.startswith("| moe | late | 2 | +0.0100"))
+    assert moe.endswith("| 0.500 | 0.7048 | within seed noise |")  # differences 0.03, -0.01: a finite t
