@@ -27,6 +27,7 @@ from encoders import MODALITIES, ModalityOutput, Preprocessor
 from fusion_errors import DataError, InputError
 
 from ._columns import LabelEncoder, cell_problem, infer_labels, is_missing, load_source, pick_splits, resolve
+from .batches import FeatureBatches
 from .cache import FeatureCache, raw_view
 from .loader import ResumableDataLoader
 
@@ -134,17 +135,6 @@ class RawCollate:
         return f"split {self.split!r}, rows {index.tolist()}, column {self.columns[m]!r}: {error}"
 
 
-class _Positions(Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return int(i)
-
-
 class CachedCollate:
     """Picklable collate over cached features: row positions -> a batch of ``ModalityOutput`` slices.
 
@@ -152,17 +142,10 @@ class CachedCollate:
     """
 
     def __init__(self, feats: Mapping[str, ModalityOutput], labels: Tensor, row_ids: np.ndarray) -> None:
-        self.feats, self.labels, self.row_ids = dict(feats), labels, torch.as_tensor(row_ids, dtype=torch.long)
+        self.batches = FeatureBatches(feats, labels, torch.as_tensor(row_ids, dtype=torch.long))
 
     def __call__(self, positions: Sequence[int]) -> dict[str, Any]:
-        idx = torch.tensor(list(positions), dtype=torch.long)  # [B]
-        inputs = {}
-        for m in sorted(self.feats):
-            f = self.feats[m].index(idx)
-            valid = f.mask.any(0).nonzero()  # token positions valid for some sample
-            t = int(valid.max()) + 1 if valid.numel() else 1
-            inputs[m] = ModalityOutput(f.tokens[:, :t], f.mask[:, :t], f.pooled)
-        return {"inputs": inputs, "labels": self.labels[idx], "index": self.row_ids[idx]}
+        return self.batches.batch(torch.tensor(list(positions), dtype=torch.long))  # [B] positions
 
 
 class FusionDataModule(pl.LightningDataModule):
@@ -201,7 +184,7 @@ class FusionDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
-        batch_size: int = 32,
+        batch_size: int = 128,
         num_workers: int = 0,
         cache_features: bool = True,
         cache_dir: str | None = None,
@@ -367,7 +350,7 @@ class FusionDataModule(pl.LightningDataModule):
                                f"({self.cache.path(stats.key)})")
         return feats
 
-    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+    def _loader(self, role: str, shuffle: bool) -> DataLoader | FeatureBatches:
         model = self._get_model()
         if role not in self._checked or self._signature is None or self._signature[0] != id(model):
             self.setup({"train": "fit", "validation": "validate"}.get(role, "test"))
@@ -377,9 +360,12 @@ class FusionDataModule(pl.LightningDataModule):
         feats = self._features(role, model)
         cached = CachedCollate(feats, split.labels, split.row_ids) if feats else None
         live = [m for m in model.modalities if m not in feats]  # encoders that run every step
-        if not live:
-            assert cached is not None
-            return self._make_loader(_Positions(len(split.rows)), shuffle, cached, workers)
+        if not live:  # a head-only step: batches are index slices of the in-memory feature tensors
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            return FeatureBatches(feats, split.labels, torch.as_tensor(split.row_ids, dtype=torch.long),
+                                  self.batch_size, shuffle, self.seed, tokens=model.config.needs_tokens,
+                                  rank=rank, world=world)
         missing = [m for m in live if m not in model.encoders]
         if missing:
             raise DataError(f"this head-only model has no {missing} encoder(s) to preprocess raw data; build it "
@@ -395,6 +381,14 @@ class FusionDataModule(pl.LightningDataModule):
                                        **workers)
         return DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate, **workers)
 
+    def train_features(self) -> dict[str, ModalityOutput]:
+        """The training split's cached features (modality -> ModalityOutput over its N rows) of the modalities
+        served from the cache; frozen encoders only (the feature standardisation is fitted on them)."""
+        model = self._get_model()
+        if "train" not in self._checked or self._signature is None or self._signature[0] != id(model):
+            self.setup("fit")
+        return self._features("train", model)
+
     def train_labels(self) -> Tensor:
         """The training split's labels after row checks ([N] class indices | [N, C] multilabel targets), for
         ``class_weights='balanced'``."""
@@ -402,14 +396,14 @@ class FusionDataModule(pl.LightningDataModule):
             self.setup("fit")
         return self._checked["train"].labels
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | FeatureBatches:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | FeatureBatches:
         return self._loader("validation", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | FeatureBatches:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | FeatureBatches:
         return self._loader("test", shuffle=False)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from encoders import Encoder, ModalityOutput, create_encoder
 
@@ -122,7 +122,7 @@ class CappedEncoder(Encoder):
         return self._hash
 
 
-def collect(loader: DataLoader) -> SplitFeatures:
+def collect(loader: Iterable[dict[str, Any]]) -> SplitFeatures:
     """Concatenate a cached-feature DataLoader's batches into one :class:`SplitFeatures` (labels kept aligned)."""
     feats: dict[str, list[ModalityOutput]] = {}
     labels = []

@@ -16,9 +16,9 @@ from typing import Any, cast
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from encoders import ModalityOutput
+from recipes.batches import FeatureBatches
 from recipes.settings import OptimConfig
 from recipes.task import FusionTask
 from zoo.config import FusionModelConfig
@@ -52,12 +52,9 @@ class SplitFeatures:
         return {"inputs": {m: f.index(idx) for m, f in self.feats.items()}, "labels": self.labels[idx], "index": idx}
 
 
-def feature_loader(split: SplitFeatures, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of cached features (whole batches sliced at once: no per-sample Python work)."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = cast(Dataset[int], range(len(split)))  # a range is a map-style dataset (len + getitem)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      collate_fn=lambda rows: split.batch(torch.tensor(rows, dtype=torch.long)))
+def feature_loader(split: SplitFeatures, batch_size: int, shuffle: bool, seed: int = 0) -> FeatureBatches:
+    """Batches of cached features, index slices of the split's tensors: the path ``fusion-zoo fit`` trains on."""
+    return FeatureBatches(split.feats, split.labels, None, batch_size, shuffle, seed)
 
 
 class CachedFeatureTask(FusionTask):
@@ -185,6 +182,7 @@ def train_cell(
     pl.seed_everything(seed, workers=False, verbose=False)
     task = CachedFeatureTask(config.to_dict(), train.embed_dims, optim)
     task.use_class_weights(train.labels, announce=False)  # "balanced" counts this cell's training labels
+    task.model.fit_feature_norm(train.feats)  # standardisation from this cell's training features, as fit does
     keep = _KeepBest()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, enable_checkpointing=False, logger=False,
