@@ -19,8 +19,12 @@ __all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASK
 
 # 2: defaults = the default recipe (early, pooled vectors, dropout 0.2, modality dropout 0.1). A version-1 dict
 # was written with the version-1 defaults below, which a missing key keeps (to_dict always writes every field).
-FORMAT_VERSION = 2
+# 3: pooled features standardised with training statistics (``standardize``), hidden_dim 512, and the concat head's
+# MLP (hidden 2 x out_dim) by default. Older dicts keep the defaults they were written with for the keys they
+# leave out (to_dict always writes every field, so only keys added later can be missing).
+FORMAT_VERSION = 3
 _V1_DEFAULTS: dict[str, Any] = {"stage": "late", "dropout": 0.1, "fuse_tokens": True, "modality_dropout": 0.0}
+_V2_DEFAULTS: dict[str, Any] = {"standardize": False}
 STAGES = ("early", "late", "hybrid")
 TASKS = ("multiclass", "multilabel", "regression")
 
@@ -164,6 +168,10 @@ class FusionModelConfig:
         fuse_tokens: early and hybrid stages: the head fuses every modality's tokens (True) or one pooled vector
             per modality (False: feature-level fusion of pooled vectors, cheap on CPU; the feature cache then
             stores pooled vectors only).
+        standardize: standardise each modality's features with the mean and standard deviation of its pooled
+            training features (buffers of the model, set when a fit starts, saved with the weights and applied
+            wherever the model runs: predict, serve, export). Encoders' pooled vectors differ in scale by orders
+            of magnitude between modalities; standardised, one learning rate suits them all.
 
     The defaults are the default recipe (``fusion-zoo fit`` with no flags): the one place each default is set;
     ``recipes.task.FusionTask`` takes its flags' defaults from here.
@@ -175,13 +183,14 @@ class FusionModelConfig:
     head_options: dict[str, Any] = field(default_factory=dict)
     stage: Literal["early", "late", "hybrid"] = "early"
     task: Literal["multiclass", "multilabel", "regression"] = "multiclass"
-    hidden_dim: int = 128  # checkpoints stay small: weights + AdamW state grow with hidden_dim^2
+    hidden_dim: int = 512  # wide enough to learn a cross-modal interaction from a few thousand rows (docs/recipes.md)
     trunk_layers: int = 1
     dropout: float = 0.2
     modality_dropout: dict[str, float] | float = 0.1
     late_loss_weight: float = 0.5
     late_decision: Literal["embedding", "logits"] = "embedding"
     fuse_tokens: bool = False
+    standardize: bool = True
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -226,6 +235,9 @@ class FusionModelConfig:
         if not (isinstance(self.late_loss_weight, (int, float)) and math.isfinite(self.late_loss_weight)
                 and self.late_loss_weight >= 0):
             raise ConfigError(f"late_loss_weight={self.late_loss_weight} must be a finite number >= 0.")
+        if self.fusion_head == "concat" and isinstance(self.head_options, dict) and \
+                "hidden_dim" not in self.head_options:  # recorded, so that the saved config says the head's width
+            object.__setattr__(self, "head_options", {**self.head_options, "hidden_dim": 2 * self.hidden_dim})
         if isinstance(self.head_options, dict):
             from fusion_heads import _REGISTRY as heads  # the head's own keyword options, checked before a build
 
@@ -269,12 +281,19 @@ class FusionModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FusionModelConfig:
         """Validate ``data`` against the schema (unknown keys name the closest known key, wrong types name the key)
-        and build. A dict of ``format_version`` 1 keeps that version's defaults for the keys it leaves out; the
-        result is a current-version config (every value explicit)."""
+        and build. A dict of an older ``format_version`` keeps that version's defaults for the keys it leaves out;
+        the result is a current-version config (every value explicit)."""
         data = dict(data)
         version = data.get("format_version", FORMAT_VERSION)
-        if isinstance(version, int) and not isinstance(version, bool) and version < 2:
-            data = {**_V1_DEFAULTS, **data, "format_version": FORMAT_VERSION}
+        old = isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION
+        if old and version < 2:
+            data = {**_V1_DEFAULTS, **data}
+        if old:
+            data = {**_V2_DEFAULTS, **data, "format_version": FORMAT_VERSION}
+            options = data.get("head_options")
+            concat = data.get("fusion_head", "concat") == "concat"
+            if concat and isinstance(options, dict) and "hidden_dim" not in options:
+                data["head_options"] = {**options, "hidden_dim": 0}  # concat was a single linear map before 3
         if "encoders" in data and isinstance(data["encoders"], dict):
             data["encoders"] = {m: EncoderSpec.parse(v, f"config.encoders.{m}") for m, v in data["encoders"].items()}
         return _from_dict(cls, data, "config")

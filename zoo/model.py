@@ -23,7 +23,7 @@ from .checkpoint import load_checkpoint, save_pretrained
 from .config import FusionModelConfig
 from .optimize import inference_model
 
-__all__ = ["FusionModel", "FusionModelOutput"]
+__all__ = ["FeatureNorm", "FusionModel", "FusionModelOutput"]
 
 
 @dataclass
@@ -84,6 +84,43 @@ class _Trunk(nn.Module):
         return self.norm(seq[:, 0])  # [B, D]
 
 
+class FeatureNorm(nn.Module):
+    """Per-modality standardisation of encoder features with the mean and std of the pooled training features.
+
+    Buffers (saved in ``model.safetensors``): ``mean`` [D], ``std`` [D] and ``fitted`` (whether the statistics
+    were set; until then the module is the identity). Absent samples stay all-zero: the head replaces them with its
+    learned missing embedding.
+    """
+
+    mean: Tensor
+    std: Tensor
+    fitted: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, pooled: Tensor, present: Tensor) -> None:
+        """Set the statistics from pooled features [N, D] of the rows where ``present`` [N] is True."""
+        x = pooled[present].double()  # [n, D]
+        if x.shape[0] < 2:
+            return
+        mean, std = x.mean(0), x.std(0)
+        floor = max(1e-6, 1e-2 * float(std.median()))  # a near-constant feature is not blown up at test time
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.std.copy_(std.clamp_min(floor).to(self.std.dtype))
+        self.fitted.fill_(True)
+
+    def forward(self, f: ModalityOutput) -> ModalityOutput:
+        mean, std = self.mean.to(f.pooled.dtype), self.std.to(f.pooled.dtype)
+        pooled = ((f.pooled - mean) / std) * f.present[:, None].to(f.pooled.dtype)  # [B, D]
+        tokens = ((f.tokens - mean) / std) * f.mask[..., None].to(f.tokens.dtype)  # [B, T, D]
+        return ModalityOutput(tokens, f.mask, pooled)
+
+
 class FusionModel(nn.Module):
     """Encoders (``ModuleDict``) + a fusion head + task heads, wired by ``config.stage``.
 
@@ -114,6 +151,8 @@ class FusionModel(nn.Module):
         if sorted(embed_dims) != self.modalities:
             raise ConfigError(f"encoders/embed_dims cover {sorted(embed_dims)} but the config names {self.modalities}.")
         self.embed_dims = {m: int(embed_dims[m]) for m in self.modalities}
+        if config.standardize:
+            self.feature_norm = nn.ModuleDict({m: FeatureNorm(self.embed_dims[m]) for m in self.modalities})
         d, c, p = config.hidden_dim, config.num_outputs, config.dropout
         if config.stage in ("early", "hybrid"):
             if config.stage == "early":
@@ -159,6 +198,17 @@ class FusionModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the fusion head, trunk and classifier (what a head swap retrains)."""
         return [*self.fusion_head.parameters(), *self.trunk.parameters(), *self.classifier.parameters()]
+
+    def fit_feature_norm(self, feats: Mapping[str, ModalityOutput], refit: bool = False) -> list[str]:
+        """Set each modality's standardisation from its pooled training features (``standardize``); modalities
+        already fitted (a loaded or resumed model) keep theirs unless ``refit``. Returns the modalities set."""
+        norms = getattr(self, "feature_norm", None)
+        done = []
+        for m, f in sorted(feats.items()):
+            if norms is not None and m in norms and (refit or not bool(norms[m].fitted)):
+                norms[m].fit(f.pooled, f.present)
+                done.append(m)
+        return done
 
     # ---------------------------------------------------------------------------------------------
     def preprocess(self, **raw: Any) -> dict[str, dict[str, Tensor]]:
@@ -243,7 +293,11 @@ class FusionModel(nn.Module):
         """Fuse encoder outputs (any non-empty subset of modalities) into predictions."""
         if not feats:
             raise InputError(f"every modality is missing: give at least one of {self.modalities}.")
-        feats = self._modality_dropout({m: self._check_features(m, feats[m]) for m in sorted(feats)})
+        feats = {m: self._check_features(m, feats[m]) for m in sorted(feats)}
+        norms = getattr(self, "feature_norm", None)
+        if norms is not None:
+            feats = {m: norms[m](f) for m, f in feats.items()}
+        feats = self._modality_dropout(feats)
         present = {m: f.present for m, f in feats.items()}
         stage = self.config.stage
         modality_logits: dict[str, Tensor] = {}

@@ -209,7 +209,7 @@ def test_moe_trace_runs_experts_its_example_did_not_use() -> None:
 # ----------------------------------------------------------------------------------------------- concat
 def test_concat_with_identity_projection_is_torch_cat() -> None:
     dims = {"text": 5, "image": 3}  # unsorted on purpose: the head concatenates in sorted order
-    head = create_fusion_head("concat", dims, 8).eval()
+    head = create_fusion_head("concat", dims, 8, hidden_dim=0).eval()
     with torch.no_grad():
         head.proj[-1].weight.copy_(torch.eye(8))
         head.proj[-1].bias.zero_()
