@@ -250,6 +250,30 @@ class FusionCLI(LightningCLI):
         callbacks.append(CachedFeatureThreads())  # tiny head steps run best on one thread
         return trainer
 
+    def before_fit(self) -> None:
+        """With no encoders named, choose them by the encoder probe (recipes/probe.py) and rebuild the task."""
+        task = self.model
+        if not (isinstance(task, FusionTask) and task.probe and callable(getattr(self.datamodule, "train_features",
+                                                                                  None))):
+            return
+        from .probe import format_probe_table, probe_encoders
+
+        dm = self.datamodule
+        seed = self.config[self.subcommand].get("seed_everything")
+        echo = print if self.trainer.is_global_zero else (lambda *_: None)
+        report = probe_encoders(dm, task.cfg, lr=task.optim.lr, batch_size=int(getattr(dm, "batch_size", 128)),
+                                seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+                                echo=lambda _: None)
+        if not report.rows:
+            return
+        echo(format_probe_table(report))
+        if report.choice != {m: s.name for m, s in task.cfg.encoders.items()}:
+            args = {k: v for k, v in task.hparams.items() if k != "config"}
+            task = FusionTask(**{**args, "encoders": dict(report.choice), "probe_encoders": False})
+            self.model = task
+        task.encoder_probe = report.to_dict()
+        echo("encoders: " + ", ".join(f"{m} {n}" for m, n in sorted(report.choice.items())))
+
     # after each subcommand ---------------------------------------------------------------------
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -278,7 +302,8 @@ class FusionCLI(LightningCLI):
             return
         for split, table in metrics.items():
             print("\n" + format_table(table, title=f"{split} metrics" + (f" (checkpoint {best})" if best else "")))
-        path = write_metrics_json(run_dir / "metrics.json", metrics)
+        probe = getattr(task, "encoder_probe", None)
+        path = write_metrics_json(run_dir / "metrics.json", {**metrics, "encoder_probe": probe} if probe else metrics)
         rank_zero_info(f"metrics written to {path}")
         self._write_environment(run_dir / "environment.json")
         if save_model:
@@ -303,8 +328,17 @@ class FusionCLI(LightningCLI):
 
         seed = self.config[self.subcommand].get("seed_everything")
         dataset = getattr(self.datamodule, "dataset", None)
+        probe = getattr(self.model, "encoder_probe", None)
+        notes = None
+        if probe:
+            from .probe import ProbeReport, format_probe_table
+
+            report = ProbeReport(probe["choice"], probe["candidates"], probe["seconds"], probe["train_rows"],
+                                 probe["val_rows"])
+            notes = "Encoders chosen by the data (`fit`'s encoder probe):\n\n```\n" + format_probe_table(report) + \
+                "\n```"
         save_pretrained(self.model.model, path, metrics=metrics, recipe_command=self.recipe_command,
-                        dataset=dataset if isinstance(dataset, str) else None,
+                        dataset=dataset if isinstance(dataset, str) else None, notes=notes,
                         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
         print(f"fused model saved to {path} (load it with FusionModel.from_pretrained({str(path)!r}))")
         from .plots import fit_figures

@@ -125,6 +125,8 @@ class FusionTask(pl.LightningModule):
         late_loss_weight: weight of the mean per-modality loss (late and hybrid stages).
         late_decision: what the late stage fuses: decision ``embedding``s or per-modality ``logits``.
         fuse_tokens: early/hybrid: fuse every modality's tokens (True) or one pooled vector each (False).
+        standardize: standardise each modality's features with its pooled training statistics (set when a fit
+            starts from the cached training features; kept from ``init_from`` models and resumed checkpoints).
         lr: peak learning rate of the heads, LoRA adapters and encoders trained from scratch.
         encoder_lr: peak learning rate of the fine-tuned weights of pretrained encoders.
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
@@ -133,6 +135,9 @@ class FusionTask(pl.LightningModule):
             split's label counts when a fit starts), a list (one per label) or a dict label -> weight.
         init_from: a zoo name or saved folder to start from (its encoders, stage and weights are kept).
         train_only_head: train only ``model.head_parameters()``; None = True when ``init_from`` swapped the head.
+        probe_encoders: with no ``encoders`` named, let ``fit`` choose each modality's encoder among its offline
+            candidates by a quick probe on the data's validation split (``recipes.probe``); False keeps the
+            defaults (``DEFAULT_ENCODERS``).
         config: a resolved ``FusionModelConfig.to_dict()``; when given the model is built from it alone
             (this is how a ``.ckpt`` rebuilds itself) and the model-shape arguments above are ignored.
     """
@@ -156,6 +161,7 @@ class FusionTask(pl.LightningModule):
         late_loss_weight: float = _M["late_loss_weight"],
         late_decision: Literal["embedding", "logits"] = _M["late_decision"],
         fuse_tokens: bool = _M["fuse_tokens"],
+        standardize: bool = _M["standardize"],
         lr: float = _O["lr"],
         encoder_lr: float = _O["encoder_lr"],
         weight_decay: float = _O["weight_decay"],
@@ -163,6 +169,7 @@ class FusionTask(pl.LightningModule):
         class_weights: str | list[float] | dict[str, float] | None = _O["class_weights"],
         init_from: str | None = None,
         train_only_head: bool | None = None,
+        probe_encoders: bool = True,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -170,6 +177,9 @@ class FusionTask(pl.LightningModule):
         self.optim = OptimConfig(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                                  class_weights=copy.deepcopy(class_weights))
         swapped = False
+        #: whether ``fit`` may choose the encoders (none named, no model to start from); the probe's report
+        self.probe = bool(probe_encoders and encoders is None and config is None and not init_from)
+        self.encoder_probe: dict[str, Any] | None = None
         if config is not None:
             self.model = FusionModel(FusionModelConfig.from_dict(config))
         elif init_from:
@@ -194,6 +204,7 @@ class FusionTask(pl.LightningModule):
                 trunk_layers=trunk_layers, dropout=dropout,
                 modality_dropout=0.0 if modality_dropout is None else copy.deepcopy(modality_dropout),
                 late_loss_weight=late_loss_weight, late_decision=late_decision, fuse_tokens=fuse_tokens,
+                standardize=standardize,
                 **{k: v for k, v in given.items() if v is not None},  # None: the config's default
             )
             self.model = FusionModel(cfg)
@@ -294,6 +305,17 @@ class FusionTask(pl.LightningModule):
                                   "another data source give the weights (a list or a dict label -> weight).")
             train_labels = datamodule.train_labels()  # type: ignore[union-attr]
         self.use_class_weights(train_labels)
+
+    def on_fit_start(self) -> None:
+        """Set the feature standardisation (``standardize``) from the training split's cached features, once: a
+        resumed or ``init_from`` model keeps the statistics it was trained with."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if getattr(self.model, "feature_norm", None) is None or not callable(getattr(datamodule, "train_features",
+                                                                                      None)):
+            return
+        done = self.model.fit_feature_norm(datamodule.train_features())  # type: ignore[union-attr]
+        if done:
+            rank_zero_info(f"features standardised with training statistics: {', '.join(done)}")
 
     def use_class_weights(self, train_labels: Tensor | None = None, announce: bool = True) -> Tensor | None:
         """Set ``loss_weight`` [C] from ``class_weights`` (``train_labels`` [N] | [N, C]: needed for "balanced")."""

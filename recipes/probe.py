@@ -1,0 +1,203 @@
+"""Encoders chosen by the data: a quick probe of the fused task on each candidate encoder's cached features.
+
+No single image (or audio) encoder suits every dataset: EfficientNet-Lite0 at 64 px beside a colour thumbnail is
+right for tiny degraded images, the 224-px encoder for larger natural ones, speech content and speaker identity
+are different audio tasks. When ``fit`` is not told which encoders to use, :func:`probe_encoders` trains the
+default head on a bounded, seeded sample of the training split for every offline candidate of each modality
+(one modality at a time, the others at their current choice), scores it on a sample of the validation split,
+and keeps the best. Features go through the feature cache, so a rerun on the same data probes from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from encoders import ModalityOutput, create_encoder
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
+
+from .batches import FeatureBatches
+
+__all__ = ["CANDIDATES", "ProbeReport", "probe_encoders", "format_probe_table"]
+
+#: offline candidates per modality, the default first (ties keep the earlier one)
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "audio": ("whisper-base", "resemblyzer-lstm"),
+    "image": ("efficientnet-lite0-pixels", "efficientnet-lite0", "pixels"),
+    "text": ("minilm-l6",),
+}
+MAX_TRAIN_ROWS = 2000
+MAX_VAL_ROWS = 1000
+PROBE_STEPS = 400  # optimizer steps per candidate (at most 40 epochs of the sample)
+
+
+@dataclass
+class ProbeReport:
+    """What the probe chose and why: ``choice`` modality -> encoder, one ``rows`` entry per candidate tried."""
+
+    choice: dict[str, str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    train_rows: int = 0
+    val_rows: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"choice": dict(self.choice), "candidates": [dict(r) for r in self.rows],
+                "seconds": round(self.seconds, 2), "train_rows": self.train_rows, "val_rows": self.val_rows}
+
+
+def _sample(dm: Any, role: str, limit: int, seed: int) -> None:
+    """Keep a seeded sample of at most ``limit`` rows of ``dm``'s split ``role`` (in place, on a copy)."""
+    ds, name, ids = dm._parts[role]
+    if len(ds) <= limit:
+        return
+    keep = np.sort(np.random.default_rng(seed).choice(len(ds), size=limit, replace=False))
+    dm._parts[role] = (ds.select(keep), name, np.asarray(ids)[keep])
+
+
+def _score(model: FusionModel, batches: FeatureBatches, task: str) -> tuple[float, float]:
+    """(accuracy, loss) of ``model`` on every batch of ``batches``; regression: (-MAE, MSE)."""
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for b in batches:
+            logits.append(model.fuse(b["inputs"]).logits)
+            labels.append(b["labels"])
+    z, y = torch.cat(logits), torch.cat(labels)  # [N, C], [N] | [N, C]
+    if task == "multiclass":
+        return float((z.argmax(-1) == y).float().mean()), float(F.cross_entropy(z, y.long()))
+    if task == "multilabel":
+        return float(((z > 0) == y.bool()).float().mean()), float(F.binary_cross_entropy_with_logits(z, y.float()))
+    y = y.float().reshape(z.shape)
+    return -float((z - y).abs().mean()), float(F.mse_loss(z, y))
+
+
+def _train(model: FusionModel, train: FeatureBatches, task: str, lr: float, seed: int) -> None:
+    """The fit's schedule in miniature: AdamW, linear warm-up then cosine decay, gradient clipping at 1."""
+    from .task import warmup_cosine
+
+    torch.manual_seed(seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    epochs = max(1, min(40, math.ceil(PROBE_STEPS / max(1, len(train)))))
+    total, warmup = epochs * len(train), max(1, epochs * len(train) // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
+    model.train()
+    for epoch in range(epochs):
+        train.sampler.set_epoch(epoch)
+        for b in train:
+            out = model.fuse(b["inputs"])
+            y = b["labels"]
+            if task == "multiclass":
+                loss = F.cross_entropy(out.logits, y.long())
+            elif task == "multilabel":
+                loss = F.binary_cross_entropy_with_logits(out.logits, y.float())
+            else:
+                loss = F.mse_loss(out.logits, y.float().reshape(out.logits.shape))
+            opt.zero_grad(set_to_none=True)
+            (loss + out.aux_loss).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+
+
+def _features(dm: Any, model: FusionModel) -> tuple[dict[str, ModalityOutput], Tensor, dict[str, ModalityOutput],
+                                                     Tensor]:
+    """Train and validation features of ``model``'s frozen encoders on ``dm``'s (sampled) splits."""
+    from .sweep.features import collect
+
+    dm.attach(model)
+    train, val = collect(dm.train_dataloader()), collect(dm.val_dataloader())
+    return train.feats, train.labels, val.feats, val.labels
+
+
+def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Sequence[str]] | None = None,
+                   lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
+                   echo: Any = print) -> ProbeReport:
+    """Choose each modality's encoder among ``candidates`` by the fused task's validation accuracy.
+
+    Args:
+        dm: a :class:`recipes.data.FusionDataModule` (not modified: the probe works on a sampled copy).
+        base: the model config a fit would build (its encoders are the starting choice; its head is probed).
+        candidates: modality -> encoder names (default :data:`CANDIDATES`); modalities with one candidate, or
+            not in ``base``, are not probed.
+        lr: peak learning rate of the probe's head.
+        batch_size: rows per probe step.
+        seed: seed of the row sample and of each probe's training.
+        echo: where progress lines go.
+
+    Returns:
+        The choice (every modality of ``base``) and one table row per candidate: modality, encoder, val accuracy
+        and loss, probe seconds (encoding from the cache or the encoder, plus training).
+    """
+    start = time.perf_counter()
+    cands = {m: tuple(c) for m, c in (candidates or CANDIDATES).items() if m in base.encoders and len(c) > 1}
+    choice = {m: s.name for m, s in base.encoders.items()}
+    report = ProbeReport(dict(choice))
+    if not cands:
+        return report
+    probe_dm = copy.copy(dm)
+    probe_dm._parts = dict(dm._parts)
+    probe_dm._checked, probe_dm._signature, probe_dm._model, probe_dm.bad_rows = {}, None, None, {}
+    probe_dm.trainer = None
+    _sample(probe_dm, "train", MAX_TRAIN_ROWS, seed)
+    _sample(probe_dm, "validation", MAX_VAL_ROWS, seed + 1)
+    report.train_rows, report.val_rows = len(probe_dm._parts["train"][0]), len(probe_dm._parts["validation"][0])
+    probe_cfg = base.replace(stage="early", fuse_tokens=False)  # pooled features: what the probe can afford
+    feats: dict[str, dict[str, Any]] = {}  # encoder name -> its (train, val) features
+    train_y = val_y = torch.zeros(0)
+    for m, names in sorted(cands.items()):
+        scores = []
+        for name in names:
+            t0 = time.perf_counter()
+            if name not in feats:
+                names_now = {mm: name if mm == m else choice[mm] for mm in base.encoders}
+                encoders = {mm: create_encoder(n, finetune="frozen") for mm, n in names_now.items()}
+                cfg = probe_cfg.replace(encoders=dict(names_now))
+                tr, train_y, va, val_y = _features(probe_dm, FusionModel(cfg, encoders=encoders))
+                for mm in tr:
+                    feats.setdefault(names_now[mm], {"train": tr[mm], "val": va[mm]})
+            tr_f = {mm: feats[name if mm == m else choice[mm]]["train"] for mm in base.encoders}
+            va_f = {mm: feats[name if mm == m else choice[mm]]["val"] for mm in base.encoders}
+            torch.manual_seed(seed)
+            model = FusionModel(probe_cfg, embed_dims={mm: f.dim for mm, f in tr_f.items()})
+            model.fit_feature_norm(tr_f)
+            _train(model, FeatureBatches(tr_f, train_y, batch_size=batch_size, shuffle=True, seed=seed, tokens=False),
+                   base.task, lr, seed)
+            acc, loss = _score(model, FeatureBatches(va_f, val_y, batch_size=1024, tokens=False), base.task)
+            row = {"modality": m, "encoder": name, "val_accuracy" if base.task != "regression" else "val_neg_mae":
+                   round(acc, 4), "val_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            report.rows.append(row)
+            scores.append((acc, -loss, -names.index(name), name))
+            echo(f"encoder probe {m}: {name:<26} val {acc:.4f} (loss {loss:.4f}) {row['seconds']}s")
+        choice[m] = max(scores)[3]
+        for r in report.rows:
+            if r["modality"] == m:
+                r["chosen"] = r["encoder"] == choice[m]
+    report.choice, report.seconds = dict(choice), time.perf_counter() - start
+    return report
+
+
+def format_probe_table(report: ProbeReport) -> str:
+    """The probe's rows as a small text table (what ``fit`` prints)."""
+    if not report.rows:
+        return ""
+    key = "val_accuracy" if "val_accuracy" in report.rows[0] else "val_neg_mae"
+    lines = [f"encoder probe ({report.train_rows} train / {report.val_rows} validation rows, "
+             f"{report.seconds:.1f}s):", f"  {'modality':<9}{'encoder':<28}{key:>13}{'val_loss':>10}{'s':>7}"]
+    for r in report.rows:
+        mark = "  <- chosen" if r.get("chosen") else ""
+        lines.append(f"  {r['modality']:<9}{r['encoder']:<28}{r[key]:>13.4f}{r['val_loss']:>10.4f}"
+                     f"{r['seconds']:>7.1f}{mark}")
+    return "\n".join(lines)
