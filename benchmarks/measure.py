@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup", "best_time",
-           "cache_encode_speedup"]
+           "cache_encode_speedup", "cached_step_overhead"]
 
 BATCH = 32
 
@@ -391,3 +391,100 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
                  f"{chunk} on {workers} worker threads, "
                  f"{torch.get_num_threads()} threads, best of {reps} (details: of {detail_reps})",
     }
+
+
+def cached_step_overhead(n: int = 7000, batch: int = 128, epochs: int = 4, rounds: int = 2) -> dict[str, Any]:
+    """Mean training step of ``fusion-zoo fit`` on cached features / a plain PyTorch step of the same step.
+
+    Both train the default head (a head-only ``FusionModel`` of the default config) on features shaped like
+    easy-VQA's default ones (image 2048 + text 384 wide, 13 classes, ``n`` rows) with the same batch, AdamW
+    (fused), gradient clipping at 1 and warm-up/cosine schedule stepped every batch. The fit side is the
+    Trainer ``fusion-zoo fit`` builds (CSV logger, progress bar, learning-rate monitor, checkpoint callbacks,
+    the data module's index-slice batches); validation is off so an epoch's time is its steps. The plain side
+    slices the same tensors in a bare loop. Mean step = epoch seconds / steps, best epoch after the first.
+    """
+    import tempfile
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import CSVLogger
+
+    from encoders import ModalityOutput
+    from recipes.batches import FeatureBatches
+    from recipes.callbacks import FusionCheckpoint, ResumeCallback
+    from recipes.settings import OptimConfig
+    from recipes.sweep.train import CachedFeatureTask
+    from recipes.task import warmup_cosine
+    from zoo.config import FusionModelConfig
+
+    g = torch.Generator().manual_seed(0)
+    dims = {"image": 2048, "text": 384}
+    pooled = {m: torch.randn(n, d, generator=g) for m, d in dims.items()}
+    feats = {m: ModalityOutput(p[:, None], torch.ones(n, 1, dtype=torch.bool), p) for m, p in pooled.items()}
+    labels = torch.randint(0, 13, (n,), generator=g)
+    cfg = FusionModelConfig(encoders={"image": "efficientnet-lite0-pixels", "text": "minilm-l6"},
+                            labels=tuple(str(i) for i in range(13)))
+    steps = -(-n // batch)
+
+    class EpochTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.times.append(time.perf_counter() - self.t)
+
+    def fit_step() -> float:
+        torch.manual_seed(0)
+        task = CachedFeatureTask(cfg.to_dict(), dims, OptimConfig())
+        task.model.fit_feature_norm(feats)
+        timer = EpochTimer()
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, gradient_clip_val=1.0,
+                                 log_every_n_steps=5, logger=CSVLogger(tmp, name="", version=""),
+                                 callbacks=[LearningRateMonitor(logging_interval="step"), timer, ResumeCallback(),
+                                            FusionCheckpoint(dirpath=tmp, monitor="train/loss", save_last=True)],
+                                 enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                                 default_root_dir=tmp)
+            trainer.fit(task, train_dataloaders=FeatureBatches(feats, labels, batch_size=batch, shuffle=True,
+                                                               tokens=False))
+        return min(timer.times[1:]) / steps
+
+    def plain_step() -> float:
+        torch.manual_seed(0)
+        task = CachedFeatureTask(cfg.to_dict(), dims, OptimConfig())
+        model = task.model
+        model.fit_feature_norm(feats)
+        model.train()
+        opt = torch.optim.AdamW(task.param_groups(), fused=True)
+        total = epochs * steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, total // 20))
+        times = []
+        for _ in range(epochs):
+            t = time.perf_counter()
+            for idx in torch.randperm(n).split(batch):
+                inputs = {m: ModalityOutput(p[idx][:, None], torch.ones(idx.numel(), 1, dtype=torch.bool), p[idx])
+                          for m, p in pooled.items()}
+                out = model.fuse(inputs)
+                loss = F.cross_entropy(out.logits, labels[idx]) + out.aux_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+            times.append(time.perf_counter() - t)
+        return min(times[1:]) / steps
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what fit's CachedFeatureThreads gives a head-only step, on both sides
+    fit_s, plain_s = [], []
+    for _ in range(rounds):  # in turns: a burst of load slows both alike
+        plain_s.append(plain_step())
+        fit_s.append(fit_step())
+    torch.set_num_threads(threads)
+    return {"cached_step_overhead": min(fit_s) / min(plain_s), "fit_step_ms": 1000 * min(fit_s),
+            "plain_step_ms": 1000 * min(plain_s), "fit_step_ms_rounds": [1000 * x for x in fit_s],
+            "plain_step_ms_rounds": [1000 * x for x in plain_s], "batch": batch, "rows": n,
+            "features": "image 2048 + text 384 (easy-VQA default widths), 13 classes", "threads": 1}

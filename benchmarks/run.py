@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from benchmarks.measure import (  # noqa: E402
     cache_encode_speedup,
+    cached_step_overhead,
     head_step_share,
     inference_fusion,
     partial_finetune_overhead,
@@ -48,6 +49,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "pipeline_headroom": (">=", 3.0),
     "partial_finetune_overhead": ("<=", 1.5),
     "cache_encode_speedup": (">=", 2.5),
+    "cached_step_overhead": ("<=", 1.5),
 }
 TARGETS.update(SERVE_TARGETS)
 
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-main-job", action="store_true", help="skip the slow `fusion-zoo fit` measurement")
     p.add_argument("--only", default=None,
                    help="comma-separated steps to run (sweep_cache_speedup, head_step_share, inference, "
-                        "pipeline_headroom, partial_finetune, serve_load, cache_encode, main_job); the keys of the "
+                        "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, main_job); the keys of the "
                         "others keep their values from the previous results.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
     p.add_argument("--threads", type=int, default=None,
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [("sweep_cache_speedup", sweep_cache_speedup), ("head_step_share", head_step_share),
              ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom),
              ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load),
-             ("cache_encode", cache_encode_speedup)]
+             ("cache_encode", cache_encode_speedup), ("cached_step", cached_step_overhead)]
     only = set(args.only.split(",")) if args.only else None
     if only is not None and (unknown := only - {name for name, _ in steps} - {"main_job"}):
         p.error(f"--only: unknown steps {sorted(unknown)}")

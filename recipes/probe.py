@@ -4,8 +4,11 @@ No single image (or audio) encoder suits every dataset: EfficientNet-Lite0 at 64
 right for tiny degraded images, the 224-px encoder for larger natural ones, speech content and speaker identity
 are different audio tasks. When ``fit`` is not told which encoders to use, :func:`probe_encoders` trains the
 default head on a bounded, seeded sample of the training split for every offline candidate of each modality
-(one modality at a time, the others at their current choice), scores it on a sample of the validation split,
-and keeps the best. Features go through the feature cache, so a rerun on the same data probes from disk.
+(one modality at a time, the others at their current choice) and scores it on a sample of the validation split.
+The default stays unless a candidate beats it on the same validation rows by a paired z of at least
+:data:`MIN_Z`: a small validation split (or one that shares speakers with training while the test does not)
+must not swap a good default for a worse one on noise. Features go through the feature cache, so a rerun on the
+same data probes from disk.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from zoo.model import FusionModel
 
 from .batches import FeatureBatches
 
-__all__ = ["CANDIDATES", "ProbeReport", "probe_encoders", "format_probe_table"]
+__all__ = ["CANDIDATES", "MIN_Z", "ProbeReport", "paired_z", "probe_encoders", "format_probe_table"]
 
 #: offline candidates per modality, the default first (ties keep the earlier one)
 CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -36,6 +39,9 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "image": ("efficientnet-lite0-pixels", "efficientnet-lite0", "pixels"),
     "text": ("minilm-l6",),
 }
+#: a candidate replaces the modality's default only when it beats it on the same validation rows by this z
+#: (paired; ~2.3% one-sided): a tiny validation split's noise must not swap a good default for a worse one
+MIN_Z = 2.0
 MAX_TRAIN_ROWS = 2000
 MAX_VAL_ROWS = 1000
 PROBE_STEPS = 400  # optimizer steps per candidate (at most 40 epochs of the sample)
@@ -65,8 +71,12 @@ def _sample(dm: Any, role: str, limit: int, seed: int) -> None:
     dm._parts[role] = (ds.select(keep), name, np.asarray(ids)[keep])
 
 
-def _score(model: FusionModel, batches: FeatureBatches, task: str) -> tuple[float, float]:
-    """(accuracy, loss) of ``model`` on every batch of ``batches``; regression: (-MAE, MSE)."""
+def _score(model: FusionModel, batches: FeatureBatches, task: str) -> tuple[float, float, Tensor]:
+    """(accuracy, loss, per-row score [N]) of ``model`` on every batch of ``batches``.
+
+    The per-row score is what a paired comparison of two candidates reads: 1/0 correct (multiclass), the share
+    of correct labels (multilabel), minus the squared error (regression; its "accuracy" is minus the MAE).
+    """
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
@@ -75,11 +85,25 @@ def _score(model: FusionModel, batches: FeatureBatches, task: str) -> tuple[floa
             labels.append(b["labels"])
     z, y = torch.cat(logits), torch.cat(labels)  # [N, C], [N] | [N, C]
     if task == "multiclass":
-        return float((z.argmax(-1) == y).float().mean()), float(F.cross_entropy(z, y.long()))
+        rows = (z.argmax(-1) == y).float()
+        return float(rows.mean()), float(F.cross_entropy(z, y.long())), rows
     if task == "multilabel":
-        return float(((z > 0) == y.bool()).float().mean()), float(F.binary_cross_entropy_with_logits(z, y.float()))
+        rows = ((z > 0) == y.bool()).float().mean(-1)
+        return float(rows.mean()), float(F.binary_cross_entropy_with_logits(z, y.float())), rows
     y = y.float().reshape(z.shape)
-    return -float((z - y).abs().mean()), float(F.mse_loss(z, y))
+    return -float((z - y).abs().mean()), float(F.mse_loss(z, y)), -((z - y) ** 2).mean(-1)
+
+
+def paired_z(better: Tensor, base: Tensor) -> float:
+    """z of the mean per-row difference ``better - base`` [N] over its standard error (0 when every row ties).
+
+    For 0/1 correctness this is McNemar's test without continuity correction: (b - c) / sqrt(b + c).
+    """
+    d = (better - base).double()
+    if d.numel() < 2:
+        return 0.0
+    se = float(d.std()) / math.sqrt(d.numel())
+    return float(d.mean()) / se if se > 0 else 0.0
 
 
 def _train(model: FusionModel, train: FeatureBatches, task: str, lr: float, seed: int) -> None:
@@ -139,7 +163,9 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
 
     Returns:
         The choice (every modality of ``base``) and one table row per candidate: modality, encoder, val accuracy
-        and loss, probe seconds (encoding from the cache or the encoder, plus training).
+        and loss, the paired z against the modality's starting encoder (a candidate replaces it only with
+        ``z >= MIN_Z``; among those, the best accuracy wins), probe seconds (encoding, from the cache or the
+        encoder, plus training).
     """
     start = time.perf_counter()
     cands = {m: tuple(c) for m, c in (candidates or CANDIDATES).items() if m in base.encoders and len(c) > 1}
@@ -158,7 +184,8 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
     feats: dict[str, dict[str, Any]] = {}  # encoder name -> its (train, val) features
     train_y = val_y = torch.zeros(0)
     for m, names in sorted(cands.items()):
-        scores = []
+        scores, per_row = [], {}
+        reference = choice[m]
         for name in names:
             t0 = time.perf_counter()
             if name not in feats:
@@ -175,12 +202,18 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
             model.fit_feature_norm(tr_f)
             _train(model, FeatureBatches(tr_f, train_y, batch_size=batch_size, shuffle=True, seed=seed, tokens=False),
                    base.task, lr, seed)
-            acc, loss = _score(model, FeatureBatches(va_f, val_y, batch_size=1024, tokens=False), base.task)
+            acc, loss, per_row[name] = _score(model, FeatureBatches(va_f, val_y, batch_size=1024, tokens=False),
+                                              base.task)
             row = {"modality": m, "encoder": name, "val_accuracy" if base.task != "regression" else "val_neg_mae":
                    round(acc, 4), "val_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
             report.rows.append(row)
             scores.append((acc, -loss, -names.index(name), name))
             echo(f"encoder probe {m}: {name:<26} val {acc:.4f} (loss {loss:.4f}) {row['seconds']}s")
+        if reference in per_row:
+            for r in report.rows:
+                if r["modality"] == m:
+                    r["z_vs_default"] = round(paired_z(per_row[r["encoder"]], per_row[reference]), 2)
+            scores = [s for s in scores if s[3] == reference or paired_z(per_row[s[3]], per_row[reference]) >= MIN_Z]
         choice[m] = max(scores)[3]
         for r in report.rows:
             if r["modality"] == m:
@@ -195,9 +228,11 @@ def format_probe_table(report: ProbeReport) -> str:
         return ""
     key = "val_accuracy" if "val_accuracy" in report.rows[0] else "val_neg_mae"
     lines = [f"encoder probe ({report.train_rows} train / {report.val_rows} validation rows, "
-             f"{report.seconds:.1f}s):", f"  {'modality':<9}{'encoder':<28}{key:>13}{'val_loss':>10}{'s':>7}"]
+             f"{report.seconds:.1f}s; a candidate replaces the default at z >= {MIN_Z:g}):",
+             f"  {'modality':<9}{'encoder':<28}{key:>13}{'val_loss':>10}{'z':>7}{'s':>7}"]
     for r in report.rows:
         mark = "  <- chosen" if r.get("chosen") else ""
+        z = r.get("z_vs_default")
         lines.append(f"  {r['modality']:<9}{r['encoder']:<28}{r[key]:>13.4f}{r['val_loss']:>10.4f}"
-                     f"{r['seconds']:>7.1f}{mark}")
+                     f"{'-' if z is None else format(z, '.2f'):>7}{r['seconds']:>7.1f}{mark}")
     return "\n".join(lines)

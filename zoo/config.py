@@ -19,7 +19,7 @@ __all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASK
 
 # 2: defaults = the default recipe (early, pooled vectors, dropout 0.2, modality dropout 0.1). A version-1 dict
 # was written with the version-1 defaults below, which a missing key keeps (to_dict always writes every field).
-# 3: pooled features standardised with training statistics (``standardize``), hidden_dim 512, and the concat head's
+# 3: pooled features standardised with training statistics (``standardize``), hidden_dim 256, and the concat head's
 # MLP (hidden 2 x out_dim) by default. Older dicts keep the defaults they were written with for the keys they
 # leave out (to_dict always writes every field, so only keys added later can be missing).
 FORMAT_VERSION = 3
@@ -168,10 +168,10 @@ class FusionModelConfig:
         fuse_tokens: early and hybrid stages: the head fuses every modality's tokens (True) or one pooled vector
             per modality (False: feature-level fusion of pooled vectors, cheap on CPU; the feature cache then
             stores pooled vectors only).
-        standardize: standardise each modality's features with the mean and standard deviation of its pooled
-            training features (buffers of the model, set when a fit starts, saved with the weights and applied
-            wherever the model runs: predict, serve, export). Encoders' pooled vectors differ in scale by orders
-            of magnitude between modalities; standardised, one learning rate suits them all.
+        standardize: centre each modality's features on the mean of its pooled training features and scale them
+            by their root mean square (``zoo.model.FeatureNorm``: buffers set when a fit starts, saved with the
+            weights and applied wherever the model runs: predict, serve, export). Encoders' pooled vectors differ
+            in scale by orders of magnitude between modalities; brought to one scale, one learning rate suits all.
 
     The defaults are the default recipe (``fusion-zoo fit`` with no flags): the one place each default is set;
     ``recipes.task.FusionTask`` takes its flags' defaults from here.
@@ -183,7 +183,7 @@ class FusionModelConfig:
     head_options: dict[str, Any] = field(default_factory=dict)
     stage: Literal["early", "late", "hybrid"] = "early"
     task: Literal["multiclass", "multilabel", "regression"] = "multiclass"
-    hidden_dim: int = 512  # wide enough to learn a cross-modal interaction from a few thousand rows (docs/recipes.md)
+    hidden_dim: int = 256  # with the concat MLP (2 x wide): learns cross-modal interactions from a few thousand rows
     trunk_layers: int = 1
     dropout: float = 0.2
     modality_dropout: dict[str, float] | float = 0.1

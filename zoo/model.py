@@ -85,11 +85,16 @@ class _Trunk(nn.Module):
 
 
 class FeatureNorm(nn.Module):
-    """Per-modality standardisation of encoder features with the mean and std of the pooled training features.
+    """Per-modality standardisation of encoder features with statistics of the pooled training features.
 
-    Buffers (saved in ``model.safetensors``): ``mean`` [D], ``std`` [D] and ``fitted`` (whether the statistics
-    were set; until then the module is the identity). Absent samples stay all-zero: the head replaces them with its
-    learned missing embedding.
+    Each dimension is centred on its training mean, and the modality is scaled by one number: the root mean square
+    of its centred features. Modalities arrive at one scale (encoders differ by orders of magnitude) while each
+    keeps the relative scale of its own dimensions: dividing every dimension by its own deviation blows up
+    near-constant dimensions (speaker traits in a speech encoder's features, docs/recipes.md).
+
+    Buffers (saved in ``model.safetensors``): ``mean`` [D], ``std`` [D] (the one scale, per dimension so that the
+    layout can hold per-dimension scales) and ``fitted`` (whether the statistics were set; until then the module is
+    the identity). Absent samples stay all-zero: the head replaces them with its learned missing embedding.
     """
 
     mean: Tensor
@@ -108,10 +113,10 @@ class FeatureNorm(nn.Module):
         x = pooled[present].double()  # [n, D]
         if x.shape[0] < 2:
             return
-        mean, std = x.mean(0), x.std(0)
-        floor = max(1e-6, 1e-2 * float(std.median()))  # a near-constant feature is not blown up at test time
+        mean = x.mean(0)  # [D]
+        scale = max(1e-6, float((x - mean).pow(2).mean().sqrt()))
         self.mean.copy_(mean.to(self.mean.dtype))
-        self.std.copy_(std.clamp_min(floor).to(self.std.dtype))
+        self.std.fill_(scale)
         self.fitted.fill_(True)
 
     def forward(self, f: ModalityOutput) -> ModalityOutput:

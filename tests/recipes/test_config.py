@@ -68,7 +68,7 @@ def test_defaults_are_the_default_recipe_and_to_dict_writes_every_field() -> Non
     cfg = make()
     # the default recipe (docs/recipes.md): early fusion of one pooled vector per modality, concat head
     assert (cfg.stage, cfg.fuse_tokens, cfg.fusion_head, cfg.hidden_dim, cfg.dropout) == (
-        "early", False, "concat", 512, 0.2)
+        "early", False, "concat", 256, 0.2)
     assert cfg.modality_dropout == 0.1 and cfg.modality_dropout_map == {"image": 0.1, "text": 0.1}  # every modality
     assert cfg.replace(encoders={"text": "tiny-text"}).modality_dropout_map == {"text": 0.1}
     import dataclasses

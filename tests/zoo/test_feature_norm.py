@@ -33,7 +33,7 @@ def _feats(dims: dict[str, int] | None = None, n: int = 50) -> dict[str, Modalit
     return out
 
 
-def test_fit_standardises_present_rows_and_keeps_absent_ones_zero() -> None:
+def test_fit_centres_and_scales_present_rows_and_keeps_absent_ones_zero() -> None:
     feats = _feats()
     model = FusionModel(_cfg(), embed_dims={"image": 6, "text": 4})
     assert model.fit_feature_norm(feats) == ["image", "text"]
@@ -42,7 +42,10 @@ def test_fit_standardises_present_rows_and_keeps_absent_ones_zero() -> None:
         z = model.feature_norm[m](f)
         keep = f.present
         torch.testing.assert_close(z.pooled[keep].mean(0), torch.zeros(f.dim), atol=1e-4, rtol=0)
-        torch.testing.assert_close(z.pooled[keep].std(0), torch.ones(f.dim), atol=1e-4, rtol=0)
+        rms = z.pooled[keep].pow(2).mean().sqrt()
+        torch.testing.assert_close(rms, torch.tensor(1.0), atol=1e-4, rtol=0)  # one scale for the modality
+        ratio = z.pooled[keep].std(0) / f.pooled[keep].std(0)
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-4, atol=0)  # dimensions keep theirs
         assert not z.pooled[~keep].any() and not z.tokens[~keep].any()
 
 
