@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-main-job", action="store_true", help="skip the slow `fusion-zoo fit` measurement")
     p.add_argument("--only", default=None,
                    help="comma-separated steps to run (sweep_cache_speedup, head_step_share, inference, "
-                        "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, main_job); the keys "
-                        "of the others keep their values from the previous results.json")
+                        "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, main_job); "
+                        "the keys of the others keep their values from the previous results.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the in-process measurements (default: torch's); 1 gives stable "
