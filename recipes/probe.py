@@ -13,10 +13,12 @@ same data probes from disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "text": ("minilm-l6",),
 }
 #: a candidate replaces the modality's default only when it beats it on the same validation rows by this z
-#: (paired; ~2.3% one-sided): a tiny validation split's noise must not swap a good default for a worse one
+#: (McNemar's, ~2.3% one-sided): a tiny validation split's noise must not swap a good default for a worse one
 MIN_Z = 2.0
 MAX_TRAIN_ROWS = 2000
 MAX_VAL_ROWS = 1000
@@ -95,15 +97,15 @@ def _score(model: FusionModel, batches: FeatureBatches, task: str) -> tuple[floa
 
 
 def paired_z(better: Tensor, base: Tensor) -> float:
-    """z of the mean per-row difference ``better - base`` [N] over its standard error (0 when every row ties).
+    """z of the per-row differences ``d = better - base`` [N]: ``sum(d) / sqrt(sum(d^2))``.
 
-    For 0/1 correctness this is McNemar's test without continuity correction: (b - c) / sqrt(b + c).
+    The spread is taken under the null hypothesis (no difference, so E[d] = 0): for 0/1 correctness this is
+    McNemar's test, (b - c) / sqrt(b + c), with b the rows only ``better`` gets right and c the rows only ``base``
+    gets right. A candidate right on every row where the base is wrong gets sqrt(b), not an undefined 0/0.
     """
     d = (better - base).double()
-    if d.numel() < 2:
-        return 0.0
-    se = float(d.std()) / math.sqrt(d.numel())
-    return float(d.mean()) / se if se > 0 else 0.0
+    spread = float(d.pow(2).sum().sqrt())
+    return float(d.sum()) / spread if spread > 0 else 0.0
 
 
 def _train(model: FusionModel, train: FeatureBatches, task: str, lr: float, seed: int) -> None:
@@ -134,6 +136,19 @@ def _train(model: FusionModel, train: FeatureBatches, task: str, lr: float, seed
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread (unless the user set ``OMP_NUM_THREADS``): small head steps lose more to thread
+    hand-offs than they gain, and on a busy machine far more."""
+    saved = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _features(dm: Any, model: FusionModel) -> tuple[dict[str, ModalityOutput], Tensor, dict[str, ModalityOutput],
@@ -200,8 +215,9 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
             torch.manual_seed(seed)
             model = FusionModel(probe_cfg, embed_dims={mm: f.dim for mm, f in tr_f.items()})
             model.fit_feature_norm(tr_f)
-            _train(model, FeatureBatches(tr_f, train_y, batch_size=batch_size, shuffle=True, seed=seed, tokens=False),
-                   base.task, lr, seed)
+            with _one_thread():  # a head-only step, as fit runs it (recipes.callbacks.CachedFeatureThreads)
+                _train(model, FeatureBatches(tr_f, train_y, batch_size=batch_size, shuffle=True, seed=seed,
+                                             tokens=False), base.task, lr, seed)
             acc, loss, per_row[name] = _score(model, FeatureBatches(va_f, val_y, batch_size=1024, tokens=False),
                                               base.task)
             row = {"modality": m, "encoder": name, "val_accuracy" if base.task != "regression" else "val_neg_mae":
