@@ -241,7 +241,7 @@ def merge_results(values: dict[str, Any], path: str | Path = ROOT / "benchmarks"
     return path
 
 
-TARGETS = {"easyvqa_test_accuracy": (">=", 0.98)}
+TARGETS = {"easyvqa_test_accuracy": (">=", 0.99), "easyvqa_seconds": ("<=", 180.0)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

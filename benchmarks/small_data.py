@@ -9,7 +9,10 @@ A user's own data set is often a few hundred rows. This takes 400 easy-VQA train
 * a logistic regression on raw features: question word 1-2-grams + 16 x 16 RGB pixels (standardised), its C
   chosen on the validation rows.
 
-Prints one JSON line per fit and a summary line (mean per head). Needs ``benchmarks/easyvqa.py prepare`` first
+The same script measures a user-sized sample: ``--train-rows 7000 --val-rows 800 --test-rows -1 --heads concat
+--seeds 42 --merge easyvqa_small_test_accuracy`` (7,000 seeded training rows, 800 validation rows, the whole test
+split); ``--merge small_data_test_accuracy`` records the 400-row figure. Prints one JSON line per fit and a
+summary line (mean per head). Needs ``benchmarks/easyvqa.py prepare`` first
 (default folder ``~/.cache/fusion-zoo/easyvqa``) and scikit-learn (the ``dev`` extra).
 """
 
@@ -32,14 +35,22 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.easyvqa import COLUMNS, DEFAULT_DIR, read_rows, write_csv  # noqa: E402
 
 SIZES = {"train": 400, "validation": 400, "test": 2000}
+#: targets of the figures ``--merge`` writes (issue: small data and a user-sized easy-VQA sample)
+MERGE_TARGETS = {"small_data_test_accuracy": (">=", 0.70), "easyvqa_small_test_accuracy": (">=", 0.98)}
 
 
-def prepare(folder: Path, train_rows: int = SIZES["train"]) -> dict[str, Path]:
-    """Write the seeded subsets as ``small<train_rows>_<split>.csv`` in ``folder``; returns split -> path."""
+def prepare(folder: Path, train_rows: int = SIZES["train"], val_rows: int = SIZES["validation"],
+            test_rows: int = SIZES["test"]) -> dict[str, Path]:
+    """Write the seeded subsets as ``small<train>[-<val>-<test>]_<split>.csv`` in ``folder`` (a negative count:
+    the whole split); returns split -> path."""
     out = {}
-    for split, n in {**SIZES, "train": train_rows}.items():
-        rows = read_rows(folder, split, seed=0)[:n]
-        out[split] = folder / f"small{train_rows}_{split}.csv"
+    sizes = {"train": train_rows, "validation": val_rows, "test": test_rows}
+    tag = f"small{train_rows}" if (val_rows, test_rows) == (SIZES["validation"], SIZES["test"]) else \
+        f"small{train_rows}-{val_rows}-{test_rows}"
+    for split, n in sizes.items():
+        rows = read_rows(folder, split, seed=0)
+        rows = rows[:n] if n >= 0 else rows
+        out[split] = folder / f"{tag}_{split}.csv"
         write_csv(out[split], COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
     return out
 
@@ -94,20 +105,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", nargs="?", default=str(DEFAULT_DIR))
     p.add_argument("--heads", default="concat,gating")
     p.add_argument("--seeds", default="42,1,2")
-    p.add_argument("--train-rows", type=int, default=SIZES["train"], help="training rows (validation and test stay)")
+    p.add_argument("--train-rows", type=int, default=SIZES["train"], help="training rows")
+    p.add_argument("--val-rows", type=int, default=SIZES["validation"], help="validation rows (-1: all)")
+    p.add_argument("--test-rows", type=int, default=SIZES["test"], help="test rows (-1: the whole test split)")
+    p.add_argument("--merge", default=None, metavar="KEY",
+                   help="merge the first head's mean test accuracy into benchmarks/results.json as KEY "
+                        "(small_data_test_accuracy, easyvqa_small_test_accuracy)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the logistic regression on raw features")
     args = p.parse_args(argv)
-    files = prepare(Path(args.folder).expanduser(), args.train_rows)
+    files = prepare(Path(args.folder).expanduser(), args.train_rows, args.val_rows, args.test_rows)
     runs = []
     for head in args.heads.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             runs.append(fit(files, head, seed))
             print(json.dumps(runs[-1]), flush=True)
-    summary: dict[str, Any] = {"rows": {**SIZES, "train": args.train_rows},
-                               "raw_logistic_regression": raw_baseline(files)}
+    summary: dict[str, Any] = {"rows": {k: sum(1 for _ in read_rows(v.parent, v.stem)) for k, v in files.items()}}
+    if not args.no_baseline:
+        summary["raw_logistic_regression"] = raw_baseline(files)
     for head in args.heads.split(","):
         accs = [r["test_accuracy"] for r in runs if r["head"] == head]
-        summary[head] = {"mean": round(float(np.mean(accs)), 4), "each": accs}
+        summary[head] = {"mean": round(float(np.mean(accs)), 4), "each": accs,
+                         "seconds": [r["seconds"] for r in runs if r["head"] == head]}
     print(json.dumps(summary))
+    if args.merge:
+        from benchmarks.easyvqa import merge_results
+        from benchmarks.run import cpu_model
+
+        head = args.heads.split(",")[0]
+        target = MERGE_TARGETS.get(args.merge)
+        merge_results({args.merge: summary[head]["mean"], f"{args.merge}_details": {**summary, "cpu": cpu_model()}},
+                      targets={args.merge: target} if target else None)
     return 0
 
 

@@ -123,7 +123,7 @@ def test_merge_results_keeps_other_keys_and_records_the_target(tmp_path: Path) -
     doc = json.loads(path.read_text())
     assert doc["main_job_seconds"] == 100.0 and doc["met"]["main_job_seconds"] is True
     assert doc["easyvqa_test_accuracy"] == 0.975 and doc["met"]["easyvqa_test_accuracy"] is False
-    assert doc["targets"]["easyvqa_test_accuracy"] == {"op": ">=", "value": 0.98}
+    assert doc["targets"]["easyvqa_test_accuracy"] == {"op": ">=", "value": 0.99}
 
 
 def test_probe_reads_each_unique_question_and_image_once(fake: types.ModuleType, tmp_path: Path) -> None:
