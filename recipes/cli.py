@@ -49,6 +49,7 @@ commands:
   export     export a fused model (ONNX, TorchScript)
   convert    convert a Lightning .ckpt into a fused model folder
   serve      serve a model over HTTP: API + web page (docs/serve.md)
+  push       upload a fused model folder to the Hugging Face Hub (docs/zoo.md)
   sweep      run a grid of recipes and collect their metrics
 
 options:

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,12 +39,8 @@ def _noise_text(rng: np.random.Generator) -> str:
     return " ".join(str(w) for w in rng.choice(WORDS, 3))
 
 
-def _write_colour_folder(root: Path, sizes: tuple[int, int, int] = (60, 40, 10)) -> Path:
-    """16x16 RGB noise on a red or a green ground (label = the colour), random words as text.
-
-    The label is plain to an RGB network (``tiny-image``) and invisible to the ``pixels`` thumbnail: gray, then
-    standardised per image, every picture is the same noise whatever its colour.
-    """
+def _write_image_folder(root: Path, sizes: tuple[int, int, int], draw: Any) -> Path:
+    """train/validation/test CSVs of PNGs made by ``draw(i, rng) -> (image, label)`` plus random words as text."""
     rng = np.random.default_rng(0)
     (root / "png").mkdir(parents=True)
     rows: dict[str, list[dict[str, str]]] = {}
@@ -51,33 +48,38 @@ def _write_colour_folder(root: Path, sizes: tuple[int, int, int] = (60, 40, 10))
     for split, n in zip(("train", "validation", "test"), sizes, strict=True):
         rows[split] = []
         for i in range(n):
-            label = ("red", "green")[i % 2]
-            x = np.clip(np.array(COLOURS[label])[None, None] + rng.normal(0, 20, (16, 16, 3)), 0, 255)
-            Image.fromarray(x.astype(np.uint8), "RGB").save(root / "png" / f"{k}.png")
+            image, label = draw(i, rng)
+            image.save(root / "png" / f"{k}.png")
             rows[split].append({"image": f"png/{k}.png", "text": _noise_text(rng), "label": label})
             k += 1
     _write_split_csvs(root, rows)
     return root
 
 
+def _write_colour_folder(root: Path, sizes: tuple[int, int, int] = (60, 40, 10)) -> Path:
+    """16x16 RGB noise on a red or a green ground (label = the colour), random words as text.
+
+    The label is plain to an RGB network (``tiny-image``) and invisible to the ``pixels`` thumbnail: gray, then
+    standardised per image, every picture is the same noise whatever its colour.
+    """
+    def draw(i: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
+        label = ("red", "green")[i % 2]
+        x = np.clip(np.array(COLOURS[label])[None, None] + rng.normal(0, 20, (16, 16, 3)), 0, 255)
+        return Image.fromarray(x.astype(np.uint8), "RGB"), label
+
+    return _write_image_folder(root, sizes, draw)
+
+
 def _write_bar_folder(root: Path, sizes: tuple[int, int, int] = (60, 40, 10)) -> Path:
     """16x16 gray noise with a bright bar at the top or the bottom (label = where), random words as text: both
     ``tiny-image`` and ``pixels`` read it perfectly."""
-    rng = np.random.default_rng(0)
-    (root / "png").mkdir(parents=True)
-    rows: dict[str, list[dict[str, str]]] = {}
-    k = 0
-    for split, n in zip(("train", "validation", "test"), sizes, strict=True):
-        rows[split] = []
-        for i in range(n):
-            label = i % 2
-            x = np.clip(rng.normal(60, 30, (16, 16)), 0, 255)
-            x[2 + 8 * label: 6 + 8 * label, 2:14] = 230
-            Image.fromarray(x.astype(np.uint8), "L").save(root / "png" / f"{k}.png")
-            rows[split].append({"image": f"png/{k}.png", "text": _noise_text(rng), "label": ("top", "bottom")[label]})
-            k += 1
-    _write_split_csvs(root, rows)
-    return root
+    def draw(i: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
+        label = i % 2
+        x = np.clip(rng.normal(60, 30, (16, 16)), 0, 255)
+        x[2 + 8 * label: 6 + 8 * label, 2:14] = 230
+        return Image.fromarray(x.astype(np.uint8), "L"), ("top", "bottom")[label]
+
+    return _write_image_folder(root, sizes, draw)
 
 
 def _probe(root: Path, start: str, image_candidates: tuple[str, ...], hidden_dim: int = 16) -> ProbeReport:

@@ -1,0 +1,81 @@
+"""README's results table, rendered from benchmarks/results.json: ``python benchmarks/readme_table.py``.
+
+The table sits between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md. The scripts that
+measure (``run.py``, ``easyvqa.py``, ``heldout_speakers.py``, ``small_data.py``) write results.json; this script
+copies their figures into README, and ``tests/test_readme.py`` fails when README and results.json disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from encoders._atomic import atomic_write  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results.json"
+README = ROOT / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+#: README rows: results.json key -> what it measures (every key with a target is listed, these first)
+ROWS: dict[str, str] = {
+    "easyvqa_test_accuracy": "easy-VQA, full test split, bare `fit` (cold cache)",
+    "easyvqa_seconds": "... its wall time, encoding and encoder probe included (s)",
+    "easyvqa_small_test_accuracy": "easy-VQA, 7,000 training rows, full test split",
+    "small_data_test_accuracy": "easy-VQA, 400 training rows (mean of 3 seeds)",
+    "heldout_speakers_test_accuracy": "held-out-speakers proxy (audio + image)",
+    "main_job_seconds": "main job `fusion-zoo fit`, cold cache (s)",
+    "cached_step_overhead": "fit's step on cached features / a bare PyTorch step",
+}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "not measured"
+    if isinstance(value, float):
+        if value and abs(value) < 1e-3:
+            return f"{value:.2g}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown table of the README rows and every other key that has a target."""
+    targets, met = results.get("targets", {}), results.get("met", {})
+    keys = [k for k in ROWS if k in results] + sorted(k for k in targets if k not in ROWS and k in results)
+    lines = ["| figure | measured | target | met |", "|---|---|---|---|"]
+    for key in keys:
+        t = targets.get(key)
+        target = f"{t['op']} {t['value']:g}" if t else ""
+        ok = {True: "yes", False: "**no**", None: ""}[met.get(key)]
+        lines.append(f"| {ROWS.get(key, f'`{key}`')} | {_fmt(results[key])} | {target} | {ok} |")
+    return "\n".join(lines)
+
+
+def block(text: str) -> str | None:
+    """README's current table (between the markers), or None when the markers are missing."""
+    found = re.search(re.escape(START) + r"\n(.*?)" + re.escape(END), text, re.S)
+    return found.group(1).rstrip("\n") if found else None
+
+
+def sync(readme: Path = README, results: Path = RESULTS) -> bool:
+    """Rewrite README's table from results.json; returns whether README changed."""
+    text = readme.read_text()
+    if block(text) is None:
+        raise SystemExit(f"{readme} has no {START} ... {END} block")
+    new = re.sub(re.escape(START) + r"\n.*?" + re.escape(END),
+                 lambda _: f"{START}\n{render(json.loads(results.read_text()))}\n{END}", text, flags=re.S)
+    if new != text:
+        with atomic_write(readme) as tmp:
+            tmp.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    print("README.md updated" if sync() else "README.md already current")
+    sys.exit(0)
