@@ -288,6 +288,7 @@ class FusionDataModule(pl.LightningDataModule):
         labels, label_problems = encoder.encode(list(ds[label_col]))
         problems = {i: [f"column {label_col!r}: {p}"] for i, p in label_problems.items()}
         digests = {m: hashlib.sha256() for m in mods}
+        filled = dict.fromkeys(mods, 0)
         chunk_rows, start = 256, -256
         for chunk in ds.select_columns(sorted(set(cols.values()))).iter(batch_size=chunk_rows):
             start += chunk_rows
@@ -296,10 +297,17 @@ class FusionDataModule(pl.LightningDataModule):
                     v = _cell(m, v, self._base)
                     if v is None:
                         continue
+                    filled[m] += 1
                     problem = cell_problem(m, v)
                     if problem:
                         problems.setdefault(start + j, []).append(f"column {c!r}: {problem}")
                     digests[m].update(_stamp(v, m).encode())
+        empty = [m for m in mods if not filled[m]]
+        if role == "train" and empty:
+            m = empty[0]
+            raise DataError(f"column {cols[m]!r} (the {m} column) is empty in every row of split {source!r}; fill it, "
+                            f"map another column with --data.columns '{{\"{m}\": \"<column>\"}}' or leave {m} out "
+                            "of --model.encoders.")
         bad = sorted(problems)
         if bad and self.on_bad_rows == "raise":
             shown = "\n  ".join(f"row {ids[i]}: {'; '.join(problems[i])}" for i in bad[:BAD_ROWS_SHOWN])

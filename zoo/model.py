@@ -149,6 +149,10 @@ class FusionModel(nn.Module):
                 m: create_encoder(s.name, finetune=s.finetune, last_n=s.last_n, lora_r=s.lora_r, **s.options)
                 for m, s in config.encoders.items()
             }
+        for m, enc in dict(encoders or {}).items():
+            if getattr(enc, "modality", m) != m:
+                raise ConfigError(f"encoder {type(enc).__name__} for {m!r} encodes {enc.modality}, not {m}; name one "
+                                  f"of the {m} encoders (encoders.list_encoders()) in --model.encoders.")
         self.encoders = nn.ModuleDict(dict(encoders or {}))
         if encoders is not None:
             embed_dims = {m: int(e.embed_dim) for m, e in encoders.items()}

@@ -275,3 +275,17 @@ def test_modalities_and_usual_column_names_come_from_the_table(folder, tmp_path)
     dm = FusionDataModule(data_files=write_table(tmp_path / "ai.csv", audio_image), data_dir=str(root),
                           cache_features=False)
     assert dm.modalities == ["audio", "image"]
+
+
+def test_a_modality_empty_in_every_training_row_is_an_error_naming_the_column(folder, tmp_path, model):
+    rows = [{**r, "caption": ""} for r in folder[1]]
+    dm = make(folder, tmp_path, rows).attach(model)
+    with pytest.raises(DataError, match=r"column 'caption' \(the text column\) is empty in every row.*--data.columns"):
+        dm.setup("fit")
+
+
+def test_an_encoder_of_another_modality_is_refused_before_any_data_is_read() -> None:
+    from fusion_errors import ConfigError
+
+    with pytest.raises(ConfigError, match="encodes text, not image; name one of the image encoders"):
+        FusionModel(FusionModelConfig(encoders={"image": "tiny-text"}, labels=LABELS))
