@@ -223,6 +223,11 @@ class FusionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         _check_trainer(cfg.trainer, str(self.subcommand))
+        checkpoint = cfg.get("checkpoint") or {}
+        for key in ("every_n_train_steps", "every_n_epochs", "last_every_n_epochs"):
+            n = checkpoint.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n < 0:
+                raise ConfigError(f"--checkpoint.{key} {n} must be >= 0 (0: off).")
         root = Path(str(cfg.trainer.get("default_root_dir") or "."))
         for folder in (root, root / "checkpoints"):  # temp files of saves killed in an earlier run
             clean_stale_temps(folder)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders import Encoder, ModalityOutput, create_encoder
-from fusion_errors import ConfigError, InputError
+from fusion_errors import ConfigError, InputError, MissingDependencyError, RegistryError
 from fusion_heads import FusionHead, create_fusion_head
 
 from . import predict as _predict
@@ -49,6 +49,18 @@ class FusionModelOutput:
         """Sum of the head's auxiliary losses (a scalar; 0 when there are none)."""
         losses = [v for k, v in self.aux.items() if k.endswith("_loss")]
         return torch.stack(losses).sum() if losses else self.logits.new_zeros(())
+
+
+def _build_encoder(m: str, spec: Any) -> Encoder:
+    """The encoder ``spec`` names; an option value the encoder cannot take (``hidden_size: -1``) is a ConfigError."""
+    try:
+        return create_encoder(spec.name, finetune=spec.finetune, last_n=spec.last_n, lora_r=spec.lora_r,
+                              **spec.options)
+    except (ConfigError, RegistryError, MissingDependencyError):
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"encoder {spec.name!r} for {m!r} cannot be built with options {dict(spec.options)} "
+                          f"({type(e).__name__}: {e}); fix the options in --model.encoders.") from e
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -145,10 +157,7 @@ class FusionModel(nn.Module):
         self.config = config
         self.modalities: list[str] = config.modalities
         if encoders is None and embed_dims is None:
-            encoders = {
-                m: create_encoder(s.name, finetune=s.finetune, last_n=s.last_n, lora_r=s.lora_r, **s.options)
-                for m, s in config.encoders.items()
-            }
+            encoders = {m: _build_encoder(m, s) for m, s in config.encoders.items()}
         for m, enc in dict(encoders or {}).items():
             if getattr(enc, "modality", m) != m:
                 raise ConfigError(f"encoder {type(enc).__name__} for {m!r} encodes {enc.modality}, not {m}; name one "
@@ -191,7 +200,13 @@ class FusionModel(nn.Module):
 
     def _build_head(self, name: str, options: dict[str, Any]) -> None:
         d = self.config.hidden_dim
-        self.fusion_head = create_fusion_head(name, self._head_dims(), d, **options)
+        try:
+            self.fusion_head = create_fusion_head(name, self._head_dims(), d, **options)
+        except (ConfigError, RegistryError):
+            raise
+        except (TypeError, ValueError) as e:  # an option of the wrong type or value, e.g. {"floor": "high"}
+            raise ConfigError(f"fusion head {name!r} cannot be built with options {options} ({type(e).__name__}: "
+                              f"{e}); fix --model.head_options.") from e
         self.trunk = _Trunk(d, self.config.trunk_layers, self.config.dropout)
         self.classifier = nn.Linear(d, self.config.num_outputs)
 

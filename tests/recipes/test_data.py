@@ -284,8 +284,10 @@ def test_a_modality_empty_in_every_training_row_is_an_error_naming_the_column(fo
         dm.setup("fit")
 
 
-def test_an_encoder_of_another_modality_is_refused_before_any_data_is_read() -> None:
-    from fusion_errors import ConfigError
 
-    with pytest.raises(ConfigError, match="encodes text, not image; name one of the image encoders"):
-        FusionModel(FusionModelConfig(encoders={"image": "tiny-text"}, labels=LABELS))
+def test_a_negative_checkpoint_interval_is_one_line_exit_2(tmp_path, capsys) -> None:
+    from recipes import cli
+
+    code = cli.main(["fit", "--checkpoint.every_n_train_steps", "-1", "--trainer.default_root_dir", str(tmp_path),
+                     "--model.encoders", '{"text": "tiny-text"}'])
+    assert code == 2 and "--checkpoint.every_n_train_steps -1 must be >= 0" in capsys.readouterr().err

@@ -1,0 +1,23 @@
+"""Building a FusionModel from a config: component mistakes are one-line ConfigErrors before any data is read."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusion_errors import ConfigError
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
+
+LABELS = ("bird", "cat", "dog")
+
+
+def test_an_encoder_of_another_modality_is_refused_before_any_data_is_read() -> None:
+    with pytest.raises(ConfigError, match="encodes text, not image; name one of the image encoders"):
+        FusionModel(FusionModelConfig(encoders={"image": "tiny-text"}, labels=LABELS))
+
+
+@pytest.mark.parametrize("kw", [{"fusion_head": "gating", "head_options": {"floor": "high"}},
+                                {"encoders": {"text": {"name": "tiny-text", "options": {"hidden_size": -1}}}}])
+def test_option_values_a_component_cannot_take_are_config_errors(kw) -> None:
+    with pytest.raises(ConfigError, match="cannot be built with options"):
+        FusionModel(FusionModelConfig(**{"encoders": {"text": "tiny-text"}, "labels": LABELS, **kw}))
