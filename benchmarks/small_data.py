@@ -39,11 +39,14 @@ SIZES = {"train": 400, "validation": 400, "test": 2000}
 MERGE_TARGETS = {"small_data_test_accuracy": (">=", 0.70), "easyvqa_small_test_accuracy": (">=", 0.98)}
 
 
-def prepare(folder: Path, train_rows: int = SIZES["train"], val_rows: int = SIZES["validation"],
-            test_rows: int = SIZES["test"]) -> dict[str, Path]:
+def prepare(folder: Path, train_rows: int | None = None, val_rows: int | None = None,
+            test_rows: int | None = None) -> dict[str, Path]:
     """Write the seeded subsets as ``small<train>[-<val>-<test>]_<split>.csv`` in ``folder`` (a negative count:
     the whole split); returns split -> path."""
     out = {}
+    train_rows = SIZES["train"] if train_rows is None else train_rows
+    val_rows = SIZES["validation"] if val_rows is None else val_rows
+    test_rows = SIZES["test"] if test_rows is None else test_rows
     sizes = {"train": train_rows, "validation": val_rows, "test": test_rows}
     tag = f"small{train_rows}" if (val_rows, test_rows) == (SIZES["validation"], SIZES["test"]) else \
         f"small{train_rows}-{val_rows}-{test_rows}"

@@ -8,6 +8,7 @@ into its own directory ``runs/<subcommand>-<YYYYmmdd-HHMMSS>/`` (see docs/recipe
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -34,6 +35,7 @@ from .task import FusionTask
 __all__ = ["main", "FusionCLI", "FusionCheckpoint", "CONFIG_DIR", "resolve_config_args"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+STEP_BUDGET = 3000  # fit's default --step_budget (docs/recipes.md "Schedule and stopping")
 ZOO_COMMANDS = ("predict", "zoo", "export", "convert", "serve", "push")
 _STAMP_ENV = "FUSION_ZOO_RUN_STAMP"  # shared with DDP child processes so every rank uses one run directory
 
@@ -216,6 +218,9 @@ class FusionCLI(LightningCLI):
             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
             "checkpoint.filename": "best", "checkpoint.auto_insert_metric_name": False,
         })
+        parser.add_argument("--step_budget", type=int | None, default=STEP_BUDGET,
+                            help="fit: at most this many optimizer steps; trainer.max_epochs is lowered to the epochs "
+                                 "that fit in it for the training split's size (null: no budget)")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.mode": "min",
                              "early_stopping.patience": 10})
@@ -257,6 +262,29 @@ class FusionCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        self._probe_encoders()
+        self._apply_step_budget()
+
+    def _apply_step_budget(self) -> None:
+        """Lower ``max_epochs`` to the epochs that fit in ``--step_budget`` steps: a few thousand rows get every
+        epoch, a large table stops at the budget. Epochs, not ``trainer.max_steps``: Lightning resumes an
+        epoch-end checkpoint wrongly when max_steps is set (validation skipped, early stopping then fails)."""
+        budget = self.config[self.subcommand].get("step_budget")
+        rows = getattr(self.datamodule, "train_size", None)
+        batch = getattr(self.datamodule, "batch_size", None)
+        epochs = self.trainer.fit_loop.max_epochs
+        if not (isinstance(budget, int) and isinstance(rows, int) and isinstance(batch, int) and epochs
+                and epochs > 0 and budget > 0):
+            return
+        per_epoch = math.ceil(rows / (batch * self.trainer.world_size))
+        fit = max(1, budget // max(1, per_epoch))
+        if fit < epochs:
+            self.trainer.fit_loop.max_epochs = fit
+            if self.trainer.is_global_zero:
+                print(f"step budget: {fit} epochs of {per_epoch} steps (--step_budget {budget}; "
+                      f"--trainer.max_epochs {epochs})")
+
+    def _probe_encoders(self) -> None:
         """With no encoders named, choose them by the encoder probe (recipes/probe.py) and rebuild the task."""
         task = self.model
         if not (isinstance(task, FusionTask) and task.probe and callable(getattr(self.datamodule, "train_features",

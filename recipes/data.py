@@ -389,6 +389,11 @@ class FusionDataModule(pl.LightningDataModule):
                                        **workers)
         return DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate, **workers)
 
+    @property
+    def train_size(self) -> int:
+        """Rows of the training split as read (before bad rows are dropped): what an epoch's length is sized by."""
+        return len(self._parts["train"][0])
+
     def train_features(self) -> dict[str, ModalityOutput]:
         """The training split's cached features (modality -> ModalityOutput over its N rows) of the modalities
         served from the cache; frozen encoders only (the feature standardisation is fitted on them)."""

@@ -185,7 +185,8 @@ class FusionTask(pl.LightningModule):
         elif init_from:
             self.model = FusionModel.from_pretrained(init_from)
             want_head = fusion_head or self.model.config.fusion_head
-            want_options = dict(self.model.config.head_options if head_options is None else head_options)
+            kept = self.model.config.head_options if want_head == self.model.config.fusion_head else {}
+            want_options = dict(kept if head_options is None else head_options)  # a new head: its own defaults
             if (want_head, want_options) != (self.model.config.fusion_head, dict(self.model.config.head_options)):
                 self.model.swap_fusion_head(want_head, **want_options)
                 swapped = True

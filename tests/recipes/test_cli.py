@@ -193,3 +193,23 @@ def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):
     for name in ("encoders", "late_encoders", "late_heads"):
         old, new = getattr(before, name).state_dict(), getattr(after, name).state_dict()
         assert all(torch.equal(old[k], new[k]) for k in old), f"{name} changed during a head-only fine-tune"
+
+
+def test_step_budget_lowers_the_epochs_to_what_fits(tmp_path, capsys) -> None:
+    import csv
+
+    for split, n in (("train", 40), ("validation", 8), ("test", 8)):
+        with (tmp_path / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows([[f"word {i % 2} {i}", "ab"[i % 2]] for i in range(n)])
+    run = tmp_path / "run"
+    code = cli.main(["fit", "--data.data_dir", str(tmp_path), "--data.batch_size", "8", "--step_budget", "12",
+                     "--trainer.max_epochs", "5", "--model.encoders", '{"text": "tiny-text"}', "--model.hidden_dim",
+                     "8",
+                     "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)])
+    assert code == 0
+    assert "step budget: 2 epochs of 5 steps (--step_budget 12; --trainer.max_epochs 5)" in capsys.readouterr().out
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 10  # 2 epochs x 5 steps, not 5 epochs
+    assert json.loads((run / "metrics.json").read_text())["test"]["fused"]["n"] == 8
