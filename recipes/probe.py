@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from encoders import ModalityOutput, create_encoder
+from fusion_errors import FusionZooError
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
@@ -205,9 +206,18 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
             t0 = time.perf_counter()
             if name not in feats:
                 names_now = {mm: name if mm == m else choice[mm] for mm in base.encoders}
-                encoders = {mm: create_encoder(n, finetune="frozen") for mm, n in names_now.items()}
-                cfg = probe_cfg.replace(encoders=dict(names_now))
-                tr, train_y, va, val_y = _features(probe_dm, FusionModel(cfg, encoders=encoders))
+                try:
+                    encoders = {mm: create_encoder(n, finetune="frozen") for mm, n in names_now.items()}
+                    cfg = probe_cfg.replace(encoders=dict(names_now))
+                    tr, train_y, va, val_y = _features(probe_dm, FusionModel(cfg, encoders=encoders))
+                except (FusionZooError, ImportError, OSError, RuntimeError) as e:
+                    if name == reference:
+                        raise  # the default itself cannot run: the fit could not either
+                    # a candidate this machine cannot run (a missing package, a file it cannot decode) is skipped
+                    report.rows.append({"modality": m, "encoder": name, "error": f"{type(e).__name__}: {e}"[:200],
+                                        "chosen": False})
+                    echo(f"encoder probe {m}: {name} skipped ({type(e).__name__}: {e})")
+                    continue
                 for mm in tr:
                     feats.setdefault(names_now[mm], {"train": tr[mm], "val": va[mm]})
             tr_f = {mm: feats[name if mm == m else choice[mm]]["train"] for mm in base.encoders}
@@ -227,7 +237,7 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
             echo(f"encoder probe {m}: {name:<26} val {acc:.4f} (loss {loss:.4f}) {row['seconds']}s")
         if reference in per_row:
             for r in report.rows:
-                if r["modality"] == m:
+                if r["modality"] == m and r["encoder"] in per_row:
                     r["z_vs_default"] = round(paired_z(per_row[r["encoder"]], per_row[reference]), 2)
             scores = [s for s in scores if s[3] == reference or paired_z(per_row[s[3]], per_row[reference]) >= MIN_Z]
         choice[m] = max(scores)[3]
@@ -242,11 +252,14 @@ def format_probe_table(report: ProbeReport) -> str:
     """The probe's rows as a small text table (what ``fit`` prints)."""
     if not report.rows:
         return ""
-    key = "val_accuracy" if "val_accuracy" in report.rows[0] else "val_neg_mae"
+    key = "val_neg_mae" if any("val_neg_mae" in r for r in report.rows) else "val_accuracy"
     lines = [f"encoder probe ({report.train_rows} train / {report.val_rows} validation rows, "
              f"{report.seconds:.1f}s; a candidate replaces the default at z >= {MIN_Z:g}):",
              f"  {'modality':<9}{'encoder':<28}{key:>13}{'val_loss':>10}{'z':>7}{'s':>7}"]
     for r in report.rows:
+        if "error" in r:
+            lines.append(f"  {r['modality']:<9}{r['encoder']:<28} skipped: {r['error']}")
+            continue
         mark = "  <- chosen" if r.get("chosen") else ""
         z = r.get("z_vs_default")
         lines.append(f"  {r['modality']:<9}{r['encoder']:<28}{r[key]:>13.4f}{r['val_loss']:>10.4f}"

@@ -305,3 +305,20 @@ def test_probe_keeps_the_composite_on_8px_digits(tmp_path: Path) -> None:
     assert composite["chosen"] is True and composite["val_accuracy"] >= 0.9
     assert all(r["val_accuracy"] <= composite["val_accuracy"] for r in report.rows), table
     assert all(r["z_vs_default"] < MIN_Z for r in report.rows), table
+
+
+def test_a_candidate_that_cannot_run_is_skipped_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusion_errors import MissingDependencyError
+
+    real = probe.create_encoder
+
+    def create(name: str, **kw: Any) -> Any:
+        if name == "tiny-image":
+            raise MissingDependencyError("tiny-image needs a package: pip install it")
+        return real(name, **kw)
+
+    monkeypatch.setattr(probe, "create_encoder", create)
+    report = _probe(_write_colour_folder(tmp_path / "data"), "pixels", ("pixels", "tiny-image"))
+    assert report.choice["image"] == "pixels"
+    assert _row(report, "tiny-image")["error"].startswith("MissingDependencyError")
+    assert "skipped: MissingDependencyError" in format_probe_table(report)
