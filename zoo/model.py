@@ -371,13 +371,17 @@ class FusionModel(nn.Module):
     def inference_runner(self, fold: bool = True) -> tuple[FusionModel, dict[str, str]]:
         """This model with frozen image encoders BatchNorm-folded and channels-last (``zoo.optimize``), cached.
 
-        The copy is rebuilt when any encoder parameter or buffer changes (version counter, storage, device, dtype);
-        ``fold=False`` returns ``self``. Returns ``(model, {modality: tag})``.
+        The copy is rebuilt when any encoder parameter or buffer changes (version counter, storage, device, dtype)
+        and when a head-side module or the config is replaced (``swap_fusion_head``); ``fold=False`` returns
+        ``self``. Returns ``(model, {modality: tag})``.
         """
         if not fold:
             return self, dict.fromkeys(self.encoders, "plain")
-        state = tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype)  # .to() / load_state_dict change these
-                      for t in [*self.encoders.parameters(), *self.encoders.buffers()])
+        weights = tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype)  # .to() / load_state_dict change these
+                        for t in [*self.encoders.parameters(), *self.encoders.buffers()])
+        # the copy shares every other module: a replaced one (swap_fusion_head) or a new config makes it stale
+        shared = (tuple((k, id(v)) for k, v in self._modules.items() if k != "encoders"), id(self.config))
+        state = (weights, shared)
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != state:
             with torch.inference_mode(False), torch.no_grad():

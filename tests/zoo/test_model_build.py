@@ -21,3 +21,18 @@ def test_an_encoder_of_another_modality_is_refused_before_any_data_is_read() -> 
 def test_option_values_a_component_cannot_take_are_config_errors(kw) -> None:
     with pytest.raises(ConfigError, match="cannot be built with options"):
         FusionModel(FusionModelConfig(**{"encoders": {"text": "tiny-text"}, "labels": LABELS, **kw}))
+
+
+def test_predict_after_a_head_swap_uses_the_new_head(tmp_path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = FusionModel(FusionModelConfig(encoders={"text": "tiny-text", "image": "tiny-image"}, labels=LABELS))
+    texts = ["a bird", "a cat"]
+    model.predict(text=texts)  # builds the inference copy
+    model.swap_fusion_head("gating")
+    fresh = FusionModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    got = [r["probs"] for r in model.predict(text=texts, explain=False)]
+    want = [r["probs"] for r in fresh.predict(text=texts, explain=False)]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-5)
