@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup", "best_time",
-           "cache_encode_speedup", "cached_step_overhead"]
+           "cache_encode_speedup", "cached_step_overhead", "cli_startup_seconds"]
 
 BATCH = 32
 
@@ -488,3 +488,23 @@ def cached_step_overhead(n: int = 7000, batch: int = 128, epochs: int = 4, round
             "plain_step_ms": 1000 * min(plain_s), "fit_step_ms_rounds": [1000 * x for x in fit_s],
             "plain_step_ms_rounds": [1000 * x for x in plain_s], "batch": batch, "rows": n,
             "features": "image 2048 + text 384 (easy-VQA default widths), 13 classes", "threads": 1}
+
+
+def cli_startup_seconds(reps: int = 3) -> dict[str, Any]:
+    """Wall seconds of ``fusion-zoo --help``, ``fusion-zoo zoo list`` and ``fusion-zoo predict --help`` in fresh
+    processes (best of ``reps`` each); the figure is the slowest of the three."""
+    import os
+    import subprocess
+    import sys
+
+    commands = {"--help": ["--help"], "zoo list": ["zoo", "list"], "predict --help": ["predict", "--help"]}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    best = {}
+    for name, args in commands.items():
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "recipes.cli", *args], env=env, capture_output=True, check=True)
+            times.append(time.perf_counter() - t)
+        best[name] = min(times)
+    return {"cli_startup_seconds": max(best.values()), "cli_startup_by_command": best}

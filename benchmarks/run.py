@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     cache_encode_speedup,
     cached_step_overhead,
+    cli_startup_seconds,
     head_step_share,
     inference_fusion,
     partial_finetune_overhead,
@@ -50,6 +51,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "partial_finetune_overhead": ("<=", 1.5),
     "cache_encode_speedup": (">=", 2.5),
     "cached_step_overhead": ("<=", 1.5),
+    "cli_startup_seconds": ("<=", 3.0),
 }
 TARGETS.update(SERVE_TARGETS)
 
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-main-job", action="store_true", help="skip the slow `fusion-zoo fit` measurement")
     p.add_argument("--only", default=None,
                    help="comma-separated steps to run (sweep_cache_speedup, head_step_share, inference, "
-                        "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, main_job); "
+                        "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, cli_startup, "
+                        "main_job); "
                         "the keys of the others keep their values from the previous results.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
     p.add_argument("--threads", type=int, default=None,
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [("sweep_cache_speedup", sweep_cache_speedup), ("head_step_share", head_step_share),
              ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom),
              ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load),
-             ("cache_encode", cache_encode_speedup), ("cached_step", cached_step_overhead)]
+             ("cache_encode", cache_encode_speedup), ("cached_step", cached_step_overhead),
+             ("cli_startup", cli_startup_seconds)]
     only = set(args.only.split(",")) if args.only else None
     if only is not None and (unknown := only - {name for name, _ in steps} - {"main_job"}):
         p.error(f"--only: unknown steps {sorted(unknown)}")

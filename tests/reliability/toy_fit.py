@@ -132,7 +132,8 @@ class _KillingCLI(cli.FusionCLI):
 
 
 class _FixedClock:
-    """``time`` for recipes.cli with a frozen ``strftime`` (FUSION_FIXED_TIME): runs started "in the same second"."""
+    """``time`` for the run-folder stamps (recipes._cli_common) with a frozen ``strftime`` (FUSION_FIXED_TIME):
+    runs started "in the same second"."""
 
     def __init__(self, stamp: str) -> None:
         self.stamp = stamp
@@ -143,8 +144,10 @@ class _FixedClock:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    from recipes import _cli_common, fit_cli
+
     if os.environ.get("FUSION_FIXED_TIME"):
-        cli.time = _FixedClock(os.environ["FUSION_FIXED_TIME"])  # type: ignore[assignment]
+        _cli_common.time = _FixedClock(os.environ["FUSION_FIXED_TIME"])  # type: ignore[assignment]
     if os.environ.get("FUSION_KILL_AT_STEP"):
-        cli.FusionCLI = _KillingCLI  # type: ignore[misc]
+        fit_cli.FusionCLI = _KillingCLI  # type: ignore[misc]
     run(sys.argv[1:])
