@@ -28,6 +28,8 @@ _HINT = "Pass a PIL image, an HxW/HxWxC array or tensor, a file path, image byte
 #: decodes and resizes to 256 px in 53 ms instead of 226 (mean pixel change 0.6 / 255), and the last resize still
 #: shrinks by 2x or more, so it stays antialiased.
 DRAFT_MARGIN = 2
+#: largest image side a preprocessor resizes to: a checkpoint's config must not make every batch allocate gigabytes
+MAX_IMAGE_SIZE = 1024
 
 
 def draft(img: Image.Image, min_side: int | None) -> Image.Image:
@@ -168,8 +170,8 @@ class ImagePreprocessor(Preprocessor):
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
     ) -> None:
-        if image_size < 8:
-            raise ConfigError(f"image_size={image_size} must be >= 8 pixels.")
+        if not 8 <= image_size <= MAX_IMAGE_SIZE:  # bounded before any batch of that size is allocated
+            raise ConfigError(f"image_size={image_size} must be in 8..{MAX_IMAGE_SIZE} pixels.")
         if not 0 < crop_pct <= 1:
             raise ConfigError(f"crop_pct={crop_pct} must be in (0, 1].")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:

@@ -36,3 +36,21 @@ def test_predict_after_a_head_swap_uses_the_new_head(tmp_path) -> None:
     want = [r["probs"] for r in fresh.predict(text=texts, explain=False)]
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, abs=1e-5)
+
+
+def test_a_checkpoint_cannot_ask_for_gigantic_images(tmp_path) -> None:
+    import json
+
+    import torch
+
+    from zoo import from_pretrained
+
+    torch.manual_seed(0)
+    model = FusionModel(FusionModelConfig(encoders={"image": "tiny-image"}, labels=LABELS))
+    path = model.save_pretrained(tmp_path / "m")
+    doc = json.loads((path / "config.json").read_text())
+    for where in (doc["model"]["encoders"]["image"], doc["encoders"]["image"]):
+        where["options"] = {**where.get("options", {}), "image_size": 60000}
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"image_size=60000 must be in 8\.\.1024"):
+        from_pretrained(path)
