@@ -307,7 +307,7 @@ def _size_encoder(m: str, spec: Any, where: str, limit: int) -> tuple[int, int, 
         raise
     except Exception:  # factories that read tensor values (.item()) or weight files cannot run on meta
         pass
-    real = _guarded(lambda: _build_encoder(m, spec, where), limit, f"the {m} encoder {spec.name!r}", where)
+    real = _guarded(lambda: build_encoder(m, spec, where), limit, f"the {m} encoder {spec.name!r}", where)
     return _numel(real), int(real.embed_dim), real
 
 
@@ -327,15 +327,22 @@ def _refuse(count: int, limit: int, what: str, where: str) -> None:
         )
 
 
-def _build_encoder(m: str, spec: Any, where: str) -> Encoder:
-    encoder = _create(m, spec, where)
-    if getattr(encoder, "modality", m) != m:
-        raise ConfigError(f"{where}: encoders.{m} is {spec.name!r}, which encodes {encoder.modality}, not {m}; give "
-                          f"each modality an encoder of its own kind (encoders.list_encoders()).")
+def build_encoder(m: str, spec: Any, where: str, source: str = "config.json") -> Encoder:
+    """Modality ``m``'s encoder from its spec; a missing package, options the factory cannot take and an encoder
+    of another modality are one-line errors naming ``where`` and what to fix in ``source``."""
+    encoder = _create(m, spec, where, source)
+    check_modality(m, encoder, where)
     return encoder
 
 
-def _create(m: str, spec: Any, where: str) -> Encoder:
+def check_modality(m: str, encoder: Any, where: str) -> None:
+    """ConfigError when ``encoder`` encodes another modality than ``m`` (an image column read as text...)."""
+    if getattr(encoder, "modality", m) != m:
+        raise ConfigError(f"{where}: encoders.{m} is {type(encoder).__name__}, which encodes {encoder.modality}, "
+                          f"not {m}; give each modality an encoder of its own kind (encoders.list_encoders()).")
+
+
+def _create(m: str, spec: Any, where: str, source: str = "config.json") -> Encoder:
     try:
         return create_encoder(spec.name, finetune=spec.finetune, last_n=spec.last_n, lora_r=spec.lora_r, **spec.options)
     except MissingDependencyError as e:
@@ -351,7 +358,7 @@ def _create(m: str, spec: Any, where: str) -> Encoder:
         if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):
             raise  # out of memory (under _guarded's cap): reported as a size problem there
         raise ConfigError(f"{where}: the {m} encoder {spec.name!r} cannot be built with options {spec.options} "
-                          f"({type(e).__name__}: {str(e)[:200]}); fix encoders.{m}.options in config.json.") from e
+                          f"({type(e).__name__}: {str(e)[:200]}); fix encoders.{m}.options in {source}.") from e
 
 
 def _check_hash(m: str, enc: Encoder, record: dict[str, Any], where: str) -> None:
@@ -466,7 +473,7 @@ def load_checkpoint(
     _refuse(sum(counts.values()), limit, "its encoders", where)
     for m, spec in config.encoders.items():  # fixed-size (registered, pretrained) encoders
         if m not in counts:
-            encoders[m] = _build_encoder(m, spec, where)
+            encoders[m] = build_encoder(m, spec, where)
             counts[m], dims[m] = _numel(encoders[m]), int(encoders[m].embed_dim)
     _refuse(sum(counts.values()) + estimate_parameters(build, config, dims, where), limit, "the model", where)
     for m, spec in config.encoders.items():
@@ -475,7 +482,7 @@ def load_checkpoint(
             record["stored"] = {"frozen": "reference", "lora": "lora"}.get(str(spec.finetune), "full")
         records[m] = record
         if m not in encoders:
-            encoders[m] = _build_encoder(m, spec, where)
+            encoders[m] = build_encoder(m, spec, where)
         # pre-release (format 0) folders have no records to check; any record must carry its hash
         if check_hashes and record["stored"] in ("reference", "lora") and m in recorded:
             _check_hash(m, encoders[m], record, where)

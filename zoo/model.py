@@ -14,12 +14,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from encoders import Encoder, ModalityOutput, create_encoder
-from fusion_errors import ConfigError, InputError, MissingDependencyError, RegistryError
+from encoders import Encoder, ModalityOutput
+from fusion_errors import ConfigError, InputError, RegistryError
 from fusion_heads import FusionHead, create_fusion_head
 
 from . import predict as _predict
-from .checkpoint import load_checkpoint, save_pretrained
+from .checkpoint import build_encoder, check_modality, load_checkpoint, save_pretrained
 from .config import FusionModelConfig
 from .optimize import inference_model
 
@@ -49,18 +49,6 @@ class FusionModelOutput:
         """Sum of the head's auxiliary losses (a scalar; 0 when there are none)."""
         losses = [v for k, v in self.aux.items() if k.endswith("_loss")]
         return torch.stack(losses).sum() if losses else self.logits.new_zeros(())
-
-
-def _build_encoder(m: str, spec: Any) -> Encoder:
-    """The encoder ``spec`` names; an option value the encoder cannot take (``hidden_size: -1``) is a ConfigError."""
-    try:
-        return create_encoder(spec.name, finetune=spec.finetune, last_n=spec.last_n, lora_r=spec.lora_r,
-                              **spec.options)
-    except (ConfigError, RegistryError, MissingDependencyError):
-        raise
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"encoder {spec.name!r} for {m!r} cannot be built with options {dict(spec.options)} "
-                          f"({type(e).__name__}: {e}); fix the options in --model.encoders.") from e
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -157,11 +145,10 @@ class FusionModel(nn.Module):
         self.config = config
         self.modalities: list[str] = config.modalities
         if encoders is None and embed_dims is None:
-            encoders = {m: _build_encoder(m, s) for m, s in config.encoders.items()}
+            encoders = {m: build_encoder(m, s, "model config", source="--model.encoders")
+                        for m, s in config.encoders.items()}
         for m, enc in dict(encoders or {}).items():
-            if getattr(enc, "modality", m) != m:
-                raise ConfigError(f"encoder {type(enc).__name__} for {m!r} encodes {enc.modality}, not {m}; name one "
-                                  f"of the {m} encoders (encoders.list_encoders()) in --model.encoders.")
+            check_modality(m, enc, "encoders")
         self.encoders = nn.ModuleDict(dict(encoders or {}))
         if encoders is not None:
             embed_dims = {m: int(e.embed_dim) for m, e in encoders.items()}

@@ -135,7 +135,7 @@ def _meta_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise AssertionError("the fused model was built for real before the size check")
         return FusionModel(config, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "_build_encoder", lambda m, spec, where: (_ for _ in ()).throw(
+    monkeypatch.setattr(checkpoint, "build_encoder", lambda m, spec, where: (_ for _ in ()).throw(
         AssertionError("an encoder was built for real before the size check")) if spec.options else
         checkpoint.create_encoder(spec.name))
     return devices, build  # type: ignore[return-value]
