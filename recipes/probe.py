@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from encoders import ModalityOutput, create_encoder
@@ -33,6 +32,7 @@ from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
 from .batches import FeatureBatches
+from .task import task_loss, warmup_cosine
 
 __all__ = ["CANDIDATES", "MIN_Z", "ProbeReport", "paired_z", "probe_encoders", "format_probe_table"]
 
@@ -87,14 +87,15 @@ def _score(model: FusionModel, batches: FeatureBatches, task: str) -> tuple[floa
             logits.append(model.fuse(b["inputs"]).logits)
             labels.append(b["labels"])
     z, y = torch.cat(logits), torch.cat(labels)  # [N, C], [N] | [N, C]
+    loss = float(task_loss(task, z, y))
     if task == "multiclass":
         rows = (z.argmax(-1) == y).float()
-        return float(rows.mean()), float(F.cross_entropy(z, y.long())), rows
+        return float(rows.mean()), loss, rows
     if task == "multilabel":
         rows = ((z > 0) == y.bool()).float().mean(-1)
-        return float(rows.mean()), float(F.binary_cross_entropy_with_logits(z, y.float())), rows
+        return float(rows.mean()), loss, rows
     y = y.float().reshape(z.shape)
-    return -float((z - y).abs().mean()), float(F.mse_loss(z, y)), -((z - y) ** 2).mean(-1)
+    return -float((z - y).abs().mean()), loss, -((z - y) ** 2).mean(-1)
 
 
 def paired_z(better: Tensor, base: Tensor) -> float:
@@ -111,8 +112,6 @@ def paired_z(better: Tensor, base: Tensor) -> float:
 
 def _train(model: FusionModel, train: FeatureBatches, task: str, lr: float, seed: int) -> None:
     """The fit's schedule in miniature: AdamW, linear warm-up then cosine decay, gradient clipping at 1."""
-    from .task import warmup_cosine
-
     torch.manual_seed(seed)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -125,13 +124,7 @@ def _train(model: FusionModel, train: FeatureBatches, task: str, lr: float, seed
         train.sampler.set_epoch(epoch)
         for b in train:
             out = model.fuse(b["inputs"])
-            y = b["labels"]
-            if task == "multiclass":
-                loss = F.cross_entropy(out.logits, y.long())
-            elif task == "multilabel":
-                loss = F.binary_cross_entropy_with_logits(out.logits, y.float())
-            else:
-                loss = F.mse_loss(out.logits, y.float().reshape(out.logits.shape))
+            loss = task_loss(task, out.logits, b["labels"])
             opt.zero_grad(set_to_none=True)
             (loss + out.aux_loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

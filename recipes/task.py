@@ -32,7 +32,7 @@ from zoo.model import FusionModel, FusionModelOutput
 from .metrics import SplitMetrics
 from .settings import OptimConfig
 
-__all__ = ["FusionTask", "DEFAULT_ENCODERS", "class_weight_tensor"]
+__all__ = ["FusionTask", "DEFAULT_ENCODERS", "class_weight_tensor", "task_loss"]
 
 # The offline default per modality. image: EfficientNet-Lite0 at 64 px beside a 16-px colour thumbnail (small,
 # degraded images: docs/encoders.md); audio: Whisper base's encoder (speech content; resemblyzer-lstm encodes the
@@ -54,6 +54,16 @@ def warmup_cosine(step: int, total: float, warmup: int) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def task_loss(task: str, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """The training loss of ``task`` for logits [B, C]: cross-entropy (class ``weight`` [C]), binary cross-entropy
+    per label (``pos_weight`` [C]) or mean squared error."""
+    if task == "multiclass":
+        return F.cross_entropy(logits, labels.long(), weight=weight)
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weight)
+    return F.mse_loss(logits, labels.float().reshape(logits.shape))
 
 
 def _eval_frozen(module: nn.Module) -> None:
@@ -334,11 +344,7 @@ class FusionTask(pl.LightningModule):
         w = self.loss_weight
         if w is not None and w.device != logits.device:
             w = self.loss_weight = w.to(logits.device)
-        if self.cfg.task == "multiclass":
-            return F.cross_entropy(logits, labels.long(), weight=w)
-        if self.cfg.task == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=w)
-        return F.mse_loss(logits, labels.float().reshape(logits.shape))
+        return task_loss(self.cfg.task, logits, labels, w)
 
     def _late_loss(self, out: FusionModelOutput, labels: Tensor) -> Tensor:
         """Mean over modalities of each late head's loss on the samples that have that modality."""
