@@ -397,17 +397,19 @@ class FusionDataModule(pl.LightningDataModule):
     def train_features(self) -> dict[str, ModalityOutput]:
         """The training split's cached features (modality -> ModalityOutput over its N rows) of the modalities
         served from the cache; frozen encoders only (the feature standardisation is fitted on them)."""
-        model = self._get_model()
-        if "train" not in self._checked or self._signature is None or self._signature[0] != id(model):
-            self.setup("fit")
-        return self._features("train", model)
+        self._ensure_train()
+        return self._features("train", self._get_model())
 
     def train_labels(self) -> Tensor:
         """The training split's labels after row checks ([N] class indices | [N, C] multilabel targets), for
         ``class_weights='balanced'``."""
+        self._ensure_train()
+        return self._checked["train"].labels
+
+    def _ensure_train(self) -> None:
+        """Check the training split (``setup("fit")``) unless it was checked for the current model."""
         if "train" not in self._checked or self._signature is None or self._signature[0] != id(self._get_model()):
             self.setup("fit")
-        return self._checked["train"].labels
 
     def train_dataloader(self) -> DataLoader | FeatureBatches:
         return self._loader("train", shuffle=True)

@@ -213,3 +213,11 @@ def test_step_budget_lowers_the_epochs_to_what_fits(tmp_path, capsys) -> None:
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 10  # 2 epochs x 5 steps, not 5 epochs
     assert json.loads((run / "metrics.json").read_text())["test"]["fused"]["n"] == 8
+    assert bool(FusionModel.from_pretrained(run / "model").feature_norm["text"].fitted)  # set when the fit started
+
+
+def test_the_dispatcher_imports_lightning_only_for_the_lightning_commands() -> None:
+    code = ("import sys, recipes.cli as c; c.main(['--help']); "
+            "assert 'pytorch_lightning' not in sys.modules, 'fusion-zoo --help imported Lightning'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env={**os.environ,
+                                                                                       "HF_HUB_OFFLINE": "1"})
