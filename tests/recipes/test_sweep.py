@@ -386,3 +386,24 @@ def test_results_md_shows_no_test_for_zero_variance_paired_differences(tmp_path:
     assert gating.endswith("| n/a | 1.0000 | zero variance in paired differences: no test |")
     moe = next(line for line in md.splitlines() if line.startswith("| moe | late | 2 | +0.0100"))
     assert moe.endswith("| 0.500 | 0.7048 | within seed noise |")  # differences 0.03, -0.01: a finite t
+
+
+def test_a_cell_standardises_with_its_own_training_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recipes.settings import OptimConfig
+    from recipes.sweep.train import train_cell
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
+
+    fitted: list[int] = []
+    real = FusionModel.fit_feature_norm
+
+    def spy(self: FusionModel, feats: dict, refit: bool = False) -> list[str]:
+        fitted.append(next(iter(feats.values())).batch_size)
+        return real(self, feats, refit)
+
+    monkeypatch.setattr(FusionModel, "fit_feature_norm", spy)
+    config = FusionModelConfig(encoders={m: "cached-features" for m in DIMS}, labels=("a", "b", "c"),
+                               fusion_head="concat", stage="early", hidden_dim=16)
+    train_cell(config, _split(48, 0, False), _split(24, 1, False), seed=0, max_epochs=1, batch_size=16,
+               optim=OptimConfig(), robustness={"noise": [0.5], "token_drop": [0.5]}, echo=lambda _: None)
+    assert fitted == [48]  # the 48 training rows, not the test rows
