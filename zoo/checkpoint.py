@@ -331,15 +331,16 @@ def build_encoder(m: str, spec: Any, where: str, source: str = "config.json") ->
     """Modality ``m``'s encoder from its spec; a missing package, options the factory cannot take and an encoder
     of another modality are one-line errors naming ``where`` and what to fix in ``source``."""
     encoder = _create(m, spec, where, source)
-    check_modality(m, encoder, where)
+    check_modality(m, encoder, where, spec.name)
     return encoder
 
 
-def check_modality(m: str, encoder: Any, where: str) -> None:
-    """ConfigError when ``encoder`` encodes another modality than ``m`` (an image column read as text...)."""
+def check_modality(m: str, encoder: Any, where: str, name: str | None = None) -> None:
+    """ConfigError when ``encoder`` (registered as ``name``) encodes another modality than ``m``."""
     if getattr(encoder, "modality", m) != m:
-        raise ConfigError(f"{where}: encoders.{m} is {type(encoder).__name__}, which encodes {encoder.modality}, "
-                          f"not {m}; give each modality an encoder of its own kind (encoders.list_encoders()).")
+        name = name or (getattr(encoder, "spec", None) or {}).get("name") or type(encoder).__name__
+        raise ConfigError(f"{where}: encoders.{m} is {name!r}, which encodes {encoder.modality}, not {m}; give "
+                          f"each modality an encoder of its own kind (encoders.list_encoders()).")
 
 
 def _create(m: str, spec: Any, where: str, source: str = "config.json") -> Encoder:

@@ -12,7 +12,7 @@ LABELS = ("bird", "cat", "dog")
 
 
 def test_an_encoder_of_another_modality_is_refused_before_any_data_is_read() -> None:
-    with pytest.raises(ConfigError, match="which encodes text, not image; give each modality an encoder of its own"):
+    with pytest.raises(ConfigError, match="'tiny-text', which encodes text, not image; give each modality"):
         FusionModel(FusionModelConfig(encoders={"image": "tiny-text"}, labels=LABELS))
 
 
