@@ -1,9 +1,10 @@
-"""Batches of in-memory cached features cut as index slices: the training path of every head-only fit and sweep.
+"""Batches of cached features cut as index slices: the training path of every head-only fit and sweep.
 
 When every encoder is frozen, a training step is only the head's small matmuls, and a ``DataLoader`` that
 collates rows one by one (a Python list per batch, a dict per row) would cost more than the step itself.
-:class:`FeatureBatches` keeps each split's features as whole tensors and cuts a batch with one ``index_select``
-per tensor. It is an iterable Lightning runs like a ``DataLoader``: it has a length, takes the epoch from
+:class:`FeatureBatches` cuts a batch with one ``index_select`` per tensor: from memory-mapped cache entries
+(:class:`recipes.feature_store.StoredFeatures`, only the batch's pages are read, tokens padded per batch) or from
+whole in-memory tensors. It is an iterable Lightning runs like a ``DataLoader``: it has a length, takes the epoch from
 Lightning (``sampler.set_epoch``), reports how many batches of the epoch were consumed so that a checkpoint
 resumes mid-epoch exactly (``state_dict`` / ``load_state_dict``), and under DDP serves each process its own
 shard of every epoch's order (padded by wrap-around so every process runs the same number of steps).
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from encoders import ModalityOutput
 
+from .feature_store import StoredFeatures
 from .loader import EpochSampler
 
 __all__ = ["FeatureBatches"]
@@ -29,7 +31,7 @@ class FeatureBatches:
     """Batches ``{"inputs": {modality: ModalityOutput}, "labels": ..., "index": [B]}`` sliced from whole tensors.
 
     Args:
-        feats: modality -> features of all N rows of the split.
+        feats: modality -> features of all N rows of the split (memory-mapped cache entries or in-memory tensors).
         labels: [N] class indices | [N, C] targets.
         row_ids: [N] row numbers in the source split (``index`` of each batch; default 0..N-1).
         batch_size: rows per batch (the last batch of an epoch may be smaller).
@@ -77,6 +79,9 @@ class FeatureBatches:
         """The batch of rows ``idx`` [B]; tokens are cut to the longest valid token count among them."""
         inputs = {}
         for m, f in self.feats.items():
+            if isinstance(f, StoredFeatures):  # memory-mapped: only these rows are read, padded among themselves
+                inputs[m] = f.select(idx, tokens=self.tokens)
+                continue
             pooled = f.pooled.index_select(0, idx)  # [B, D]
             present = self.present[m].index_select(0, idx)  # [B]
             if not self.tokens:

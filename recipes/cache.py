@@ -1,13 +1,17 @@
 """On-disk cache of frozen-encoder features: encode a dataset column once, reuse it in every later run.
 
-An entry is one safetensors file ``<root>/<key>.safetensors`` holding ``tokens`` [N, T, D] float32, ``mask`` [N, T]
-bool and ``pooled`` [N, D] float32 for all N rows of one (split, column). ``key`` is the sha256 of everything the
-features depend on: the encoder's spec (name and options) and ``weights_hash()``, the preprocessor's class and
-``to_dict()``, the dataset fingerprint, column, whether tokens are stored, and an ``extra`` string (the data
-module passes a digest of the sizes and modification times of files the column points to). Change any of these
-and the entry is simply not found; nothing is ever invalidated in place. The split's name is not in the key, so
-``fit``, ``test``, a dataset-level predict and ``sweep`` share entries; an entry with tokens also serves a
-pooled-only request. Identical cells (same text, same path, same bytes) are encoded once. See docs/data.md.
+An entry is a folder ``<root>/<key>.features`` (:mod:`recipes.feature_store`): the distinct rows' features in
+fixed-size row shards, written while encoding (memory bounded by a shard), read back by memory map (memory bounded
+by the batches in use), pooled vectors stored once, tokens unpadded and padded per batch. It appears by one rename
+of its temp folder, so readers see the whole entry or none; values are checked finite once, when written.
+``key`` is the sha256 of everything the features depend on: the encoder's spec (name and options) and
+``weights_hash()``, the preprocessor's class and ``to_dict()``, the dataset fingerprint, column, whether tokens are
+stored, and an ``extra`` string (the data module passes a digest of the sizes and modification times of files the
+column points to). Change any of these and the entry is simply not found; nothing is ever invalidated in place.
+The split's name is not in the key, so ``fit``, ``test``, a dataset-level predict and ``sweep`` share entries; an
+entry with tokens also serves a pooled-only request. Identical cells (same text, same path, same bytes) are encoded
+once. Entries of the single-file format 2 (``<key>.safetensors``) are converted once, with a notice. See
+docs/data.md.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -28,10 +33,9 @@ import datasets
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from encoders import Encoder, ModalityOutput
-from encoders._atomic import atomic_write
 from fusion_errors import DataError, InputError
 from zoo.optimize import (
     INFERENCE_TAG_FOLDED,
@@ -43,17 +47,24 @@ from zoo.optimize import (
     run_in_chunks,
 )
 
+from .feature_store import CorruptEntry, StoredFeatures, StoreWriter, open_entry
+
 __all__ = ["clean_stale_temps", "FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 
 CACHE_ENV = "FUSION_ZOO_CACHE"
 # 2: images are turned upright by their EXIF orientation, big JPEGs decode at a reduced DCT scale (encoders._image_io)
-FORMAT_VERSION = 2
-MEMORY_LIMIT_BYTES = 4 << 30  # the in-process index keeps at most this much, least recently used dropped first
+# 3: a folder of memory-mapped row shards per entry (recipes.feature_store); the features are those of 2
+FORMAT_VERSION = 3
+LEGACY_FORMAT = 2  # single-file safetensors entries, converted on first use
+ENTRY_SUFFIX = ".features"
+# the in-process index keeps at most this many bytes held in RAM (memory-mapped entries cost only their per-row
+# slots and flags), least recently used dropped first
+MEMORY_LIMIT_BYTES = 4 << 30
 _MEMORY: OrderedDict[str, ModalityOutput] = OrderedDict()
 
 
 # temp files of this project's atomic writes: ``.<name>.<pid>-<hex>.tmp`` (encoders/_atomic.py) and
-# ``.<name>.<pid>.<ns>.tmp`` (cache entries); the pid tells whether the writer is still alive
+# ``.<name>.<pid>.<ns>.tmp`` (cache entry folders); the pid tells whether the writer is still alive
 _TEMP = re.compile(r"^\..+\.(\d+)[.-][0-9a-f]+\.tmp$")
 
 
@@ -68,8 +79,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_temps(folder: str | Path) -> int:
-    """Delete this project's temp files in ``folder`` whose writing process is gone (a killed save); returns how
-    many. Temp files of live processes, and every other file, are left alone."""
+    """Delete this project's temp files and entry folders in ``folder`` whose writing process is gone (a killed
+    save); returns how many. Those of live processes, and every other file, are left alone."""
     removed = 0
     try:
         entries = list(Path(folder).iterdir())
@@ -77,9 +88,14 @@ def clean_stale_temps(folder: str | Path) -> int:
         return 0
     for path in entries:
         match = _TEMP.match(path.name)
-        if match and path.is_file() and not path.is_symlink() and not _alive(int(match.group(1))):
+        if match and not path.is_symlink() and not _alive(int(match.group(1))):
             try:
-                path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.is_file():
+                    path.unlink()
+                else:
+                    continue
                 removed += 1
             except OSError:
                 continue
@@ -105,7 +121,14 @@ def raw_view(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
     return dataset
 
 
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _nbytes(out: ModalityOutput) -> int:
+    """Bytes ``out`` holds in RAM: a memory-mapped entry only its per-row slots and flags."""
+    if isinstance(out, StoredFeatures):
+        return out.resident_bytes
     return sum(t.numel() * t.element_size() for t in (out.tokens, out.mask, out.pooled))
 
 
@@ -175,9 +198,9 @@ class CacheStats:
 
     Attributes:
         key: the entry's sha256 key.
-        source: ``memory`` (in-process index), ``disk`` (safetensors file) or ``computed`` (a miss, now stored).
+        source: ``memory`` (in-process index), ``disk`` (an entry folder) or ``computed`` (a miss, now stored).
         rows: N, rows in the entry.
-        bytes: size of the features in memory.
+        bytes: size of the entry's features on disk (read by memory map, not held in RAM).
         seconds: wall time of the call.
     """
 
@@ -196,7 +219,7 @@ class FeatureCache:
     """Features of frozen encoders over dataset columns, on disk under ``root`` and indexed in memory.
 
     Args:
-        root: folder of the safetensors entries (default :func:`default_cache_dir`).
+        root: folder of the entries (default :func:`default_cache_dir`).
         memory: keep loaded entries in a process-wide index, so repeated calls are free.
     """
 
@@ -241,11 +264,11 @@ class FeatureCache:
     def key(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str = "train",
             store_tokens: bool = True, extra: str = "") -> str:
         """sha256 hex digest of :meth:`key_parts`."""
-        parts = self.key_parts(encoder, dataset, column, split, store_tokens, extra)
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return _digest(self.key_parts(encoder, dataset, column, split, store_tokens, extra))
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
+        """The entry folder of ``key``."""
+        return self.root / f"{key}{ENTRY_SUFFIX}"
 
     def get_or_compute(
         self,
@@ -276,12 +299,14 @@ class FeatureCache:
             row_ids: the row numbers error messages name (default 0..N-1).
 
         Returns:
-            (ModalityOutput with tokens [N, T, D] float32, mask [N, T] bool, pooled [N, D] float32 on the CPU,
-            CacheStats). T is the longest token count over all batches; shorter rows are padded with mask False.
+            (a :class:`~recipes.feature_store.StoredFeatures` over the N rows, memory-mapped: ``select(idx)`` cuts
+            a batch, ``pooled`` [N, D], ``tokens`` [N, T, D] and ``mask`` [N, T] give whole-split tensors, T the
+            longest row; CacheStats).
         """
         start = time.perf_counter()
         dataset = raw_view(dataset, column)
-        key = self.key(encoder, dataset, column, split, store_tokens, extra)
+        parts = self.key_parts(encoder, dataset, column, split, store_tokens, extra)
+        key = _digest(parts)
         out, source = (_MEMORY.get(key) if self.memory else None), "memory"
         if out is not None:
             _MEMORY.move_to_end(key)
@@ -289,14 +314,15 @@ class FeatureCache:
             out, source = self._load(self.path(key), len(dataset)), "disk"
             if out is None and not store_tokens:  # an entry with tokens serves a pooled-only request too
                 full = self._load(self.path(self.key(encoder, dataset, column, split, True, extra)), len(dataset))
-                if full is not None:
-                    out = ModalityOutput(full.pooled[:, None], full.present[:, None], full.pooled)
+                out = full.pooled_only() if full is not None else None
+            if out is None:
+                out = self._convert_legacy(parts, key)
             if out is None:
                 out, source = self._compute(encoder, dataset, column, split, store_tokens, batch_size, transform,
-                                            device, row_ids), "computed"
-                self._save(self.path(key), out, self.key_parts(encoder, dataset, column, split, store_tokens, extra))
+                                            device, row_ids, key, parts), "computed"
             self._remember(key, out)
-        return out, CacheStats(key, source, out.batch_size, _nbytes(out), time.perf_counter() - start)  # type: ignore
+        size = int(out.meta.get("bytes", 0)) if isinstance(out, StoredFeatures) else _nbytes(out)
+        return out, CacheStats(key, source, out.batch_size, size, time.perf_counter() - start)  # type: ignore
 
     # storage -----------------------------------------------------------------------------------
     def _remember(self, key: str, out: ModalityOutput) -> None:
@@ -307,36 +333,75 @@ class FeatureCache:
             _MEMORY.popitem(last=False)
 
     @staticmethod
-    def _load(path: Path, rows: int) -> ModalityOutput | None:
-        if not path.is_file():
+    def _load(path: Path, rows: int) -> StoredFeatures | None:
+        """The entry in ``path`` by memory map, or None (missing, or unusable: a one-line warning, encode again)."""
+        if not path.is_dir():
+            if path.exists():
+                rank_zero_warn(f"feature cache entry {path} is not a folder; encoding again.")
             return None
         try:
-            t = load_file(str(path))
-            out = ModalityOutput(t["tokens"], t["mask"], t["pooled"]).validate(str(path))
-        except (SafetensorError, KeyError, InputError, OSError) as e:
+            out = open_entry(path, rows)
+        except CorruptEntry as e:
             rank_zero_warn(f"feature cache entry {path} is unreadable ({e}); encoding again.")
             return None
-        if out.batch_size != rows:
-            rank_zero_warn(f"feature cache entry {path} has {out.batch_size} rows, expected {rows}; encoding again.")
-            return None
-        if not (torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()):
-            rank_zero_warn(f"feature cache entry {path} holds NaN/inf features (a corrupt or tampered file); "
+        if not out.finite:  # checked once, when written
+            rank_zero_warn(f"feature cache entry {path} holds NaN/inf features (its encoder produced them); "
                            "encoding again.")
             return None
         return out
 
-    @staticmethod
-    def _save(path: Path, out: ModalityOutput, parts: dict[str, Any]) -> None:
-        tensors = {"tokens": out.tokens.contiguous(), "mask": out.mask.contiguous(), "pooled": out.pooled.contiguous()}
-        with atomic_write(path) as tmp:  # readers see the old state or the whole new file
-            save_file(tensors, str(tmp), metadata={"key_parts": json.dumps(parts, sort_keys=True, default=str)})
+    def _commit(self, writer: StoreWriter, key: str) -> StoredFeatures:
+        """Rename a finished temp folder into place and open it. An entry already there (unreadable, or written
+        meanwhile by another process) is moved aside first; readers that mapped it keep their open files."""
+        final, rows = self.path(key), int(writer.rows)
+        try:
+            os.rename(writer.folder, final)
+        except OSError:
+            trash = self.root / f".{final.name}.{os.getpid()}.{time.time_ns()}.tmp"
+            try:
+                os.rename(final, trash)
+                os.rename(writer.folder, final)
+            except OSError:  # yet another writer put its whole entry there in between: use that one
+                if not final.is_dir():
+                    raise
+            shutil.rmtree(trash, ignore_errors=True)
+        return open_entry(final, rows)
+
+    def _writer(self, key: str, dim: int, tokens: bool) -> StoreWriter:
+        return StoreWriter(self.root / f".{key}{ENTRY_SUFFIX}.{os.getpid()}.{time.time_ns()}.tmp", dim, tokens)
+
+    def _convert_legacy(self, parts: dict[str, Any], key: str) -> StoredFeatures | None:
+        """A format-2 single-file entry of the same features, converted into an entry folder once (None if none)."""
+        old = self.root / f"{_digest({**parts, 'format': LEGACY_FORMAT})}.safetensors"
+        if not old.is_file():
+            return None
+        try:
+            t = load_file(str(old))
+            out = ModalityOutput(t["tokens"], t["mask"], t["pooled"]).validate(str(old))
+        except (SafetensorError, KeyError, InputError, OSError) as e:
+            rank_zero_warn(f"feature cache entry {old} (old format) is unreadable ({e}); encoding again.")
+            return None
+        rank_zero_info(f"feature cache: converting {old.name} from the old single-file format to a sharded entry "
+                       f"({key[:12]}...{ENTRY_SUFFIX}) once; the old file can be deleted.")
+        writer = self._writer(key, out.dim, bool(parts["tokens"]))
+        try:
+            step = 4096
+            for i in range(0, out.batch_size, step):
+                writer.add(out.index(slice(i, i + step)))
+            writer.finish(torch.arange(out.batch_size), parts)
+            stored = self._commit(writer, key)
+        finally:
+            shutil.rmtree(writer.folder, ignore_errors=True)
+        return self._load(stored.folder, out.batch_size)
 
     # encoding ----------------------------------------------------------------------------------
     def _compute(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
                  batch_size: int, transform: Callable[[Any], Any] | None, device: torch.device | str | None,
-                 row_ids: Sequence[int] | None) -> ModalityOutput:
-        """Encode each distinct non-missing cell once, then lay the features out over all N rows."""
+                 row_ids: Sequence[int] | None, key: str, parts: dict[str, Any]) -> StoredFeatures:
+        """Encode each distinct non-missing cell once into a new entry; rows point at their cell's slot."""
         n = len(dataset)
+        if n == 0:
+            raise DataError("nothing to encode: the split has no rows.")
         column_only = dataset.select_columns([column])
         slot: list[int] = []  # row -> index of its distinct cell, -1 = missing
         first: dict[Any, int] = {}
@@ -353,25 +418,26 @@ class FeatureCache:
                         distinct_rows.append(row)
                     slot.append(first[k])
                 row += 1
+        first.clear()
         ids = list(row_ids) if row_ids is not None else list(range(n))
-        if not distinct_rows:  # every cell missing: absent everywhere
-            d = int(encoder.embed_dim)
-            return ModalityOutput(torch.zeros(n, 1, d), torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n, d))
-        todo = column_only if len(distinct_rows) == n else column_only.select(distinct_rows)
-        out = self._encode(encoder, todo, column, split, store_tokens, batch_size, transform, device,
-                           [ids[r] for r in distinct_rows], n)
-        index = torch.tensor(slot, dtype=torch.long)  # [N]
-        present = index >= 0  # [N]
-        if len(distinct_rows) == n and bool(present.all()):
-            return out
-        safe = index.clamp_min(0)
-        keep = present[:, None]
-        return ModalityOutput(out.tokens[safe] * keep[..., None], out.mask[safe] & keep,
-                              out.pooled[safe] * keep)  # [N, T, D], [N, T], [N, D]
+        writer = self._writer(key, int(encoder.embed_dim), store_tokens)
+        try:
+            if distinct_rows:  # else every cell is missing: absent everywhere, nothing to encode
+                todo = column_only if len(distinct_rows) == n else column_only.select(distinct_rows)
+                self._encode(encoder, todo, column, split, store_tokens, batch_size, transform, device,
+                             [ids[r] for r in distinct_rows], n, writer)
+            if not writer.finite:
+                rank_zero_warn(f"feature cache: {split}/{column} features hold NaN/inf values (the encoder produced "
+                               "them); they are stored but not served, so a later run encodes them again.")
+            writer.finish(torch.tensor(slot, dtype=torch.long), parts)  # [N]
+            return self._commit(writer, key)
+        finally:
+            shutil.rmtree(writer.folder, ignore_errors=True)
 
     def _encode(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
                 batch_size: int, transform: Callable[[Any], Any] | None, device: torch.device | str | None,
-                row_ids: Sequence[int], total: int) -> ModalityOutput:
+                row_ids: Sequence[int], total: int, writer: StoreWriter) -> None:
+        """Encode every row of ``dataset`` (distinct cells) in batches, each handed to ``writer`` as it is made."""
         n = len(dataset)
         name = (getattr(encoder, "spec", None) or {}).get("name", type(encoder).__name__)
         home = next(encoder.parameters(), torch.empty(0)).device
@@ -383,7 +449,6 @@ class FeatureCache:
         # (its graph, zoo.optimize.GraphEncode, is built on the first batch: a miss runs many batches of one shape)
         runner = inference_copy(encoder, self.fold, graph=self.graph, graph_after=1)[0] \
             if self._inference_tag(encoder) != INFERENCE_TAG_PLAIN else encoder
-        parts: list[ModalityOutput] = []
         step = max(1, (n // batch_size + 1) // 10) * batch_size
         rank_zero_info(f"feature cache: encoding {split}/{column} ({total} rows, {n} distinct) with {name} on {device}")
         chunks = iter(dataset.select_columns([column]).iter(batch_size=batch_size))
@@ -402,15 +467,12 @@ class FeatureCache:
                 with torch.inference_mode():
                     # CPU image batches run in cache-sized chunks, folded or not (zoo.optimize.CHUNK_PIXELS)
                     out = run_in_chunks(runner, {k: v.to(device) for k, v in batch.items()}, device)
-                    if not store_tokens:
-                        out = ModalityOutput(out.pooled[:, None], out.present[:, None], out.pooled)
-                    parts.append(ModalityOutput(out.tokens.float().cpu(), out.mask.cpu(), out.pooled.float().cpu()))
+                    writer.add(out)
                 done += size
                 if done % step == 0 and done < n:
                     rank_zero_info(f"feature cache: {split}/{column} {done}/{n} rows")
         finally:
             encoder.to(home).train(was_training)
-        return self._stack(parts, n)
 
     @staticmethod
     def _preprocess(encoder: Encoder, items: list[Any], split: str, column: str, start: int,
@@ -428,22 +490,3 @@ class FeatureCache:
                                     "remove it, or pass --data.on_bad_rows skip to drop unreadable rows.") from e
             raise DataError(f"split {split!r}, rows {start}..{start + len(items) - 1}, column {column!r}: "
                             f"{batch_error}") from batch_error
-
-    @staticmethod
-    def _stack(parts: list[ModalityOutput], n: int) -> ModalityOutput:
-        """Concatenate batches (made outside inference mode, so training may use them), padding T with mask False."""
-        if not parts:
-            raise DataError("nothing to encode: the split has no rows.")
-        t = max(p.tokens.shape[1] for p in parts)
-        d = parts[0].dim
-        tokens = torch.zeros(n, t, d)  # [N, T, D]
-        mask = torch.zeros(n, t, dtype=torch.bool)  # [N, T]
-        pooled = torch.zeros(n, d)  # [N, D]
-        row = 0
-        for p in parts:
-            b, tp = p.batch_size, p.tokens.shape[1]
-            tokens[row:row + b, :tp] = p.tokens
-            mask[row:row + b, :tp] = p.mask
-            pooled[row:row + b] = p.pooled
-            row += b
-        return ModalityOutput(tokens, mask, pooled)

@@ -158,7 +158,7 @@ def test_cached_batches_equal_encoder_outputs_and_never_touch_the_encoders(folde
     raw = make(folder, tmp_path).attach(model)
     dm = make(folder, tmp_path, cache_features=True).attach(model)
     dm.setup(None)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 9  # 3 modalities x 3 splits
+    assert len(list((tmp_path / "cache").glob("*.features"))) == 9  # 3 modalities x 3 splits
     for cached, plain in zip(dm.val_dataloader(), raw.val_dataloader(), strict=True):
         assert torch.equal(cached["index"], plain["index"]) and torch.equal(cached["labels"], plain["labels"])
         with torch.no_grad():

@@ -186,7 +186,7 @@ def test_cli_sweep_on_tridigits_with_tiny_encoders_reuses_the_feature_cache(
               "--data.max_samples", "16", "--data.cache_dir", str(tmp_path / "cache")]
     assert cli_main(["sweep", "--heads", "concat", "--output-dir", str(tmp_path / "a"), *common]) == 0
     # 3 modalities × train/validation/test (the data module prepares validation with train), encoded once
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 9
+    assert len(list((tmp_path / "cache").glob("*.features"))) == 9
     rows = list(csv.DictReader((tmp_path / "a" / "results.csv").open()))
     assert [(r["head"], r["stage"]) for r in rows] == [("concat", "early"), ("concat", "late")]
     header = (tmp_path / "a" / "results.md").read_text()
@@ -216,7 +216,7 @@ def test_sweep_of_pooled_cells_reads_the_entries_fit_wrote(tmp_path: Path, monke
     enc = "--model.encoders={image: pixels}"  # no random weights: the same encoder in both processes
     assert cli_main(["fit", enc, "--model.hidden_dim", "16", "--trainer.max_epochs", "1",
                      "--trainer.default_root_dir", str(tmp_path / "runs"), *data]) == 0
-    entries = sorted(cache.glob("*.safetensors"))
+    entries = sorted(cache.glob("*.features"))
     assert entries  # the fit cached its frozen image features
 
     def no_encoding(*args, **kwargs):
@@ -226,7 +226,7 @@ def test_sweep_of_pooled_cells_reads_the_entries_fit_wrote(tmp_path: Path, monke
     monkeypatch.setattr(FeatureCache, "_compute", no_encoding)
     assert cli_main(["sweep", "--heads", "concat", "--stages", "early,late", "--seeds", "0", "--max-epochs", "1",
                      enc, "--model.hidden_dim", "16", "--output-dir", str(tmp_path / "sweep"), *data]) == 0
-    assert sorted(cache.glob("*.safetensors")) == entries  # nothing new written either
+    assert sorted(cache.glob("*.features")) == entries  # nothing new written either
     rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
     assert [(r["head"], r["stage"]) for r in rows] == [("concat", "early"), ("concat", "late")]
 

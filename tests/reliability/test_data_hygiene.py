@@ -13,7 +13,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import encoders
 from encoders.text_hf import check_texts
@@ -121,29 +120,30 @@ def test_an_encoder_of_the_wrong_modality_in_a_checkpoint_is_refused(tmp_path: P
 
 def test_a_cache_entry_full_of_nan_is_recomputed_with_a_warning(tmp_path: Path) -> None:
     encoder = encoders.create_encoder("tiny-text")
+    with torch.no_grad():
+        next(iter(encoder.parameters())).fill_(float("nan"))  # an encoder whose features are NaN
     rows = datasets.Dataset.from_dict({"text": ["one", "two", None]})
     cache = FeatureCache(tmp_path, memory=False)
-    first, stats = cache.get_or_compute(encoder, rows, "text")
-    path = cache.path(stats.key)
-    tensors = {k: v.clone() for k, v in load_file(path).items()}
-    tensors["pooled"].fill_(float("nan"))
-    tensors["tokens"].fill_(float("nan"))
-    save_file(tensors, str(path))
+    with pytest.warns(UserWarning, match="hold NaN/inf values"):  # checked once, while writing
+        _, stats = cache.get_or_compute(encoder, rows, "text")
+    assert json.loads((cache.path(stats.key) / "meta.json").read_text())["finite"] is False
     with pytest.warns(UserWarning, match="holds NaN/inf features"):
-        again, stats = cache.get_or_compute(encoder, rows, "text")
+        _, stats = cache.get_or_compute(encoder, rows, "text")
     assert stats.source == "computed"  # was "disk": NaN features served, the loss blamed the learning rate
-    torch.testing.assert_close(again.pooled, first.pooled)
 
 
 def test_stale_temp_files_of_killed_saves_are_cleaned_on_start(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])  # a process that has exited: its temp files are orphans
     dead.wait()
-    stale = [tmp_path / f".abc.safetensors.{dead.pid}.123456.tmp", tmp_path / f".last.ckpt.{dead.pid}-0a1b2c3d.tmp"]
+    stale = [tmp_path / f".abc.safetensors.{dead.pid}.123456.tmp", tmp_path / f".last.ckpt.{dead.pid}-0a1b2c3d.tmp",
+             tmp_path / f".abc.features.{dead.pid}.123457.tmp"]
     live = tmp_path / f".metrics.json.{os.getpid()}-0a1b2c3d.tmp"
     keep = [live, tmp_path / "entry.safetensors", tmp_path / ".hidden.tmp"]
-    for p in [*stale, *keep]:
+    for p in [*stale[:2], *keep]:
         p.write_bytes(b"x")
+    stale[2].mkdir()  # a killed writer's half-written entry folder
+    (stale[2] / "shard-00000.pooled.npy").write_bytes(b"x")
     FeatureCache(tmp_path)  # the cache cleans its folder when opened
-    assert [p.exists() for p in stale] == [False, False]
+    assert [p.exists() for p in stale] == [False, False, False]
     assert all(p.exists() for p in keep)
     assert clean_stale_temps(tmp_path / "no-such-folder") == 0
