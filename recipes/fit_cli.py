@@ -138,28 +138,32 @@ class FusionCLI(LightningCLI):
                       f"--trainer.max_epochs {epochs})")
 
     def _probe_encoders(self) -> None:
-        """With no encoders named, choose them by the encoder probe (recipes/probe.py) and rebuild the task."""
+        """With no encoders named (or no head width set), choose them by the probe (recipes/probe.py) and rebuild
+        the task."""
         task = self.model
-        if not (isinstance(task, FusionTask) and task.probe and callable(getattr(self.datamodule, "train_features",
-                                                                                  None))):
+        if not (isinstance(task, FusionTask) and (task.probe or task.probe_head)
+                and callable(getattr(self.datamodule, "train_features", None))):
             return
         from .probe import format_probe_table, probe_encoders
 
         dm = self.datamodule
         seed = self.config[self.subcommand].get("seed_everything")
         echo = print if self.trainer.is_global_zero else (lambda *_: None)
-        report = probe_encoders(dm, task.cfg, lr=task.optim.lr, batch_size=int(getattr(dm, "batch_size", 128)),
+        report = probe_encoders(dm, task.cfg, None if task.probe else {}, lr=task.optim.lr,
+                                batch_size=int(getattr(dm, "batch_size", 128)),
                                 seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
-                                echo=lambda _: None)
+                                echo=lambda _: None, head=task.probe_head)
         if not report.rows:
             return
         echo(format_probe_table(report))
-        if report.choice != {m: s.name for m, s in task.cfg.encoders.items()}:
+        if report.choice != {m: s.name for m, s in task.cfg.encoders.items()} or report.head:
             args = {k: v for k, v in task.hparams.items() if k != "config"}
-            task = FusionTask(**{**args, "encoders": dict(report.choice), "probe_encoders": False})
+            task = FusionTask(**{**args, **report.head, "encoders": dict(report.choice), "probe_encoders": False,
+                                 "probe_head": False})
             self.model = task
         task.encoder_probe = report.to_dict()
-        echo("encoders: " + ", ".join(f"{m} {n}" for m, n in sorted(report.choice.items())))
+        echo("encoders: " + ", ".join(f"{m} {n}" for m, n in sorted(report.choice.items()))
+             + (f"; compact head ({', '.join(f'{k} {v}' for k, v in report.head.items())})" if report.head else ""))
 
     # after each subcommand ---------------------------------------------------------------------
     def after_fit(self) -> None:
@@ -220,9 +224,8 @@ class FusionCLI(LightningCLI):
         if probe:
             from .probe import ProbeReport, format_probe_table
 
-            report = ProbeReport(probe["choice"], probe["candidates"], probe["seconds"], probe["train_rows"],
-                                 probe["val_rows"])
-            notes = "Encoders chosen by the data (`fit`'s encoder probe):\n\n```\n" + format_probe_table(report) + \
+            report = ProbeReport.from_dict(probe)
+            notes = "Encoders and head chosen by the data (`fit`'s probe):\n\n```\n" + format_probe_table(report) + \
                 "\n```"
         save_pretrained(self.model.model, path, metrics=metrics, recipe_command=self.recipe_command,
                         dataset=dataset if isinstance(dataset, str) else None, notes=notes,

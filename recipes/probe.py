@@ -9,6 +9,13 @@ The default stays unless a candidate beats it on the same validation rows by a p
 :data:`MIN_Z`: a small validation split (or one that shares speakers with training while the test does not)
 must not swap a good default for a worse one on noise. Features go through the feature cache, so a rerun on the
 same data probes from disk.
+
+The head's width is chosen the same way on small data: the default head (wide, with the concat head's MLP) learns
+interactions from a few thousand rows, while a small or noisy dataset may do better with the compact head (half
+the width, a linear concat). When the whole training split fits in the probe's sample and the fit names no width,
+both are trained on the chosen encoders' features and the compact head is kept only when it beats the default by
+a paired z of at least :data:`HEAD_MIN_Z`. On larger data the sample cannot show what the full split would learn,
+so the default stays.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from zoo.model import FusionModel
 from .batches import FeatureBatches
 from .task import task_loss, warmup_cosine
 
-__all__ = ["CANDIDATES", "MIN_Z", "ProbeReport", "paired_z", "probe_encoders", "format_probe_table"]
+__all__ = ["CANDIDATES", "HEAD_MIN_Z", "MIN_Z", "ProbeReport", "compact_head", "paired_z", "probe_encoders",
+           "format_probe_table"]
 
 #: offline candidates per modality, the default first (ties keep the earlier one)
 CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -45,6 +53,9 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
 #: a candidate replaces the modality's default only when it beats it on the same validation rows by this z
 #: (McNemar's, ~2.3% one-sided): a tiny validation split's noise must not swap a good default for a worse one
 MIN_Z = 2.0
+#: the compact head replaces the default when it beats it on the same validation rows by this z (~16% one-sided):
+#: two head widths on the same features are closer kin than two encoders, a smaller bar lets small data choose
+HEAD_MIN_Z = 1.0
 MAX_TRAIN_ROWS = 2000
 MAX_VAL_ROWS = 1000
 PROBE_STEPS = 400  # optimizer steps per candidate (at most 40 epochs of the sample)
@@ -59,10 +70,26 @@ class ProbeReport:
     seconds: float = 0.0
     train_rows: int = 0
     val_rows: int = 0
+    #: the head settings the probe changed (``hidden_dim``, ``head_options``); empty: the default head stays
+    head: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"choice": dict(self.choice), "candidates": [dict(r) for r in self.rows],
-                "seconds": round(self.seconds, 2), "train_rows": self.train_rows, "val_rows": self.val_rows}
+                "seconds": round(self.seconds, 2), "train_rows": self.train_rows, "val_rows": self.val_rows,
+                "head": dict(self.head)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeReport:
+        return cls(dict(data["choice"]), [dict(r) for r in data["candidates"]], float(data["seconds"]),
+                   int(data["train_rows"]), int(data["val_rows"]), dict(data.get("head") or {}))
+
+
+def compact_head(cfg: FusionModelConfig) -> dict[str, Any]:
+    """The compact alternative of ``cfg``'s head: half the width, and the concat head as one linear map."""
+    change: dict[str, Any] = {"hidden_dim": max(1, cfg.hidden_dim // 2)}
+    if cfg.fusion_head == "concat":
+        change["head_options"] = {**cfg.head_options, "hidden_dim": 0}
+    return change
 
 
 def _sample(dm: Any, role: str, limit: int, seed: int) -> None:
@@ -155,32 +182,50 @@ def _features(dm: Any, model: FusionModel) -> tuple[dict[str, ModalityOutput], T
     return train.feats, train.labels, val.feats, val.labels
 
 
+def _fit_score(cfg: FusionModelConfig, train: tuple[dict[str, ModalityOutput], Tensor],
+               val: tuple[dict[str, ModalityOutput], Tensor], lr: float, batch_size: int,
+               seed: int) -> tuple[float, float, Tensor]:
+    """Train a head of ``cfg`` on ``train`` features (standardised as fit does) and score it on ``val``."""
+    torch.manual_seed(seed)
+    model = FusionModel(cfg, embed_dims={m: f.dim for m, f in train[0].items()})
+    model.fit_feature_norm(train[0])
+    with _one_thread():  # a head-only step, as fit runs it (recipes.callbacks.CachedFeatureThreads)
+        _train(model, FeatureBatches(train[0], train[1], batch_size=batch_size, shuffle=True, seed=seed,
+                                     tokens=False), cfg.task, lr, seed)
+    return _score(model, FeatureBatches(val[0], val[1], batch_size=1024, tokens=False), cfg.task)
+
+
 def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Sequence[str]] | None = None,
                    lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
-                   echo: Any = print) -> ProbeReport:
+                   echo: Any = print, head: bool = False) -> ProbeReport:
     """Choose each modality's encoder among ``candidates`` by the fused task's validation accuracy.
 
     Args:
         dm: a :class:`recipes.data.FusionDataModule` (not modified: the probe works on a sampled copy).
         base: the model config a fit would build (its encoders are the starting choice; its head is probed).
         candidates: modality -> encoder names (default :data:`CANDIDATES`); modalities with one candidate, or
-            not in ``base``, are not probed.
+            not in ``base``, are not probed. ``{}`` probes no encoder.
         lr: peak learning rate of the probe's head.
         batch_size: rows per probe step.
         seed: seed of the row sample and of each probe's training.
         echo: where progress lines go.
+        head: also compare ``base``'s head with :func:`compact_head` when the whole training split fits in the
+            sample (the choice lands in ``report.head``).
 
     Returns:
         The choice (every modality of ``base``) and one table row per candidate: modality, encoder, val accuracy
         and loss, the paired z against the modality's starting encoder (a candidate replaces it only with
         ``z >= MIN_Z``; among those, the best accuracy wins), probe seconds (encoding, from the cache or the
-        encoder, plus training).
+        encoder, plus training). Head rows have modality ``head``.
     """
     start = time.perf_counter()
-    cands = {m: tuple(c) for m, c in (candidates or CANDIDATES).items() if m in base.encoders and len(c) > 1}
+    cands = {m: tuple(c) for m, c in (CANDIDATES if candidates is None else candidates).items()
+             if m in base.encoders and len(c) > 1}
     choice = {m: s.name for m, s in base.encoders.items()}
     report = ProbeReport(dict(choice))
-    if not cands:
+    full_rows = len(dm._parts["train"][0])
+    head = head and full_rows <= MAX_TRAIN_ROWS
+    if not cands and not head:
         return report
     probe_dm = copy.copy(dm)
     probe_dm._parts = dict(dm._parts)
@@ -192,17 +237,30 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
     probe_cfg = base.replace(stage="early", fuse_tokens=False)  # pooled features: what the probe can afford
     feats: dict[str, dict[str, Any]] = {}  # encoder name -> its (train, val) features
     train_y = val_y = torch.zeros(0)
+
+    def encode(names_now: dict[str, str]) -> None:
+        nonlocal train_y, val_y
+        encoders = {mm: create_encoder(n, finetune="frozen") for mm, n in names_now.items()}
+        cfg = probe_cfg.replace(encoders=dict(names_now))
+        tr, train_y, va, val_y = _features(probe_dm, FusionModel(cfg, encoders=encoders))
+        for mm in tr:
+            feats.setdefault(names_now[mm], {"train": tr[mm], "val": va[mm]})
+
+    def split(names_now: Mapping[str, str]) -> tuple[tuple[dict[str, ModalityOutput], Tensor],
+                                                     tuple[dict[str, ModalityOutput], Tensor]]:
+        return (({mm: feats[names_now[mm]]["train"] for mm in base.encoders}, train_y),
+                ({mm: feats[names_now[mm]]["val"] for mm in base.encoders}, val_y))
+
+    metric = "val_accuracy" if base.task != "regression" else "val_neg_mae"
     for m, names in sorted(cands.items()):
         scores, per_row = [], {}
         reference = choice[m]
         for name in names:
             t0 = time.perf_counter()
+            names_now = {mm: name if mm == m else choice[mm] for mm in base.encoders}
             if name not in feats:
-                names_now = {mm: name if mm == m else choice[mm] for mm in base.encoders}
                 try:
-                    encoders = {mm: create_encoder(n, finetune="frozen") for mm, n in names_now.items()}
-                    cfg = probe_cfg.replace(encoders=dict(names_now))
-                    tr, train_y, va, val_y = _features(probe_dm, FusionModel(cfg, encoders=encoders))
+                    encode(names_now)
                 except (FusionZooError, ImportError, OSError, RuntimeError) as e:
                     if name == reference:
                         raise  # the default itself cannot run: the fit could not either
@@ -211,20 +269,9 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
                                         "chosen": False})
                     echo(f"encoder probe {m}: {name} skipped ({type(e).__name__}: {e})")
                     continue
-                for mm in tr:
-                    feats.setdefault(names_now[mm], {"train": tr[mm], "val": va[mm]})
-            tr_f = {mm: feats[name if mm == m else choice[mm]]["train"] for mm in base.encoders}
-            va_f = {mm: feats[name if mm == m else choice[mm]]["val"] for mm in base.encoders}
-            torch.manual_seed(seed)
-            model = FusionModel(probe_cfg, embed_dims={mm: f.dim for mm, f in tr_f.items()})
-            model.fit_feature_norm(tr_f)
-            with _one_thread():  # a head-only step, as fit runs it (recipes.callbacks.CachedFeatureThreads)
-                _train(model, FeatureBatches(tr_f, train_y, batch_size=batch_size, shuffle=True, seed=seed,
-                                             tokens=False), base.task, lr, seed)
-            acc, loss, per_row[name] = _score(model, FeatureBatches(va_f, val_y, batch_size=1024, tokens=False),
-                                              base.task)
-            row = {"modality": m, "encoder": name, "val_accuracy" if base.task != "regression" else "val_neg_mae":
-                   round(acc, 4), "val_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            acc, loss, per_row[name] = _fit_score(probe_cfg, *split(names_now), lr, batch_size, seed)
+            row = {"modality": m, "encoder": name, metric: round(acc, 4), "val_loss": round(loss, 4),
+                   "seconds": round(time.perf_counter() - t0, 1)}
             report.rows.append(row)
             scores.append((acc, -loss, -names.index(name), name))
             echo(f"encoder probe {m}: {name:<26} val {acc:.4f} (loss {loss:.4f}) {row['seconds']}s")
@@ -237,6 +284,32 @@ def probe_encoders(dm: Any, base: FusionModelConfig, candidates: Mapping[str, Se
         for r in report.rows:
             if r["modality"] == m:
                 r["chosen"] = r["encoder"] == choice[m]
+    if head:
+        if any(choice[m] not in feats for m in base.encoders):
+            encode(dict(choice))
+        heads: dict[str, dict[str, Any]] = {f"default (hidden {base.hidden_dim})": {}}
+        compact = compact_head(base)
+        heads[f"compact (hidden {compact['hidden_dim']})"] = compact
+        head_rows: dict[str, tuple[float, float, Tensor, dict[str, Any]]] = {}
+        for label, change in heads.items():
+            t0 = time.perf_counter()
+            acc, loss, rows = _fit_score(probe_cfg.replace(**change), *split(choice), lr, batch_size, seed)
+            head_rows[label] = (acc, loss, rows, change)
+            report.rows.append({"modality": "head", "encoder": label, metric: round(acc, 4),
+                                "val_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)})
+            echo(f"head probe: {label:<26} val {acc:.4f} (loss {loss:.4f})")
+        reference_rows = next(iter(head_rows.values()))[2]
+        chosen = next(iter(head_rows))
+        for r in report.rows:
+            if r["modality"] == "head":
+                z = paired_z(head_rows[r["encoder"]][2], reference_rows)
+                r["z_vs_default"] = round(z, 2)
+                if z >= HEAD_MIN_Z and head_rows[r["encoder"]][0] > head_rows[chosen][0]:
+                    chosen = r["encoder"]
+        for r in report.rows:
+            if r["modality"] == "head":
+                r["chosen"] = r["encoder"] == chosen
+        report.head = dict(head_rows[chosen][3])
     report.choice, report.seconds = dict(choice), time.perf_counter() - start
     return report
 
@@ -247,7 +320,9 @@ def format_probe_table(report: ProbeReport) -> str:
         return ""
     key = "val_neg_mae" if any("val_neg_mae" in r for r in report.rows) else "val_accuracy"
     lines = [f"encoder probe ({report.train_rows} train / {report.val_rows} validation rows, "
-             f"{report.seconds:.1f}s; a candidate replaces the default at z >= {MIN_Z:g}):",
+             f"{report.seconds:.1f}s; a candidate replaces the default at z >= {MIN_Z:g}"
+             + (f", a head at z >= {HEAD_MIN_Z:g}" if any(r["modality"] == "head" for r in report.rows) else "")
+             + "):",
              f"  {'modality':<9}{'encoder':<28}{key:>13}{'val_loss':>10}{'z':>7}{'s':>7}"]
     for r in report.rows:
         if "error" in r:

@@ -148,6 +148,9 @@ class FusionTask(pl.LightningModule):
         probe_encoders: with no ``encoders`` named, let ``fit`` choose each modality's encoder among its offline
             candidates by a quick probe on the data's validation split (``recipes.probe``); False keeps the
             defaults (``DEFAULT_ENCODERS``).
+        probe_head: with no ``hidden_dim`` or ``head_options`` set and a training split small enough to probe
+            whole, let ``fit`` choose between the default head and the compact one (half the width, a linear
+            concat) on the validation split; False keeps the default.
         config: a resolved ``FusionModelConfig.to_dict()``; when given the model is built from it alone
             (this is how a ``.ckpt`` rebuilds itself) and the model-shape arguments above are ignored.
     """
@@ -180,6 +183,7 @@ class FusionTask(pl.LightningModule):
         init_from: str | None = None,
         train_only_head: bool | None = None,
         probe_encoders: bool = True,
+        probe_head: bool = True,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -189,6 +193,9 @@ class FusionTask(pl.LightningModule):
         swapped = False
         #: whether ``fit`` may choose the encoders (none named, no model to start from); the probe's report
         self.probe = bool(probe_encoders and encoders is None and config is None and not init_from)
+        #: ... and the head's width (none set: the default width or the compact head, on small data)
+        self.probe_head = bool(probe_head and config is None and not init_from and head_options is None
+                               and hidden_dim == _M["hidden_dim"])
         self.encoder_probe: dict[str, Any] | None = None
         if config is not None:
             self.model = FusionModel(FusionModelConfig.from_dict(config))

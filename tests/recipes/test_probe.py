@@ -18,7 +18,15 @@ from PIL import Image, ImageDraw
 
 from recipes import cli, probe, task
 from recipes.data import FusionDataModule
-from recipes.probe import MIN_Z, ProbeReport, format_probe_table, paired_z, probe_encoders
+from recipes.probe import (
+    HEAD_MIN_Z,
+    MIN_Z,
+    ProbeReport,
+    compact_head,
+    format_probe_table,
+    paired_z,
+    probe_encoders,
+)
 from zoo.config import FusionModelConfig
 
 WORDS = ("apple", "river", "stone", "cloud", "green", "paper", "lamp", "music")
@@ -177,6 +185,70 @@ def test_probe_skips_single_candidates_and_absent_modalities(tmp_path: Path) -> 
     assert format_probe_table(report) == ""
 
 
+# ------------------------------------------------------------------------------------------------ the head probe
+def _scored_heads(monkeypatch: pytest.MonkeyPatch, right: dict[int, int], rows: int = 40) -> list[int]:
+    """Make the probe's head training deterministic: a head of width W is right on the first ``right[W]`` of
+    ``rows`` validation rows. Returns the widths trained, in order."""
+    trained: list[int] = []
+
+    def fake(cfg: FusionModelConfig, train: Any, val: Any, lr: float, batch_size: int,
+             seed: int) -> tuple[float, float, torch.Tensor]:
+        trained.append(cfg.hidden_dim)
+        ok = (torch.arange(rows) < right[cfg.hidden_dim]).float()
+        return float(ok.mean()), 1.0 - float(ok.mean()), ok
+
+    monkeypatch.setattr(probe, "_fit_score", fake)
+    return trained
+
+
+def _head_probe(root: Path, hidden_dim: int = 32) -> ProbeReport:
+    dm = FusionDataModule(data_dir=str(root), cache_dir=str(root.parent / "cache"), batch_size=32)
+    base = FusionModelConfig(encoders={"image": "pixels", "text": "tiny-text"}, labels=tuple(dm.labels),
+                             hidden_dim=hidden_dim)
+    return probe_encoders(dm, base, candidates={}, seed=0, echo=lambda _: None, head=True)
+
+
+def test_compact_head_halves_the_width_and_makes_concat_linear() -> None:
+    concat = FusionModelConfig(encoders={"text": "tiny-text"}, labels=("a", "b"), hidden_dim=64)
+    assert compact_head(concat) == {"hidden_dim": 32, "head_options": {"hidden_dim": 0}}
+    gating = concat.replace(fusion_head="gating", head_options={})
+    assert compact_head(gating) == {"hidden_dim": 32}
+    assert concat.replace(**compact_head(concat)).head_options["hidden_dim"] == 0  # a valid config
+
+
+def test_head_probe_picks_the_compact_head_when_it_wins_clearly(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _write_bar_folder(tmp_path / "data")
+    trained = _scored_heads(monkeypatch, {32: 30, 16: 36})  # 6 more rows right, none lost: z = sqrt(6) > 1
+    report = _head_probe(data)
+    assert trained == [32, 16]
+    assert report.head == {"hidden_dim": 16, "head_options": {"hidden_dim": 0}}
+    heads = [r for r in report.rows if r["modality"] == "head"]
+    assert [r["encoder"] for r in heads] == ["default (hidden 32)", "compact (hidden 16)"]
+    assert [r["chosen"] for r in heads] == [False, True] and heads[1]["z_vs_default"] >= HEAD_MIN_Z
+    assert ProbeReport.from_dict(report.to_dict()).to_dict() == report.to_dict()
+    assert "a head at z >= 1" in format_probe_table(report)
+
+
+def test_head_probe_keeps_the_default_without_a_clear_gain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _write_bar_folder(tmp_path / "data")
+    _scored_heads(monkeypatch, {32: 30, 16: 31})  # one more row: z = 1 ... not above the default by the rule's margin
+    monkeypatch.setattr(probe, "HEAD_MIN_Z", 1.5)
+    report = _head_probe(data)
+    assert report.head == {} and [r["chosen"] for r in report.rows] == [True, False]
+    _scored_heads(monkeypatch, {32: 36, 16: 30})  # the default is better
+    assert _head_probe(data).head == {}
+
+
+def test_head_probe_only_when_the_whole_training_split_fits_the_sample(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _write_bar_folder(tmp_path / "data")
+    trained = _scored_heads(monkeypatch, {32: 30, 16: 36})
+    monkeypatch.setattr(probe, "MAX_TRAIN_ROWS", 59)  # the split has 60 rows: a sample cannot judge the head
+    report = _head_probe(data)
+    assert trained == [] and report.rows == [] and report.head == {}
+
+
 # --------------------------------------------------------------------------------------------------------- the CLI
 CLI_ARGS = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
             "--model.hidden_dim", "16", "--data.batch_size", "32"]
@@ -224,6 +296,23 @@ def test_fit_with_the_probe_off_or_encoders_named_skips_it(tiny_defaults: Path, 
     for run in ("off", "named"):
         [readme] = list((tmp_path / run).rglob("README.md"))
         assert "encoder probe" not in readme.read_text()
+
+
+def test_fit_with_no_width_set_probes_the_head_and_saves_the_choice(tiny_defaults: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    default = FusionModelConfig.__dataclass_fields__["hidden_dim"].default
+    _scored_heads(monkeypatch, {default: 30, default // 2: 38})
+    args = [a for a in CLI_ARGS if a not in ("--model.hidden_dim", "16")]
+    assert cli.main(["fit", "--data.data_dir", str(tiny_defaults), "--trainer.default_root_dir", str(tmp_path / "r"),
+                     "--model.encoders", '{"image": "pixels", "text": "tiny-text"}', *args]) == 0
+    [metrics] = list((tmp_path / "r").rglob("metrics.json"))
+    found = json.loads(metrics.read_text())["encoder_probe"]
+    assert found["head"] == {"hidden_dim": default // 2, "head_options": {"hidden_dim": 0}}
+    assert [c["modality"] for c in found["candidates"]] == ["head", "head"]  # encoders named: only the head
+    [config] = [p for p in (tmp_path / "r").rglob("config.json") if (p.parent / "README.md").is_file()]
+    model = json.loads(config.read_text())["model"]
+    assert model["hidden_dim"] == default // 2 and model["head_options"]["hidden_dim"] == 0
+    assert "compact (hidden" in (config.parent / "README.md").read_text()
 
 
 # -------------------------------------------------------------------------------- the issue's cases (real weights)
