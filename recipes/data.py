@@ -19,14 +19,16 @@ import datasets
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from encoders import MODALITIES, ModalityOutput, Preprocessor
 from fusion_errors import DataError, InputError
 
-from ._columns import LabelEncoder, cell_problem, infer_labels, is_missing, load_source, pick_splits, resolve
+from ._columns import LabelEncoder, infer_labels, is_missing, load_source, pick_splits, resolve
+from ._row_checks import CheckedFiles, check_cell
 from .batches import FeatureBatches
 from .cache import FeatureCache, raw_view
 from .loader import ResumableDataLoader
@@ -44,6 +46,8 @@ COLUMN_ALIASES = {
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
                 "predict": ("test",), None: ("train", "validation", "test")}
 BAD_ROWS_SHOWN = 5
+CHECK_CHUNK = 4096  # rows per chunk of the row checks
+CHECK_PROGRESS_ROWS = 20_000  # splits at least this long show a progress bar while their rows are checked
 
 
 def _cell(modality: str, v: Any, base: Path | None) -> Any:
@@ -51,23 +55,6 @@ def _cell(modality: str, v: Any, base: Path | None) -> Any:
     if is_missing(v):
         return None
     return str(v) if modality == "text" else resolve(v, base)
-
-
-def _stamp(v: Any, modality: str = "image") -> str:
-    """Path, size and modification time of a file an image/audio cell points to ('' for text and in-line data).
-
-    Text is never probed as a path: a long review would make ``stat`` fail with "File name too long".
-    """
-    if modality == "text":
-        return ""
-    path = v if isinstance(v, str) else v.get("path") if isinstance(v, dict) and not v.get("bytes") else None
-    try:
-        if not path or not Path(path).is_file():
-            return ""
-        st = Path(path).stat()
-    except (OSError, ValueError):  # a name too long or with NUL bytes is no file: cell_problem names it
-        return ""
-    return f"{path}:{st.st_size}:{st.st_mtime_ns};"
 
 
 @dataclass
@@ -225,6 +212,7 @@ class FusionDataModule(pl.LightningDataModule):
         self._model: Any = None
         self._signature: tuple[Any, ...] | None = None
         self._checked: dict[str, _Split] = {}
+        self._checked_files: CheckedFiles | None = None  # files that passed their check, by fingerprint
 
     def _alias_columns(self, mapped: set[str]) -> None:
         """A role not mapped by the user whose own column is absent takes the one usual name present, if exactly one."""
@@ -289,19 +277,29 @@ class FusionDataModule(pl.LightningDataModule):
         problems = {i: [f"column {label_col!r}: {p}"] for i, p in label_problems.items()}
         digests = {m: hashlib.sha256() for m in mods}
         filled = dict.fromkeys(mods, 0)
-        chunk_rows, start = 256, -256
-        for chunk in ds.select_columns(sorted(set(cols.values()))).iter(batch_size=chunk_rows):
-            start += chunk_rows
+        # a file that passed its check before (same path, size and mtime) is not opened again: a warm run only stats
+        if self._checked_files is None:
+            self._checked_files = CheckedFiles(self.cache.root)
+        checked = self._checked_files
+        bar = tqdm(total=len(ds), desc=f"checking rows of {source!r}", unit="row", leave=False, dynamic_ncols=True,
+                   disable=len(ds) < CHECK_PROGRESS_ROWS or getattr(rank_zero_only, "rank", 0) != 0)
+        start = 0
+        for chunk in ds.select_columns(sorted({*cols.values(), label_col})).iter(batch_size=CHECK_CHUNK):
+            size = len(chunk[label_col])
             for m, c in cols.items():
                 for j, v in enumerate(chunk[c]):
                     v = _cell(m, v, self._base)
                     if v is None:
                         continue
                     filled[m] += 1
-                    problem = cell_problem(m, v)
+                    problem, stamp = check_cell(m, v, checked)
                     if problem:
                         problems.setdefault(start + j, []).append(f"column {c!r}: {problem}")
-                    digests[m].update(_stamp(v, m).encode())
+                    digests[m].update(stamp.encode())
+            start += size
+            bar.update(size)
+        bar.close()
+        checked.save()
         empty = [m for m in mods if not filled[m]]
         if role == "train" and empty:
             m = empty[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -291,3 +292,47 @@ def test_a_negative_checkpoint_interval_is_one_line_exit_2(tmp_path, capsys) -> 
     code = cli.main(["fit", "--checkpoint.every_n_train_steps", "-1", "--trainer.default_root_dir", str(tmp_path),
                      "--model.encoders", '{"text": "tiny-text"}'])
     assert code == 2 and "--checkpoint.every_n_train_steps -1 must be >= 0" in capsys.readouterr().err
+
+
+def test_a_warm_run_does_not_reopen_files_that_passed_and_a_changed_file_is_checked_again(folder, tmp_path, model,
+                                                                                        monkeypatch):
+    from recipes import _row_checks
+
+    opened = []
+    real = _row_checks.cell_problem
+
+    def counted(m, v):
+        if m != "text":
+            opened.append(v)
+        return real(m, v)
+
+    monkeypatch.setattr(_row_checks, "cell_problem", counted)
+    make(folder, tmp_path).attach(model).setup(None)
+    assert len(opened) == 2 * N  # every image and audio file, once
+    assert (tmp_path / "cache" / "row-checks.json").is_file()
+    opened.clear()
+    warm = make(folder, tmp_path).attach(model)
+    warm.setup(None)
+    assert opened == [] and warm.bad_rows == {"train": 0, "validation": 0, "test": 0}
+    image = folder[0] / "img" / "0.png"
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file: checked again
+    try:
+        make(folder, tmp_path).attach(model).setup(None)
+    finally:
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert opened == [str(image)]
+    opened.clear()
+    (tmp_path / "cache" / "row-checks.json").write_text("{not json")  # a corrupt store is ignored and rebuilt
+    make(folder, tmp_path).attach(model).setup(None)
+    assert len(opened) == 2 * N
+    assert len(json.loads((tmp_path / "cache" / "row-checks.json").read_text())["good"]) == 2 * N
+
+
+def test_a_bad_file_is_reported_on_every_run(folder, tmp_path, model):
+    root, base_rows = folder
+    rows = [dict(r) for r in base_rows]
+    rows[1]["img_path"] = "img/broken.png"
+    for _ in range(2):  # the second run uses the stored checks of the good files; the bad one is checked again
+        with pytest.raises(DataError, match=r"row 1: column 'img_path': image .*broken.png.* is not readable"):
+            make(folder, tmp_path, rows, val_fraction=0.0, test_fraction=0.0).attach(model).setup("fit")

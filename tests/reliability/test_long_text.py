@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 
 from recipes import cli
-from recipes.data import _stamp
+from recipes._row_checks import CheckedFiles, check_cell
+
+
+def _stamp(v: str, modality: str) -> str:
+    return check_cell(modality, v, CheckedFiles(None))[1]
 
 
 def test_text_cells_are_never_probed_as_paths(tmp_path: Path) -> None:
