@@ -14,7 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 
-__all__ = ["VERBOSE_FLAGS", "split_verbose", "configure_output"]
+__all__ = ["VERBOSE_FLAGS", "split_verbose", "configure_output", "is_verbose"]
 
 VERBOSE_FLAGS = ("--verbose", "-v")
 _PROJECT = Path(__file__).resolve().parents[1]
@@ -66,3 +66,8 @@ def configure_output(verbose: bool) -> None:
     else:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+
+
+def is_verbose() -> bool:
+    """Whether this process's output is verbose (what a worker process should copy)."""
+    return not _FILTER.enabled

@@ -30,9 +30,10 @@ from recipes.task import FusionTask
 from zoo.config import FusionModelConfig, check_known_keys, field_defaults
 
 from .features import FeatureSet
+from .pool import CellJob, resolve_jobs, run_cells
 from .report import fmt_seconds, write_results
 from .robustness import DEFAULT_NOISE, DEFAULT_TOKEN_DROP, primary_metric
-from .train import CELL_PROTOCOL, train_cell
+from .train import CELL_PROTOCOL
 
 __all__ = ["SweepSettings", "FeatureSet", "run_sweep", "parse_args", "main", "DEFAULT_HEADS", "DEFAULT_STAGES"]
 
@@ -61,10 +62,12 @@ class SweepSettings:
     data: dict[str, Any] = field(default_factory=dict)
     noise: list[float] = field(default_factory=lambda: list(DEFAULT_NOISE))
     token_drop: list[float] = field(default_factory=lambda: list(DEFAULT_TOKEN_DROP))
+    #: processes training cells at once (0: one per available core); results do not depend on it
+    jobs: int = 1
 
     def signature(self) -> str:
         """Hash of what changes a cell's result (not the grid axes or the output folder)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("heads", "stages", "seeds", "output_dir")}
+        keep = {k: v for k, v in asdict(self).items() if k not in ("heads", "stages", "seeds", "output_dir", "jobs")}
         keep["protocol"] = CELL_PROTOCOL  # cells of an older protocol are run again, not mixed in
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -177,6 +180,7 @@ def run_sweep(
         raise ConfigError(f"--stages must be a non-empty subset of {DEFAULT_STAGES} (got {bad or 'none'}), "
                           "and --heads/--seeds non-empty.")
     model, optim = split_model_settings(settings.model)  # a typo fails here, before any encoding
+    resolve_jobs(settings.jobs, 1)  # ... and a negative --jobs
     if features is None:
         from .features import cached_features
 
@@ -202,35 +206,34 @@ def run_sweep(
              f"{fs.info.get('source', '')}, ready after {fmt_seconds(time.perf_counter() - start)}")
         pooled = fs.pooled()
     n_run, cells_start = 0, time.perf_counter()
+    jobs = []
     for i, (head, stage, seed) in enumerate(grid, start=1):
-        key = _cell_key(head, stage, seed)
         tag = f"[{i}/{len(grid)}] {head}@{stage} seed={seed}"
-        if key in done:
+        if _cell_key(head, stage, seed) in done:
             echo(f"{tag} done earlier (skipped)")
             continue
         assert fs is not None
-        cell_fs = pooled if stage == "late" else fs
-        config = _cell_config(settings, cell_fs, head, stage)
-        elapsed = time.perf_counter() - cells_start
-        eta = f", ~{fmt_seconds(elapsed / n_run * (len(todo) - n_run))} left" if n_run else ""
-        echo(f"{tag} ...{eta}")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small head-side models: one thread is fastest and immune to oversubscription
-        try:
-            result = train_cell(config, cell_fs.train, cell_fs.test, seed, settings.max_epochs, settings.batch_size,
-                                optim, {"noise": settings.noise, "token_drop": settings.token_drop}, echo=echo,
-                                prefix=tag, val=cell_fs.val)
-        finally:
-            torch.set_num_threads(threads)
-        metric = primary_metric(config.task)
-        meta = {"labels": list(cell_fs.labels), "task": cell_fs.task, "modalities": sorted(cell_fs.train.feats),
-                "info": {k: v for k, v in cell_fs.info.items() if k != "source"}}
-        record = {"key": key, "signature": sig, "head": head, "stage": stage, "seed": seed, "meta": meta, **result}
-        append_cell(cells_path, record)
-        done[key] = record
-        n_run += 1
-        echo(f"{tag} {metric}={result['fused'].get(metric, float('nan')):.4f} "
-             f"(train {result['train_seconds']:.1f}s)")
+        config = _cell_config(settings, pooled if stage == "late" else fs, head, stage)
+        jobs.append(CellJob(head, stage, seed, config.to_dict(), tag))
+    if jobs:
+        assert fs is not None
+        common = {"max_epochs": settings.max_epochs, "batch_size": settings.batch_size, "optim": optim,
+                  "robustness": {"noise": settings.noise, "token_drop": settings.token_drop}}
+        for job, result in run_cells(jobs, fs, common, resolve_jobs(settings.jobs, len(jobs)), echo):
+            cell_fs = pooled if job.stage == "late" else fs
+            metric = primary_metric(cell_fs.task)
+            meta = {"labels": list(cell_fs.labels), "task": cell_fs.task, "modalities": sorted(cell_fs.train.feats),
+                    "info": {k: v for k, v in cell_fs.info.items() if k != "source"}}
+            key = _cell_key(job.head, job.stage, job.seed)
+            record = {"key": key, "signature": sig, "head": job.head, "stage": job.stage, "seed": job.seed,
+                      "meta": meta, **result}
+            append_cell(cells_path, record)
+            done[key] = record
+            n_run += 1
+            elapsed = time.perf_counter() - cells_start
+            left = f", ~{fmt_seconds(elapsed / n_run * (len(jobs) - n_run))} left" if n_run < len(jobs) else ""
+            echo(f"{job.prefix} {metric}={result['fused'].get(metric, float('nan')):.4f} "
+                 f"(train {result['train_seconds']:.1f}s){left}")
     records = [done[_cell_key(*c)] for c in grid]
     meta = records[-1]["meta"]
     metric = primary_metric(meta["task"])
@@ -286,6 +289,9 @@ def parse_args(argv: Sequence[str]) -> SweepSettings:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size per cell")
     p.add_argument("--noise", default=",".join(map(str, DEFAULT_NOISE)), help="image/audio feature noise levels")
     p.add_argument("--token-drop", default=",".join(map(str, DEFAULT_TOKEN_DROP)), help="text token drop rates")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="cells trained at once, one process and one thread each (default 0: one per available core; "
+                        "1: in this process)")
     args, extra = p.parse_known_args(list(argv))
     recipe = load_recipe(args.config)
     _apply_overrides(recipe, extra)
@@ -294,7 +300,7 @@ def parse_args(argv: Sequence[str]) -> SweepSettings:
         heads=_csv_list(args.heads), stages=_csv_list(args.stages), seeds=_csv_list(args.seeds, int),
         output_dir=args.output_dir or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         max_epochs=args.max_epochs, batch_size=args.batch_size, model=recipe["model"], data=recipe["data"],
-        noise=_csv_list(args.noise, float), token_drop=_csv_list(args.token_drop, float),
+        noise=_csv_list(args.noise, float), token_drop=_csv_list(args.token_drop, float), jobs=args.jobs,
     )
 
 

@@ -12,6 +12,7 @@ import torch
 
 from encoders import ModalityOutput
 from fusion_errors import ConfigError
+from recipes.sweep import pool as pool_mod
 from recipes.sweep import run as sweep_mod
 from recipes.sweep.run import FeatureSet, SweepSettings, parse_args, read_cells, run_sweep
 from recipes.sweep.train import SplitFeatures
@@ -70,7 +71,7 @@ def test_sweep_writes_csv_markdown_and_plots(tmp_path: Path) -> None:
 
 
 def test_interrupted_sweep_finishes_only_missing_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = sweep_mod.train_cell
+    real = pool_mod.train_cell
     ran: list[tuple[str, int]] = []
 
     def flaky(config, *args, **kwargs):
@@ -79,7 +80,7 @@ def test_interrupted_sweep_finishes_only_missing_cells(tmp_path: Path, monkeypat
         ran.append((f"{config.fusion_head}@{config.stage}", args[2]))
         return real(config, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_mod, "train_cell", flaky)
+    monkeypatch.setattr(pool_mod, "train_cell", flaky)
     settings = _settings(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(settings, _provider([]), echo=lambda s: None)
@@ -90,7 +91,7 @@ def test_interrupted_sweep_finishes_only_missing_cells(tmp_path: Path, monkeypat
     with open(tmp_path / "cells.jsonl", "a") as f:
         f.write('{"key": "concat@late@seed1", "sign')
     ran.clear()
-    monkeypatch.setattr(sweep_mod, "train_cell", lambda config, *a, **k: (ran.append(
+    monkeypatch.setattr(pool_mod, "train_cell", lambda config, *a, **k: (ran.append(
         (f"{config.fusion_head}@{config.stage}", a[2])), real(config, *a, **k))[1])
     lines: list[str] = []
     run_sweep(settings, _provider([]), echo=lines.append)
@@ -407,3 +408,30 @@ def test_a_cell_standardises_with_its_own_training_features(monkeypatch: pytest.
     train_cell(config, _split(48, 0, False), _split(24, 1, False), seed=0, max_epochs=1, batch_size=16,
                optim=OptimConfig(), robustness={"noise": [0.5], "token_drop": [0.5]}, echo=lambda _: None)
     assert fitted == [48]  # the 48 training rows, not the test rows
+
+
+def _fused(path: Path) -> dict[str, float]:
+    return {r["key"]: r["fused"]["accuracy"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_cells_in_worker_processes_give_the_inline_results(tmp_path: Path) -> None:
+    """Two spawned workers (features sent once, in shared memory) train the same cells to the same numbers: each cell
+    seeds itself and runs on one thread, wherever it runs."""
+    kw = {"heads": ["concat"], "stages": ["early", "late"], "seeds": [0, 1]}
+    run_sweep(_settings(tmp_path / "inline", jobs=1, **kw), _provider([]), echo=lambda s: None)
+    lines: list[str] = []
+    run_sweep(_settings(tmp_path / "pool", jobs=2, **kw), _provider([]), echo=lines.append)
+    assert "sweep: 2 worker processes, one thread each" in lines
+    inline, pooled = _fused(tmp_path / "inline" / "cells.jsonl"), _fused(tmp_path / "pool" / "cells.jsonl")
+    assert len(inline) == 4 and pooled == inline
+    rows = list(csv.DictReader((tmp_path / "pool" / "results.csv").open()))
+    assert [(r["stage"], r["seed"]) for r in rows] == [("early", "0"), ("early", "1"), ("late", "0"), ("late", "1")]
+
+
+def test_jobs_resolve_to_cores_and_never_more_than_the_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_mod, "available_cores", lambda: 4)
+    assert pool_mod.resolve_jobs(0, 10) == 4 and pool_mod.resolve_jobs(0, 3) == 3 and pool_mod.resolve_jobs(8, 2) == 2
+    assert pool_mod.resolve_jobs(1, 10) == 1
+    assert parse_args(["--jobs", "3"]).jobs == 3 and parse_args([]).jobs == 0
+    with pytest.raises(ConfigError, match="--jobs -1 must be >= 0"):
+        run_sweep(_settings(Path("unused"), jobs=-1), _provider([]))
