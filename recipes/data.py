@@ -273,7 +273,8 @@ class FusionDataModule(pl.LightningDataModule):
             ds = raw_view(ds, c)
         label_col = self.columns["label"]
         encoder = LabelEncoder(model.config.labels, model.config.task, ds.features[label_col])
-        labels, label_problems = encoder.encode(list(ds[label_col]))
+        chunks = ds.select_columns([label_col]).iter(batch_size=CHECK_CHUNK)  # ds[col] would read row by row
+        labels, label_problems = encoder.encode([v for chunk in chunks for v in chunk[label_col]])
         problems = {i: [f"column {label_col!r}: {p}"] for i, p in label_problems.items()}
         digests = {m: hashlib.sha256() for m in mods}
         filled = dict.fromkeys(mods, 0)
