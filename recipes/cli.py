@@ -30,7 +30,10 @@ from ._cli_common import (  # noqa: F401  (re-exported: the command line's light
 from ._quiet import configure_output, split_verbose
 from .recipe import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_args  # noqa: F401
 
-__all__ = ["main", "CONFIG_DIR", "resolve_config_args"]  # and, imported on first use, FusionCLI, FusionCheckpoint
+# and, imported on first use, FusionCLI, FusionCheckpoint
+__all__ = ["main", "CONFIG_DIR", "resolve_config_args", "MODULAR_COMMANDS"]
+
+MODULAR_COMMANDS = ("decompose", "compose", "replace")  # recipes.modular_cli
 
 USAGE = """usage: fusion-zoo <command> [options]
 
@@ -46,6 +49,9 @@ commands:
   serve      serve a model over HTTP: API + web page (docs/serve.md)
   push       upload a fused model folder to the Hugging Face Hub (docs/zoo.md)
   sweep      run a grid of recipes and collect their metrics
+  decompose  split a fused model into one module per class (docs/modularity.md)
+  compose    build a fused model from class modules (fusion-zoo compose MODULE... --output MODEL)
+  replace    swap one class's module: fusion-zoo replace MODEL --label L --from OTHER --output NEW
 
 options:
   -h, --help     show this message; `fusion-zoo <command> --help` shows a command's options
@@ -114,8 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FusionZooError as e:  # a user mistake: one line naming the fix, not a traceback
             print(f"fusion-zoo sweep: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
+    if command in MODULAR_COMMANDS:
+        from .modular_cli import main as modular_main
+
+        rest, verbose = split_verbose(args[1:])
+        configure_output(verbose)
+        try:
+            return int(modular_main(command, rest) or 0)
+        except FusionZooError as e:  # a user mistake: one line naming the fix, not a traceback
+            print(f"fusion-zoo {command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     print(f"fusion-zoo: unknown command {command!r}; choose one of "
-          f"{', '.join([*LIGHTNING_COMMANDS, *ZOO_COMMANDS, 'sweep'])} (see fusion-zoo --help).", file=sys.stderr)
+          f"{', '.join([*LIGHTNING_COMMANDS, *ZOO_COMMANDS, 'sweep', *MODULAR_COMMANDS])} (see fusion-zoo --help).",
+          file=sys.stderr)
     return 2
 
 

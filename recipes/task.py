@@ -28,6 +28,7 @@ from zoo._format import is_lora_key
 from zoo.config import FusionModelConfig, field_defaults
 from zoo.convert import ENCODERS_KEY, fill_state_dict, lean_state_dict
 from zoo.model import FusionModel, FusionModelOutput
+from zoo.modular import modularity_losses
 
 from .metrics import SplitMetrics
 from .settings import OptimConfig
@@ -137,6 +138,8 @@ class FusionTask(pl.LightningModule):
         fuse_tokens: early/hybrid: fuse every modality's tokens (True) or one pooled vector each (False).
         standardize: standardise each modality's features with its pooled training statistics (set when a fit
             starts from the cached training features; kept from ``init_from`` models and resumed checkpoints).
+        modularity: weights of the modular objectives, ``{"affinity": a, "dispersion": d, "compactness": c}``
+            (``zoo.modular.modularity_losses``; logged each epoch as ``train/modularity/*``); None = plain training.
         lr: peak learning rate of the heads, LoRA adapters and encoders trained from scratch.
         encoder_lr: peak learning rate of the fine-tuned weights of pretrained encoders.
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
@@ -175,6 +178,7 @@ class FusionTask(pl.LightningModule):
         late_decision: Literal["embedding", "logits"] = _M["late_decision"],
         fuse_tokens: bool = _M["fuse_tokens"],
         standardize: bool = _M["standardize"],
+        modularity: dict[str, float] | None = _M["modularity"],
         lr: float = _O["lr"],
         encoder_lr: float = _O["encoder_lr"],
         weight_decay: float = _O["weight_decay"],
@@ -222,7 +226,7 @@ class FusionTask(pl.LightningModule):
                 trunk_layers=trunk_layers, dropout=dropout,
                 modality_dropout=0.0 if modality_dropout is None else copy.deepcopy(modality_dropout),
                 late_loss_weight=late_loss_weight, late_decision=late_decision, fuse_tokens=fuse_tokens,
-                standardize=standardize,
+                standardize=standardize, modularity=copy.deepcopy(modularity),
                 **{k: v for k, v in given.items() if v is not None},  # None: the config's default
             )
             self.model = FusionModel(cfg)
@@ -365,6 +369,7 @@ class FusionTask(pl.LightningModule):
         task_loss = self._loss(out.logits, labels)
         late_loss = self._late_loss(out, labels)
         loss = task_loss + self.cfg.late_loss_weight * late_loss + out.aux_loss
+        loss = loss + self._modularity_loss(out, labels)
         if not torch.isfinite(loss):
             raise FusionZooError(
                 f"training loss is {loss.item()} at batch {batch_idx} (epoch {self.current_epoch}, global step "
@@ -383,6 +388,28 @@ class FusionTask(pl.LightningModule):
                     self.log(f"train/aux/{key}", value.detach().float().reshape(()), batch_size=b)
         self._log_routing(out.aux, b)
         return loss
+
+    def _modularity_loss(self, out: FusionModelOutput, labels: Tensor) -> Tensor:
+        """The weighted modular objectives on the head side's units (``modularity``), each logged as an epoch
+        mean; 0 without ``modularity``."""
+        weights = self.cfg.modularity
+        if not weights or not out.units:
+            return out.logits.new_zeros(())
+        terms = modularity_losses(out.units, labels)
+        b = labels.shape[0]
+        sums = self.__dict__.setdefault("_modularity_sums", {})  # summed here, logged once an epoch (a log
+        for key, value in terms.items():  # call per step costs as much as a head-only step)
+            sums[key] = sums.get(key, 0.0) + value.detach() * b
+        sums["n"] = sums.get("n", 0) + b
+        return sum((weights.get(k, 0.0) * v for k, v in terms.items()), out.logits.new_zeros(()))
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch means of the modular objectives (``train/modularity/<name>``)."""
+        sums = self.__dict__.pop("_modularity_sums", None)
+        if sums and sums.get("n"):
+            n = sums.pop("n")
+            for key, value in sums.items():
+                self.log(f"train/modularity/{key}", value / n, on_step=False, on_epoch=True)
 
     def _step_is_logged(self) -> bool:
         """Whether this training step's scalars are logged: on the steps the loggers write (every

@@ -14,7 +14,8 @@ from typing import Any, Literal, get_args, get_origin
 from encoders import FINETUNE_POLICIES, MODALITIES, check_encoder_options, check_options, default_finetune
 from fusion_errors import ConfigError
 
-__all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "STAGES", "TASKS", "check_known_keys",
+__all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "MODULARITY_KEYS", "MODULE_KEYS", "STAGES", "TASKS",
+           "check_known_keys",
            "dataclass_from_dict", "field_defaults"]
 
 # 2: defaults = the default recipe (early, pooled vectors, dropout 0.2, modality dropout 0.1). A version-1 dict
@@ -27,6 +28,10 @@ _V1_DEFAULTS: dict[str, Any] = {"stage": "late", "dropout": 0.1, "fuse_tokens": 
 _V2_DEFAULTS: dict[str, Any] = {"standardize": False}
 STAGES = ("early", "late", "hybrid")
 TASKS = ("multiclass", "multilabel", "regression")
+#: the modular training objectives (docs/modularity.md): their weights in ``modularity``
+MODULARITY_KEYS = ("affinity", "compactness", "dispersion")
+#: the keys of one ``modules`` entry of a composed model (``zoo.modular``)
+MODULE_KEYS = ("class_indices", "config", "labels", "source")
 
 
 def _check_type(where: str, value: Any, hint: Any) -> None:
@@ -172,6 +177,12 @@ class FusionModelConfig:
             by their root mean square (``zoo.model.FeatureNorm``: buffers set when a fit starts, saved with the
             weights and applied wherever the model runs: predict, serve, export). Encoders' pooled vectors differ
             in scale by orders of magnitude between modalities; brought to one scale, one learning rate suits all.
+        modularity: weights of the modular training objectives on the head side's unit activations
+            (``{"affinity": a, "dispersion": d, "compactness": c}``, keys left out weigh 0; None = plain training;
+            multiclass only; docs/modularity.md).
+        modules: a composed model's parts (``zoo.modular.compose``): each entry gives a source model's config,
+            which of its classes it scores (``class_indices``, named ``labels``) and where it came from
+            (``source``); its weights and unit masks are in model.safetensors. Empty = an ordinary model.
 
     The defaults are the default recipe (``fusion-zoo fit`` with no flags): the one place each default is set;
     ``recipes.task.FusionTask`` takes its flags' defaults from here.
@@ -191,6 +202,8 @@ class FusionModelConfig:
     late_decision: Literal["embedding", "logits"] = "embedding"
     fuse_tokens: bool = False
     standardize: bool = True
+    modularity: dict[str, float] | None = None
+    modules: tuple[dict[str, Any], ...] = ()
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -244,11 +257,64 @@ class FusionModelConfig:
             if self.fusion_head in heads:
                 check_options("fusion head", self.fusion_head, heads.get(self.fusion_head), self.head_options,
                               reserved=("modality_dims", "out_dim"))
+        self._check_modularity()
+        self._check_modules()
         if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"config format_version {self.format_version} is newer than this fusion-zoo understands "
                 f"({FORMAT_VERSION}); upgrade fusion-zoo: pip install -U fusion-zoo."
             )
+
+    def _check_modularity(self) -> None:
+        """``modularity``: known keys, finite weights >= 0, a multiclass task (the objectives compare classes)."""
+        weights = self.modularity
+        if weights is None:
+            return
+        if not isinstance(weights, dict):
+            raise ConfigError(f"modularity={weights!r} must be a mapping like "
+                              '{"affinity": 1.0, "dispersion": 1.0, "compactness": 0.1}, or null.')
+        check_known_keys(weights, MODULARITY_KEYS, "modularity", prefix="modularity.")
+        for key, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ConfigError(f"modularity.{key}={value!r} must be a finite number >= 0.")
+        if self.task != "multiclass":
+            raise ConfigError(f"modularity needs a multiclass task (its objectives compare classes), not "
+                              f"{self.task!r}; drop --model.modularity.")
+        object.__setattr__(self, "modularity", {k: float(weights[k]) for k in sorted(weights)})
+
+    def _check_modules(self) -> None:
+        """``modules``: each entry has the known keys, one class per label, and names this config's labels in
+        order; a part's own config is validated (and may not be composed itself)."""
+        entries = self.modules
+        if not isinstance(entries, (list, tuple)):
+            raise ConfigError(f"modules must be a list of module entries, got {type(entries).__name__}.")
+        named: list[str] = []
+        checked = []
+        for i, entry in enumerate(entries):
+            where = f"modules[{i}]"
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where} must be a mapping with keys {list(MODULE_KEYS)}.")
+            check_known_keys(entry, MODULE_KEYS, where)
+            missing = sorted(set(MODULE_KEYS) - set(entry))
+            if missing:
+                raise ConfigError(f"missing key(s) {missing} in {where}.")
+            part = entry["config"] if isinstance(entry["config"], FusionModelConfig) else \
+                FusionModelConfig.from_dict(entry["config"])
+            if part.modules:
+                raise ConfigError(f"{where}.config is itself composed; compose the modules it was built from.")
+            labels, idx = [str(x) for x in entry["labels"]], [int(x) for x in entry["class_indices"]]
+            if len(labels) != len(idx) or any(not 0 <= j < part.num_outputs or part.labels[j] != name
+                                              for name, j in zip(labels, idx, strict=False)):
+                raise ConfigError(f"{where}: labels {labels} are not the classes {idx} of its model's labels "
+                                  f"{list(part.labels)}.")
+            named += labels
+            checked.append({"class_indices": idx, "config": part.to_dict(), "labels": labels,
+                            "source": str(entry["source"])})
+        if checked and sorted(named) != sorted(self.labels):
+            raise ConfigError(f"modules score the labels {named}, but the config's labels are {list(self.labels)}; "
+                              "each label must come from exactly one module.")
+        object.__setattr__(self, "modules", tuple(checked))
 
     @property
     def modalities(self) -> list[str]:
@@ -276,6 +342,7 @@ class FusionModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels)
+        d["modules"] = [dict(m) for m in self.modules]
         return d
 
     @classmethod

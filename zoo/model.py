@@ -36,6 +36,8 @@ class FusionModelOutput:
         modality_logits: modality -> [B, C] per-modality predictions (late and hybrid stages).
         present: modality -> [B] bool, which samples had the modality after modality dropout.
         aux: the head's auxiliary losses (``*_loss``) and diagnostics.
+        units: the head side's unit activations, layer -> [B, W] (``FusionModel.unit_widths``), after the unit
+            masks: what the modular objectives regulate and decomposition masks (docs/modularity.md).
     """
 
     logits: Tensor
@@ -43,6 +45,7 @@ class FusionModelOutput:
     modality_logits: dict[str, Tensor] = field(default_factory=dict)
     present: dict[str, Tensor] = field(default_factory=dict)
     aux: dict[str, Tensor] = field(default_factory=dict)
+    units: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def aux_loss(self) -> Tensor:
@@ -135,6 +138,13 @@ class FusionModel(nn.Module):
         embed_dims: modality -> width, to build a head-only model that runs on cached features (no encoders).
     """
 
+    #: composed models only (``config.modules``): the parts, and per output column [C] the position among the
+    #: parts' concatenated scores and the calibration scale / bias
+    parts: nn.ModuleList
+    module_order: Tensor
+    module_scale: Tensor
+    module_bias: Tensor
+
     def __init__(
         self,
         config: FusionModelConfig,
@@ -156,6 +166,9 @@ class FusionModel(nn.Module):
         if sorted(embed_dims) != self.modalities:
             raise ConfigError(f"encoders/embed_dims cover {sorted(embed_dims)} but the config names {self.modalities}.")
         self.embed_dims = {m: int(embed_dims[m]) for m in self.modalities}
+        if config.modules:
+            self._build_parts()
+            return
         if config.standardize:
             self.feature_norm = nn.ModuleDict({m: FeatureNorm(self.embed_dims[m]) for m in self.modalities})
         d, c, p = config.hidden_dim, config.num_outputs, config.dropout
@@ -178,6 +191,69 @@ class FusionModel(nn.Module):
         self.trunk: _Trunk
         self.classifier: nn.Linear
         self._build_head(config.fusion_head, dict(config.head_options))
+
+    # composed models and unit masks (zoo.modular, docs/modularity.md) --------------------------------
+    def _build_parts(self) -> None:
+        """A composed model: one head-only model per ``config.modules`` entry, with its unit masks, and the
+        per-output calibration ``module_scale`` / ``module_bias`` [C] that makes the parts' scores comparable."""
+        parts = []
+        for entry in self.config.modules:
+            part = FusionModel(FusionModelConfig.from_dict(entry["config"]), embed_dims=self.embed_dims)
+            part.set_unit_masks({k: torch.ones(w) for k, w in part.unit_widths().items()})
+            parts.append(part)
+        self.parts = nn.ModuleList(parts)
+        order = [name for entry in self.config.modules for name in entry["labels"]]  # the parts' columns in turn
+        self.register_buffer("module_order", torch.tensor([order.index(x) for x in self.config.labels]))
+        self.register_buffer("module_scale", torch.ones(self.config.num_outputs))
+        self.register_buffer("module_bias", torch.zeros(self.config.num_outputs))
+
+    def unit_widths(self) -> dict[str, int]:
+        """Layer -> width of the head side's unit layers: each modality's input to the fusion head
+        (``proj_<modality>``), the head's fused output (``head``) and the trunk's output (``trunk``)."""
+        if self.config.modules:
+            raise ConfigError("a composed model's units live in its parts (model.parts[i].unit_widths()).")
+        dims = self._head_dims()
+        return {**{f"proj_{m}": dims[m] for m in self.modalities}, "head": self.config.hidden_dim,
+                "trunk": self.config.hidden_dim}
+
+    def set_unit_masks(self, masks: Mapping[str, Tensor] | None) -> FusionModel:
+        """Multiply the head side's unit activations by ``masks`` (layer -> [W], 1 = keep), saved with the
+        weights; None removes them. A decomposed class module is its model with the class's masks."""
+        if masks is None:
+            self.__dict__.pop("unit_masks", None)
+            self._modules.pop("unit_masks", None)
+            return self
+        widths = self.unit_widths()
+        holder = nn.Module()
+        for layer, width in widths.items():
+            mask = masks[layer] if layer in masks else torch.ones(width)
+            if tuple(mask.shape) != (width,):
+                raise InputError(f"unit mask {layer!r} has shape {tuple(mask.shape)}; this model's is ({width},).")
+            holder.register_buffer(layer, mask.detach().clone().float())
+        self.unit_masks = holder
+        return self
+
+    def _mask(self, layer: str, x: Tensor) -> Tensor:
+        """``x`` [..., W] times the unit mask of ``layer`` (unchanged when the model has none)."""
+        holder = self._modules.get("unit_masks")
+        return x if holder is None else x * getattr(holder, layer).to(x.dtype)
+
+    def _fuse_parts(self, feats: dict[str, ModalityOutput]) -> FusionModelOutput:
+        """A composed model: each part's scores for its classes, calibrated, in the order of ``config.labels``."""
+        columns, outs = [], []
+        for part, entry in zip(self.parts, self.config.modules, strict=True):
+            out = cast(FusionModel, part).fuse(feats)
+            outs.append(out)
+            columns.append(out.logits[:, entry["class_indices"]])  # [B, c_k]
+        scores = torch.cat(columns, dim=-1)[:, self.module_order]  # [B, C]
+        logits = scores * self.module_scale.to(scores.dtype) + self.module_bias.to(scores.dtype)  # [B, C]
+        return FusionModelOutput(logits, outs[0].fused, {}, outs[0].present, {})
+
+    def _weight_dtype(self) -> torch.dtype:
+        """The dtype the head side runs in (its classifier's; a composed model: its first part's)."""
+        if self.config.modules:
+            return cast(FusionModel, self.parts[0])._weight_dtype()
+        return self.classifier.weight.dtype
 
     # ---------------------------------------------------------------------------------------------
     def _head_dims(self) -> dict[str, int]:
@@ -202,12 +278,17 @@ class FusionModel(nn.Module):
 
         Returns ``self``; ``self.config`` records the new head.
         """
+        if self.config.modules:
+            raise ConfigError("a composed model has no head of its own to swap; compose other modules instead.")
         self._build_head(name, options)
         self.config = self.config.replace(fusion_head=name, head_options=dict(options))
         return self
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the fusion head, trunk and classifier (what a head swap retrains)."""
+        """Parameters of the fusion head, trunk and classifier (what a head swap retrains); a composed model:
+        every parameter of its parts."""
+        if self.config.modules:
+            return list(self.parts.parameters())
         return [*self.fusion_head.parameters(), *self.trunk.parameters(), *self.classifier.parameters()]
 
     def fit_feature_norm(self, feats: Mapping[str, ModalityOutput], refit: bool = False) -> list[str]:
@@ -279,7 +360,7 @@ class FusionModel(nn.Module):
         if f.dim != self.embed_dims[m]:
             raise InputError(f"{m!r} features have width {f.dim} but this model's {m} encoder gives "
                              f"{self.embed_dims[m]}; cache features with the encoder in config.encoders[{m!r}].")
-        want = self.classifier.weight.dtype
+        want = self._weight_dtype()
         if not f.pooled.is_floating_point() or (
                 f.pooled.dtype != want and not torch.is_autocast_enabled(f.pooled.device.type)):
             raise InputError(f"{m!r} features are {f.pooled.dtype} but the model runs in {want}; "
@@ -305,6 +386,8 @@ class FusionModel(nn.Module):
         if not feats:
             raise InputError(f"every modality is missing: give at least one of {self.modalities}.")
         feats = {m: self._check_features(m, feats[m]) for m in sorted(feats)}
+        if self.config.modules:
+            return self._fuse_parts(feats)
         norms = getattr(self, "feature_norm", None)
         if norms is not None:
             feats = {m: norms[m](f) for m, f in feats.items()}
@@ -312,30 +395,38 @@ class FusionModel(nn.Module):
         present = {m: f.present for m, f in feats.items()}
         stage = self.config.stage
         modality_logits: dict[str, Tensor] = {}
+        head_in: dict[str, ModalityOutput] = {}
+        units: dict[str, Tensor] = {}  # layer -> [B, W]; "<layer>.tokens" -> [B, T, W] where tokens are separate
         if stage == "late":
-            head_in = {}
             for m, f in feats.items():
                 e = self.late_encoders[m](f.pooled)  # [B, D] decision embedding
                 modality_logits[m] = self.late_heads[m](e)  # [B, C]
                 z = modality_logits[m] if self.config.late_decision == "logits" else e
+                z = units[f"proj_{m}"] = self._mask(f"proj_{m}", z)  # [B, W]
                 head_in[m] = ModalityOutput(z[:, None], present[m][:, None], z)
         else:
-            head_in = {}
             for m, f in feats.items():
-                if not self.config.fuse_tokens:  # one token per modality: its pooled vector
-                    f = ModalityOutput(f.pooled[:, None], f.present[:, None], f.pooled)
-                tokens, pooled = self.proj[m](f.tokens), self.proj[m](f.pooled)  # [B, T, D], [B, D]
+                pooled = self.proj[m](f.pooled)  # [B, D]
                 if stage == "early":
-                    tokens, pooled = tokens + self.modality_embed[m], pooled + self.modality_embed[m]
-                head_in[m] = ModalityOutput(tokens, f.mask, pooled)
+                    pooled = pooled + self.modality_embed[m]
+                pooled = units[f"proj_{m}"] = self._mask(f"proj_{m}", pooled)
+                if self.config.fuse_tokens:
+                    tokens = self.proj[m](f.tokens)  # [B, T, D]
+                    if stage == "early":
+                        tokens = tokens + self.modality_embed[m]
+                    tokens = units[f"proj_{m}.tokens"] = self._mask(f"proj_{m}", tokens)
+                    head_in[m] = ModalityOutput(tokens, f.mask, pooled)
+                else:  # one token per modality: its pooled vector
+                    head_in[m] = ModalityOutput(pooled[:, None], f.present[:, None], pooled)
                 if stage == "hybrid":
                     modality_logits[m] = self.late_heads[m](pooled)  # [B, C]
         out = self.fusion_head(head_in)
-        fused = self.trunk(out.fused, out.tokens, out.token_mask)  # [B, D]
+        units["head"] = self._mask("head", out.fused)  # [B, D]
+        fused = units["trunk"] = self._mask("trunk", self.trunk(units["head"], out.tokens, out.token_mask))  # [B, D]
         logits = self.classifier(fused)  # [B, C]
         if stage == "hybrid":
             logits = self._mix(logits, modality_logits, present)
-        return FusionModelOutput(logits, fused, modality_logits, present, dict(out.aux))
+        return FusionModelOutput(logits, fused, modality_logits, present, dict(out.aux), units)
 
     def _mix(self, fused_logits: Tensor, modality_logits: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
         """Hybrid: softmax-weighted mean of the fused and the present modalities' predictions."""
@@ -399,7 +490,8 @@ class FusionModel(nn.Module):
         finally:
             self.train(was_training)
         b = out.logits.shape[0]
-        mix = self.mix_weights(out.present, b, out.logits.device) if self.config.stage == "hybrid" else None
+        hybrid = self.config.stage == "hybrid" and not self.config.modules
+        mix = self.mix_weights(out.present, b, out.logits.device) if hybrid else None
         present = {m: feats[m].present for m in given}
         return [_predict.explain(out.aux, self.modalities, i, b, contribution, mix, present) for i in range(b)]
 

@@ -1,0 +1,182 @@
+"""Modular models: objectives pinned on exact values, decompose -> compose reproduces the model, module folders,
+composition across models, replacement, and composed models that load, predict and export like any zoo model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoders import ModalityOutput
+from fusion_errors import ConfigError
+from fusion_heads import list_fusion_heads
+from zoo.config import FusionModelConfig
+from zoo.hub import from_pretrained, save_pretrained
+from zoo.model import FusionModel
+from zoo.modular import (
+    ModuleError,
+    calibrate,
+    class_masks,
+    compose,
+    decompose,
+    load_module,
+    modularity_losses,
+    replace_module,
+    save_module,
+    unit_jaccard,
+)
+
+from .conftest import FAKE, LABELS
+
+#: decompose -> compose of every module with coverage 1.0 keeps every unit any class uses: the composed logits
+#: are the original ones up to float32 summation order
+TOLERANCE = 1e-5
+
+
+def feats(n: int = 24, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, ModalityOutput]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, d in sorted((dims or {"audio": 6, "image": 6, "text": 6}).items()):
+        tokens = torch.randn(n, 3, d, generator=g)  # [N, 3, D]
+        out[m] = ModalityOutput(tokens, torch.ones(n, 3, dtype=torch.bool), tokens.mean(1))
+    return out
+
+
+def head_only(stage: str = "early", head: str = "concat", seed: int = 0, **kw) -> FusionModel:
+    torch.manual_seed(seed)
+    cfg = FusionModelConfig(encoders={m: FAKE[m] for m in ("audio", "image", "text")}, labels=LABELS, stage=stage,
+                            fusion_head=head, hidden_dim=8, **kw)
+    return FusionModel(cfg, embed_dims=dict.fromkeys(("audio", "image", "text"), 6)).eval()
+
+
+def logits(model: FusionModel, f: dict[str, ModalityOutput]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.fuse(f).logits
+
+
+def test_objectives_on_written_out_patterns() -> None:
+    """Two classes on disjoint units, two samples each: perfect affinity (0) and dispersion (0); each sample
+    has 1 of 4 units on: density 1 / sqrt(4) = 0.5."""
+    a = torch.tensor([[1.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, -1.0, 0]])
+    out = modularity_losses({"x": a}, torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(out["affinity"], torch.tensor(0.0))
+    torch.testing.assert_close(out["dispersion"], torch.tensor(0.0))
+    torch.testing.assert_close(out["compactness"], torch.tensor(0.5))
+    same = modularity_losses({"x": torch.ones(4, 4)}, torch.tensor([0, 0, 1, 1]))  # every sample the same
+    torch.testing.assert_close(same["dispersion"], torch.tensor(1.0))
+    torch.testing.assert_close(same["compactness"], torch.tensor(1.0))
+
+
+def test_class_masks_keep_the_fewest_units_covering_the_share() -> None:
+    imp = {"x": torch.tensor([[0.5, 0.3, 0.2, 0.0]])}
+    assert class_masks(imp, 0, 0.5)["x"].tolist() == [1, 0, 0, 0]
+    assert class_masks(imp, 0, 0.8)["x"].tolist() == [1, 1, 0, 0]
+    assert class_masks(imp, 0, 1.0)["x"].tolist() == [1, 1, 1, 0]  # a unit with no attribution is never kept
+
+
+@pytest.mark.parametrize("stage", ["early", "late", "hybrid"])
+@pytest.mark.parametrize("head", list_fusion_heads())
+def test_decompose_then_compose_all_modules_reproduces_the_model(stage: str, head: str) -> None:
+    model = head_only(stage, head)
+    f = feats()
+    modules = decompose(model, f, coverage=1.0)
+    assert [m.label for m in modules] == list(LABELS)
+    composed = compose(modules, with_encoders=False)
+    torch.testing.assert_close(logits(composed, f), logits(model, f), rtol=0, atol=TOLERANCE)
+    assert all(0 < m.stats["weight_share"] <= 1 for m in modules)
+
+
+def test_smaller_coverage_keeps_fewer_units_and_weights() -> None:
+    model = head_only()
+    f = feats(48)
+    full, small = decompose(model, f, coverage=1.0), decompose(model, f, coverage=0.5)
+    for a, b in zip(full, small, strict=True):
+        assert sum(b.stats["units"].values()) < sum(a.stats["units"].values())
+        assert b.stats["weight_share"] < a.stats["weight_share"]
+    overlap = unit_jaccard(small)
+    assert len(overlap) == 3 and all(0 <= x <= 1 for x in overlap)
+
+
+def test_module_folder_round_trip_and_composed_model_is_a_zoo_model(make_model, raw, tmp_path: Path) -> None:
+    model = make_model(stage="hybrid", fusion_head="gating")
+    batch = model.preprocess(**raw)
+    f = model.encode(batch)
+    modules = decompose(model, f, coverage=1.0, source="m")
+    folders = [save_module(m, tmp_path / "modules" / m.label) for m in modules]
+    assert sorted(p.name for p in folders[0].iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = [load_module(p) for p in folders]
+    assert loaded[0].encoders == modules[0].encoders and loaded[0].encoders["text"]["weights_sha256"]
+    composed = compose(loaded)
+    torch.testing.assert_close(logits(composed, f), logits(model, f), rtol=0, atol=TOLERANCE)
+    path = save_pretrained(composed, tmp_path / "composed")
+    again = from_pretrained(path)
+    torch.testing.assert_close(logits(again, f), logits(model, f), rtol=0, atol=TOLERANCE)
+    rows = again.predict(**raw)
+    assert [r["label"] for r in rows] == [LABELS[i] for i in logits(model, f).argmax(-1).tolist()]
+    assert set(rows[0]["explain"]["contribution"]) == {"audio", "image", "text"}
+
+
+def test_composed_model_exports_to_torchscript(make_model, raw, tmp_path: Path) -> None:
+    from zoo.export import export, verify_export
+
+    model = make_model()
+    composed = compose(decompose(model, model.encode(model.preprocess(**raw)), coverage=0.9))
+    out = export(composed, tmp_path / "m.pt", format="torchscript")
+    assert verify_export(composed, out) < 1e-4
+
+
+def test_compose_refuses_modules_over_other_encoders(make_model, raw) -> None:
+    a = make_model()
+    b = make_model(modalities=("image", "text"))
+    ma = decompose(a, a.encode(a.preprocess(**raw)), 1.0)
+    mb = decompose(b, b.encode(b.preprocess(image=raw["image"], text=raw["text"])), 1.0)
+    with pytest.raises(ModuleError, match="reads other encoders") as e:
+        compose([ma[0], mb[1]])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModuleError, match="more than one module"):
+        compose([ma[0], ma[0]])
+
+
+def test_replace_swaps_one_class_and_keeps_the_others() -> None:
+    weak, strong = head_only(seed=0), head_only(seed=1)
+    f = feats()
+    new = next(m for m in decompose(strong, f, 1.0) if m.label == "b")
+    repaired = replace_module(weak, "b", new)
+    assert len(repaired.parts) == 2  # the rest of the weak model stays one part
+    got, w, s = logits(repaired, f), logits(weak, f), logits(strong, f)
+    torch.testing.assert_close(got[:, [0, 2]], w[:, [0, 2]], rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(got[:, 1], s[:, 1], rtol=0, atol=TOLERANCE)
+    with pytest.raises(ModuleError, match="not one of the model's labels"):
+        replace_module(weak, "z", new)
+    with pytest.raises(ModuleError, match="scores 'b', not 'a'"):
+        replace_module(weak, "a", new)
+
+
+def test_calibration_fits_scale_and_bias_on_validation_data() -> None:
+    model = head_only()
+    f = feats(64)
+    y = logits(model, f).argmax(-1)  # labels the model gets right, then a composed copy with shifted scores
+    composed = compose(decompose(model, f, 1.0), with_encoders=False)
+    top = int(y.mode().values)  # the class predicted most: its module now scores far too low
+    composed.parts[top].classifier.bias.data -= 5.0
+    result = calibrate(composed, f, y)
+    assert result["val_accuracy_after"] > result["val_accuracy_before"]
+    assert float(composed.module_bias[top]) > 1.0 and bool((composed.module_scale > 0).all())
+
+
+def test_modularity_setting_is_validated_and_old_configs_load() -> None:
+    cfg = head_only(modularity={"affinity": 1, "compactness": 0.1}).config
+    assert cfg.modularity == {"affinity": 1.0, "compactness": 0.1}
+    assert FusionModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("modularity", "modules")}
+    assert FusionModelConfig.from_dict(old).modularity is None
+    with pytest.raises(ConfigError, match="did you mean modularity.affinity"):
+        cfg.replace(modularity={"afinity": 1.0})
+    with pytest.raises(ConfigError, match=r"modularity.dispersion=-1 must be"):
+        cfg.replace(modularity={"dispersion": -1})
+    with pytest.raises(ConfigError, match="multiclass"):
+        cfg.replace(modularity={"affinity": 1.0}, task="regression")
+    assert math.isfinite(float(modularity_losses(head_only().fuse(feats()).units, torch.tensor([0, 1] * 12))
+                               ["affinity"]))
