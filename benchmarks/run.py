@@ -37,6 +37,7 @@ from benchmarks.measure import (  # noqa: E402
     pipeline_headroom,
     sweep_cache_speedup,
 )
+from benchmarks.scale import scale_rss, warm_rowcheck  # noqa: E402
 from benchmarks.serve_load import TARGETS as SERVE_TARGETS  # noqa: E402
 from benchmarks.serve_load import measure as serve_load  # noqa: E402
 
@@ -52,7 +53,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cache_encode_speedup": (">=", 2.5),
     "cached_step_overhead": ("<=", 1.5),
     "cli_startup_seconds": ("<=", 3.0),
+    # issue 31: what grows with the table (benchmarks/scale.py); optional steps, run with --only
+    "scale_rss_mb_per_100k_rows": ("<=", 100.0),
+    "scale_rss_mb_per_100k_rows_tokens": ("<=", 300.0),
+    "scale_warm_rowcheck_seconds_per_100k": ("<=", 2.0),
 }
+# steps that run only when --only names them (minutes each); their keys keep their previous values otherwise
+OPTIONAL_STEPS = {"scale_pooled": ("scale_rss_mb_per_100k_rows",),
+                  "scale_tokens": ("scale_rss_mb_per_100k_rows_tokens",),
+                  "scale_rowcheck": ("scale_warm_rowcheck_seconds_per_100k",)}
 TARGETS.update(SERVE_TARGETS)
 
 
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated steps to run (sweep_cache_speedup, head_step_share, inference, "
                         "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, cli_startup, "
-                        "main_job); "
+                        "main_job; optional, only when named here: scale_pooled, scale_tokens, scale_rowcheck); "
                         "the keys of the others keep their values from the previous results.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
     p.add_argument("--threads", type=int, default=None,
@@ -165,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
              ("inference", inference_fusion), ("pipeline_headroom", pipeline_headroom),
              ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load),
              ("cache_encode", cache_encode_speedup), ("cached_step", cached_step_overhead),
-             ("cli_startup", cli_startup_seconds)]
+             ("cli_startup", cli_startup_seconds), ("scale_pooled", scale_rss),
+             ("scale_tokens", lambda: scale_rss(tokens=True)), ("scale_rowcheck", warm_rowcheck)]
     only = set(args.only.split(",")) if args.only else None
     if only is not None and (unknown := only - {name for name, _ in steps} - {"main_job"}):
         p.error(f"--only: unknown steps {sorted(unknown)}")
     for name, fn in steps:
-        if only is not None and name not in only:
+        if (only is not None and name not in only) or (only is None and name in OPTIONAL_STEPS):
             continue
         t = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
@@ -199,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None:  # steps not run this time keep their previous values
         results = {k: v for k, v in results.items() if v is not None}
         kept |= {k: v for k, v in previous.items() if k in TARGETS and k not in results}
+    optional = {k for keys in OPTIONAL_STEPS.values() for k in keys}
+    kept |= {k: v for k, v in previous.items() if k in optional and k not in results}
     # each step's details (setup, per-setting times, load) stay beside the figures; a rerun replaces its own
     kept["details"] = {**previous.get("details", {}), **details}
     for key in [k for k in kept if k.endswith("_details") and k[:-len("_details")] in results]:
