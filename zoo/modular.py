@@ -173,13 +173,13 @@ class ClassModule:
 
 def encoder_records(model: FusionModel) -> dict[str, dict[str, Any]]:
     """Modality -> ``{name, options, weights_sha256}`` of the frozen encoders ``model`` reads (what a module
-    references); a fine-tuned encoder cannot be shared by reference and is refused."""
+    references); a fine-tuned encoder is part of one model, not shared, and is refused."""
     out = {}
     for m, spec in model.config.encoders.items():
+        if spec.finetune != "frozen":
+            raise ModuleError(f"the {m} encoder {spec.name!r} is fine-tuned ({spec.finetune}); modules share frozen "
+                              "encoders by name and hash only (decompose a model with frozen encoders).")
         enc: Any = model.encoders[m] if m in model.encoders else None
-        if enc is not None and fmt.stored_mode(enc, spec) != "reference":
-            raise ModuleError(f"the {m} encoder {spec.name!r} was fine-tuned; modules share frozen encoders by "
-                              "reference only (decompose a model with frozen encoders).")
         sha = fmt.reference_hash(enc, "reference") if enc is not None else fmt._fresh_hash(spec, "reference")
         out[m] = {"name": spec.name, "options": dict(spec.options), "weights_sha256": sha}
     return out
@@ -343,7 +343,7 @@ def as_modules(model: FusionModel, source: str = "") -> list[ClassModule]:
         out = []
         records = encoder_records(model)
         for part, entry in zip(model.parts, model.config.modules, strict=True):
-            head = _head_only(cast(FusionModel, part))  # one copy per part: its classes stay one part when composed again
+            head = _head_only(cast(FusionModel, part))  # one copy per part: its classes stay one part
             for name, idx in zip(entry["labels"], entry["class_indices"], strict=True):
                 out.append(ClassModule(name, idx, head, records, entry["source"]))
         return out

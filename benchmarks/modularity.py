@@ -1,0 +1,169 @@
+"""Modular fused models on real data (issue 32): ``python benchmarks/modularity.py [--data-dir DIR] [--seeds 3]``.
+
+On cached encoder features (the feature cache ``fusion-zoo fit`` fills), with and without the modular objectives,
+per seed: trains a default-recipe head (early fusion, concat), decomposes it into class modules (``--coverage``),
+and measures
+
+* ``decompose_cost``: test accuracy of the original minus that of all its modules composed (no calibration);
+* ``module_share`` / ``overlap``: mean head-side weight share of a module, mean pairwise Jaccard of kept units;
+* ``reuse_gap``: a model trained on half of the classes alone minus the modules of those classes composed
+  (calibrated on validation rows of those classes), with the compute ratio (training time / decompose time);
+* ``replace_gain``: a model trained with one class at 5% of its rows, repaired with that class's module from a
+  model trained on all rows (calibrated on validation): the target class's accuracy gain and the largest change
+  of another class's accuracy;
+* ``train_overhead``: training time per epoch with the objectives over without.
+
+Figures are merged into benchmarks/results.json (``modular_*`` keys; the others kept) and written up in
+docs/modularity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recipes.modular_cli import accuracy, relabel  # noqa: E402
+from recipes.settings import OptimConfig  # noqa: E402
+from recipes.sweep.features import cached_features  # noqa: E402
+from recipes.sweep.train import CachedFeatureTask, SplitFeatures, feature_loader  # noqa: E402
+from zoo.config import FusionModelConfig  # noqa: E402
+from zoo.model import FusionModel  # noqa: E402
+from zoo.modular import calibrate, compose, decompose, replace_module, unit_jaccard  # noqa: E402
+
+__all__ = ["TARGETS", "train", "run_seed", "main"]
+
+TARGETS = {"modular_decompose_cost": ("<=", 0.01), "modular_module_share": ("<=", 0.4),
+           "modular_overlap": ("<=", 0.3), "modular_reuse_gap": ("<=", 0.02),
+           "modular_replace_gain": (">=", 0.10), "modular_train_overhead": ("<=", 1.3)}
+DEFAULT_WEIGHTS = {"affinity": 1.0, "dispersion": 1.0, "compactness": 0.3}
+
+
+def train(cfg: FusionModelConfig, data: SplitFeatures, val: SplitFeatures, seed: int, epochs: int,
+          batch_size: int = 128) -> tuple[FusionModel, float]:
+    """A head-only model trained on cached features; returns it (eval mode) and the seconds per epoch."""
+    pl.seed_everything(seed, verbose=False)
+    task = CachedFeatureTask(cfg.to_dict(), data.embed_dims, OptimConfig())
+    task.model.fit_feature_norm(data.feats)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         gradient_clip_val=1.0)
+    start = time.perf_counter()
+    trainer.fit(task, train_dataloaders=feature_loader(data, batch_size, True, seed))
+    return task.model.eval(), (time.perf_counter() - start) / epochs
+
+
+def per_class(model: FusionModel, split: SplitFeatures) -> list[float]:
+    """Test accuracy of each class [C]."""
+    from recipes.modular_cli import predictions
+
+    pred, y = predictions(model, split.feats), split.labels.long()
+    return [float((pred[y == c] == c).float().mean()) if bool((y == c).any()) else float("nan")
+            for c in range(model.config.num_outputs)]
+
+
+def _subsample(split: SplitFeatures, label: int, share: float, seed: int) -> SplitFeatures:
+    g = torch.Generator().manual_seed(seed)
+    y = split.labels.long()
+    rows = (y == label).nonzero().flatten()
+    keep_l = rows[torch.randperm(len(rows), generator=g)[: max(1, int(share * len(rows)))]]
+    keep = torch.cat([(y != label).nonzero().flatten(), keep_l]).sort().values
+    return SplitFeatures({m: f.index(keep) for m, f in split.feats.items()}, y[keep])
+
+
+def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: float) -> dict[str, float]:
+    """Every figure for one seed and one config (with or without the objectives)."""
+    labels = list(cfg.labels)
+    tr, va, te = fs.train, fs.val, fs.test
+    model, epoch_s = train(cfg, tr, va, seed, epochs)
+    t = time.perf_counter()
+    modules = decompose(model, va.feats, coverage)
+    decompose_s = time.perf_counter() - t
+    composed = compose(modules, with_encoders=False)
+    acc, acc_c = accuracy(model, te), accuracy(composed, te)
+    # reuse: the first half of the classes
+    sub = labels[: len(labels) // 2]
+    tr_s, va_s, te_s = (relabel(s, sub) for s in (tr, va, te))
+    alone, sub_epoch_s = train(cfg.replace(labels=tuple(sub)), tr_s, va_s, seed, epochs)
+    reused = compose([m for m in modules if m.label in sub], with_encoders=False)
+    calibrate(reused, va_s.feats, va_s.labels)
+    # replacement: the last class under-represented
+    target = len(labels) - 1
+    weak, _ = train(cfg, _subsample(tr, target, 0.05, seed), va, seed, epochs)
+    donor = next(m for m in decompose(model, va.feats, coverage) if m.label == labels[target])
+    repaired = replace_module(weak, labels[target], donor)
+    calibrate(repaired, va.feats, va.labels)
+    before, after = per_class(weak, te), per_class(repaired, te)
+    return {
+        "accuracy": acc, "composed_accuracy": acc_c, "decompose_cost": acc - acc_c,
+        "module_share": mean(float(m.stats["weight_share"]) for m in modules),
+        "overlap": mean(unit_jaccard(modules)),
+        "reuse_gap": accuracy(alone, te_s) - accuracy(reused, te_s),
+        "reuse_compute_ratio": sub_epoch_s * epochs / max(decompose_s, 1e-9),
+        "replace_gain": after[target] - before[target],
+        "replace_other_change": max(abs(a - b) for i, (a, b) in enumerate(zip(after, before, strict=True))
+                                    if i != target),
+        "epoch_seconds": epoch_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None, help="a prepared folder (e.g. ~/.cache/fusion-zoo/easyvqa); "
+                                                   "default: the bundled tridigits")
+    p.add_argument("--columns", default=None, help='roles -> columns, JSON, e.g. {"text": "question", "label": '
+                                                   '"answer"}')
+    p.add_argument("--name", default="tridigits", help="the dataset's name in results.json")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--coverage", type=float, default=0.9)
+    p.add_argument("--no-write", action="store_true", help="print the figures, leave results.json alone")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    data: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {"dataset": "tridigits"}
+    if args.columns:
+        data["columns"] = json.loads(args.columns)
+    fs = cached_features(types.SimpleNamespace(data=data, model={}), False)
+    if fs.val is None:
+        raise SystemExit("the data has no validation split; modules are chosen and calibrated on it.")
+    for split in (fs.train, fs.val, fs.test):
+        split.names = list(fs.labels)  # what relabel maps from
+    base = FusionModelConfig(encoders=fs.encoders, labels=tuple(fs.labels))
+    results: dict[str, Any] = {}
+    for name, weights in (("plain", None), ("modular", DEFAULT_WEIGHTS)):
+        rows = [run_seed(fs, base.replace(modularity=weights), s, args.epochs, args.coverage)
+                for s in range(args.seeds)]
+        results[name] = {k: mean(r[k] for r in rows) for k in rows[0]}
+        print(name, json.dumps(results[name], indent=1), flush=True)
+    mod, plain = results["modular"], results["plain"]
+    summary = {"dataset": args.name, "seeds": args.seeds, "epochs": args.epochs, "coverage": args.coverage,
+               "weights": DEFAULT_WEIGHTS, "plain": plain, "modular": mod,
+               "accuracy_change": mod["accuracy"] - plain["accuracy"]}
+    values = {
+        f"modular_{args.name}": summary,
+        "modular_decompose_cost": mod["decompose_cost"], "modular_module_share": mod["module_share"],
+        "modular_overlap": mod["overlap"], "modular_reuse_gap": mod["reuse_gap"],
+        "modular_replace_gain": mod["replace_gain"],
+        "modular_train_overhead": mod["epoch_seconds"] / plain["epoch_seconds"],
+    }
+    print(json.dumps({k: v for k, v in values.items() if not k.startswith("modular_" + args.name)}, indent=1))
+    if not args.no_write:
+        from benchmarks.easyvqa import merge_results
+
+        merge_results(values, targets=TARGETS)
+    return values
+
+
+if __name__ == "__main__":
+    main()
