@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,16 @@ from fusion_errors import ConfigError
 
 from .loader import ResumableDataLoader
 
-__all__ = ["AtomicCheckpointIO", "ResumeCallback", "CachedFeatureThreads", "FusionCheckpoint", "LAST_EVERY_N_EPOCHS"]
+__all__ = ["AtomicCheckpointIO", "ResumeCallback", "CachedFeatureThreads", "FusionCheckpoint", "LAST_EVERY_N_EPOCHS",
+           "LAST_EVERY_MINUTES"]
 
 #: default epochs between two ``last.ckpt`` writes. The main job (default recipe, tridigits rebalanced: 40 epochs,
 #: 9 improvements of val/loss, last.ckpt 6.8 MB, best.ckpt 2.3 MB) then writes 9 x 2.3 + 8 x 6.8 = 75 MB
 #: (every 3 epochs: 115 MB); a kill loses at most 5 epochs (about a second each on cached tridigits features).
 LAST_EVERY_N_EPOCHS = 5
+#: ... and at most this many minutes of training between two writes, mid-epoch if need be, so a kill in a long
+#: first epoch (fine-tuning, a large table) still resumes; a cached-feature epoch of seconds never reaches it
+LAST_EVERY_MINUTES = 5.0
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -201,19 +206,30 @@ class FusionCheckpoint(ModelCheckpoint):
     - With ``every_n_train_steps N`` (``--checkpoint.every_n_train_steps``) Lightning's step schedule applies
       instead, and ``last.ckpt`` is written every N steps from step 0: Lightning defers every save until the
       monitored validation metric exists, so a run killed during epoch 0 had nothing to resume from.
+    - Whatever the schedule, ``last.ckpt`` is also written after a training step when ``last_every_minutes`` of
+      training passed since the last write (the decision is rank 0's, broadcast under DDP), so a kill anywhere,
+      the first epoch included, loses at most that much time.
 
     Args:
         last_every_n_epochs: epochs between two ``last.ckpt`` writes (0: only at the end of training).
+        last_every_minutes: most minutes of training between two ``last.ckpt`` writes (0: no time limit).
         *args, **kwargs: ``ModelCheckpoint``'s.
     """
 
-    def __init__(self, *args: Any, last_every_n_epochs: int = LAST_EVERY_N_EPOCHS, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, last_every_n_epochs: int = LAST_EVERY_N_EPOCHS,
+                 last_every_minutes: float = LAST_EVERY_MINUTES, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(last_every_n_epochs, int) or isinstance(last_every_n_epochs, bool) \
                 or last_every_n_epochs < 0:
             raise ConfigError(f"--checkpoint.last_every_n_epochs {last_every_n_epochs!r} must be an integer >= 0.")
+        if isinstance(last_every_minutes, bool) or not isinstance(last_every_minutes, (int, float)) \
+                or not 0 <= last_every_minutes < float("inf"):
+            raise ConfigError(f"--checkpoint.last_every_minutes {last_every_minutes!r} must be a number >= 0 "
+                              "(0: no time limit).")
         self.last_every_n_epochs = last_every_n_epochs
+        self.last_every_minutes = float(last_every_minutes)
         self._last_step_written = -1  # global step of the latest last.ckpt this process wrote
+        self._last_written_at = time.monotonic()  # when it was written (or training started)
 
     def _step_schedule(self) -> bool:
         return self._every_n_train_steps >= 1 or self._train_time_interval is not None
@@ -228,6 +244,7 @@ class FusionCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
         if is_last:
             self._last_step_written = trainer.global_step
+            self._last_written_at = time.monotonic()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
@@ -261,8 +278,24 @@ class FusionCheckpoint(ModelCheckpoint):
         if self.save_last and not trainer.fast_dev_run and self._last_step_written != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_written_at = time.monotonic()
+
+    def _time_is_up(self, trainer: Any) -> bool:
+        """Whether ``last_every_minutes`` passed since the last write; rank 0 decides for every rank."""
+        if not self.save_last or self.last_every_minutes <= 0 or self._should_skip_saving_checkpoint(trainer):
+            return False
+        due = time.monotonic() - self._last_written_at >= 60.0 * self.last_every_minutes
+        return bool(trainer.strategy.broadcast(due)) if trainer.world_size > 1 else due
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._time_is_up(trainer) and self._last_step_written != trainer.global_step:
+            saved = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = saved  # the epoch schedule's saves still happen
+            return
         n, step = self._every_n_train_steps, trainer.global_step
         if not self.save_last or n < 1 or step % n or self._should_skip_saving_checkpoint(trainer):
             return

@@ -306,6 +306,28 @@ def _check_trainer(trainer: Any, subcommand: str) -> None:
         raise ConfigError(f"--trainer.devices {devices} must be >= 1, -1 (all) or auto.")
 
 
+#: what a finished run leaves in its folder: a new run there would replace them
+RUN_OUTPUTS = ("metrics.json", "model", "config.yaml")
+
+
+def _check_fresh_root(argv: list[str]) -> None:
+    """A ``--trainer.default_root_dir`` that already holds a run's outputs is refused (``--resume`` continues one,
+    and so does ``--ckpt_path``)."""
+    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv):
+        return
+    for i, a in enumerate(argv):
+        if a == "--trainer.default_root_dir" and i + 1 < len(argv):
+            root = Path(argv[i + 1])
+        elif a.startswith("--trainer.default_root_dir="):
+            root = Path(a.split("=", 1)[1])
+        else:
+            continue
+        found = [name for name in RUN_OUTPUTS if (root / name).exists()]
+        if found:
+            raise ConfigError(f"--trainer.default_root_dir {root} already holds a run ({', '.join(found)}); pass a new "
+                              f"folder, or --resume {root} to continue that run.")
+
+
 def run_lightning(argv: list[str], datamodule_class: type | None = None) -> FusionCLI:
     if datamodule_class is None:
         from .data import FusionDataModule
@@ -316,6 +338,7 @@ def run_lightning(argv: list[str], datamodule_class: type | None = None) -> Fusi
     subcommand = argv[0]
     # `--init-from NAME` is the documented short form of `--model.init_from NAME`
     argv = [a.replace("--init-from", "--model.init_from", 1) if a.startswith("--init-from") else a for a in argv]
+    _check_fresh_root(argv)
     argv = _resume_args(argv)
     from pytorch_lightning import Trainer
 

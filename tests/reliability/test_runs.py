@@ -75,6 +75,48 @@ def test_a_run_killed_in_epoch_0_resumes_with_resume(tmp_path: Path) -> None:
     assert (tmp_path / "crash/checkpoints/best.ckpt").is_file() and (tmp_path / "crash/metrics.json").is_file()
 
 
+def test_with_default_flags_a_kill_in_epoch_0_resumes_from_the_time_based_checkpoint(tmp_path: Path) -> None:
+    """No step schedule (the default): last.ckpt is still written mid-epoch once --checkpoint.last_every_minutes
+    passed (here a microsecond, so after every step), so a kill in the first epoch resumes (issue 30, 9)."""
+    timed = ("--checkpoint.every_n_train_steps", "0", "--checkpoint.last_every_minutes", "1e-8")
+    killed = _fit(tmp_path, "--trainer.default_root_dir", "crash", *timed, FUSION_KILL_AT_STEP="3")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "crash/checkpoints/last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["epoch"] == 0  # written after step 3, mid-epoch, before validation
+    resumed = _fit(tmp_path, "--resume", "crash", *timed)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 18
+
+
+def test_the_checkpoint_time_limit_is_on_by_default_and_checked(capsys: pytest.CaptureFixture) -> None:
+    from recipes.callbacks import LAST_EVERY_MINUTES, FusionCheckpoint
+
+    assert FusionCheckpoint().last_every_minutes == LAST_EVERY_MINUTES > 0
+    assert cli.main(["fit", "--checkpoint.last_every_minutes", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint.last_every_minutes -1" in err[0] and "must be a number >= 0" in err[0]
+
+
+def test_a_reused_run_folder_is_refused_in_one_line_and_resume_still_continues_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 30 (10): a second fit into a folder that holds a run would replace its metrics, model and config."""
+    first = _fit(tmp_path, "--trainer.default_root_dir", "run", "--trainer.max_epochs", "1")
+    assert first.communicate(timeout=300) and first.returncode == 0
+    before = (tmp_path / "run/metrics.json").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "--trainer.default_root_dir", "run", "--trainer.max_epochs", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--trainer.default_root_dir run already holds a run (metrics.json, model, config.yaml)" \
+        in lines[0] and "--resume run" in lines[0]
+    assert (tmp_path / "run/metrics.json").read_bytes() == before
+    resumed = _fit(tmp_path, "--resume", "run", "--trainer.max_epochs", "2")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+
+
 def test_resume_without_a_checkpoint_says_so_and_starts(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("reliability_toy_runs", TOY)
