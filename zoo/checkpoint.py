@@ -6,9 +6,10 @@ ones in full, LoRA ones as adapter weights only. The format is described in docs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -418,6 +419,7 @@ def _compare(got: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], whe
 def load_checkpoint(
     build: Callable[..., M], name_or_path: str | Path, *, map_location: str = "cpu", strict: bool = True,
     check_hashes: bool = True, allow_external_paths: bool = False, max_parameters: int | None = None,
+    online: bool = False,
 ) -> M:
     """Load a fused model from a folder, a zoo name or ``hf-hub:org/name`` (returned in eval mode).
 
@@ -433,8 +435,55 @@ def load_checkpoint(
             untrusted input and may only name registered encoders, hub ids and files inside its own folder.
         max_parameters: refuse a model whose parameter count, estimated from config.json before any tensor is
             built, exceeds this (default :data:`MAX_PARAMETERS` or ``$FUSION_ZOO_MAX_PARAMETERS``).
+        online: let the encoders a checkpoint names download from the Hugging Face Hub. Off by default: a name in
+            config.json that is neither a file in the folder nor an installed encoder fails at once instead of
+            contacting the Hub (an ``hf-hub:`` name is the user's own opt-in and implies it).
     """
     folder = resolve(name_or_path)
+    allowed = online or str(name_or_path).startswith(HF_PREFIX)
+    try:
+        with hub_access(allowed):
+            return _load(build, folder, name_or_path, map_location, strict, check_hashes, allow_external_paths,
+                         max_parameters)
+    except FusionZooError as e:
+        if allowed or not _not_on_this_machine(e):
+            raise
+        raise CheckpointError(f"{folder}: an encoder names a model that is neither a file in the folder nor on this "
+                              f"machine ({str(e).split(':')[0]}); loading a folder never downloads: pass --online "
+                              "(online=True) to fetch it from the Hugging Face Hub.") from e
+
+
+def _not_on_this_machine(error: BaseException) -> bool:
+    """Whether ``error`` comes from a Hub file that is absent locally (and the Hub was off)."""
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None:
+            return False
+        if type(seen).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def hub_access(allowed: bool) -> Iterator[None]:
+    """Within the block, the Hugging Face Hub is off unless ``allowed`` (``huggingface_hub``'s offline switch, which
+    every transformers/timm download goes through: a request raises at once instead of retrying)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub client: nothing can download
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or not allowed
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _load(build: Callable[..., M], folder: Path, name_or_path: str | Path, map_location: str, strict: bool,
+          check_hashes: bool, allow_external_paths: bool, max_parameters: int | None) -> M:
     doc = read_config(folder)
     where = str(folder)
     if not isinstance(doc.get("model"), dict):

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fold", action="store_true",
                    help="run the image encoder as loaded (default: BatchNorm folded, channels-last; same outputs "
                         "within 1e-4)")
+    p.add_argument("--online", action="store_true",
+                   help="let encoders the model names download from the Hugging Face Hub (default: offline)")
 
     z = sub.add_parser("zoo", help="list and describe the pretrained fused models")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
@@ -92,13 +94,15 @@ def _predict(args: argparse.Namespace) -> int:
         if columns is not None and not (isinstance(columns, dict)
                                         and all(isinstance(v, str) for v in columns.values())):
             raise InputError("--columns must map modalities to column names, e.g. '{\"text\": \"question\"}'.")
-        model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths)
+        model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths,
+                                            online=args.online)
         args.table_predictor(model, args.table, args.output, columns=columns, batch_size=args.batch_size,
                              fold=not args.no_fold)
         return 0
     if not (args.text or args.image or args.audio):
         raise InputError("give at least one input: --text '...', --image PATH or --audio PATH (or --table FILE).")
-    model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths)
+    model = FusionModel.from_pretrained(args.model, allow_external_paths=args.allow_external_paths,
+                                            online=args.online)
     rows = model.predict(text=args.text, image=args.image, audio=args.audio, explain=not args.no_explain,
                          fold=not args.no_fold, batch_size=args.batch_size)
     if args.json:

@@ -130,7 +130,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: Serv
     if not _is_loopback(host):
         print(f"fusion-zoo serve: warning: binding {host}: anyone who can reach this machine can use the model "
               "(there is no authentication); put it behind a proxy that has.", file=sys.stderr)
-    loaded = from_pretrained(model)
+    loaded = from_pretrained(model, online=online)
     if fuse:
         loaded = optimize_for_serving(loaded)
     name = Path(model).name if Path(model).expanduser().is_dir() else model
