@@ -140,10 +140,12 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
     """
     root = Path(data_dir).expanduser().resolve() if data_dir else None
     if data_files is None and root is None:
-        if dataset == "tridigits":
-            from .tridigits.dataset import load_tridigits
+        from .sources import get_source
 
-            return load_tridigits(), None, "tridigits"
+        named = get_source(dataset)
+        if named is not None:  # the project's own datasets (recipes/sources.py)
+            splits, base = named.load()
+            return splits, base, named.name
         local = Path(dataset).expanduser()
         if local.is_dir():
             root = local.resolve()

@@ -17,6 +17,8 @@ import datasets
 
 from fusion_errors import DataError
 
+from ..sources import register_source
+
 __all__ = [
     "TRIDIGITS_LABELS", "FEATURES", "DATA_DIR", "SPLITS",
     "load_tridigits", "describe", "write_manifest",
@@ -97,6 +99,14 @@ def load_tridigits(
     files = _verified_files(data_dir, [split] if split else list(SPLITS))
     ds = datasets.load_dataset("parquet", data_files=files, features=FEATURES)
     return ds[split] if split else ds
+
+
+@register_source("tridigits", "the bundled tri-modal demo: spoken, written and handwritten digits (10 classes)",
+                 "made by fusion-zoo, shipped in the package (recipes/tridigits/data)")
+def _tridigits_source() -> tuple[datasets.DatasetDict, Path | None]:
+    splits = load_tridigits()
+    assert isinstance(splits, datasets.DatasetDict)
+    return splits, None
 
 
 def describe(data_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
