@@ -80,6 +80,13 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> Any:
     return run_lightning(argv, datamodule_class)
 
 
+def _verify(*args: Any, **kwargs: Any) -> Any:
+    """``recipes.build_pretrained.verify``, imported only when ``zoo verify`` runs."""
+    from .build_pretrained import verify
+
+    return verify(*args, **kwargs)
+
+
 def _predict_table(*args: Any, **kwargs: Any) -> Any:
     """``recipes.predict_table.predict_table``, imported only when ``predict --table`` runs (it loads datasets)."""
     from .predict_table import predict_table
@@ -109,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rest, verbose = split_verbose(args)
         configure_output(verbose)  # no transformers weight-loading bar over a prediction
-        return int(zoo_main(rest, table_predictor=_predict_table) or 0)
+        return int(zoo_main(rest, table_predictor=_predict_table, verifier=_verify) or 0)
     if command == "sweep":
         from .sweep.run import main as sweep_main
 

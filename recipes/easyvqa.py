@@ -157,7 +157,7 @@ def prepare(out_dir: str | Path = DEFAULT_DIR, val_fraction: float = 0.1, seed: 
     return out
 
 
-@register_source("easyvqa", "easy-VQA: questions about images of coloured shapes (13 answers), 38,575 questions",
+@register_source("easyvqa", "easy-VQA: questions about images of one coloured shape (13 answers)",
                  "the easy-vqa pip package (MIT), prepared into ~/.cache/fusion-zoo/easyvqa")
 def _easyvqa_source() -> tuple[datasets.DatasetDict, Path | None]:
     from ._columns import load_source

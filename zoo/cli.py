@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     zi = zsub.add_parser("info", help="card and metrics of one model")
     zi.add_argument("name")
     zi.add_argument("--json", action="store_true", help="print config, encoders and metrics as JSON")
+    zv = zsub.add_parser("verify", help="re-measure a model's card test accuracy from its data (when present here)")
+    zv.add_argument("names", nargs="*", help="zoo names or model folders (default: every shipped model)")
+    zv.add_argument("--limit", type=int, help="only the first N test rows (a quick check; never 'matches')")
 
     e = sub.add_parser("export", help="export a fused model to ONNX or TorchScript")
     e.add_argument("name", help="zoo name or model folder")
@@ -128,6 +131,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _zoo(args: argparse.Namespace) -> int:
     from .registry import info, list_pretrained
 
+    if args.zoo_command == "verify":
+        return _verify(args)
     if args.zoo_command == "list":
         names = list_pretrained(args.pattern)
         if not names:
@@ -141,6 +146,28 @@ def _zoo(args: argparse.Namespace) -> int:
     else:
         print(data.get("card") or json.dumps(data, indent=2, default=str))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Print one line per model: its card's test accuracy, the re-measured one, and whether they match; exit 1 on
+    a mismatch (a model whose data is not here is skipped, and says why)."""
+    from .registry import list_pretrained
+
+    if args.verifier is None:
+        raise InputError("zoo verify reads datasets with the recipes package: run it as `fusion-zoo zoo verify`.")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit {args.limit} must be >= 1.")
+    mismatches = 0
+    for name in args.names or list_pretrained():
+        r = args.verifier(name, limit=args.limit)
+        if "skipped" in r:
+            print(f"{name}: skipped: {r['skipped']}")
+            continue
+        mismatches += not r["matches"] and args.limit is None
+        verdict = "matches" if r["matches"] else ("checked on part of the test split" if args.limit else "DIFFERS")
+        print(f"{name}: card {r['card_test_accuracy']:.4f}, re-measured {r['raw_test_accuracy']:.4f} on "
+              f"{r['dataset']} test ({r['rows']} rows): {verdict}")
+    return 1 if mismatches else 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -186,14 +213,16 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
-def main(argv: Sequence[str] | None = None, table_predictor: Callable[..., Any] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, table_predictor: Callable[..., Any] | None = None,
+         verifier: Callable[..., dict[str, Any]] | None = None) -> int:
     """Run one zoo command; a :class:`FusionZooError` prints one line to stderr and returns 2.
 
     ``table_predictor``: what ``predict --table`` calls (``recipes.predict_table.predict_table``, passed in by the
-    ``fusion-zoo`` command: reading a table is the recipes layer's job, above this one).
+    ``fusion-zoo`` command: reading a table is the recipes layer's job, above this one). ``verifier``: what
+    ``zoo verify`` calls (``recipes.build_pretrained.verify``: it reads the card's dataset).
     """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    args.table_predictor = table_predictor
+    args.table_predictor, args.verifier = table_predictor, verifier
     handlers = {"predict": _predict, "zoo": _zoo, "export": _export, "convert": _convert, "serve": _serve,
                 "push": _push}
     try:
