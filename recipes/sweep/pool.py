@@ -55,9 +55,22 @@ def resolve_jobs(jobs: int, cells: int) -> int:
 _STATE: dict[str, Any] = {}
 
 
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to stop this worker when the sweep process dies (a killed sweep must not leave
+    workers training for minutes); elsewhere a worker ends when it next asks the dead parent for work."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init(fs: FeatureSet, common: dict[str, Any], verbose: bool) -> None:
     from recipes._quiet import configure_output
 
+    _die_with_parent()
     configure_output(verbose)  # as quiet (or not) as the parent
     torch.set_num_threads(1)
     _STATE.update(fs=fs, pooled=fs.pooled(), common=common)

@@ -435,3 +435,41 @@ def test_jobs_resolve_to_cores_and_never_more_than_the_cells(monkeypatch: pytest
     assert parse_args(["--jobs", "3"]).jobs == 3 and parse_args([]).jobs == 0
     with pytest.raises(ConfigError, match="--jobs -1 must be >= 0"):
         run_sweep(_settings(Path("unused"), jobs=-1), _provider([]))
+
+
+def test_killing_the_sweep_stops_its_workers(tmp_path: Path) -> None:
+    """A sweep killed with SIGKILL (no cleanup) must not leave its worker processes training (Linux: the kernel
+    stops a worker whose parent died)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["--heads", "concat,gating", "--stages", "early", "--seeds", "0,1", "--max-epochs", "500", "--jobs", "2",
+            "--model.encoders={image: tiny-image, text: tiny-text}", "--model.hidden_dim", "16",
+            "--data.max_samples", "16", "--data.cache_dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "o")]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.cli", "sweep", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    workers: list[int] = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until both workers train (their epoch lines appear)
+        if "epoch 1/500" in line:
+            workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                      text=True).stdout.split()]
+            if len(workers) >= 2:
+                break
+        assert time.time() < deadline, "the workers never started"
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and "Z" not in
+                 open(f"/proc/{p}/stat").read().split(")")[-1].split()[:1]]
+    assert not alive, f"workers {alive} outlived the killed sweep"
