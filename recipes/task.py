@@ -219,7 +219,8 @@ class FusionTask(pl.LightningModule):
                                       "with --data.columns '{\"text\": \"<column>\"}' or name --model.encoders.")
                 encoders = {m: DEFAULT_ENCODERS[m] for m in have}
             if not labels:
-                raise ConfigError("FusionTask needs labels: pass --model.labels or use a data module that sets them.")
+                raise ConfigError("FusionTask needs labels: in Python build it with FusionTask.for_data(dm, ...) or "
+                                  "pass labels=dm.labels (CLI: --model.labels, or a data module that sets them).")
             given: dict[str, Any] = {"fusion_head": fusion_head, "head_options": head_options}
             cfg = FusionModelConfig(
                 encoders=dict(encoders), labels=tuple(labels), stage=stage, task=task, hidden_dim=hidden_dim,
@@ -264,6 +265,18 @@ class FusionTask(pl.LightningModule):
         self.results: dict[str, dict[str, dict[str, float]]] = {}
 
     # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def for_data(cls, datamodule: Any, **kwargs: Any) -> FusionTask:
+        """A task for ``datamodule``'s data: its labels and modalities, as ``fusion-zoo fit`` links them.
+
+        Keyword arguments are FusionTask's (``encoders``, ``fusion_head``, ``stage``, ...); with no ``encoders``
+        each modality the data has gets its default encoder (the CLI's encoder probe runs only in ``fit``).
+        """
+        labels, modalities = getattr(datamodule, "labels", None), getattr(datamodule, "modalities", None)
+        if not labels:
+            raise ConfigError(f"{type(datamodule).__name__} has no labels; pass labels=[...] to FusionTask instead.")
+        return cls(**{"labels": list(labels), "modalities": modalities, **kwargs})
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FusionTask:
         """Rebuild a task and its weights from a Lightning ``.ckpt`` (loaded with ``weights_only=True``)."""
