@@ -21,6 +21,16 @@ from typing import Any
 
 from zoo.registry import PRETRAINED_DIR
 
+from .verify import (
+    INTENDED_USE,
+    TOLERANCE,
+    card_accuracy,
+    data_section,
+    dataset_accuracy,
+    verify,
+    with_data_section,
+)
+
 __all__ = ["GRID", "INTENDED_USE", "model_name", "build_one", "raw_split", "raw_accuracy", "dataset_accuracy",
            "data_section", "with_data_section", "card_table", "verify", "main"]
 
@@ -33,7 +43,6 @@ GRID: list[tuple[str, str, str]] = [
     ("easyvqa", "early", "concat"),
 ]
 RUNS_DIR = Path("runs") / "zoo-build"
-TOLERANCE = 0.005  # card vs re-measured test accuracy (0.5 points)
 
 
 def model_name(stage: str, head: str, dataset: str = DATASET) -> str:
@@ -93,52 +102,6 @@ def raw_accuracy(model: Any, split: str = "test", limit: int | None = None, batc
     return sum(r["label"] == y for r, y in zip(rows, labels, strict=True)) / max(1, len(labels))
 
 
-#: what each shipped dataset's models are for (the card's "Data and intended use")
-INTENDED_USE = {
-    "tridigits": "a fast offline demo of fusion (every stage and head), and a start for `--model.init_from` on "
-                 "digits given as speech, words and small images; not a model of real-world speech or handwriting",
-    "easyvqa": "answering easy-VQA's questions (colour, shape, yes/no) about 64-px images of one coloured shape, "
-               "and a start for `--model.init_from` on small image + question tables; not a general VQA model: "
-               "it knows 13 answers and synthetic shapes only",
-}
-
-
-def data_section(dataset: str, metrics: dict[str, Any]) -> str:
-    """The card's data section: source and licence, split sizes, intended use, and the limits the per-modality
-    test accuracies show (a model that needs every input says so)."""
-    from recipes.data import FusionDataModule
-    from recipes.sources import get_source
-
-    source = get_source(dataset)
-    if source is None:
-        return str(dataset)
-    dm = FusionDataModule(dataset=dataset, cache_features=False)
-    sizes = ", ".join(f"{role} {len(ds):,}" for role, (ds, _, _) in dm._parts.items())
-    test = metrics.get("test") or {}
-    alone = {m: v["accuracy"] for m, v in test.items() if m != "fused" and isinstance(v, dict) and "accuracy" in v}
-    lines = [f"`--data.dataset {dataset}`: {source.description}. Source: {source.origin}. Rows: {sizes}.", "",
-             f"Intended use: {INTENDED_USE.get(dataset, 'see the dataset')}.", ""]
-    if alone and "accuracy" in (test.get("fused") or {}):
-        each = ", ".join(f"{m} alone {a:.3f}" for m, a in sorted(alone.items()))
-        lines.append(f"Known limits: fused test accuracy {test['fused']['accuracy']:.3f} against {each}: the model "
-                     "needs all its inputs; a missing modality costs accuracy.")
-    return "\n".join(lines)
-
-
-def with_data_section(card: str, dataset: str, metrics: dict[str, Any]) -> str:
-    """``card`` with its ``## Data`` section replaced by :func:`data_section`."""
-    start = card.index("## Data\n")
-    end = card.index("\n## ", start + 1)
-    return card[:start] + "## Data\n\n" + data_section(dataset, metrics) + "\n" + card[end:]
-
-
-def card_accuracy(folder: Path, split: str = "test") -> float | None:
-    """The fused accuracy a model folder's config.json reports for ``split`` (None when absent)."""
-    metrics = json.loads((folder / "config.json").read_text()).get("metrics", {})
-    value = metrics.get(split, {}).get("fused", {}).get("accuracy")
-    return None if value is None else float(value)
-
-
 def card_table(results: Sequence[dict[str, Any]], out_dir: Path = PRETRAINED_DIR) -> str:
     """docs/zoo.md's table of the built models: each card's test accuracy (fused and each modality alone), the
     accuracy re-measured from raw inputs, and the build time."""
@@ -195,58 +158,6 @@ def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = 
     ok = reported is not None and abs(measured - reported) <= TOLERANCE
     return {"name": name, "seconds": round(time.time() - start, 1), "card_test_accuracy": reported,
             "raw_test_accuracy": measured, "consistent": ok}
-
-
-def dataset_accuracy(model: Any, dataset: str, split: str = "test", limit: int | None = None,
-                     cache_dir: str | None = None) -> float:
-    """Accuracy of ``model`` on a named dataset's split through the data module, as ``fusion-zoo test`` reads it:
-    the model's own encoders and preprocessing, each distinct input encoded once (through the feature cache)."""
-    import torch
-
-    from recipes.data import FusionDataModule
-
-    dm = FusionDataModule(dataset=dataset, batch_size=256, labels=list(model.config.labels), cache_dir=cache_dir,
-                          max_samples=limit)
-    dm.attach(model)
-    dm.setup("test")
-    right = total = 0
-    model.eval()
-    with torch.no_grad():
-        for batch in dm.test_dataloader():
-            predicted = model.fuse(batch["inputs"]).logits.argmax(-1)  # [B]
-            right += int((predicted == batch["labels"]).sum())
-            total += int(batch["labels"].shape[0])
-    return right / max(1, total)
-
-
-def verify(name_or_folder: str | Path, limit: int | None = None) -> dict[str, Any]:
-    """Re-derive a model's card: its test accuracy re-measured on the test split of the data its card names.
-
-    Returns ``name``, ``dataset``, ``card_test_accuracy``, ``raw_test_accuracy`` and ``matches`` (within
-    :data:`TOLERANCE`), or ``skipped`` with the reason when the data is not available here (a Hub dataset offline,
-    a package not installed, a local folder) — never a guess.
-    """
-    from fusion_errors import FusionZooError
-    from recipes.sources import get_source
-    from zoo.checkpoint import resolve
-    from zoo.hub import from_pretrained
-
-    folder = resolve(name_or_folder)
-    doc = json.loads((folder / "config.json").read_text())
-    dataset = doc.get("dataset")
-    out: dict[str, Any] = {"name": str(name_or_folder), "dataset": dataset,
-                           "card_test_accuracy": card_accuracy(folder)}
-    if not isinstance(dataset, str) or get_source(dataset) is None:
-        return {**out, "skipped": f"the card names no dataset this machine can rebuild ({dataset!r}; named "
-                                  "datasets: recipes/sources.py)"}
-    if out["card_test_accuracy"] is None:
-        return {**out, "skipped": "the card records no fused test accuracy"}
-    try:
-        measured = dataset_accuracy(from_pretrained(folder), dataset, limit=limit)
-    except (FusionZooError, ImportError) as e:
-        return {**out, "skipped": f"{type(e).__name__}: {e}"}
-    matches = limit is None and abs(measured - out["card_test_accuracy"]) <= TOLERANCE
-    return {**out, "raw_test_accuracy": measured, "matches": matches, "rows": "all" if limit is None else limit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

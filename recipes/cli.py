@@ -81,8 +81,8 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> Any:
 
 
 def _verify(*args: Any, **kwargs: Any) -> Any:
-    """``recipes.build_pretrained.verify``, imported only when ``zoo verify`` runs."""
-    from .build_pretrained import verify
+    """``recipes.verify.verify``, imported only when ``zoo verify`` runs."""
+    from .verify import verify
 
     return verify(*args, **kwargs)
 

@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None, table_predictor: Callable[..., Any] 
 
     ``table_predictor``: what ``predict --table`` calls (``recipes.predict_table.predict_table``, passed in by the
     ``fusion-zoo`` command: reading a table is the recipes layer's job, above this one). ``verifier``: what
-    ``zoo verify`` calls (``recipes.build_pretrained.verify``: it reads the card's dataset).
+    ``zoo verify`` calls (``recipes.verify.verify``: it reads the card's dataset).
     """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     args.table_predictor, args.verifier = table_predictor, verifier

@@ -163,8 +163,9 @@ def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
     seen = []
     readers = []
 
-    def zoo_main(argv, table_predictor=None):
+    def zoo_main(argv, table_predictor=None, verifier=None):
         readers.append(table_predictor)
+        readers.append(verifier)
         seen.append(("zoo", argv))
         return 0
 
@@ -173,7 +174,7 @@ def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
     assert cli.main(["export", "runs/x/model", "--format", "onnx", "-v"]) == 0  # --verbose is the command's own
     assert cli.main(["sweep", "--heads", "concat"]) == 3
     assert seen == [("zoo", ["export", "runs/x/model", "--format", "onnx"]), ("sweep", ["--heads", "concat"])]
-    assert callable(readers[0])  # predict --table's reader comes from the recipes layer
+    assert callable(readers[0]) and callable(readers[1])  # predict --table's reader, zoo verify: the recipes layer
 
 
 def test_init_from_swaps_the_head_and_trains_only_it(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def _fit(tmp_path: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "recipes.cli", "fit", "--model.encoders",
            '{"image": "tiny-image", "text": "minilm-l6"}', "--model.hidden_dim", "16", "--trainer.max_epochs", "1",
            "--data.max_samples", "8",
-           "--trainer.default_root_dir", str(tmp_path / "run"), *extra]
+           "--trainer.default_root_dir", str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}"), *extra]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr

@@ -13,6 +13,7 @@ from fusion_errors import RegistryError
 from recipes import easyvqa, sources
 from recipes.data import FusionDataModule
 
+
 def test_the_builtin_sources_are_registered_when_first_looked_up() -> None:
     assert {"tridigits", "easyvqa"} <= set(sources.list_sources())
     found = sources.get_source("easyvqa")

@@ -449,7 +449,8 @@ def test_killing_the_sweep_stops_its_workers(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     args = ["--heads", "concat,gating", "--stages", "early", "--seeds", "0,1", "--max-epochs", "500", "--jobs", "2",
             "--model.encoders={image: tiny-image, text: tiny-text}", "--model.hidden_dim", "16",
-            "--data.max_samples", "16", "--data.cache_dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "o")]
+            "--data.max_samples", "16", "--data.cache_dir", str(tmp_path / "cache"),
+            "--output-dir", str(tmp_path / "o")]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "recipes.cli", "sweep", *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

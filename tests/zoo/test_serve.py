@@ -278,8 +278,25 @@ def test_batch_body_errors_answer_422(server: str) -> None:
     with httpx.Client(base_url=server) as c:
         assert c.post("/predict/batch", json={"items": []}).status_code == 422
         assert c.post("/predict/batch", json=[{"text": "x"}]).status_code == 422
-        r = c.post("/predict/batch", json={"items": [{"text": "ok"}, {"image": "%%%"}]})
-    assert r.status_code == 422 and "items[1].image" in r.json()["detail"]
+        r = c.post("/predict/batch", json={"items": [{"image": "%%%"}, {"text": 7}]})
+    assert r.status_code == 422 and "items[0].image" in r.json()["detail"] and "items[1].text" in r.json()["detail"]
+
+
+def test_batch_answers_per_item_errors_for_bad_items_and_results_for_good_ones(server: str) -> None:
+    """Issue 30 (11): one bad item used to fail the whole /predict/batch."""
+    with httpx.Client(base_url=server) as c:
+        r = c.post("/predict/batch", json={"items": [{"text": "ok"}, {"image": "%%%"}, {"text": "two"}]})
+    assert r.status_code == 200
+    first, bad, third = r.json()["predictions"]
+    assert "label" in first and "label" in third and "error" not in first
+    assert set(bad) == {"error"} and "items[1].image" in bad["error"]
+
+
+def test_a_deeply_nested_body_is_a_422_not_a_500(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        for path in ("/predict", "/predict/batch"):
+            r = c.post(path, content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "nested too deeply" in r.json()["detail"], (path, r.text[:200])
 
 
 def test_a_modality_the_model_lacks_answers_422(make_model: Callable[..., Any]) -> None:
@@ -364,6 +381,38 @@ def test_full_queue_answers_503_with_retry_after(model: Any) -> None:
         if a.status_code == 503:
             assert int(a.headers["retry-after"]) >= 1
             assert "queue is full" in a.json()["detail"] and "--max-queue" in a.json()["detail"]
+
+
+def test_requests_waiting_to_be_read_are_part_of_the_bounded_queue(model: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 30 (11): requests waited unseen for a body-reading slot (up to the request timeout). Now a request
+    that gets no slot within SLOT_WAIT_S is answered 503 + Retry-After at once, and /health keeps answering."""
+    import time
+
+    from zoo.serve import app as app_mod
+
+    real = app_mod.decode_sample
+
+    def slow_decode(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(2.5)  # a slow upload or decode holds its slot
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_mod, "decode_sample", slow_decode)
+    cfg = ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=64, limits=Limits(max_batch_items=2))
+    with running(create_app(model, config=cfg)) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        def post(i: int) -> tuple[int, float, httpx.Response]:
+            start = time.monotonic()
+            r = c.post("/predict", json={"text": f"t{i}"})
+            return r.status_code, time.monotonic() - start, r
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+        health = c.get("/health")
+    busy = [(t, r) for code, t, r in answers if code == 503]
+    assert len(busy) >= 8 - 2 - 2, [a[:2] for a in answers]  # 2 slots: most of 8 simultaneous requests are refused
+    assert all(t < app_mod.SLOT_WAIT_S + 1.0 for t, _ in busy), [t for t, _ in busy]  # ... fast, not after 30 s
+    assert all(r.headers["retry-after"] == "1" and "request slot" in r.json()["detail"] for _, r in busy)
+    assert health.status_code == 200 and health.json()["busy_rejections"] == len(busy)
 
 
 def test_slow_prediction_answers_504_and_the_server_keeps_serving(model: Any) -> None:
@@ -466,11 +515,24 @@ def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixtur
     assert "--max-batch-size 0" in capsys.readouterr().err
     assert main(["serve", "--model", "no-such-model-xyz"]) == 2
     assert "no-such-model-xyz" in capsys.readouterr().err
-    assert main(["serve", "--model", "tridigits-late-gating", "--max-queue", "8"]) == 2
+    assert main(["serve", "--model", "tridigits-late-gating", "--max-queue", "8", "--max-batch-items", "64"]) == 2
     assert "max_batch_items=64 > max_queue=8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
     assert e.value.code == 0 and "--max-wait-ms" in capsys.readouterr().out
+
+
+def test_a_lower_max_queue_alone_is_a_valid_setting() -> None:
+    """Issue 30 (11): --max-queue 8 with the default --max-batch-items (64) was refused; the default now follows."""
+    import argparse
+
+    from zoo.serve import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--model", "m", "--max-queue", "8"]))
+    assert (cfg.max_queue, cfg.limits.max_batch_items) == (8, 8)
+    assert config_from_args(parser.parse_args(["--model", "m"])).limits.max_batch_items == 64
 
 
 def _free_port() -> int:

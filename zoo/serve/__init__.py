@@ -156,7 +156,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height limit")
     p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds)
     p.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
-    p.add_argument("--max-batch-items", type=int, default=d.max_batch_items, help="samples per /predict/batch")
+    p.add_argument("--max-batch-items", type=int, default=None,
+                   help=f"samples per /predict/batch (default {d.max_batch_items}, or --max-queue if that is lower)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the forward pass")
     p.add_argument("--no-fuse", action="store_true", help="serve without folding BatchNorms (zoo.optimize)")
     p.add_argument("--swagger-ui", action="store_true", help="serve /docs (Swagger UI loads its JS from a CDN)")
@@ -175,14 +176,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
               "--max-image-pixels": (args.max_image_pixels, args.max_image_pixels >= 1),
               "--max-audio-seconds": (args.max_audio_seconds, args.max_audio_seconds > 0),
               "--max-text-chars": (args.max_text_chars, args.max_text_chars >= 1),
-              "--max-batch-items": (args.max_batch_items, args.max_batch_items >= 1)}
+              "--max-batch-items": (args.max_batch_items, args.max_batch_items is None or args.max_batch_items >= 1)}
     bad = [f"{k} {v}" for k, (v, ok) in checks.items() if not ok]
     if bad:
         raise ConfigError(f"out of range: {', '.join(bad)}; sizes, counts and times must be positive "
                           "(--max-wait-ms may be 0, --port 0-65535).")
     limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_audio_seconds=args.max_audio_seconds, max_text_chars=args.max_text_chars,
-                    max_batch_items=args.max_batch_items)
+                    max_batch_items=args.max_batch_items if args.max_batch_items is not None else
+                    min(Limits().max_batch_items, args.max_queue))  # a lower --max-queue alone is a valid setting
     return ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                        request_timeout_s=args.timeout, limits=limits, swagger_ui=args.swagger_ui)
 

@@ -43,6 +43,8 @@ from .inputs import (
 __all__ = ["ServeConfig", "create_app", "model_summary", "batch_predictor"]
 
 log = logging.getLogger("zoo.serve")
+#: seconds a request waits for a slot to read and decode its body before it is answered 503 (overload is said fast)
+SLOT_WAIT_S = 1.0
 _BODY_TYPES = ("multipart/form-data", "application/json", "application/x-www-form-urlencoded")
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "
         "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -101,8 +103,14 @@ class Prediction(BaseModel):
     inputs: list[str] = Field(description="the modalities this prediction used")
 
 
+class ItemError(BaseModel):
+    """A /predict/batch item that could not be predicted (the batch's other items were)."""
+
+    error: str = Field(description="why this item was not predicted")
+
+
 class BatchPrediction(BaseModel):
-    predictions: list[Prediction]
+    predictions: list[Prediction | ItemError]
 
 
 class ErrorDetail(BaseModel):
@@ -324,8 +332,22 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
         return summary
 
     # bodies are read, parsed and decoded by at most this many requests at once: memory stays bounded by
-    # slots x max_request_bytes (unread bodies wait in the socket, uvicorn applies back-pressure)
+    # slots x max_request_bytes. The wait for a slot is part of the bounded queue: a request that gets none within
+    # SLOT_WAIT_S is answered 503 + Retry-After at once, instead of waiting unseen for up to the request timeout
     slots = asyncio.Semaphore(max(2, 2 * cfg.max_batch_size))
+
+    @contextlib.asynccontextmanager
+    async def slot() -> AsyncIterator[None]:
+        try:
+            await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
+        except asyncio.TimeoutError:
+            batcher.stats.busy_rejections += 1
+            raise Overloaded(f"the server is busy: every request slot stayed taken for {SLOT_WAIT_S:g} s and "
+                             f"{batcher.depth} samples are queued; retry after 1 s.", retry_after=1) from None
+        try:
+            yield
+        finally:
+            slots.release()
 
     image_encoder = model.encoders["image"] if "image" in model.encoders else None
     image_side = getattr(getattr(image_encoder, "preprocessor", None), "decode_side", None)  # JPEGs as training
@@ -340,7 +362,8 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
             raw = parse_urlencoded(body)
         return decode_sample(raw, model.modalities, limits, image_side=image_side)
 
-    def many_samples(body: bytes) -> list[dict[str, Any]]:
+    def many_samples(body: bytes) -> list[dict[str, Any] | InputError]:
+        """The batch's samples; an unusable item becomes its error (the others are still predicted)."""
         doc = parse_json(body)
         items = doc.get("items") if isinstance(doc, dict) else None
         if not isinstance(items, list) or not items or set(doc) != {"items"}:
@@ -349,14 +372,20 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
         if len(items) > limits.max_batch_items:
             raise LimitError(f"the batch has {len(items)} items; the limit is {limits.max_batch_items} "
                              "(max_batch_items, --max-batch-items); split it into several requests.")
-        raws = [parse_json_sample(x, f"items[{i}]") for i, x in enumerate(items)]
-        return [decode_sample(r, model.modalities, limits, f"items[{i}]", image_side) for i, r in enumerate(raws)]
+        out: list[dict[str, Any] | InputError] = []
+        for i, x in enumerate(items):
+            try:
+                out.append(decode_sample(parse_json_sample(x, f"items[{i}]"), model.modalities, limits, f"items[{i}]",
+                                         image_side))
+            except InputError as e:  # LimitError too: this item alone is over a limit
+                out.append(e)
+        return out
 
     @app.post("/predict", summary="predict one sample from any subset of text, image and audio",
               response_model=Prediction, response_model_exclude_none=True, responses=_ERRORS,
               openapi_extra=_body_schema(PredictJSON, form=True))
     async def predict(request: Request) -> Any:
-        async with slots:
+        async with slot():
             kind, body = await body_of(request)
             sample = await run_in_threadpool(one_sample, kind, request.headers["content-type"], body)
             del body
@@ -366,15 +395,20 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
               response_model=BatchPrediction, response_model_exclude_none=True, responses=_ERRORS,
               openapi_extra=_body_schema(BatchJSON, form=False))
     async def predict_batch_(request: Request) -> Any:
-        async with slots:
+        async with slot():
             kind, body = await body_of(request)
             if kind != "application/json":
                 raise _Unsupported("POST /predict/batch takes application/json {\"items\": [{\"text\": ..., "
                                    "\"image\": <base64>, \"audio\": <base64>}, ...]}; for one sample use "
                                    "POST /predict.")
-            samples = await run_in_threadpool(many_samples, body)
+            parsed = await run_in_threadpool(many_samples, body)
             del body
-        return {"predictions": await run(samples)}
+        good = [x for x in parsed if not isinstance(x, InputError)]
+        if not good:  # nothing to predict: the request itself is unusable
+            raise InputError("no item of the batch is usable: " + "; ".join(str(e) for e in parsed[:3])
+                             + (f" (and {len(parsed) - 3} more)" if len(parsed) > 3 else ""))
+        results = iter(await run(good))
+        return {"predictions": [{"error": str(x)} if isinstance(x, InputError) else next(results) for x in parsed]}
 
     return app
 

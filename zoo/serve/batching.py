@@ -52,9 +52,11 @@ class BatchStats:
     max_batch: int = 0
     busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)
+    busy_rejections: int = 0  # requests answered 503 because no request slot freed up in time
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "samples": self.samples, "max_batch": self.max_batch,
+                "busy_rejections": self.busy_rejections,
                 "mean_batch": self.samples / self.batches if self.batches else 0.0,
                 "mean_batch_ms": 1000.0 * self.busy_s / self.batches if self.batches else 0.0}
 

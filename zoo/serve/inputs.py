@@ -162,6 +162,9 @@ def parse_json(body: bytes) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"the body is not valid JSON ({e}); send {{\"text\": \"...\", \"image\": \"<base64>\", "
                          "\"audio\": \"<base64>\"}.") from e
+    except RecursionError:  # a body of thousands of nested brackets: nothing a sample looks like
+        raise InputError("the body is nested too deeply to be a sample; send {\"text\": \"...\", \"image\": "
+                         "\"<base64>\", \"audio\": \"<base64>\"}.") from None
 
 
 # decoding ------------------------------------------------------------------------------------
