@@ -55,9 +55,10 @@ def resolve_jobs(jobs: int, cells: int) -> int:
 _STATE: dict[str, Any] = {}
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """On Linux, ask the kernel to stop this worker when the sweep process dies (a killed sweep must not leave
-    workers training for minutes); elsewhere a worker ends when it next asks the dead parent for work."""
+    workers training for minutes); elsewhere a worker ends when it next asks the dead parent for work. A parent
+    that died before this ran (while the worker was still importing) means: stop now."""
     try:
         import ctypes
         import signal
@@ -65,12 +66,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
-def _init(fs: FeatureSet, common: dict[str, Any], verbose: bool) -> None:
+def _init(fs: FeatureSet, common: dict[str, Any], verbose: bool, parent: int) -> None:
     from recipes._quiet import configure_output
 
-    _die_with_parent()
+    _die_with_parent(parent)
     configure_output(verbose)  # as quiet (or not) as the parent
     torch.set_num_threads(1)
     _STATE.update(fs=fs, pooled=fs.pooled(), common=common)
@@ -114,7 +117,7 @@ def run_cells(jobs: Sequence[CellJob], fs: FeatureSet, common: dict[str, Any], w
         return
     echo(f"sweep: {workers} worker processes, one thread each")
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                               initargs=(fs, common, is_verbose()))
+                               initargs=(fs, common, is_verbose(), os.getpid()))
     pending: dict[Future[dict[str, Any]], CellJob] = {}
     queue = list(jobs)
     try:

@@ -455,15 +455,16 @@ def test_killing_the_sweep_stops_its_workers(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "recipes.cli", "sweep", *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    workers: list[int] = []
+    training: set[str] = set()
     deadline = time.time() + 240
-    for line in proc.stdout:  # wait until both workers train (their epoch lines appear)
+    for line in proc.stdout:  # wait until both workers train (two cells' first epoch lines appear)
         if "epoch 1/500" in line:
-            workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                      text=True).stdout.split()]
-            if len(workers) >= 2:
+            training.add(line.split("]")[0])
+            if len(training) >= 2:
                 break
         assert time.time() < deadline, "the workers never started"
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
     assert len(workers) >= 2
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
