@@ -10,8 +10,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup", "best_time",
-           "cache_encode_speedup", "cached_step_overhead", "cli_startup_seconds"]
+__all__ = ["FIT_PEAK_CODE", "inference_fusion", "head_step_share", "pipeline_headroom", "sweep_cache_speedup",
+           "best_time", "cache_encode_speedup", "cached_step_overhead", "cli_startup_seconds"]
+
+# `python -c FIT_PEAK_CODE ARGS...` runs `fusion-zoo fit ARGS...` and prints its own peak RSS (VmHWM) as
+# FUSION_ZOO_PEAK_KB on stderr: ru_maxrss of a child forked from a large process inherits the parent's peak across
+# exec on Linux, which once reported 6.4 GB for a job that peaked at 3.0 GB.
+FIT_PEAK_CODE = """import atexit, sys
+def _peak():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            print('FUSION_ZOO_PEAK_KB', line.split()[1], file=sys.stderr)
+atexit.register(_peak)
+from recipes.cli import main
+sys.exit(main(['fit'] + sys.argv[1:]))
+"""
 
 BATCH = 32
 

@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from benchmarks.measure import (  # noqa: E402
+    FIT_PEAK_CODE,
     cache_encode_speedup,
     cached_step_overhead,
     cli_startup_seconds,
@@ -72,17 +73,6 @@ def _met(key: str, value: float | None) -> bool | None:
     return {">=": value >= target, "<=": value <= target, "<": value < target}[op]
 
 
-# The job reports its own VmHWM: ru_maxrss of a child forked from this (large) process inherits the parent's
-# peak across exec on Linux, which once reported 6.4 GB for a job that peaked at 3.0 GB.
-_FIT_CODE = """import atexit, sys
-def _peak():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            print('FUSION_ZOO_PEAK_KB', line.split()[1], file=sys.stderr)
-atexit.register(_peak)
-from recipes.cli import main
-sys.exit(main(['fit']))
-"""
 
 
 def _peak_mb(proc: subprocess.CompletedProcess) -> float:
@@ -94,7 +84,7 @@ def _peak_mb(proc: subprocess.CompletedProcess) -> float:
 
 
 def _fit(cwd: str, cache: str, timeout: float) -> tuple[float, subprocess.CompletedProcess]:
-    cmd = [sys.executable, "-c", _FIT_CODE]
+    cmd = [sys.executable, "-c", FIT_PEAK_CODE]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "FUSION_ZOO_CACHE": cache}
     start = time.perf_counter()

@@ -22,22 +22,15 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import FIT_PEAK_CODE  # noqa: E402
 
 __all__ = ["write_table", "scale_rss", "warm_rowcheck", "SIZES"]
 
 SIZES = (10_000, 40_000)  # rows; the slope between them is reported per 100k rows
 ENCODERS = "--model.encoders={text: tiny-text, image: pixels}"
 
-# the job reports its own VmHWM (benchmarks/run.py: ru_maxrss of a child can carry its parent's peak)
-_FIT_CODE = """import atexit, sys
-def _peak():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            print('FUSION_ZOO_PEAK_KB', line.split()[1], file=sys.stderr)
-atexit.register(_peak)
-from recipes.cli import main
-sys.exit(main(['fit'] + sys.argv[1:]))
-"""
 
 
 def write_table(folder: Path, n: int, seed: int = 0) -> Path:
@@ -72,7 +65,7 @@ def _fit(table: Path, cache: Path, run: Path, tokens: bool, timeout: float) -> t
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _FIT_CODE, *args], cwd=str(run.parent), env=env,
+    proc = subprocess.run([sys.executable, "-c", FIT_PEAK_CODE, *args], cwd=str(run.parent), env=env,
                           capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
