@@ -111,15 +111,26 @@ class FeatureNorm(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def fit(self, pooled: Tensor, present: Tensor) -> None:
-        """Set the statistics from pooled features [N, D] of the rows where ``present`` [N] is True."""
-        x = pooled[present].double()  # [n, D]
-        if x.shape[0] < 2:
+    def fit(self, pooled: Tensor, present: Tensor, chunk: int = 16384) -> None:
+        """Set the statistics from pooled features [N, D] of the rows where ``present`` [N] is True.
+
+        Two passes over row chunks in float64 (sums, then squared deviations from the mean): memory stays one
+        chunk whatever N, so a memory-mapped feature store is read, never copied whole.
+        """
+        n, d = int(present.sum()), pooled.shape[1]
+        if n < 2:
             return
-        mean = x.mean(0)  # [D]
-        scale = max(1e-6, float((x - mean).pow(2).mean().sqrt()))
+        total = torch.zeros(d, dtype=torch.float64)  # [D]
+        for s in range(0, pooled.shape[0], chunk):
+            x, keep = pooled[s:s + chunk], present[s:s + chunk]  # [c, D], [c]
+            total += x[keep].double().sum(0)
+        mean = total / n  # [D]
+        squares = 0.0
+        for s in range(0, pooled.shape[0], chunk):
+            x, keep = pooled[s:s + chunk], present[s:s + chunk]
+            squares += float((x[keep].double() - mean).pow(2).sum())
         self.mean.copy_(mean.to(self.mean.dtype))
-        self.std.fill_(scale)
+        self.std.fill_(max(1e-6, (squares / (n * d)) ** 0.5))
         self.fitted.fill_(True)
 
     def forward(self, f: ModalityOutput) -> ModalityOutput:

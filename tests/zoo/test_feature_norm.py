@@ -77,3 +77,23 @@ def test_a_version_2_config_loads_without_standardisation_and_with_a_linear_conc
 def test_a_new_concat_config_records_its_width() -> None:
     assert _cfg().head_options == {"hidden_dim": 16}
     assert _cfg(head_options={"hidden_dim": 0}).head_options == {"hidden_dim": 0}
+
+
+def test_the_chunked_fit_equals_the_whole_array_fit() -> None:
+    """FeatureNorm.fit reads row chunks (a memory-mapped store is never copied whole); the statistics are those
+    of the whole array within float rounding."""
+    import pytest
+
+    from zoo.model import FeatureNorm
+
+    gen = torch.Generator().manual_seed(0)
+    pooled = torch.randn(1000, 7, generator=gen) * 3 + 5  # [N, D]
+    present = torch.rand(1000, generator=gen) > 0.2  # [N]
+    whole, chunked = FeatureNorm(7), FeatureNorm(7)
+    whole.fit(pooled, present, chunk=10**9)
+    chunked.fit(pooled, present, chunk=33)
+    x = pooled[present].double()
+    torch.testing.assert_close(chunked.mean.double(), x.mean(0), rtol=0, atol=1e-6)
+    assert float(chunked.std[0]) == pytest.approx(float((x - x.mean(0)).pow(2).mean().sqrt()), rel=1e-6)
+    torch.testing.assert_close(chunked.mean, whole.mean)
+    torch.testing.assert_close(chunked.std, whole.std)
