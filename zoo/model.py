@@ -6,7 +6,7 @@ What each stage computes is written down in docs/stages.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -112,25 +112,25 @@ class FeatureNorm(nn.Module):
 
     @torch.no_grad()
     def fit(self, pooled: Tensor, present: Tensor, chunk: int = 16384) -> None:
-        """Set the statistics from pooled features [N, D] of the rows where ``present`` [N] is True.
+        """Set the statistics from pooled features [N, D] of the rows where ``present`` [N] is True."""
+        self.fit_chunks(lambda: ((pooled[s:s + chunk], present[s:s + chunk]) for s in range(0, pooled.shape[0], chunk)))
 
-        Two passes over row chunks in float64 (sums, then squared deviations from the mean): memory stays one
-        chunk whatever N, so a memory-mapped feature store is read, never copied whole.
-        """
-        n, d = int(present.sum()), pooled.shape[1]
-        if n < 2:
+    def fit_chunks(self, chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
+        """The same from ``chunks()``, (pooled [c, D], present [c]) row chunks read twice (sums, then squared
+        deviations from the mean, in float64): memory stays one chunk whatever N, so a memory-mapped feature store
+        is read, never copied whole."""
+        total: Tensor | None = None
+        n = 0
+        for x, keep in chunks():
+            part = x[keep].double().sum(0)  # [D]
+            total = part if total is None else total + part
+            n += int(keep.sum())
+        if total is None or n < 2:
             return
-        total = torch.zeros(d, dtype=torch.float64)  # [D]
-        for s in range(0, pooled.shape[0], chunk):
-            x, keep = pooled[s:s + chunk], present[s:s + chunk]  # [c, D], [c]
-            total += x[keep].double().sum(0)
         mean = total / n  # [D]
-        squares = 0.0
-        for s in range(0, pooled.shape[0], chunk):
-            x, keep = pooled[s:s + chunk], present[s:s + chunk]
-            squares += float((x[keep].double() - mean).pow(2).sum())
+        squares = sum(float((x[keep].double() - mean).pow(2).sum()) for x, keep in chunks())
         self.mean.copy_(mean.to(self.mean.dtype))
-        self.std.fill_(max(1e-6, (squares / (n * d)) ** 0.5))
+        self.std.fill_(max(1e-6, (squares / (n * mean.numel())) ** 0.5))
         self.fitted.fill_(True)
 
     def forward(self, f: ModalityOutput) -> ModalityOutput:
@@ -309,7 +309,14 @@ class FusionModel(nn.Module):
         done = []
         for m, f in sorted(feats.items()):
             if norms is not None and m in norms and (refit or not bool(norms[m].fitted)):
-                norms[m].fit(f.pooled, f.present)
+                select = getattr(f, "select", None)
+                if callable(select):  # a feature store: read row chunks through it, never the whole split
+                    rows, step = f.batch_size, 16384
+                    norms[m].fit_chunks(lambda sel=select, n=rows, k=step: (
+                        (c.pooled, c.present) for c in (sel(torch.arange(s, min(n, s + k)), tokens=False)
+                                                    for s in range(0, n, k))))
+                else:
+                    norms[m].fit(f.pooled, f.present)
                 done.append(m)
         return done
 

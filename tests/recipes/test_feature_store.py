@@ -221,3 +221,22 @@ def test_duplicate_cells_are_stored_once(tmp_path) -> None:
     meta = json.loads((FeatureCache(tmp_path).path(stats.key) / "meta.json").read_text())
     assert meta["rows"] == 7 and meta["distinct"] == 5  # "a b c" twice, one row missing
     assert torch.equal(out.pooled[0], out.pooled[6]) and not out.present[2]
+
+
+def test_the_standardisation_of_a_store_reads_chunks_and_equals_the_in_memory_one(tmp_path, small_shards,
+                                                                                 monkeypatch) -> None:
+    """fit_feature_norm cuts a store in row chunks through ``select`` (never ``pooled`` whole: with several
+    shards or shared slots that is a copy of the split) and gets the in-memory statistics."""
+    from zoo.config import FusionModelConfig
+    from zoo.model import FusionModel
+
+    distinct = _tokens(n=300)
+    slots = torch.cat([torch.arange(300), torch.tensor([7, -1, 7, 120])])  # shared and missing rows
+    stored = _write(tmp_path / "e", distinct, slots=slots, batch=64)
+    memory = ModalityOutput(stored.tokens.clone(), stored.mask.clone(), stored.pooled.clone())
+    monkeypatch.setattr(StoredFeatures, "pooled", property(lambda self: pytest.fail("read pooled whole")))
+    cfg = FusionModelConfig(encoders={"text": "tiny-text"}, labels=("a", "b"), hidden_dim=8)
+    a, b = FusionModel(cfg, embed_dims={"text": 4}), FusionModel(cfg, embed_dims={"text": 4})
+    assert a.fit_feature_norm({"text": stored}) == ["text"] and b.fit_feature_norm({"text": memory}) == ["text"]
+    torch.testing.assert_close(a.feature_norm["text"].mean, b.feature_norm["text"].mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.feature_norm["text"].std, b.feature_norm["text"].std, rtol=1e-6, atol=0)
