@@ -47,6 +47,12 @@ _O = field_defaults(OptimConfig)  # ... and of every training setting (recipes/s
 INHERITED = ("encoders", "labels", "fusion_head", "head_options")
 
 
+def _lower_lr(lr: float) -> float:
+    """The learning rate a diverging fit should try: a tenth of ``lr``, or the default when ``lr`` is above it (a
+    tenth of 1e30 is no advice)."""
+    return lr / 10 if lr <= _O["lr"] else _O["lr"]
+
+
 def warmup_cosine(step: int, total: float, warmup: int) -> float:
     """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` steps."""
     if step < warmup:
@@ -387,7 +393,7 @@ class FusionTask(pl.LightningModule):
             raise FusionZooError(
                 f"training loss is {loss.item()} at batch {batch_idx} (epoch {self.current_epoch}, global step "
                 f"{self.global_step}; task {task_loss.item():.4g}, late {late_loss.item():.4g}, aux "
-                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {self.optim.lr / 10:g}, "
+                f"{out.aux_loss.item():.4g}); lower the learning rate, e.g. --model.lr {_lower_lr(self.optim.lr):g}, "
                 "or clip gradients with --trainer.gradient_clip_val 1.0."
             )
         b = labels.shape[0]

@@ -392,3 +392,11 @@ def test_balanced_weights_come_from_the_training_labels_and_reach_the_checkpoint
     torch.testing.assert_close(back.loss_weight, task.loss_weight)
     with pytest.raises(ConfigError, match="counts the training labels of a FusionDataModule"):
         tiny_trainer(tmp_path, max_epochs=1).fit(make_task(class_weights="balanced"), datamodule=ToyDataModule())
+
+
+def test_the_diverged_loss_hint_suggests_a_sane_learning_rate() -> None:
+    """Issue 30 (13): after --model.lr 1e30 the hint said 1e+29."""
+    from recipes.task import _lower_lr
+
+    assert _lower_lr(1e-3) == pytest.approx(1e-4) and _lower_lr(1e-5) == pytest.approx(1e-6)
+    assert _lower_lr(1e30) == _lower_lr(0.5) == 1e-3  # above the default: the default
