@@ -194,6 +194,8 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
     kwargs = {"delimiter": "\t"} if fmt == "csv" and first.lower().endswith(".tsv") else {}
     if fmt == "csv" and not kwargs and (sep := _header_delimiter(first)) is not None:
         kwargs = {"delimiter": sep}  # e.g. a European spreadsheet's export, "text;image;label"
+    if fmt == "csv":  # only an empty cell is missing: a class named "NaN", "NA" or "null" stays that text
+        kwargs = {**kwargs, "keep_default_na": False, "na_values": [""]}
     try:
         loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
     except FileNotFoundError as e:

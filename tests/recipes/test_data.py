@@ -336,3 +336,13 @@ def test_a_bad_file_is_reported_on_every_run(folder, tmp_path, model):
     for _ in range(2):  # the second run uses the stored checks of the good files; the bad one is checked again
         with pytest.raises(DataError, match=r"row 1: column 'img_path': image .*broken.png.* is not readable"):
             make(folder, tmp_path, rows, val_fraction=0.0, test_fraction=0.0).attach(model).setup("fit")
+
+
+def test_a_class_named_nan_or_na_is_a_label_and_only_an_empty_cell_is_missing(tmp_path) -> None:
+    """Issue 30 (13): pandas read "NaN" (and "NA", "null", ...) in a CSV as a missing value."""
+    from recipes._columns import load_source
+
+    (tmp_path / "t.csv").write_text("text,label\nhello,NaN\n,NA\nworld,null\nx,\n")
+    splits, _, _ = load_source(str(tmp_path / "t.csv"), None, None, None)
+    assert list(splits["train"]["label"]) == ["NaN", "NA", "null", None]
+    assert list(splits["train"]["text"]) == ["hello", None, "world", "x"]
