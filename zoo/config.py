@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import json
@@ -240,9 +241,11 @@ class FusionModelConfig:
             raise ConfigError(f"late_decision={self.late_decision!r} is not 'embedding' or 'logits'.")
         if self.hidden_dim < 1 or self.trunk_layers < 0:
             raise ConfigError("hidden_dim must be >= 1 and trunk_layers >= 0.")
-        twice = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        twice = sorted(x for x, k in collections.Counter(self.labels).items() if k > 1)  # linear: 300k labels are fine
         if twice:
-            raise ConfigError(f"labels {twice} appear more than once in {list(self.labels)}; each label once.")
+            shown = ", ".join(map(repr, twice[:10])) + (f" and {len(twice) - 10} more" if len(twice) > 10 else "")
+            raise ConfigError(f"labels {shown} appear more than once among the {len(self.labels)} labels; each label "
+                              "once.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
         if not (isinstance(self.late_loss_weight, (int, float)) and math.isfinite(self.late_loss_weight)
