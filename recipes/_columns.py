@@ -191,7 +191,7 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
     if fmt not in ("csv", "json", "parquet"):
         raise DataError(f"cannot tell the format of {first!r}; pass --data.data_format csv|json|parquet "
                         "(or imagefolder|audiofolder with --data.data_dir).")
-    kwargs = {"delimiter": "\t"} if fmt == "csv" and first.lower().endswith(".tsv") else {}
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "csv" and first.lower().endswith(".tsv") else {}
     if fmt == "csv" and not kwargs and (sep := _header_delimiter(first)) is not None:
         kwargs = {"delimiter": sep}  # e.g. a European spreadsheet's export, "text;image;label"
     if fmt == "csv":  # only an empty cell is missing: a class named "NaN", "NA" or "null" stays that text
