@@ -83,7 +83,7 @@ def dataset_accuracy(model: Any, dataset: str, split: str = "test", limit: int |
 def verify(name_or_folder: str | Path, limit: int | None = None) -> dict[str, Any]:
     """Re-derive a model's card: its test accuracy re-measured on the test split of the data its card names.
 
-    Returns ``name``, ``dataset``, ``card_test_accuracy``, ``raw_test_accuracy`` and ``matches`` (within
+    Returns ``name``, ``dataset``, ``card_test_accuracy``, ``measured_test_accuracy`` and ``matches`` (within
     :data:`TOLERANCE`), or ``skipped`` with the reason when the data is not available here (a Hub dataset offline,
     a package not installed, a local folder) — never a guess.
     """
@@ -107,4 +107,4 @@ def verify(name_or_folder: str | Path, limit: int | None = None) -> dict[str, An
     except (FusionZooError, ImportError) as e:
         return {**out, "skipped": f"{type(e).__name__}: {e}"}
     matches = limit is None and abs(measured - out["card_test_accuracy"]) <= TOLERANCE
-    return {**out, "raw_test_accuracy": measured, "matches": matches, "rows": "all" if limit is None else limit}
+    return {**out, "measured_test_accuracy": measured, "matches": matches, "rows": "all" if limit is None else limit}

@@ -165,7 +165,7 @@ def _verify(args: argparse.Namespace) -> int:
             continue
         mismatches += not r["matches"] and args.limit is None
         verdict = "matches" if r["matches"] else ("checked on part of the test split" if args.limit else "DIFFERS")
-        print(f"{name}: card {r['card_test_accuracy']:.4f}, re-measured {r['raw_test_accuracy']:.4f} on "
+        print(f"{name}: card {r['card_test_accuracy']:.4f}, re-measured {r['measured_test_accuracy']:.4f} on "
               f"{r['dataset']} test ({r['rows']} rows): {verdict}")
     return 1 if mismatches else 0
 
