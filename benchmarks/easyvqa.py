@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from encoders import DataError  # noqa: E402
-from encoders._atomic import atomic_write  # noqa: E402
+from fusion_common.atomic import atomic_write  # noqa: E402
 from recipes.easyvqa import (  # noqa: E402
     _MARKER,
     COLUMNS,

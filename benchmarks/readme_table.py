@@ -16,7 +16,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders._atomic import atomic_write  # noqa: E402
+from fusion_common.atomic import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results.json"
 README = ROOT / "README.md"

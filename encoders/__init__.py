@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from fusion_common.registry import Registry
 from fusion_errors import (
     CheckpointError,
     ConfigError,
@@ -21,7 +22,6 @@ from fusion_errors import (
 )
 
 from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
-from ._registry import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
 

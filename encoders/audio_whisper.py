@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusion_common.atomic import atomic_write
 from fusion_errors import CheckpointError, ConfigError
 
 from . import register_encoder
-from ._atomic import atomic_write
 from ._audio_io import MAX_WINDOWS, AudioPreprocessor, encode_in_windows, frame_mask
 from ._contract import Encoder, ModalityOutput
 from ._weights import weights_cache_dir, whisper_base_parts

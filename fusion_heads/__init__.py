@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from encoders import Registry
+from fusion_common import Registry
 
 from ._contract import FusionHead, FusionOutput
 

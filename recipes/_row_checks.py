@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 
 from ._columns import cell_problem
 

@@ -63,7 +63,7 @@ MEMORY_LIMIT_BYTES = 4 << 30
 _MEMORY: OrderedDict[str, ModalityOutput] = OrderedDict()
 
 
-# temp files of this project's atomic writes: ``.<name>.<pid>-<hex>.tmp`` (encoders/_atomic.py) and
+# temp files of this project's atomic writes: ``.<name>.<pid>-<hex>.tmp`` (fusion_common/atomic.py) and
 # ``.<name>.<pid>.<ns>.tmp`` (cache entry folders); the pid tells whether the writer is still alive
 _TEMP = re.compile(r"^\..+\.(\d+)[.-][0-9a-f]+\.tmp$")
 

@@ -33,7 +33,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from fusion_errors import ConfigError
 
 from .loader import ResumableDataLoader

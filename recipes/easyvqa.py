@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from fusion_errors import DataError, MissingDependencyError
 
 from .sources import register_source

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from encoders import ModalityOutput
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 
 __all__ = ["StoredFeatures", "StoreWriter", "CorruptEntry", "open_entry", "STORE_FORMAT", "SHARD_BYTES"]
 

@@ -18,7 +18,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from fusion_errors import ConfigError
 
 from ._cli_common import (

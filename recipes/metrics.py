@@ -18,7 +18,7 @@ import torchmetrics
 from torch import Tensor, nn
 from torchmetrics import classification as tmc
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 
 __all__ = ["SplitMetrics", "task_metrics", "format_table", "write_metrics_json", "TABLE_ROWS"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from encoders import ModalityOutput
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from fusion_errors import ConfigError, DataError
 from zoo.model import FusionModel
 from zoo.modular import (

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from encoders._atomic import atomic_write  # noqa: E402
+from fusion_common.atomic import atomic_write  # noqa: E402
 
 __all__ = ["accuracy_bars", "heatmap", "robustness_heatmap", "confusion_matrix", "training_curves",
            "moe_utilisation", "read_metrics_csv", "fit_figures"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import datasets
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from fusion_errors import DataError, InputError
 
 from ._columns import AUDIO_EXTS, IMAGE_EXTS, _folder_tables, _load_folder, load_source

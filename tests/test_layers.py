@@ -1,4 +1,5 @@
-"""The house runs one way: encoders < fusion_heads < zoo < recipes, and no module imports in a circle.
+"""The house runs one way, and no module imports in a circle:
+fusion_errors, fusion_common < encoders < fusion_heads < zoo < recipes < benchmarks.
 
 Read with ``ast`` (nothing is imported), so an import tucked inside a function counts as much as one at the top.
 """
@@ -11,12 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"fusion_errors": 0, "encoders": 1, "fusion_heads": 2, "zoo": 3, "recipes": 4}
+LAYERS = {"fusion_errors": 0, "fusion_common": 0, "encoders": 1, "fusion_heads": 2, "zoo": 3, "recipes": 4,
+          "benchmarks": 5}
 
 
 def _modules() -> dict[str, Path]:
     out = {"fusion_errors": ROOT / "fusion_errors.py"}
-    for pkg in ("encoders", "fusion_heads", "zoo", "recipes"):
+    for pkg in ("fusion_common", "encoders", "fusion_heads", "zoo", "recipes", "benchmarks"):
         for file in sorted((ROOT / pkg).rglob("*.py")):
             parts = list(file.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":

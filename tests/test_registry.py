@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from encoders import Registry
+from fusion_common import Registry
 from fusion_errors import RegistryError
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from fusion_errors import CheckpointError, ConfigError
 
 from . import _format as fmt

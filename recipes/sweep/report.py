@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from encoders._atomic import atomic_write
+from fusion_common.atomic import atomic_write
 from recipes import plots
 
 from .stats import format_mean_ci, paired_ttest, summarize

@@ -10,9 +10,9 @@ import torch
 from transformers import BertConfig, BertModel
 
 import encoders
-from encoders._atomic import atomic_write
 from encoders._weights import minilm_l6_path
 from encoders.text_hf import HFTextEncoder, TextPreprocessor
+from fusion_common.atomic import atomic_write
 from zoo.config import EncoderSpec
 
 TEXTS = ["a small cat sat on the mat", "rain again", None]

@@ -1,7 +1,7 @@
 """``atomic_write``: the one write-to-temp-then-rename helper every package uses for files.
 
-It lives in the bottom layer (``encoders``) because the encoders' own weight caches need it; ``zoo`` and
-``recipes`` import it from here. Folders (checkpoint folders) go through ``zoo._format.atomic_folder``.
+It lives in the neutral bottom package so every layer (the encoders' weight caches, ``zoo``, ``recipes``,
+``benchmarks``) writes files the same way. Checkpoint folders go through ``zoo._format.atomic_folder``.
 """
 
 from __future__ import annotations
