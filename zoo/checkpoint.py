@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from .card import render_card
 from .config import FusionModelConfig
 from .registry import list_pretrained, source_of
 
-__all__ = ["save_pretrained", "load_checkpoint", "resolve", "read_config", "estimate_parameters", "HF_PREFIX",
+__all__ = ["save_pretrained", "load_checkpoint", "resolve", "hub_id", "read_config", "estimate_parameters", "HF_PREFIX",
            "MAX_PARAMETERS", "MAX_PARAMETERS_ENV", "MAX_CONFIG_BYTES", "MAX_JSON_DEPTH"]
 
 HF_PREFIX = "hf-hub:"
@@ -102,35 +103,58 @@ def save_pretrained(
 
 
 # loading ---------------------------------------------------------------------------------------
-def resolve(name_or_path: str | Path) -> Path:
-    """A local folder, a zoo name (``zoo.list_pretrained()``) or ``hf-hub:org/name`` -> a local folder."""
+#: a Hub repo id: ``owner/name`` (letters, digits, ``-``, ``_``, ``.``), as the Hub spells them
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def hub_id(name_or_path: str | Path) -> str | None:
+    """The Hub repo id that ``name_or_path`` names, or None for a local folder or zoo name.
+
+    ``hf-hub:owner/name`` always names the Hub; a bare ``owner/name`` does when no such local folder exists (the
+    way ``transformers`` reads its ``from_pretrained`` argument).
+    """
     text = str(name_or_path)
     if text.startswith(HF_PREFIX):
-        return _download(text[len(HF_PREFIX):])
+        return text[len(HF_PREFIX):]
+    if isinstance(name_or_path, str) and _REPO_ID.fullmatch(text) and not Path(text).expanduser().exists() \
+            and text not in list_pretrained():
+        return text
+    return None
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local folder, a zoo name (``zoo.list_pretrained()``), or a Hub repo (``owner/name`` or ``hf-hub:owner/name``,
+    read from the local Hub cache when offline) -> a local folder."""
+    text = str(name_or_path)
+    repo = hub_id(name_or_path)
+    if repo is not None:
+        return _download(repo)
     path = Path(text).expanduser()
     if path.is_dir():
         return path
     if text in list_pretrained():
         return resolve(source_of(text))
     raise CheckpointError(
-        f"{text!r} is neither a folder nor a zoo model; give a folder written by save_pretrained, "
-        f"'hf-hub:org/name', or one of: {', '.join(list_pretrained()) or '(no zoo models shipped)'}."
+        f"{text!r} is neither a folder nor a zoo model; give a folder written by save_pretrained, a Hub repo id "
+        f"('owner/name'), or one of: {', '.join(list_pretrained()) or '(no zoo models shipped)'}."
     )
 
 
 def _download(repo_id: str) -> Path:
+    """The repo's snapshot folder in the Hugging Face cache: downloaded when online, found in the cache offline."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError as e:
-        raise MissingDependencyError("'hf-hub:' models need huggingface_hub: pip install huggingface_hub") from e
+        raise MissingDependencyError("Hub models need huggingface_hub: pip install huggingface_hub") from e
     files = [fmt.CONFIG_FILE, fmt.WEIGHTS_FILE, fmt.CARD_FILE]
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=files))
     except Exception as e:
-        raise CheckpointError(
-            f"could not fetch {HF_PREFIX}{repo_id} ({type(e).__name__}: {e}); check the repo id and the network "
-            "(unset HF_HUB_OFFLINE), or download it elsewhere and pass the local folder."
-        ) from e
+        where = ("it is not in the local Hub cache and HF_HUB_OFFLINE is set: unset it to download, or pass the "
+                 "local folder" if constants.HF_HUB_OFFLINE else "check the repo id and the network, or download it "
+                 "elsewhere and pass the local folder")
+        raise CheckpointError(f"{repo_id!r} is no local folder, and fetching it as a Hub model failed "
+                              f"({type(e).__name__}: {str(e)[:200]}); {where}.") from e
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -440,7 +464,7 @@ def load_checkpoint(
             contacting the Hub (an ``hf-hub:`` name is the user's own opt-in and implies it).
     """
     folder = resolve(name_or_path)
-    allowed = online or str(name_or_path).startswith(HF_PREFIX)
+    allowed = online or hub_id(name_or_path) is not None
     try:
         with hub_access(allowed):
             return _load(build, folder, name_or_path, map_location, strict, check_hashes, allow_external_paths,
@@ -499,7 +523,7 @@ def _load(build: Callable[..., M], folder: Path, name_or_path: str | Path, map_l
         raise ConfigError(f"{folder / fmt.CONFIG_FILE}: 'model' is not a valid FusionModelConfig "
                           f"({type(e).__name__}: {str(e)[:200]}); re-save the model with save_pretrained.") from e
     if not allow_external_paths:
-        hub = str(name_or_path).startswith(HF_PREFIX)  # hub snapshots are symlinks into the repo's blob store
+        hub = hub_id(name_or_path) is not None  # hub snapshots are symlinks into the repo's blob store
         root = folder.resolve().parents[1] if hub else folder.resolve()
         config = _safe_references(config, folder, root)
     limit = _max_parameters(max_parameters)

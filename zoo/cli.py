@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("zoo", help="list and describe the pretrained fused models")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
-    zl = zsub.add_parser("list", help="names of the pretrained models")
+    zl = zsub.add_parser("list", help="the pretrained models: data, modalities, stage, head, test accuracy")
     zl.add_argument("pattern", nargs="?", help="shell pattern, e.g. '*-late-*'")
+    zl.add_argument("--names", action="store_true", help="print only the names, one per line (for scripts)")
     zi = zsub.add_parser("info", help="card and metrics of one model")
     zi.add_argument("name")
     zi.add_argument("--json", action="store_true", help="print config, encoders and metrics as JSON")
@@ -129,7 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _zoo(args: argparse.Namespace) -> int:
-    from .registry import info, list_pretrained
+    from .registry import info, list_pretrained, summary
 
     if args.zoo_command == "verify":
         return _verify(args)
@@ -137,8 +138,10 @@ def _zoo(args: argparse.Namespace) -> int:
         names = list_pretrained(args.pattern)
         if not names:
             print("no pretrained models" + (f" match {args.pattern!r}" if args.pattern else " are shipped"))
-        for name in names:
-            print(name)
+        elif args.names:
+            print("\n".join(names))
+        else:
+            _print_table([summary(n) for n in names])
         return 0
     data: dict[str, Any] = info(args.name)
     if args.json:
@@ -146,6 +149,17 @@ def _zoo(args: argparse.Namespace) -> int:
     else:
         print(data.get("card") or json.dumps(data, indent=2, default=str))
     return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """``zoo list``'s table: one model a row, the card's fused test accuracy last."""
+    cols = ["name", "data", "modalities", "stage", "head", "test_accuracy"]
+    cells = [["-" if r[c] is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+             for r in rows]
+    header = ["name", "data", "modalities", "stage", "head", "test acc"]
+    widths = [max(len(x) for x in col) for col in zip(header, *cells, strict=False)]
+    for line in [header, *cells]:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -574,7 +574,9 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> FusionModel:
-        """Load from a local folder, a zoo name (``zoo.list_pretrained()``) or ``hf-hub:org/name`` (eval mode).
+        """Load from a local folder, a zoo name (``zoo.list_pretrained()``) or a Hub repo ``owner/name`` (eval mode).
+
+        A Hub repo is read through the Hugging Face cache: downloaded when online, found in the cache offline.
 
         Keyword arguments: ``map_location``, ``strict``, ``check_hashes`` (see ``zoo.checkpoint.load_checkpoint``).
         """

@@ -13,7 +13,7 @@ from typing import Any
 
 from fusion_errors import RegistryError
 
-__all__ = ["PRETRAINED_DIR", "list_pretrained", "info", "register_pretrained", "source_of"]
+__all__ = ["PRETRAINED_DIR", "list_pretrained", "info", "summary", "register_pretrained", "source_of"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -81,3 +81,25 @@ def info(name: str) -> dict[str, Any]:
         "card": card.read_text() if card.is_file() else "",
     })
     return out
+
+
+def summary(name: str) -> dict[str, Any]:
+    """One row of ``fusion-zoo zoo list``: name, data, modalities, stage, head and card test accuracy of ``name``.
+
+    Reads only ``config.json`` (no weights); values a folder does not record (a remote entry) are None.
+    """
+    source = source_of(name)
+    row: dict[str, Any] = {"name": name, "data": _REGISTERED.get(name, {}).get("dataset"), "modalities": None,
+                           "stage": None, "head": None, "test_accuracy": None}
+    file = Path(source) / "config.json"
+    if source.startswith("hf-hub:") or not file.is_file():
+        return row
+    try:
+        doc = json.loads(file.read_text())
+        model = doc.get("model") or {}
+        fused = ((doc.get("metrics") or {}).get("test") or {}).get("fused") or {}
+        row.update(data=doc.get("dataset") or "local data", modalities="+".join(sorted(model.get("encoders") or {})),
+                   stage=model.get("stage"), head=model.get("fusion_head"), test_accuracy=fused.get("accuracy"))
+    except (ValueError, AttributeError):  # an unreadable folder still lists; `zoo info` gives the error
+        pass
+    return row

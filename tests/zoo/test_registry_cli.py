@@ -48,8 +48,13 @@ def test_list_info_load_register(zoo_dir: Path, make_model, tmp_path: Path) -> N
 
 
 def test_cli_list_info_predict(zoo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["zoo", "list"]) == 0
+    assert main(["zoo", "list", "--names"]) == 0
     assert capsys.readouterr().out.split() == ["toy-early-concat", "toy-late-gating"]
+    assert main(["zoo", "list"]) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["name", "data", "modalities", "stage", "head", "test", "acc"]
+    assert [r.split()[0] for r in rows] == ["toy-early-concat", "toy-late-gating"]
+    assert rows[1].split()[-3:] == ["late", "gating", "0.7500"]
     assert main(["zoo", "info", "toy-late-gating"]) == 0
     assert "gating" in capsys.readouterr().out
     assert main(["zoo", "info", "toy-late-gating", "--json"]) == 0
