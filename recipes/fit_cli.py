@@ -103,8 +103,14 @@ class FusionCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if trainer_cfg.get("logger") in (None, True):  # log into the run directory itself, as CSV
-            kwargs["logger"] = CSVLogger(trainer_cfg["default_root_dir"], name="", version="")
+        logger = trainer_cfg.get("logger")
+        run_csv = CSVLogger(trainer_cfg["default_root_dir"], name="", version="")  # metrics.csv in the run folder
+        if logger in (None, True):
+            kwargs["logger"] = run_csv
+        elif logger is not False:  # the CSV log first: the run folder stays trainer.log_dir, the curves read it
+            loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            if not any(isinstance(one, CSVLogger) for one in loggers):
+                kwargs["logger"] = [run_csv, *loggers]
         if not trainer_cfg.get("plugins"):  # a kill during a save never corrupts the last good checkpoint
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
@@ -272,15 +278,45 @@ def _global_batch(cfg: Any, subcommand: str) -> None:
     rank_zero_info(f"{subcommand}: global batch {data.batch_size * n} = {n} processes x {data.batch_size} rows")
 
 
+#: ``--trainer.logger NAME`` short names; a class name or path works too
+LOGGER_NAMES = {"tensorboard": "pytorch_lightning.loggers.TensorBoardLogger",
+                "csv": "pytorch_lightning.loggers.CSVLogger"}
+_RUN_FOLDER_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # loggers whose files can sit in the run folder itself
+
+
+def _logger_args(argv: list[str], root: str) -> list[str]:
+    """Expand ``--trainer.logger tensorboard`` (or ``csv``) to its class path and, unless ``save_dir`` is given,
+    point TensorBoard and CSV loggers at the run folder ``root`` itself (no ``lightning_logs/version_N``), so every
+    logger leaves one layout: event files beside ``metrics.json``, ``metrics.csv`` and the figures."""
+    own_dir = any(a.split("=", 1)[0] in ("--trainer.logger.save_dir", "--trainer.logger.init_args.save_dir")
+                  for a in argv)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--trainer.logger" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--trainer.logger="):
+            value, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            out.append(argv[i])
+            i += 1
+            continue
+        value = LOGGER_NAMES.get(value.strip().lower(), value)
+        out += ["--trainer.logger", value]
+        if value.rsplit(".", 1)[-1] in _RUN_FOLDER_LOGGERS and not own_dir:
+            out += ["--trainer.logger.save_dir", root, "--trainer.logger.name", "", "--trainer.logger.version", ""]
+    return out
+
+
 def _check_logger(logger: Any) -> None:
-    """``--trainer.logger TensorBoardLogger`` without tensorboard installed: one line naming the extra to install."""
+    """``--trainer.logger tensorboard`` without tensorboard installed: one line naming the extra to install."""
     text = str(logger if not isinstance(logger, dict) else logger.get("class_path", ""))
     if "tensorboard" not in text.lower():
         return
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        raise ConfigError("--trainer.logger TensorBoardLogger needs tensorboard: pip install 'fusion-zoo[tensorboard]' "
+        raise ConfigError("--trainer.logger tensorboard needs tensorboard: pip install 'fusion-zoo[tensorboard]' "
                           "(or leave out --trainer.logger for the CSV logs in the run folder).")
 
 
@@ -308,6 +344,17 @@ def _check_trainer(trainer: Any, subcommand: str) -> None:
 
 #: what a finished run leaves in its folder: a new run there would replace them
 RUN_OUTPUTS = ("metrics.json", "model", "config.yaml")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value given to ``flag`` (``--flag VALUE`` or ``--flag=VALUE``), None when absent."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def _check_fresh_root(argv: list[str]) -> None:
@@ -352,6 +399,7 @@ def run_lightning(argv: list[str], datamodule_class: type | None = None) -> Fusi
             _check_ckpt(argv[i + 1] if a == "--ckpt_path" else a.split("=", 1)[1])
     own_dir = any(a == "--trainer.default_root_dir" or a.startswith("--trainer.default_root_dir=") for a in argv)
     run_dir = Path("runs") / _run_stamp(subcommand, create=not own_dir)
+    argv = _logger_args(argv, _flag_value(argv, "--trainer.default_root_dir") or str(run_dir))
     default_files = {"default_config_files": [str(DEFAULT_CONFIG)]}
     return FusionCLI(
         FusionTask,

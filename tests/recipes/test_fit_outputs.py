@@ -102,19 +102,48 @@ def test_fit_without_moe_has_no_utilisation_plot(tmp_path: Path) -> None:
     assert not (tmp_path / "moe_utilisation.png").exists()
 
 
-def test_tensorboard_logger(tmp_path: Path, monkeypatch, capsys) -> None:
-    tb = ["--trainer.logger", "pytorch_lightning.loggers.TensorBoardLogger",
-          "--trainer.logger.save_dir", str(tmp_path / "tb"), "--trainer.max_epochs", "1"]
-    if importlib.util.find_spec("tensorboard") is not None:
-        fit(tmp_path / "with", *tb)
-        assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+@pytest.mark.parametrize("logger", ["tensorboard", "TensorBoardLogger", "pytorch_lightning.loggers.TensorBoardLogger"])
+def test_tensorboard_logger_writes_into_the_run_folder(tmp_path: Path, logger: str) -> None:
+    """The short name and the class forms need no save_dir; one layout for every logger: the event files sit in the
+    run folder beside metrics.json and metrics.csv, and the curves and MoE plots are still drawn."""
+    pytest.importorskip("tensorboard")
+    run = fit(tmp_path, "--trainer.logger", logger, "--trainer.max_epochs", "2", "--model.fusion_head", "moe",
+              "--model.stage", "early")
+    assert [type(lg).__name__ for lg in run.trainer.loggers] == ["CSVLogger", "TensorBoardLogger"]
+    events = list(tmp_path.rglob("events.out.tfevents.*"))  # one file per writer: fit, then validate and test
+    assert events and {e.parent for e in events} == {tmp_path}
+    for name in ("metrics.json", "metrics.csv", "training_curves.png", "moe_utilisation.png", "model/config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.glob("version_*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {t for e in events for t in EventAccumulator(str(e)).Reload().Tags()["scalars"]}
+    assert {"train/loss", "val/loss", "test/fused/accuracy"} <= tags
+
+
+def test_tensorboard_logger_keeps_an_explicit_save_dir(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    fit(tmp_path / "run", "--trainer.logger", "tensorboard", "--trainer.logger.save_dir", str(tmp_path / "tb"),
+        "--trainer.max_epochs", "1")
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "training_curves.png").is_file() and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_csv_logger_short_name_is_the_default_layout(tmp_path: Path) -> None:
+    run = fit(tmp_path, "--trainer.logger", "csv", "--trainer.max_epochs", "1")
+    assert [type(lg).__name__ for lg in run.trainer.loggers] == ["CSVLogger"]
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "training_curves.png").is_file()
+
+
+def test_tensorboard_logger_without_tensorboard_names_the_extra(tmp_path: Path, monkeypatch, capsys) -> None:
     real = importlib.util.find_spec
     hidden = ("tensorboard", "tensorboardX")
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] in hidden else real(name, *a))
     monkeypatch.setattr(cli, "_lightning", lambda argv, datamodule_class=None, _f=cli._lightning:
                         _f(argv, datamodule_class=NoisyDataModule))
-    code = cli.main(["fit", "--trainer.default_root_dir", str(tmp_path / "without"), *MODEL, *TRAINER, *tb])
+    code = cli.main(["fit", "--trainer.default_root_dir", str(tmp_path), *MODEL, *TRAINER,
+                     "--trainer.logger", "tensorboard", "--trainer.max_epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "pip install 'fusion-zoo[tensorboard]'" in err[0]
