@@ -313,20 +313,20 @@ def _misses(enc: Any, rows: Any, variants: dict[str, tuple[bool, bool, bool, int
     import tempfile
     from pathlib import Path
 
-    import zoo.optimize as optimize
+    import recipes.chunks as chunks
     from recipes.cache import FeatureCache
 
     times: dict[str, list[float]] = {}
     feats: dict[str, Any] = {}
     keys: dict[str, str] = {}
-    chunk_pixels, chunk_workers = optimize.CHUNK_PIXELS, optimize.CHUNK_WORKERS
+    chunk_pixels, chunk_workers = chunks.CHUNK_PIXELS, chunks.CHUNK_WORKERS
     for rep in range(reps):
         for name, (fold, chunked, graph, workers) in variants.items():
             if name in detail and rep >= detail_reps:
                 continue
             root = Path(tempfile.mkdtemp(prefix="fz-bench-encode-"))
-            optimize.CHUNK_PIXELS = chunk_pixels if chunked else 1 << 62
-            optimize.CHUNK_WORKERS = workers
+            chunks.CHUNK_PIXELS = chunk_pixels if chunked else 1 << 62
+            chunks.CHUNK_WORKERS = workers
             try:
                 cache = FeatureCache(root, memory=False, fold=fold, graph=graph)
                 t = time.perf_counter()
@@ -335,7 +335,7 @@ def _misses(enc: Any, rows: Any, variants: dict[str, tuple[bool, bool, bool, int
                 times.setdefault(name, []).append(time.perf_counter() - t)
                 feats[name], keys[name] = out, stats.key
             finally:
-                optimize.CHUNK_PIXELS, optimize.CHUNK_WORKERS = chunk_pixels, chunk_workers
+                chunks.CHUNK_PIXELS, chunks.CHUNK_WORKERS = chunk_pixels, chunk_workers
                 shutil.rmtree(root, ignore_errors=True)
     return times, feats, keys
 
@@ -348,14 +348,14 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
     paths in turns, so a burst of load on this shared machine hits both; the details' variants run
     ``detail_reps`` times).
 
-    Both paths run CPU image batches in cache-sized chunks (``zoo.optimize.CHUNK_PIXELS``), side by side on one
-    worker thread per intra-op thread (``zoo.optimize.CHUNK_WORKERS``); the details also time both paths with the
+    Both paths run CPU image batches in cache-sized chunks (``zoo.chunks.CHUNK_PIXELS``), side by side on one
+    worker thread per intra-op thread (``zoo.chunks.CHUNK_WORKERS``); the details also time both paths with the
     chunks one after another on all threads, the plain path on whole batches (what the cache did before chunking)
     for the overall gain, and, when easy-VQA is prepared, the same two paths on ``n`` of its images (real RGB
     data: the speedup and the largest feature difference that the 1e-4 promise is about), best of ``real_reps``."""
     from encoders import create_encoder
+    from recipes.chunks import chunk_workers, cpu_chunk_size
     from recipes.tridigits.dataset import load_tridigits
-    from zoo.optimize import chunk_workers, cpu_chunk_size
 
     rows = load_tridigits("train").select(range(n)).select_columns(["image"])
     enc = create_encoder("efficientnet-lite0", finetune="frozen").eval()
@@ -392,9 +392,9 @@ def cache_encode_speedup(n: int = 512, batch_size: int = 64, reps: int = 6, deta
         "cache_encode_round_ratios": round_ratios,
         "cache_encode_median_round_ratio": float(statistics.median(round_ratios)),
         "cache_encode_vs_whole_batch_plain": times["plain_whole_batches"] / times["folded"],
-        # both paths with their chunks one after another on all threads (zoo.optimize.CHUNK_WORKERS = 1)
+        # both paths with their chunks one after another on all threads (zoo.chunks.CHUNK_WORKERS = 1)
         "cache_encode_one_worker_speedup": times["plain_one_worker"] / times["folded_one_worker"],
-        # opt-in FeatureCache(graph=True) (zoo.optimize.GraphEncode)
+        # opt-in FeatureCache(graph=True) (zoo.graph.GraphEncode)
         "cache_encode_graph_speedup": times["plain"] / times["folded_graph"],
         "cache_encode_graph_max_abs_diff": diff("folded_graph", "plain"),
         "images_per_s": {k: n / v for k, v in times.items()},

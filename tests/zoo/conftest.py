@@ -141,3 +141,49 @@ def raw() -> dict[str, list[Any]]:
     images = [Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)) for _ in range(3)]
     audio = [(rng.standard_normal(80).astype(np.float32), 16000) for _ in range(3)]
     return {"text": ["one", "two two", "three"], "image": images, "audio": audio}
+
+
+@pytest.fixture
+def randomise_norms() -> Callable[[nn.Module], None]:
+    """Gives every BatchNorm2d of a module non-trivial statistics and affine weights (seeded), so a wrong fold shows."""
+
+    def randomise(model: nn.Module) -> None:
+        gen = torch.Generator().manual_seed(0)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.data.copy_(torch.randn(n, generator=gen) * 0.5 + 1.0)
+                m.bias.data.copy_(torch.randn(n, generator=gen) * 0.2)
+
+    return randomise
+
+
+XOR_DIM, XOR_TOKENS = 8, 3  # feature width and tokens per modality of ``xor_features``
+
+
+@pytest.fixture
+def xor_features() -> Callable[..., tuple[dict[str, ModalityOutput], Tensor]]:
+    """Toy features whose label needs two modalities: ``xor_features(n, seed, noise=False)``.
+
+    ``image`` and ``text`` each carry one random bit as a noisy direction in their tokens ([N, 3, 8]); the label
+    is their XOR, so each alone is at chance. With ``noise``, ``audio`` is added: pure noise, no label information.
+    """
+
+    def make(n: int, seed: int, noise: bool = False) -> tuple[dict[str, ModalityOutput], Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        bits = torch.randint(0, 2, (n, 2), generator=g)
+        feats = {}
+        for i, m in enumerate(("image", "text")):
+            direction = torch.zeros(XOR_DIM)
+            direction[i] = 3.0
+            signal = (bits[:, i].float() * 2 - 1)[:, None] * direction  # [N, D]
+            tokens = signal[:, None, :] + 0.3 * torch.randn(n, XOR_TOKENS, XOR_DIM, generator=g)  # [N, T, D]
+            feats[m] = ModalityOutput(tokens, torch.ones(n, XOR_TOKENS, dtype=torch.bool), tokens.mean(1))
+        if noise:
+            noisy = 3.0 * torch.randn(n, XOR_TOKENS, XOR_DIM, generator=g)  # [N, T, D]
+            feats["audio"] = ModalityOutput(noisy, torch.ones(n, XOR_TOKENS, dtype=torch.bool), noisy.mean(1))
+        return feats, bits[:, 0] ^ bits[:, 1]
+
+    return make

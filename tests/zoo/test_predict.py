@@ -131,8 +131,8 @@ def test_predict_folds_frozen_image_encoder_with_same_outputs() -> None:
     from PIL import Image
 
     from zoo.config import FusionModelConfig
+    from zoo.fold import count_batchnorms
     from zoo.model import FusionModel
-    from zoo.optimize import count_batchnorms
 
     torch.manual_seed(0)
     model = FusionModel(FusionModelConfig(encoders={"image": "efficientnet-lite0"}, labels=("a", "b"),
