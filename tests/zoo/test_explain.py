@@ -8,40 +8,27 @@ embeddings mean "unknown", as in the recipes' default training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
-from encoders import ModalityOutput
 from fusion_heads import list_fusion_heads
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
-DIM, TOKENS = 8, 3
+DIM = 8  # xor_features' feature width
 
 
-def xor_with_noise(n: int, seed: int) -> tuple[dict[str, ModalityOutput], torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 2, (n, 2), generator=g)
-    feats = {}
-    for i, m in enumerate(("image", "text")):
-        direction = torch.zeros(DIM)
-        direction[i] = 3.0
-        tokens = ((bits[:, i].float() * 2 - 1)[:, None] * direction)[:, None, :] \
-            + 0.3 * torch.randn(n, TOKENS, DIM, generator=g)  # [N, T, D]
-        feats[m] = ModalityOutput(tokens, torch.ones(n, TOKENS, dtype=torch.bool), tokens.mean(1))
-    noise = 3.0 * torch.randn(n, TOKENS, DIM, generator=g)  # [N, T, D] no label information
-    feats["audio"] = ModalityOutput(noise, torch.ones(n, TOKENS, dtype=torch.bool), noise.mean(1))
-    return feats, bits[:, 0] ^ bits[:, 1]
-
-
-def train(head: str, stage: str) -> FusionModel:
+def train(head: str, stage: str, xor_features: Callable[..., Any]) -> FusionModel:
     torch.manual_seed(0)
     config = FusionModelConfig(encoders=dict.fromkeys(("audio", "image", "text"), "synthetic"),
                                labels=("even", "odd"), fusion_head=head, stage=stage, fuse_tokens=True,
                                hidden_dim=32, dropout=0.0, late_loss_weight=0.1,
                                modality_dropout=dict.fromkeys(("audio", "image", "text"), 0.2))
     model = FusionModel(config, embed_dims=dict.fromkeys(("audio", "image", "text"), DIM))
-    feats, y = xor_with_noise(512, seed=1)
+    feats, y = xor_features(512, seed=1, noise=True)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(400):
         model.train()
@@ -65,9 +52,9 @@ def train(head: str, stage: str) -> FusionModel:
 
 @pytest.mark.parametrize("stage", ["early", "late", "hybrid"])
 @pytest.mark.parametrize("head", list_fusion_heads())
-def test_noise_modality_contributes_least(head: str, stage: str) -> None:
-    model = train(head, stage)
-    test, y = xor_with_noise(64, seed=2)
+def test_noise_modality_contributes_least(head: str, stage: str, xor_features) -> None:
+    model = train(head, stage, xor_features)
+    test, y = xor_features(64, seed=2, noise=True)
     with torch.no_grad():
         assert (model(test).logits.argmax(-1) == y).float().mean() >= 0.9, f"{head}@{stage} did not learn XOR"
     rows = model.explain_features(test)

@@ -10,22 +10,7 @@ from fusion_heads import list_fusion_heads
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
-DIM, TOKENS = 8, 3
-
-
-def xor_features(n: int, seed: int) -> tuple[dict[str, ModalityOutput], torch.Tensor]:
-    """Each modality carries one random bit (as a noisy direction in its features); label = XOR."""
-    g = torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 2, (n, 2), generator=g)
-    feats = {}
-    for i, m in enumerate(("image", "text")):
-        direction = torch.zeros(DIM)
-        direction[i] = 3.0
-        signal = (bits[:, i].float() * 2 - 1)[:, None] * direction  # [N, D]
-        tokens = signal[:, None, :] + 0.3 * torch.randn(n, TOKENS, DIM, generator=g)  # [N, T, D]
-        mask = torch.ones(n, TOKENS, dtype=torch.bool)
-        feats[m] = ModalityOutput(tokens, mask, tokens.mean(1))
-    return feats, bits[:, 0] ^ bits[:, 1]
+DIM = 8  # xor_features' feature width
 
 
 def accuracy(model: FusionModel, feats: dict[str, ModalityOutput], labels: torch.Tensor) -> float:
@@ -36,7 +21,7 @@ def accuracy(model: FusionModel, feats: dict[str, ModalityOutput], labels: torch
 
 @pytest.mark.parametrize("stage", ["early", "late", "hybrid"])
 @pytest.mark.parametrize("head", list_fusion_heads())
-def test_every_head_and_stage_learns_xor(head: str, stage: str) -> None:
+def test_every_head_and_stage_learns_xor(head: str, stage: str, xor_features) -> None:
     torch.manual_seed(0)
     config = FusionModelConfig(
         encoders={"image": "synthetic", "text": "synthetic"}, labels=("even", "odd"), fusion_head=head,
