@@ -1,4 +1,5 @@
-"""README's install and test commands are exactly what CI runs (so a missing install step fails CI)."""
+"""README's install and test commands are exactly what CI runs (so a missing install step fails CI), every
+command in its code blocks parses, its results table is the one results.json gives, and its Python runs."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def test_ci_runs_readme_install_and_test_commands() -> None:
     install, main_job, test = readme_commands()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install in ci and test in ci
+    assert install.endswith(' -c constraints.txt') and (ROOT / "constraints.txt").is_file()  # the locked set
+    assert ".venv/bin/python .ci/lock.py --check" in ci
     assert main_job.startswith(".venv/bin/fusion-zoo ")
 
 
@@ -40,34 +43,89 @@ def test_readme_results_table_is_the_one_results_json_gives() -> None:
         "README's results table is stale: run python benchmarks/readme_table.py"
 
 
-def test_every_readme_command_exists_and_its_flags_parse() -> None:
+class _Parsed(Exception):
+    """Raised right after the Lightning parser accepted a command line: nothing is instantiated or trained."""
+
+
+def readme_fusion_zoo_commands() -> list[list[str]]:
+    """Every ``fusion-zoo ...`` line of README's bash blocks as argv (without ``fusion-zoo``)."""
     import shlex
 
-    from pytorch_lightning import Trainer
-    from pytorch_lightning.callbacks import EarlyStopping
-
-    from recipes import cli
-    from recipes.data import FusionDataModule
-    from recipes.task import FusionTask
-
-    groups = {"model": FusionTask, "data": FusionDataModule, "trainer": Trainer, "checkpoint": cli.FusionCheckpoint,
-              "early_stopping": EarlyStopping}
-    known = {*cli.LIGHTNING_COMMANDS, *cli.ZOO_COMMANDS, "sweep"}
-    seen = 0
+    out = []
     for block in _blocks("bash"):
         for line in block.splitlines():
-            line = line.split("#", 1)[0].strip()
+            line = line.split(" # ", 1)[0].strip()
             if line.startswith(".venv/bin/"):
                 line = line[len(".venv/bin/"):]
-            if not line.startswith("fusion-zoo "):
-                continue
-            argv = shlex.split(line)[1:]
-            assert argv[0] in known, f"README runs `fusion-zoo {argv[0]}`, which is not a command"
-            assert argv[0] in cli.USAGE, f"`fusion-zoo {argv[0]}` is missing from `fusion-zoo --help`"
-            if argv[0] in cli.LIGHTNING_COMMANDS:
-                cli.check_flag_names(argv[1:], groups)  # a flag a class does not take raises
-            seen += 1
-    assert seen >= 8
+            if line.startswith("fusion-zoo "):
+                out.append(shlex.split(line)[1:])
+    return out
+
+
+def parse_command(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parse ``fusion-zoo ARGV`` with the command's own parser, running nothing: an unknown command, a renamed flag
+    or a bad value raises (ConfigError, or AssertionError carrying the parser's message)."""
+    import contextlib
+    import io
+
+    from recipes import cli
+
+    command, rest = argv[0], argv[1:]
+    listed = re.findall(r"^  (\w+) ", cli.USAGE.split("options:")[0], re.M)
+    assert command in listed, f"`fusion-zoo {command}` is not a command listed by `fusion-zoo --help`"
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            if command in cli.LIGHTNING_COMMANDS:
+                from recipes import fit_cli
+
+                def parse_then_stop(self, parser, args):  # the real parse, then no instantiation or run
+                    original(self, parser, args)
+                    raise _Parsed
+
+                original = fit_cli.FusionCLI.parse_arguments
+                monkeypatch.setattr(fit_cli.FusionCLI, "parse_arguments", parse_then_stop)
+                with pytest.raises(_Parsed):
+                    fit_cli.run_lightning(argv)
+            elif command in cli.ZOO_COMMANDS:
+                from zoo.cli import build_parser
+
+                build_parser().parse_args(argv)
+            elif command == "sweep":
+                from recipes.sweep.run import parse_args
+
+                parse_args(rest)
+            elif command in cli.MODULAR_COMMANDS:
+                from recipes.modular_cli import _parser
+
+                _parser(command).parse_args(rest)
+            else:
+                raise AssertionError(f"README runs `fusion-zoo {command}`, which is not a command")
+    except SystemExit as e:  # argparse / jsonargparse refused the line
+        message = err.getvalue()
+        message = " ".join(message[message.find("error:"):].split())[:300]
+        raise AssertionError(f"`fusion-zoo {' '.join(argv)}` does not parse: {message}") from e
+
+
+def test_every_readme_command_exists_and_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each README command line goes through its command's real parser (no training, no loading)."""
+    monkeypatch.chdir(tmp_path)  # fit makes its runs/ folder here
+    commands = readme_fusion_zoo_commands()
+    assert {c[0] for c in commands} >= {"fit", "predict", "zoo", "sweep", "serve"}
+    for argv in commands:
+        parse_command(argv, monkeypatch)
+
+
+@pytest.mark.parametrize("line", ["fit --model.fusion_hed gating", "fit --trainer.max_epochs many",
+                                  "predict --model m --tabel t.csv", "zoo lst", "sweep --headz concat",
+                                  "serve --model m --prot 1", "train --data.data_dir x"])
+def test_the_command_check_fails_on_a_renamed_flag_or_command(line: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusion_errors import FusionZooError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((AssertionError, FusionZooError)):
+        parse_command(line.split(), monkeypatch)
 
 
 def test_readme_python_examples_compile_and_import() -> None:
