@@ -1,8 +1,8 @@
-"""Data sources, splits, labels and cell checks behind :class:`recipes.data.FusionDataModule` (docs/data.md)."""
+"""Splits, labels and cell checks behind :class:`recipes.data.FusionDataModule` (docs/data.md); reading the data
+is :mod:`recipes.formats`."""
 
 from __future__ import annotations
 
-import codecs
 import io
 import math
 import unicodedata
@@ -19,203 +19,13 @@ from PIL import Image
 
 from fusion_errors import DataError
 
-__all__ = ["load_source", "pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve",
-           "cell_problem",
-           "IMAGE_EXTS", "AUDIO_EXTS"]
+__all__ = ["pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve", "cell_problem",
+           "IMAGE_EXTS", "AUDIO_EXTS", "SPLIT_ALIASES"]
 
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                  "test": ("test", "testing", "eval")}
-
-
-def _as_path(p: str | Path, data_dir: Path | None) -> str:
-    path = Path(p).expanduser()
-    if not path.is_absolute() and data_dir is not None and not path.exists():
-        path = data_dir / path
-    return str(path)
-
-
-def _first_file(data_files: Any) -> str:
-    if isinstance(data_files, dict):
-        data_files = next(iter(data_files.values()))
-    if isinstance(data_files, (list, tuple)):
-        data_files = data_files[0]
-    return str(data_files)
-
-
-def _all_files(data_files: Any) -> list[str]:
-    values = data_files.values() if isinstance(data_files, dict) else [data_files]
-    return [str(f) for v in values for f in (v if isinstance(v, (list, tuple)) else [v])]
-
-
-def _header_delimiter(path: str) -> str | None:
-    """The delimiter of a ``.csv`` whose header row has no comma but semicolons, tabs or pipes (spreadsheets in
-    locales whose decimal mark is a comma export ``;``), else None (comma, the default)."""
-    try:
-        with open(path, "rb") as f:
-            header = f.readline(1 << 16).decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    if "," in header:
-        return None
-    counts = {sep: header.count(sep) for sep in (";", "\t", "|")}
-    sep = max(counts, key=lambda k: counts[k])
-    return sep if counts[sep] else None
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost exception behind ``e`` (datasets wraps a parser's error in its own)."""
-    seen = {id(e)}
-    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        e = inner
-    return e
-
-
-def _first_bad_byte(path: str) -> str | None:
-    """Where the file at ``path`` stops being UTF-8 ("byte 0xe9 at offset 12, line 2"), or None if it is UTF-8
-    (read in 1 MiB pieces, so memory stays small whatever the file's size)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, lines = 0, 1
-    try:
-        with open(path, "rb") as f:
-            while piece := f.read(1 << 20):
-                try:
-                    decoder.decode(piece)
-                except UnicodeDecodeError as e:
-                    lines += piece[:max(e.start, 0)].count(b"\n")
-                    at = min(max(e.start, 0), len(piece) - 1)  # a character split across pieces starts before
-                    return f"byte 0x{piece[at]:02x} at offset {offset + at}, line {lines}"
-                offset, lines = offset + len(piece), lines + piece.count(b"\n")
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return f"a truncated character at the end, offset {offset}"
-    except OSError:
-        return None
-    return None
-
-
-def _folder_tables(root: Path) -> dict[str, str]:
-    """``{split}.{csv,jsonl,json,parquet}`` files in ``root``, else ``metadata.*`` as the train split."""
-    tables: dict[str, str] = {}
-    for split in ("train", "validation", "valid", "val", "dev", "test"):
-        for ext in FORMATS:
-            if (root / f"{split}{ext}").is_file():
-                tables.setdefault(split, str(root / f"{split}{ext}"))
-    for ext in FORMATS:
-        if not tables and (root / f"metadata{ext}").is_file():
-            tables["train"] = str(root / f"metadata{ext}")
-    return tables
-
-
-def _load_folder(root: Path, kind: str) -> datasets.DatasetDict:
-    """An ``imagefolder``/``audiofolder``: files in class sub-folders (label = folder name), split sub-folders
-    (train/validation/test) optional."""
-    exts = IMAGE_EXTS if kind == "imagefolder" else AUDIO_EXTS
-    column = "image" if kind == "imagefolder" else "audio"
-    subdirs = {p.name: p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
-    split_dirs = {s: subdirs[a] for s, aliases in SPLIT_ALIASES.items() for a in aliases if a in subdirs}
-    out = {}
-    for split, folder in (split_dirs or {"train": root}).items():
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
-        if not files:
-            raise DataError(f"no {column} files ({', '.join(sorted(exts))}) under {folder}; check --data.data_dir.")
-        labels = [p.parent.relative_to(folder).parts[0] if p.parent != folder else None for p in files]
-        rows: dict[str, list[Any]] = {column: [str(p) for p in files]}
-        if any(x is not None for x in labels):
-            rows["label"] = labels
-        out[split] = datasets.Dataset.from_dict(rows)
-    return datasets.DatasetDict(out)
-
-
-def load_source(dataset: str, data_files: Any, data_format: str | None,
-                data_dir: str | None) -> tuple[datasets.DatasetDict, Path | None, str | None]:
-    """Load the data a FusionDataModule names.
-
-    Returns:
-        (the splits, the folder relative paths in cells are resolved against, a dataset name for model cards or
-        None for local data).
-    """
-    root = Path(data_dir).expanduser().resolve() if data_dir else None
-    if data_files is None and root is None:
-        from .sources import get_source
-
-        named = get_source(dataset)
-        if named is not None:  # the project's own datasets (recipes/sources.py)
-            splits, base = named.load()
-            return splits, base, named.name
-        local = Path(dataset).expanduser()
-        if local.is_dir():
-            root = local.resolve()
-        elif local.is_file():
-            data_files = str(local.resolve())
-        else:
-            try:
-                return datasets.load_dataset(dataset), None, dataset
-            except Exception as e:  # hub errors come in many types; all mean "cannot load this name"
-                raise DataError(
-                    f"cannot load dataset {dataset!r} ({type(e).__name__}: {e}). Give a Hugging Face hub name (needs "
-                    "internet or a local datasets cache), or local data with --data.data_files / --data.data_dir."
-                ) from e
-    if data_format in ("imagefolder", "audiofolder"):
-        if root is None:
-            raise DataError(f"data_format={data_format!r} needs --data.data_dir (the folder of files).")
-        if not _folder_tables(root):  # with a metadata table the folder is read like any table (below)
-            return _load_folder(root, data_format), root, None
-        data_format = None
-    if data_files is None:
-        assert root is not None
-        tables = _folder_tables(root)
-        if not tables:
-            has = {p.suffix.lower() for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
-            kind = "audiofolder" if has & AUDIO_EXTS else "imagefolder" if has & IMAGE_EXTS else None
-            if kind is None:
-                raise DataError(f"{root} holds no metadata table (metadata.csv/.jsonl/.parquet or train.csv, ...) "
-                                "and no image or audio files; point --data.data_dir at your data folder.")
-            return _load_folder(root, kind), root, None
-        data_files = tables
-    if isinstance(data_files, dict):
-        data_files = {k: [_as_path(f, root) for f in v] if isinstance(v, (list, tuple)) else _as_path(v, root)
-                      for k, v in data_files.items()}
-    elif isinstance(data_files, (list, tuple)):
-        data_files = [_as_path(f, root) for f in data_files]
-    else:
-        data_files = _as_path(data_files, root)
-    first = _first_file(data_files)
-    for f in _all_files(data_files):
-        if Path(f).is_file() and Path(f).stat().st_size == 0:  # datasets would raise DatasetGenerationError
-            raise DataError(f"data file {f!r} is empty (0 bytes); a table needs a header row and data rows.")
-    fmt = data_format or FORMATS.get(Path(first).suffix.lower())
-    if fmt not in ("csv", "json", "parquet"):
-        raise DataError(f"cannot tell the format of {first!r}; pass --data.data_format csv|json|parquet "
-                        "(or imagefolder|audiofolder with --data.data_dir).")
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "csv" and first.lower().endswith(".tsv") else {}
-    if fmt == "csv" and not kwargs and (sep := _header_delimiter(first)) is not None:
-        kwargs = {"delimiter": sep}  # e.g. a European spreadsheet's export, "text;image;label"
-    if fmt == "csv":  # only an empty cell is missing: a class named "NaN", "NA" or "null" stays that text
-        kwargs = {**kwargs, "keep_default_na": False, "na_values": [""]}
-    try:
-        loaded = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
-    except FileNotFoundError as e:
-        raise DataError(f"data file not found: {e}; check --data.data_files (relative paths are taken from the "
-                        "working directory, then from --data.data_dir).") from e
-    except ValueError as e:
-        if "corresponds to no data" not in str(e):
-            raise DataError(f"cannot read {first!r} as {fmt} ({e}); check the file or --data.data_format.") from e
-        raise DataError(f"a split of --data.data_files is empty ({e}); every split needs rows: fill or drop "
-                        "that file.") from e
-    except Exception as e:  # parser errors from pandas/pyarrow, wrapped by datasets in DatasetGenerationError
-        root_cause = _root_cause(e)
-        files = _all_files(data_files) if fmt in ("csv", "json") else []
-        bad = next(((f, where) for f in files if (where := _first_bad_byte(f)) is not None), None)
-        if bad is not None:  # a spreadsheet's legacy export (cp1252, latin-1): pandas and pyarrow read UTF-8 only
-            raise DataError(f"{bad[0]!r} is not UTF-8 text ({bad[1]}); re-save it as UTF-8 (a spreadsheet's "
-                            "'CSV UTF-8' export, or: iconv -f cp1252 -t utf-8 IN > OUT).") from e
-        raise DataError(f"cannot read {first!r} as {fmt} ({type(root_cause).__name__}: {root_cause}); check the "
-                        "file or pass the right --data.data_format.") from e
-    return loaded, root or Path(first).resolve().parent, None
 
 
 def pick_splits(dd: datasets.DatasetDict, splits: dict[str, str] | None, val_fraction: float, test_fraction: float,

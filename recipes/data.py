@@ -27,10 +27,11 @@ from tqdm import tqdm
 from encoders import MODALITIES, ModalityOutput, Preprocessor
 from fusion_errors import DataError, InputError
 
-from ._columns import LabelEncoder, infer_labels, is_missing, load_source, pick_splits, resolve
+from ._columns import LabelEncoder, infer_labels, is_missing, pick_splits, resolve
 from ._row_checks import CheckedFiles, check_cell
 from .batches import FeatureBatches
 from .cache import FeatureCache, raw_view
+from .formats import load_source
 from .loader import ResumableDataLoader
 
 __all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS"]
@@ -141,7 +142,8 @@ class FusionDataModule(pl.LightningDataModule):
     Args:
         dataset: ``tridigits`` (bundled, offline), a Hugging Face hub name, or a local file/folder path.
         data_files: local csv/json/parquet file(s): a path, a list, or {split: path(s)}; overrides ``dataset``.
-        data_format: ``csv|json|parquet|imagefolder|audiofolder``; None = from the file extension.
+        data_format: a registered format (``recipes.formats.list_formats()``: csv, json, parquet, tablefolder,
+            imagefolder, audiofolder, hub, and any you register); None = from the file suffix or the folder.
         data_dir: a folder with a metadata table (path columns relative to it) or an image/audio folder.
         columns: role -> column name for ``text``, ``image``, ``audio`` and ``label`` (each defaults to its role).
         splits: role -> split name for ``train``, ``validation``, ``test``; missing roles are found by usual names
@@ -164,7 +166,7 @@ class FusionDataModule(pl.LightningDataModule):
         self,
         dataset: str = "tridigits",
         data_files: str | list[str] | dict[str, str | list[str]] | None = None,
-        data_format: Literal["csv", "json", "parquet", "imagefolder", "audiofolder"] | None = None,
+        data_format: str | None = None,
         data_dir: str | None = None,
         columns: dict[str, str] | None = None,
         splits: dict[str, str] | None = None,

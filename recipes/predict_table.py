@@ -1,8 +1,9 @@
 """``fusion-zoo predict --table new.csv``: a saved model's predictions for every row of a table (or every file of
 a folder of images or audio), as a CSV.
 
-The table is read exactly as ``fusion-zoo fit`` reads one (``recipes._columns.load_source``: CSV/TSV/JSON(L)/parquet,
-spreadsheet delimiters, UTF-8 checks; relative file paths from the table's folder; the usual column names), so a
+The table is read exactly as ``fusion-zoo fit`` reads one (through :mod:`recipes.formats`: CSV/TSV/JSON(L)/parquet or
+any registered format, spreadsheet delimiters, UTF-8 checks; relative file paths from the table's folder; the usual
+column names), so a
 model trained on ``train.csv`` predicts ``new.csv`` of the same layout with no flags. Rows are read, decoded and
 predicted ``batch_size`` at a time, so memory does not grow with the table; the output file is written atomically.
 A row whose cells cannot be used (a missing file, a corrupt image, every modality empty) gets its reason in the
@@ -23,9 +24,9 @@ import datasets
 from fusion_common.atomic import atomic_write
 from fusion_errors import DataError, InputError
 
-from ._columns import AUDIO_EXTS, IMAGE_EXTS, _folder_tables, _load_folder, load_source
 from .cache import raw_view
 from .data import COLUMN_ALIASES, _cell
+from .formats import Source, load_source, pick_format, read, split_tables
 
 __all__ = ["predict_table", "find_columns"]
 
@@ -55,15 +56,14 @@ def find_columns(names: list[str], modalities: list[str], given: Mapping[str, st
 
 
 def _folder_rows(root: Path) -> tuple[datasets.Dataset, Path]:
-    """Every image (or audio) file under ``root``, one row each (``image``/``audio`` = its path; ``label`` = its
-    class sub-folder when files sit in sub-folders), over all split sub-folders, as ``fit`` reads such a folder."""
-    if _folder_tables(root):
-        raise DataError(f"{root} holds tables ({', '.join(sorted(_folder_tables(root).values()))}); give one of them "
+    """Every file of the folder ``root`` (read by the folder format that claims it, as ``fit`` reads it), one row
+    each over all its split sub-folders; ``label`` is None where a file has no class sub-folder."""
+    source = Source(folder=root)
+    fmt = pick_format(source)
+    if fmt.name == "tablefolder":
+        raise DataError(f"{root} holds tables ({', '.join(sorted(split_tables(root).values()))}); give one of them "
                         "as --table, or a folder of image or audio files.")
-    has = {p.suffix.lower() for p in root.rglob("*") if p.is_file()}
-    kind = "audiofolder" if has & AUDIO_EXTS and not has & IMAGE_EXTS else "imagefolder"
-    splits = _load_folder(root, kind)
-    parts = list(splits.values())
+    parts = list(read(fmt, source).values())
     if any("label" in p.column_names for p in parts):  # a split folder with files directly in it has no label
         parts = [p if "label" in p.column_names else p.add_column("label", [None] * len(p)) for p in parts]
     return datasets.concatenate_datasets(parts), root

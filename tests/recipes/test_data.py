@@ -340,7 +340,7 @@ def test_a_bad_file_is_reported_on_every_run(folder, tmp_path, model):
 
 def test_a_class_named_nan_or_na_is_a_label_and_only_an_empty_cell_is_missing(tmp_path) -> None:
     """Issue 30 (13): pandas read "NaN" (and "NA", "null", ...) in a CSV as a missing value."""
-    from recipes._columns import load_source
+    from recipes.formats import load_source
 
     (tmp_path / "t.csv").write_text("text,label\nhello,NaN\n,NA\nworld,null\nx,\n")
     splits, _, _ = load_source(str(tmp_path / "t.csv"), None, None, None)
