@@ -54,13 +54,31 @@ def closure(project: str = PROJECT, extras: frozenset[str] = EXTRAS) -> dict[str
         except metadata.PackageNotFoundError:
             raise SystemExit(f"lock: {name} is required but not installed; run {INSTALL}") from None
         found[key] = (dist.metadata["Name"], dist.version)
-        for line in dist.requires or []:
+        requires = _pyproject_requires() if key == canonicalize_name(project) else None
+        for line in dist.requires or [] if requires is None else requires:
             req = Requirement(line)
             envs = [{**default_environment(), "extra": extra} for extra in ("", *sorted(wanted[key]))]
             if req.marker is None or any(req.marker.evaluate(env) for env in envs):
                 todo.append((req.name, frozenset(req.extras)))
     found.pop(canonicalize_name(project))
     return found
+
+
+def _pyproject_requires() -> list[str] | None:
+    """The project's requirements as pyproject.toml states them now (the installed metadata may predate an edit),
+    in the metadata's form (extras as ``; extra == "name"`` markers); None without tomllib (Python 3.10)."""
+    try:
+        import tomllib
+    except ImportError:
+        return None
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = list(project.get("dependencies", []))
+    for extra, reqs in project.get("optional-dependencies", {}).items():
+        for line in reqs:
+            req, _, marker = line.partition(";")
+            out.append(f"{req.strip()}; " + (f"({marker.strip()}) and " if marker.strip() else "") +
+                       f"extra == {extra!r}")
+    return out
 
 
 def render(pins: dict[str, tuple[str, str]]) -> str:

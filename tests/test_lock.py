@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ci_lock", ROOT / ".ci" / "lock.py")
 assert spec and spec.loader
@@ -46,3 +48,13 @@ def test_render_and_read_round_trip_with_the_regenerate_command_in_the_header() 
     assert lock.RELOCK in text and lock.INSTALL in text
     assert text.splitlines()[-2:] == ["PyYAML==6.0.4", "scipy==1.17.1"]
     assert lock.read(text) == ({"pyyaml": "6.0.4", "scipy": "1.17.1"}, lock.platform_tag())
+
+
+def test_a_dependency_added_to_pyproject_but_not_installed_names_the_install_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    requires = lock._pyproject_requires()
+    assert requires and "torch==2.11.0" in requires  # read from pyproject.toml as it is now
+    monkeypatch.setattr(lock, "_pyproject_requires", lambda: [*requires, "fusion-zoo-no-such-package>=1"])
+    with pytest.raises(SystemExit, match="fusion-zoo-no-such-package is required but not installed; run .*-c "
+                                         "constraints.txt"):
+        lock.closure()
