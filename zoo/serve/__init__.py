@@ -1,7 +1,8 @@
 """``fusion-zoo serve``: a fused model behind an HTTP API and a web page, with dynamic batching.
 
 ``serve("tridigits-late-gating")`` loads the model offline and serves it on http://127.0.0.1:8000 until
-SIGINT/SIGTERM (in-flight requests finish first). ``create_app(model)`` gives the ASGI app for other servers.
+SIGINT/SIGTERM (in-flight requests finish first while ``/health`` answers 503; see ``zoo.serve.server``).
+``create_app(model)`` gives the ASGI app for other servers.
 The web stack (fastapi, uvicorn, python-multipart) is the ``serve`` extra: ``pip install 'fusion-zoo[serve]'``.
 See docs/serve.md.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import math
 import os
 import sys
@@ -83,7 +85,9 @@ def optimize_for_serving(model: Any, graph: bool = False) -> Any:
     (``zoo.optimize.GraphEncode``: built when an image size repeats, checked against the folded encoder once per
     batch size); features may then differ from the model's by up to ~1.4e-4.
     """
-    from ..optimize import GraphEncode, count_batchnorms, fuse_for_inference, graph_available
+    from ..fold import count_batchnorms
+    from ..graph import GraphEncode, graph_available
+    from ..optimize import fuse_for_inference
 
     encoders = getattr(model, "encoders", None)
     folding = [e for e in (encoders.values() if encoders is not None else ())
@@ -117,7 +121,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: Serv
     import uvicorn
 
     from .. import from_pretrained
-    from .app import ServeConfig, create_app
+    from .app import SLOT_WAIT_S, ServeConfig, create_app
+    from .server import GracefulServer
 
     if not online:
         for var in _OFFLINE_ENV:
@@ -137,8 +142,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, config: Serv
     app = create_app(loaded, name=name, source=_source_folder(model), config=cfg)
     print(f"fusion-zoo serve: {name} on http://{host}:{port}/ (API: /predict, schema: /openapi.json; "
           "Ctrl+C stops after the open requests)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s) + 5)
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=math.ceil(cfg.request_timeout_s) + 5),
+                            app.state.gate, drain_timeout_s=cfg.request_timeout_s + SLOT_WAIT_S + 1)
+    server.run()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,6 +159,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch")
     p.add_argument("--max-queue", type=int, default=256, help="queued samples before 503 + Retry-After")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (queue + forward) before 504")
+    p.add_argument("--max-queue-wait", type=float, default=None,
+                   help="seconds of queued work beyond which a new request gets 503 + Retry-After at once, before "
+                        "its body is read (default: a quarter of --timeout)")
     p.add_argument("--max-request-mb", type=float, default=d.max_request_bytes / 2**20, help="request body limit")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height limit")
     p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds)
@@ -176,7 +186,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
               "--max-image-pixels": (args.max_image_pixels, args.max_image_pixels >= 1),
               "--max-audio-seconds": (args.max_audio_seconds, args.max_audio_seconds > 0),
               "--max-text-chars": (args.max_text_chars, args.max_text_chars >= 1),
-              "--max-batch-items": (args.max_batch_items, args.max_batch_items is None or args.max_batch_items >= 1)}
+              "--max-batch-items": (args.max_batch_items, args.max_batch_items is None or args.max_batch_items >= 1),
+              "--max-queue-wait": (args.max_queue_wait, args.max_queue_wait is None or args.max_queue_wait > 0)}
     bad = [f"{k} {v}" for k, (v, ok) in checks.items() if not ok]
     if bad:
         raise ConfigError(f"out of range: {', '.join(bad)}; sizes, counts and times must be positive "
@@ -186,11 +197,19 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                     max_batch_items=args.max_batch_items if args.max_batch_items is not None else
                     min(Limits().max_batch_items, args.max_queue))  # a lower --max-queue alone is a valid setting
     return ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                       request_timeout_s=args.timeout, limits=limits, swagger_ui=args.swagger_ui)
+                       request_timeout_s=args.timeout, max_queue_wait_s=args.max_queue_wait, limits=limits,
+                       swagger_ui=args.swagger_ui)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``fusion-zoo serve`` from parsed arguments (called by ``zoo.cli``)."""
+    """Run ``fusion-zoo serve`` from parsed arguments (called by ``zoo.cli``).
+
+    After a graceful stop the process ends at once with exit code 0 (``os._exit`` once the logs are flushed):
+    the interpreter's teardown of torch and the encoder libraries takes seconds, and Ctrl-C should return now.
+    """
     serve(args.model, host=args.host, port=args.port, config=config_from_args(args), online=args.online,
           threads=args.threads, log_level=args.log_level, fuse=not args.no_fuse)
-    return 0
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

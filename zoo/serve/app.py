@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,7 @@ from .inputs import (
     parse_urlencoded,
 )
 
-__all__ = ["ServeConfig", "create_app", "model_summary", "batch_predictor"]
+__all__ = ["ServeConfig", "create_app", "model_summary", "batch_predictor", "Gate"]
 
 log = logging.getLogger("zoo.serve")
 #: seconds a request waits for a slot to read and decode its body before it is answered 503 (overload is said fast)
@@ -58,6 +59,9 @@ class ServeConfig:
     max_wait_ms: float = 5.0  # --max-wait-ms: how long the first queued sample waits for others
     max_queue: int = 256  # --max-queue: samples waiting before requests get 503 + Retry-After
     request_timeout_s: float = 30.0  # --timeout: queue wait + forward pass, then 504
+    # --max-queue-wait: a request expected to wait longer than this (from recent batch times) is answered 503 +
+    # Retry-After before its body is read; None = a quarter of request_timeout_s, so overload is said, not waited out
+    max_queue_wait_s: float | None = None
     limits: Limits = field(default_factory=Limits)
     swagger_ui: bool = False  # --swagger-ui: /docs loads Swagger UI's JS from a CDN, so it is off by default
 
@@ -66,8 +70,48 @@ class ServeConfig:
             raise ConfigError(f"max_batch_items={self.limits.max_batch_items} > max_queue={self.max_queue}: such a "
                               "batch could never be queued; lower --max-batch-items or raise --max-queue.")
 
+    @property
+    def queue_wait_s(self) -> float:
+        return self.max_queue_wait_s if self.max_queue_wait_s is not None else self.request_timeout_s / 4
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Gate:
+    """Prediction requests in flight, and whether the server is draining (``GracefulServer`` sets it on SIGTERM).
+
+    While draining, ``/health`` answers 503 and new predictions 503 + Retry-After, but the listener stays open, so
+    a load balancer sees the instance leave instead of refused connections; the open requests finish.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0  # prediction requests open
+        self.unqueued = 0  # ... of which not yet in the batcher's queue (waiting for a slot, reading, decoding)
+        self.draining = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[Callable[[], None]]:
+        """Count one prediction request while it is open; yields ``queued()``, to call once its samples are
+        queued (or refused)."""
+        if self.draining:
+            raise Overloaded("the server is stopping; retry on another instance or after the restart.",
+                             retry_after=5)
+        self.in_flight += 1
+        self.unqueued += 1
+        done = False
+
+        def queued() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.unqueued -= 1
+
+        try:
+            yield queued
+        finally:
+            queued()
+            self.in_flight -= 1
 
 
 # request / response schemas (for the OpenAPI document; bodies are parsed by hand) --------------
@@ -239,6 +283,7 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
     batcher = DynamicBatcher(predict_batch or batch_predictor(model), max_batch_size=cfg.max_batch_size,
                              max_wait_s=cfg.max_wait_ms / 1000.0, max_queue=cfg.max_queue)
     started = time.monotonic()
+    gate = Gate()
     index_html, app_js = _page("index.html"), _page("app.js")
 
     @contextlib.asynccontextmanager
@@ -255,6 +300,7 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
                   docs_url="/docs" if cfg.swagger_ui else None, redoc_url=None)
     app.add_middleware(_BodyLimit, max_bytes=limits.max_request_bytes)
     app.state.batcher = batcher
+    app.state.gate = gate
     app.state.summary = summary
 
     @app.exception_handler(LimitError)
@@ -265,9 +311,26 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
     async def _input(_: Request, e: InputError) -> JSONResponse:
         return _error(422, str(e))
 
+    # an overloaded server says when to come back, and never later than a quarter of the request timeout
+    retry_cap = max(1, int(cfg.request_timeout_s / 4))
+    queue_wait = cfg.queue_wait_s
+
+    @contextlib.contextmanager
+    def admitted() -> Iterator[Callable[[], None]]:
+        """A prediction request enters only when the work ahead of it (queued, running, and other requests still
+        being read or decoded) is expected to take at most ``queue_wait`` seconds; else 503 at once."""
+        expected = batcher.expected_wait_s(gate.unqueued + 1)
+        if expected > queue_wait and not gate.draining:
+            batcher.stats.busy_rejections += 1
+            raise Overloaded(f"the server is busy: {gate.in_flight} requests are open, about {expected:.1f} s of "
+                             f"work, more than the {queue_wait:g} s a request may wait (--max-queue-wait); retry "
+                             "after the Retry-After seconds.", retry_after=math.ceil(expected - queue_wait))
+        with gate.request() as queued:
+            yield queued
+
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, e: Overloaded) -> JSONResponse:
-        return _error(503, str(e), {"Retry-After": str(e.retry_after)})
+        return _error(503, str(e), {"Retry-After": str(min(e.retry_after, retry_cap))})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -290,9 +353,11 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
         return _error(500, f"the server failed on this request ({type(e).__name__}); the server log has the "
                            "details. Check the inputs, or report it with the log.")
 
-    async def run(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def run(samples: list[dict[str, Any]], queued: Callable[[], None]) -> list[dict[str, Any]]:
+        jobs = batcher.enqueue(samples)
+        queued()
         try:
-            return await asyncio.wait_for(batcher.submit(samples), cfg.request_timeout_s)
+            return await asyncio.wait_for(batcher.wait(jobs), cfg.request_timeout_s)
         except asyncio.TimeoutError:
             raise _Timeout(f"no prediction within the request timeout of {cfg.request_timeout_s:g} s "
                            f"({batcher.depth} samples queued); retry later or raise --timeout.") from None
@@ -322,10 +387,11 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
 
     @app.get("/health", summary="liveness, queue depth and batching counters")
     async def health() -> JSONResponse:
-        body = {"status": "stopping" if batcher.closing else "ok", "model": name,
-                "queue_depth": batcher.depth, "queue_limit": batcher.max_queue,
+        stopping = batcher.closing or gate.draining
+        body = {"status": "stopping" if stopping else "ok", "model": name, "in_flight": gate.in_flight,
+                "waiting_for_slot": waiting, "queue_depth": batcher.depth, "queue_limit": batcher.max_queue,
                 "uptime_s": round(time.monotonic() - started, 3), **batcher.stats.as_dict()}
-        return JSONResponse(body, status_code=503 if batcher.closing else 200)
+        return JSONResponse(body, status_code=503 if stopping else 200)
 
     @app.get("/model", summary="config summary, labels, modalities, card metrics and limits")
     async def model_info() -> dict[str, Any]:
@@ -335,15 +401,20 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
     # slots x max_request_bytes. The wait for a slot is part of the bounded queue: a request that gets none within
     # SLOT_WAIT_S is answered 503 + Retry-After at once, instead of waiting unseen for up to the request timeout
     slots = asyncio.Semaphore(max(2, 2 * cfg.max_batch_size))
+    waiting = 0  # requests waiting for a slot now (GET /health)
 
     @contextlib.asynccontextmanager
     async def slot() -> AsyncIterator[None]:
+        nonlocal waiting
+        waiting += 1
         try:
             await asyncio.wait_for(slots.acquire(), SLOT_WAIT_S)
         except asyncio.TimeoutError:
             batcher.stats.busy_rejections += 1
             raise Overloaded(f"the server is busy: every request slot stayed taken for {SLOT_WAIT_S:g} s and "
                              f"{batcher.depth} samples are queued; retry after 1 s.", retry_after=1) from None
+        finally:
+            waiting -= 1
         try:
             yield
         finally:
@@ -385,29 +456,31 @@ def create_app(model: Any, *, name: str = "model", source: str | None = None, co
               response_model=Prediction, response_model_exclude_none=True, responses=_ERRORS,
               openapi_extra=_body_schema(PredictJSON, form=True))
     async def predict(request: Request) -> Any:
-        async with slot():
-            kind, body = await body_of(request)
-            sample = await run_in_threadpool(one_sample, kind, request.headers["content-type"], body)
-            del body
-        return (await run([sample]))[0]
+        with admitted() as queued:
+            async with slot():
+                kind, body = await body_of(request)
+                sample = await run_in_threadpool(one_sample, kind, request.headers["content-type"], body)
+                del body
+            return (await run([sample], queued))[0]
 
     @app.post("/predict/batch", summary="predict several samples (JSON, image/audio as base64)",
               response_model=BatchPrediction, response_model_exclude_none=True, responses=_ERRORS,
               openapi_extra=_body_schema(BatchJSON, form=False))
     async def predict_batch_(request: Request) -> Any:
-        async with slot():
-            kind, body = await body_of(request)
-            if kind != "application/json":
-                raise _Unsupported("POST /predict/batch takes application/json {\"items\": [{\"text\": ..., "
-                                   "\"image\": <base64>, \"audio\": <base64>}, ...]}; for one sample use "
-                                   "POST /predict.")
-            parsed = await run_in_threadpool(many_samples, body)
-            del body
-        good = [x for x in parsed if not isinstance(x, InputError)]
-        if not good:  # nothing to predict: the request itself is unusable
-            raise InputError("no item of the batch is usable: " + "; ".join(str(e) for e in parsed[:3])
-                             + (f" (and {len(parsed) - 3} more)" if len(parsed) > 3 else ""))
-        results = iter(await run(good))
+        with admitted() as queued:
+            async with slot():
+                kind, body = await body_of(request)
+                if kind != "application/json":
+                    raise _Unsupported("POST /predict/batch takes application/json {\"items\": [{\"text\": ..., "
+                                       "\"image\": <base64>, \"audio\": <base64>}, ...]}; for one sample use "
+                                       "POST /predict.")
+                parsed = await run_in_threadpool(many_samples, body)
+                del body
+            good = [x for x in parsed if not isinstance(x, InputError)]
+            if not good:  # nothing to predict: the request itself is unusable
+                raise InputError("no item of the batch is usable: " + "; ".join(str(e) for e in parsed[:3])
+                                 + (f" (and {len(parsed) - 3} more)" if len(parsed) > 3 else ""))
+            results = iter(await run(good, queued))
         return {"predictions": [{"error": str(x)} if isinstance(x, InputError) else next(results) for x in parsed]}
 
     return app

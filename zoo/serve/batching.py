@@ -4,7 +4,8 @@ The worker takes the oldest waiting sample, then waits until ``max_batch_size`` 
 ``max_wait_s`` has passed since that sample arrived, and runs them together. Samples that waited while the
 previous batch ran go out at once, so the wait only costs latency when the server is idle. The queue is
 bounded: :meth:`DynamicBatcher.submit` raises :class:`Overloaded` (HTTP 503 + Retry-After) instead of
-growing memory.
+growing memory, and :meth:`DynamicBatcher.expected_wait_s` tells the app how long new work would wait (from
+recent batch times), so it can refuse a request it could not answer in time before reading its body.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ class BatchStats:
     max_batch: int = 0
     busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)
-    busy_rejections: int = 0  # requests answered 503 because no request slot freed up in time
+    busy_rejections: int = 0  # requests answered 503 before queueing: expected wait too long, or no slot in time
+    recent_batch_s: float = 0.0  # moving average of the last batches' durations (weight 0.2 on the newest)
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "samples": self.samples, "max_batch": self.max_batch,
-                "busy_rejections": self.busy_rejections,
+                "busy_rejections": self.busy_rejections, "recent_batch_ms": 1000.0 * self.recent_batch_s,
                 "mean_batch": self.samples / self.batches if self.batches else 0.0,
                 "mean_batch_ms": 1000.0 * self.busy_s / self.batches if self.batches else 0.0}
 
@@ -96,6 +98,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.running = 0  # samples of the batch in the worker now
 
     # event-loop side ---------------------------------------------------------------------------
     @property
@@ -112,6 +115,12 @@ class DynamicBatcher:
         per_batch = self.stats.busy_s / self.stats.batches if self.stats.batches else 0.1
         return max(1, math.ceil((self.depth / self.max_batch_size + 1) * per_batch))
 
+    def expected_wait_s(self, extra: int = 0) -> float:
+        """Seconds until ``extra`` more samples would be answered: the batch running, the queue and ``extra`` in
+        full batches, at the recent batch time (0 before the first batch: no estimate yet)."""
+        ahead = self.running + self.depth + extra
+        return math.ceil(ahead / self.max_batch_size) * self.stats.recent_batch_s
+
     def start(self) -> None:
         """Start the worker thread (once)."""
         if self._thread is None:
@@ -123,6 +132,10 @@ class DynamicBatcher:
 
         Cancelling the caller (e.g. a request timeout) drops the samples that have not started running.
         """
+        return await self.wait(self.enqueue(samples))
+
+    def enqueue(self, samples: Sequence[Any]) -> list[_Job]:
+        """Queue ``samples`` (all or none; :class:`Overloaded` when full or closing), from the event loop."""
         loop = asyncio.get_running_loop()
         jobs = [_Job(s, loop.create_future(), loop) for s in samples]
         with self._cond:
@@ -135,6 +148,10 @@ class DynamicBatcher:
                     f"(--max-queue)); retry after the Retry-After seconds.", retry_after=self.retry_after())
             self._pending.extend(jobs)
             self._cond.notify()
+        return jobs
+
+    async def wait(self, jobs: list[_Job]) -> list[Any]:
+        """The results of queued ``jobs``; cancelling drops those that have not started."""
         try:
             return list(await asyncio.gather(*(j.future for j in jobs)))
         except BaseException:
@@ -197,17 +214,20 @@ class DynamicBatcher:
             if not jobs:
                 continue
             start = time.perf_counter()
+            self.running = len(jobs)
             try:
                 results = self._run(jobs)
             except BaseException as e:  # never let the worker die with requests waiting
                 log.exception("batch of %d failed", len(jobs))
                 results = [e] * len(jobs)
             took = time.perf_counter() - start
+            self.running = 0
             st = self.stats
             st.batches += 1
             st.samples += len(jobs)
             st.max_batch = max(st.max_batch, len(jobs))
             st.busy_s += took
+            st.recent_batch_s = took if st.batches == 1 else 0.8 * st.recent_batch_s + 0.2 * took
             st.sizes[len(jobs)] = st.sizes.get(len(jobs), 0) + 1
             for job, result in zip(jobs, results, strict=True):
                 try:

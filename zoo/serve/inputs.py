@@ -3,7 +3,8 @@
 Uploads stay in memory from the socket to the model: multipart bodies are parsed here into ``bytes`` (no
 spooled temporary files), images are decoded by Pillow from ``BytesIO``, audio by soundfile from ``BytesIO``.
 No input ever becomes a file path or reaches a shell. Size limits are checked before the expensive decode:
-pixels from the image header, audio frames read at most up to the limit.
+pixels from the image header, audio frames read at most up to the limit. Errors are in plain words for the
+page and for people ("the image of items[2] is not valid base64"), never a library's object reprs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +25,29 @@ __all__ = ["Limits", "LimitError", "parse_multipart", "parse_urlencoded", "parse
 
 MODALITIES = ("text", "image", "audio")
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+MAX_JSON_DIGITS = 100  # longest number a JSON body may hold (Python refuses ints over 4,300 digits with a ValueError)
+_KINDS = {"str": "a string", "int": "a number", "float": "a number", "bool": "true/false", "list": "a list",
+          "dict": "an object", "NoneType": "null"}
+_REPR = re.compile(r"(Error opening )?<[^<>]* at 0x[0-9a-fA-F]+>:?\s*")
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a parsed value, in words ("a number", "a list")."""
+    return _KINDS.get(type(value).__name__, type(value).__name__)
+
+
+def _plain(e: BaseException) -> str:
+    """A library's error message without object reprs ("Error opening <_io.BytesIO object at 0x...>: ")."""
+    return _REPR.sub("", str(e)).strip() or type(e).__name__
+
+
+def _part(where: str, key: str) -> str:
+    """How a message names one input: "the image" of a single request, "the image of items[2]" in a batch."""
+    return f"the {key}" if where == "body" else f"the {key} of {where}"
+
+
+def _whole(where: str) -> str:
+    return "the body" if where == "body" else where
 
 
 class LimitError(InputError):
@@ -89,7 +114,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes | str]:
         parser.write(body)
         parser.finalize()
     except FormParserError as e:
-        raise InputError(f"the multipart body is malformed ({e}); send fields text, image, audio as "
+        raise InputError(f"the multipart body is malformed ({_plain(e)}); send fields text, image, audio as "
                          "multipart/form-data.") from e
     out: dict[str, bytes | str] = {}
     for raw_name, data in parts:
@@ -106,7 +131,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes | str]:
 
 def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
-        raise InputError(f"{what} must be a base64 string, not {type(value).__name__}; e.g. "
+        raise InputError(f"{what} must be a base64 string, not {_kind(value)}; e.g. "
                          f"base64.b64encode(open(file, 'rb').read()).decode().")
     text = value.strip()
     if text.startswith("data:") and "," in text:  # a data: URL as browsers write it
@@ -114,18 +139,18 @@ def _b64(value: Any, what: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InputError(f"{what} is not valid base64 ({e}); send the file's bytes base64-encoded "
-                         "(or upload it as multipart/form-data).") from e
+        raise InputError(f"{what} is not valid base64 (letters, digits, + and / in groups of 4, = padding); send "
+                         "the file's bytes base64-encoded (or upload it as multipart/form-data).") from e
 
 
 def parse_json_sample(obj: Any, where: str = "body") -> dict[str, bytes | str]:
     """One JSON sample ``{"text": str, "image": base64, "audio": base64}`` -> ``{modality: str | bytes}``."""
     if not isinstance(obj, dict):
-        raise InputError(f"{where} must be a JSON object like {{\"text\": \"...\", \"image\": \"<base64>\"}}, "
-                         f"not {type(obj).__name__}.")
+        raise InputError(f"{_whole(where)} must be a JSON object like {{\"text\": \"...\", \"image\": "
+                         f"\"<base64>\"}}, not {_kind(obj)}.")
     unknown = sorted(set(obj) - set(MODALITIES))
     if unknown:
-        raise InputError(f"{where} has unknown key(s) {unknown}; the keys are {', '.join(MODALITIES)} "
+        raise InputError(f"{_whole(where)} has unknown key(s) {unknown}; the keys are {', '.join(MODALITIES)} "
                          "(image and audio as base64 strings).")
     out: dict[str, bytes | str] = {}
     for key, value in obj.items():
@@ -133,10 +158,10 @@ def parse_json_sample(obj: Any, where: str = "body") -> dict[str, bytes | str]:
             continue
         if key == "text":
             if not isinstance(value, str):
-                raise InputError(f"{where}.text must be a string, not {type(value).__name__}.")
+                raise InputError(f"{_part(where, 'text')} must be a string, not {_kind(value)}.")
             out[key] = value
         else:
-            out[key] = _b64(value, f"{where}.{key}")
+            out[key] = _b64(value, _part(where, key))
     return out
 
 
@@ -147,7 +172,7 @@ def parse_urlencoded(body: bytes) -> dict[str, bytes | str]:
     try:
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError as e:
-        raise InputError(f"the form body is not UTF-8 ({e}); send UTF-8 text.") from e
+        raise InputError(f"the form body is not UTF-8 text (byte {e.start + 1} is not); send UTF-8 text.") from e
     twice = sorted(k for k, v in fields.items() if len(v) > 1)
     if twice:
         raise InputError(f"form field(s) {twice} given twice; send one of each (POST /predict/batch takes "
@@ -155,13 +180,27 @@ def parse_urlencoded(body: bytes) -> dict[str, bytes | str]:
     return parse_json_sample({k: v[0] for k, v in fields.items()}, "body")
 
 
+def _number(text: str) -> float | int:
+    if len(text) > MAX_JSON_DIGITS:
+        raise InputError(f"the body holds a number of {len(text)} characters; no input is a number that long (the "
+                         f"limit is {MAX_JSON_DIGITS}); send text as a string and files as base64.")
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _constant(name: str) -> Any:
+    raise InputError(f"the body holds {name}, which is not JSON; send text as a string and files as base64.")
+
+
 def parse_json(body: bytes) -> Any:
-    """Decode a JSON body; malformed JSON is an :class:`InputError` naming the position."""
+    """Decode a JSON body; malformed JSON, NaN/Infinity, numbers over ``MAX_JSON_DIGITS`` characters and bodies
+    nested beyond Python's recursion limit are each an :class:`InputError` in plain words."""
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"the body is not valid JSON ({e}); send {{\"text\": \"...\", \"image\": \"<base64>\", "
-                         "\"audio\": \"<base64>\"}.") from e
+        return json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_constant)
+    except json.JSONDecodeError as e:
+        raise InputError(f"the body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); send "
+                         "{\"text\": \"...\", \"image\": \"<base64>\", \"audio\": \"<base64>\"}.") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"the body is not UTF-8 text (byte {e.start + 1} is not); send JSON in UTF-8.") from e
     except RecursionError:  # a body of thousands of nested brackets: nothing a sample looks like
         raise InputError("the body is nested too deeply to be a sample; send {\"text\": \"...\", \"image\": "
                          "\"<base64>\", \"audio\": \"<base64>\"}.") from None
@@ -174,9 +213,10 @@ def decode_text(data: bytes | str, limits: Limits, where: str) -> str | None:
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InputError(f"{where}.text is not UTF-8 ({e}); send UTF-8 text.") from e
+            raise InputError(f"{_part(where, 'text')} is not UTF-8 text (byte {e.start + 1} is not); send UTF-8 "
+                             "text.") from e
     if len(data) > limits.max_text_chars:
-        raise LimitError(f"{where}.text has {len(data)} characters; the limit is {limits.max_text_chars} "
+        raise LimitError(f"{_part(where, 'text')} has {len(data)} characters; the limit is {limits.max_text_chars} "
                          "(max_text_chars, --max-text-chars); send a shorter text.")
     return data if data.strip() else None
 
@@ -191,24 +231,26 @@ def decode_image(data: bytes, limits: Limits, where: str, min_side: int | None =
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
-        raise LimitError(f"{where}.image is too large to decode safely ({e}); the limit is "
+        raise LimitError(f"{_part(where, 'image')} is too large to decode safely; the limit is "
                          f"{limits.max_image_pixels} pixels (max_image_pixels, --max-image-pixels).") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{where}.image is not a readable image ({len(data)} bytes); send a "
+        raise InputError(f"{_part(where, 'image')} is not a readable image ({len(data)} bytes); send a "
                          f"{'/'.join(IMAGE_FORMATS)} file.") from e
     w, h = img.size
     if w * h > limits.max_image_pixels:
-        raise LimitError(f"{where}.image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels} "
+        raise LimitError(f"{_part(where, 'image')} is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels} "
                          "pixels (max_image_pixels, --max-image-pixels); send a smaller image.")
     if w == 0 or h == 0:
-        raise InputError(f"{where}.image is {w}x{h}; send an image with pixels.")
+        raise InputError(f"{_part(where, 'image')} is {w}x{h}; send an image with pixels.")
     try:
         draft(img, min_side).load()
-        return to_rgb(img, f"{where}.image")  # as training saw it: upright, alpha composited on white
+        return to_rgb(img, f"{_part(where, 'image')}")  # as training saw it: upright, alpha composited on white
     except Image.DecompressionBombError as e:
-        raise LimitError(f"{where}.image is too large to decode safely ({e}).") from e
+        raise LimitError(f"{_part(where, 'image')} is too large to decode safely; the limit is "
+                         f"{limits.max_image_pixels} pixels (max_image_pixels, --max-image-pixels).") from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{where}.image is truncated or corrupt ({e}); send the whole file.") from e
+        raise InputError(f"{_part(where, 'image')} is truncated or corrupt ({_plain(e)}); send the whole "
+                         "file.") from e
 
 
 def decode_audio(data: bytes, limits: Limits, where: str) -> tuple[Any, int]:
@@ -220,23 +262,24 @@ def decode_audio(data: bytes, limits: Limits, where: str) -> tuple[Any, int]:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, channels = int(f.samplerate), int(f.channels)
             if not 1000 <= rate <= 384_000 or not 1 <= channels <= 32:
-                raise InputError(f"{where}.audio has {channels} channel(s) at {rate} Hz; send 1-32 channels at "
-                                 "1-384 kHz.")
+                raise InputError(f"{_part(where, 'audio')} has {channels} channel(s) at {rate} Hz; send 1-32 "
+                                 "channels at 1-384 kHz.")
             cap = int(limits.max_audio_seconds * rate)
             wav = f.read(frames=cap + 1, dtype="float32", always_2d=True)  # [N, channels], N <= cap + 1
     except InputError:
         raise
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError on bad bytes
-        raise InputError(f"{where}.audio is not a readable audio file ({len(data)} bytes, {e}); send a "
+        raise InputError(f"{_part(where, 'audio')} is not a readable audio file ({len(data)} bytes: {_plain(e)}); "
+                         "send a "
                          "WAV/FLAC/OGG file.") from e
     if len(wav) > cap:
-        raise LimitError(f"{where}.audio is longer than {limits.max_audio_seconds:g} s, the limit "
+        raise LimitError(f"{_part(where, 'audio')} is longer than {limits.max_audio_seconds:g} s, the limit "
                          "(max_audio_seconds, --max-audio-seconds); send a shorter clip.")
     if len(wav) == 0:
-        raise InputError(f"{where}.audio has no samples; send a clip with sound.")
+        raise InputError(f"{_part(where, 'audio')} has no samples; send a clip with sound.")
     mono = np.ascontiguousarray(wav.mean(axis=1), dtype=np.float32)  # [N]
     if not np.isfinite(mono).all():
-        raise InputError(f"{where}.audio holds NaN/inf samples; send a valid clip.")
+        raise InputError(f"{_part(where, 'audio')} holds NaN/inf samples; send a valid clip.")
     return mono, rate
 
 
@@ -264,6 +307,7 @@ def decode_sample(raw: dict[str, bytes | str], modalities: list[str], limits: Li
         else:
             out[m] = decode_audio(bytes(value), limits, where)  # type: ignore[arg-type]
     if not out:
-        raise InputError(f"{where} has no input; give at least one of {', '.join(modalities)} (text as a "
+        who = "the request" if where == "body" else where
+        raise InputError(f"{who} has no input; give at least one of {', '.join(modalities)} (text as a "
                          "field, image and audio as files or base64).")
     return out
