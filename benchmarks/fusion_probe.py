@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from encoders import DataError, Encoder, create_encoder  # noqa: E402
+from fusion_common import atomic_write  # noqa: E402
 
 __all__ = ["Table", "read_tables", "encode_unique", "FEATURE_MODELS", "train_probe", "main"]
 
@@ -139,9 +140,8 @@ def encode_unique(make: Callable[[], Encoder], items: Sequence[str], cache_dir: 
     timings = {"preprocess_s": pre_s, "encode_s": enc_s, "items_per_s": len(items) / (pre_s + enc_s),
                "n": float(len(items)), "device": device, "threads": float(torch.get_num_threads())}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"pooled": pooled}, str(tmp), metadata={k: str(v) for k, v in timings.items()})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({"pooled": pooled}, str(tmp), metadata={k: str(v) for k, v in timings.items()})
     return pooled, {**timings, "cached": 0.0}
 
 
@@ -400,9 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def save() -> None:  # after every stage, so an interrupted run keeps what it measured
         report["total_s"] = time.perf_counter() - t0
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        with atomic_write(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
 
     text_vec, timing = encode_unique(lambda: create_encoder("minilm-l6"), texts, args.cache_dir, "minilm-l6",
                                      files=False, device=dev)

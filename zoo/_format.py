@@ -6,10 +6,7 @@ A checkpoint folder holds ``config.json``, ``model.safetensors`` and ``README.md
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -19,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fusion_common import atomic_folder as _atomic_folder
 from fusion_errors import CheckpointError
 
 __all__ = [
@@ -183,10 +181,11 @@ def library_versions() -> dict[str, str]:
 
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temp folder next to ``target``; on success it replaces ``target`` in one rename.
+    """Yield a temp folder next to ``target``; on success it replaces ``target`` whole
+    (:func:`fusion_common.atomic_folder`), so an interrupted save leaves the old checkpoint or the new one.
 
-    An existing checkpoint at ``target`` is moved aside, the new one renamed in, then the old one deleted, so an
-    interrupted save leaves either the old or the new checkpoint, never a half-written one.
+    Refuses a ``target`` that is a file, or a non-empty folder that is not a checkpoint (no ``config.json``), so a
+    save never deletes a folder of other files.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -196,23 +195,5 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             f"refusing to replace {str(target)!r}: it is not empty and holds no {CONFIG_FILE}; "
             "choose a new or empty folder."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    with _atomic_folder(target) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{tag}"
-    if target.exists():
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old.exists():
-            os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -5,12 +5,12 @@ Sits above ``zoo.model``: loading a model needs the class; the folder format its
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from fusion_common import atomic_folder
 from fusion_errors import CheckpointError, FusionZooError, MissingDependencyError
 
 from . import _format as fmt
@@ -35,13 +35,13 @@ UPLOADED_FILES = (fmt.CONFIG_FILE, fmt.WEIGHTS_FILE, fmt.CARD_FILE)
 
 
 def _stage(path_or_model: str | Path | FusionModel, dest: Path) -> Path:
-    """Write exactly what ``push_to_hub`` uploads into the new folder ``dest``: a model is saved there; a folder
-    or zoo name has its checkpoint files copied (config checked first; other files in the folder stay behind)."""
+    """Write exactly what ``push_to_hub`` uploads into the new (or empty) folder ``dest``: a model is saved there;
+    a folder or zoo name has its checkpoint files copied (config checked first; other files there stay behind)."""
     if isinstance(path_or_model, FusionModel):
         return save_pretrained(path_or_model, dest)
     folder = resolve(path_or_model)  # folder, zoo name or hf-hub:org/name
     read_config(folder)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     for name in UPLOADED_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, dest / name)
@@ -72,15 +72,8 @@ def push_to_hub(path_or_model: str | Path | FusionModel, repo_id: str, token: st
         out = Path(dry_run)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CheckpointError(f"--dry-run folder {out} exists and is not empty; give a new folder.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            _stage(path_or_model, tmp / "model")
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp / "model", out)  # atomic: the folder appears complete or not at all
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(out) as tmp:  # the folder appears complete or not at all
+            _stage(path_or_model, tmp)
         return str(out)
     try:
         from huggingface_hub import HfApi

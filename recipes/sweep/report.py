@@ -46,11 +46,6 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _atomic(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
 def _by_seed(rows: Sequence[Mapping[str, Any]], head: str, stage: str, column: str) -> dict[int, float]:
     return {int(r["seed"]): float(r[column]) for r in rows
             if r["head"] == head and r["stage"] == stage and r.get(column) not in (None, "")}
@@ -83,7 +78,8 @@ def write_results(
     rows = [cell_row(r) for r in sorted(records, key=lambda r: (heads.index(r["head"]), stages.index(r["stage"]),
                                                                   r["seed"]))]
     paths = {"csv": out_dir / "results.csv", "md": out_dir / "results.md"}
-    _atomic(paths["csv"], _csv(rows))
+    with atomic_write(paths["csv"]) as tmp:
+        tmp.write_text(_csv(rows))
     cells = [(h, s) for h in heads for s in stages if _by_seed(rows, h, s, f"fused_{metric}")]
     lines = [f"# Sweep results ({header.get('dataset', '')})", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()] + [""]
@@ -125,7 +121,8 @@ def write_results(
               "(feature noise on pooled-only caches); see docs/sweeps.md.", ""]
     lines += _table(["cell", *(c[4:] for c in rob_cols)],
                     [[k, *(f"{v[c[4:]]:.3f}" for c in rob_cols)] for k, v in rob.items()]) + [""]
-    _atomic(paths["md"], "\n".join(lines))
+    with atomic_write(paths["md"]) as tmp:
+        tmp.write_text("\n".join(lines))
     means = {(h, s): summarize(list(_by_seed(rows, h, s, f"fused_{metric}").values())) for h, s in cells}
     paths["accuracy"] = plots.accuracy_bars({k: v.mean for k, v in means.items()},
                                             {k: v.half_width for k, v in means.items()},
