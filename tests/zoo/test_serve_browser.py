@@ -150,7 +150,7 @@ def test_page_predicts_from_image_audio_and_text(browser: Any, server: str, tmp_
     classes = browser.find_elements(By.CSS_SELECTOR, "#class-bars .bar")
     assert sorted(c.get_attribute("data-key") for c in classes) == [str(i) for i in range(10)]
     assert classes[0].get_attribute("data-key") == label  # the tallest bar is the predicted class
-    bars = browser.find_elements(By.CSS_SELECTOR, "#modality-bars .bar.modality")
+    bars = browser.find_elements(By.CSS_SELECTOR, "#modality-bars figure[data-group=gates] .bar.modality")
     shown = {b.get_attribute("data-modality"): float(b.get_attribute("data-value")) for b in bars}
     assert set(shown) == {"audio", "image", "text"}
     assert sum(shown.values()) == pytest.approx(1.0, abs=1e-4)  # the gating head's gates are a softmax
@@ -175,3 +175,98 @@ def test_page_works_with_text_alone(browser: Any, server: str) -> None:
     assert browser.find_element(By.ID, "pred-inputs").text == "from text"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#class-bars .bar")) == 10
 
+
+
+# issue 30 (12): the page after an error, its bar groups, and a phone-sized window -------------------------------
+JARGON = ("body.", "object at 0x", "Error opening", "Traceback", "items[")
+
+
+def _ready(browser: Any, server: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
+
+
+def _predict_text(browser: Any, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = browser.find_element(By.ID, "text-input")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "predict-btn").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "pred-label").text)
+
+
+def test_an_error_clears_the_old_result_and_reads_in_plain_words(browser: Any, server: str, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _ready(browser, server)
+    _predict_text(browser, "It is next to eight.")
+    assert browser.find_element(By.ID, "result").is_displayed()
+
+    bogus = tmp_path / "holiday.jpg"
+    bogus.write_bytes(b"\xff\xd8 not really a JPEG")
+    browser.find_element(By.ID, "image-input").send_keys(str(bogus))
+    browser.find_element(By.ID, "predict-btn").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
+    error = browser.find_element(By.ID, "error").text
+    browser.save_screenshot(str(tmp_path / "error.png"))
+    assert error.startswith("The image is not a readable image"), error
+    assert not any(j in error for j in JARGON), error
+    # the previous prediction is gone, not left on screen beside the error
+    assert not browser.find_element(By.ID, "result").is_displayed()
+    assert browser.find_element(By.ID, "pred-label").text == ""
+    assert not browser.find_elements(By.CSS_SELECTOR, "#class-bars .bar")
+    assert (tmp_path / "error.png").stat().st_size > 5_000
+
+
+def test_bar_groups_have_captions_absent_inputs_and_negative_values(browser: Any, server: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    _ready(browser, server)
+    _predict_text(browser, "It is next to eight.")
+    groups = {g.get_attribute("data-group"): g for g in browser.find_elements(By.CSS_SELECTOR, "#modality-bars figure")}
+    assert {"contribution", "share", "gates"} <= set(groups)
+    for key in ("contribution", "share", "gates"):
+        caption = groups[key].find_element(By.TAG_NAME, "figcaption").text
+        assert caption.lower().startswith(key) and len(caption) > 40, caption  # a title and what it means
+    gates = {b.get_attribute("data-modality"): b for b in groups["gates"].find_elements(By.CSS_SELECTOR, ".bar")}
+    assert set(gates) == {"audio", "image", "text"}
+    for absent in ("audio", "image"):  # the head has a gate for them, but they were not given: no bar, words
+        assert "absent" in gates[absent].get_attribute("class")
+        assert gates[absent].find_element(By.CSS_SELECTOR, ".val").text == "not given"
+        assert not gates[absent].find_elements(By.CSS_SELECTOR, ".fill")
+    assert gates["text"].find_element(By.CSS_SELECTOR, ".fill").size["width"] > 0
+
+    # a negative contribution is drawn left of the axis (render() is the page's own drawing function)
+    browser.execute_script("""render({label: "3", probs: {"3": 0.7, "5": 0.3}, inputs: ["image", "text"],
+        explain: {contribution: {image: 0.4, text: -0.2}, share: {image: 0.667, text: 0.333}}});""")
+    contribution = browser.find_element(By.CSS_SELECTOR, "#modality-bars figure[data-group=contribution]")
+    rows = {b.get_attribute("data-modality"): b for b in contribution.find_elements(By.CSS_SELECTOR, ".bar")}
+    axis = rows["text"].find_element(By.CSS_SELECTOR, ".axis").rect
+    negative = rows["text"].find_element(By.CSS_SELECTOR, ".fill").rect
+    positive = rows["image"].find_element(By.CSS_SELECTOR, ".fill").rect
+    assert negative["width"] > 0 and negative["x"] + negative["width"] <= axis["x"] + 1  # left of the axis
+    assert positive["x"] >= axis["x"] - 1 and positive["width"] == pytest.approx(2 * negative["width"], rel=0.05)
+    assert rows["audio"].find_element(By.CSS_SELECTOR, ".val").text == "not given"
+
+
+def test_the_page_fits_a_360_px_phone_without_sideways_scrolling(browser: Any, server: str, tmp_path: Path) -> None:
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 360, "height": 780, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        _ready(browser, server)
+        assert browser.execute_script("return window.innerWidth") == 360
+        _predict_text(browser, "It is next to eight.")
+        browser.save_screenshot(str(tmp_path / "narrow.png"))
+        wide = browser.execute_script("""return [...document.querySelectorAll('body *')]
+            .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 0.5 && e.offsetParent !== null
+                           && !e.closest('#card-metrics'))
+            .map((e) => e.id || e.className || e.tagName);""")
+        assert wide == [], wide  # nothing sticks out of the window (the metrics table scrolls inside its box)
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 360
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

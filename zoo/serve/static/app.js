@@ -1,5 +1,7 @@
 // The fusion-zoo serve page: pick/drop inputs, POST /predict, draw a bar per class and per modality.
 // No external fetches (the Content-Security-Policy allows only this server); user text is set with textContent.
+// A new request or an error clears the previous result; a group with negative values is drawn around a centre axis
+// (bars to the left are negative); an input that was not given is marked "not given" instead of drawn.
 "use strict";
 
 const state = { model: null, files: { image: null, audio: null } };
@@ -25,13 +27,31 @@ function fmt(x) {
   return Math.abs(x) >= 1000 || (x !== 0 && Math.abs(x) < 0.001) ? x.toExponential(2) : x.toFixed(3);
 }
 
-function bar(key, value, max, cls, attrs) {
-  const width = max > 0 ? Math.max(0, Math.min(1, value / max)) * 100 : 0;
-  const fill = el("div", { cls: "fill", style: `width: ${width.toFixed(1)}%` });
+// One bar. `signed`: the track has a centre axis, positive values grow right of it and negative ones left.
+function bar(key, value, max, cls, attrs, signed) {
+  const frac = max > 0 ? Math.min(1, Math.abs(value) / max) : 0;
+  let fill;
+  if (signed) {
+    const half = (frac * 50).toFixed(1);
+    const side = value < 0 ? `right: 50%; width: ${half}%` : `left: 50%; width: ${half}%`;
+    fill = el("div", { cls: value < 0 ? "fill negative" : "fill", style: side });
+  } else {
+    fill = el("div", { cls: "fill", style: `width: ${(value > 0 ? frac * 100 : 0).toFixed(1)}%` });
+  }
+  const track = el("div", { cls: signed ? "track signed" : "track" }, signed ? [el("div", { cls: "axis" }), fill] : [fill]);
   return el("div", Object.assign({ cls: `bar ${cls || ""}`.trim(), "data-key": key, "data-value": String(value) }, attrs || {}), [
     el("div", { cls: "key", text: key, title: key }),
-    el("div", { cls: "track" }, [fill]),
+    track,
     el("div", { cls: "val", text: fmt(value) }),
+  ]);
+}
+
+// A row for an input the request did not give: no bar, the words "not given".
+function absentBar(key, attrs) {
+  return el("div", Object.assign({ cls: "bar modality absent", "data-key": key }, attrs || {}), [
+    el("div", { cls: "key", text: key, title: key }),
+    el("div", { cls: "track" }),
+    el("div", { cls: "val", text: "not given" }),
   ]);
 }
 
@@ -70,27 +90,48 @@ function wireDrop(modality) {
 }
 
 // ---- results -----------------------------------------------------------------------------------
+// What each per-modality group of `explain` means, in words (shown under its title).
+const CAPTIONS = {
+  contribution: ["Contribution", "How much each input moves the prediction: the predicted class's probability with " +
+    "all inputs minus without this one. Bars left of the axis argue against the prediction."],
+  share: ["Share", "Each input's part of the total contribution (sizes only; the shares add up to 1)."],
+  gates: ["Gates", "The fusion head's own weight for each input in this sample (they add up to 1)."],
+  weights: ["Weights", "The fusion head's own weight for each input in this sample."],
+  mix: ["Mix", "How the final prediction mixes the fused prediction and each input's own prediction."],
+};
+
 // Per-modality numbers: any {modality: number} dict the prediction carries (contributions, the head's gates...).
 function modalityGroups(pred, modalities) {
   const groups = [];
+  const keys = ["fused", ...modalities];
   const isModalityDict = (v) => v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length > 0
-    && Object.entries(v).every(([k, x]) => modalities.includes(k) && typeof x === "number");
-  const visit = (title, obj) => {
+    && Object.entries(v).every(([k, x]) => keys.includes(k) && typeof x === "number");
+  const visit = (prefix, obj) => {
     if (!obj || typeof obj !== "object") return;
     for (const [k, v] of Object.entries(obj)) {
-      if (isModalityDict(v)) groups.push({ title: title ? `${title}: ${k}` : k, values: v });
-      else if (v && typeof v === "object" && !Array.isArray(v) && !title) visit(k, v);
+      if (isModalityDict(v)) groups.push({ key: k, title: prefix ? `${prefix}: ${k}` : k, values: v });
+      else if (v && typeof v === "object" && !Array.isArray(v) && !prefix) visit(k, v);
     }
   };
-  if (isModalityDict(pred.contributions)) groups.push({ title: "contribution to the prediction", values: pred.contributions });
-  else if (pred.contributions) visit("contributions", pred.contributions);
   visit("", pred.explain);
-  for (const g of groups) if (g.title === "gates" || g.title === "weights") g.title = `${g.title} (the head's own weights)`;
+  for (const g of groups) {
+    const [title, caption] = CAPTIONS[g.key] || [g.title, "The fusion head's own per-input values."];
+    g.caption = caption;
+    if (CAPTIONS[g.key]) g.title = title;
+  }
   return groups;
+}
+
+function clearResult() {
+  $("result").hidden = true;
+  for (const id of ["pred-label", "pred-prob", "pred-inputs"]) $(id).textContent = "";
+  $("class-bars").replaceChildren();
+  $("modality-bars").replaceChildren();
 }
 
 function render(pred) {
   const m = state.model;
+  const given = pred.inputs || [];
   $("result").hidden = false;
   const label = pred.label !== undefined ? pred.label : (pred.labels ? (pred.labels.join(", ") || "(none)") : "");
   $("pred-label").textContent = label;
@@ -100,18 +141,25 @@ function render(pred) {
   const scores = pred.probs || pred.values || {};
   const entries = Object.entries(scores).sort((a, b) => b[1] - a[1]);
   const max = pred.probs ? 1 : Math.max(1e-12, ...entries.map(([, v]) => Math.abs(v)));
+  const signedScores = entries.some(([, v]) => v < 0);
   $("class-bars").replaceChildren(...entries.map(([k, v], i) =>
-    bar(k, v, max, i === 0 && pred.probs ? "top class" : "class", { "data-class": k })));
+    bar(k, v, max, i === 0 && pred.probs ? "top class" : "class", { "data-class": k }, signedScores)));
   const groups = modalityGroups(pred, m.modalities);
   const box = $("modality-bars");
   box.replaceChildren();
   if (!groups.length) box.appendChild(el("p", { cls: "muted", text: "this head reports no per-modality weights" }));
   for (const g of groups) {
-    const vmax = Math.max(1e-12, ...Object.values(g.values).map(Math.abs));
-    box.appendChild(el("div", { cls: "muted", text: g.title }));
-    box.appendChild(el("div", { cls: "bars", "data-group": g.title },
-      m.modalities.filter((k) => k in g.values).map((k) =>
-        bar(k, g.values[k], vmax, "modality", { "data-modality": k, "data-group": g.title }))));
+    const shown = Object.entries(g.values).filter(([k]) => k === "fused" || given.includes(k));
+    const vmax = Math.max(1e-12, ...shown.map(([, v]) => Math.abs(v)));
+    const signed = shown.some(([, v]) => v < 0);
+    const rows = [...("fused" in g.values ? ["fused"] : []), ...m.modalities].map((k) => {
+      const attrs = { "data-modality": k, "data-group": g.key };
+      return k !== "fused" && !given.includes(k) ? absentBar(k, attrs) : bar(k, g.values[k], vmax, "modality", attrs, signed);
+    });
+    box.appendChild(el("figure", { cls: "group", "data-group": g.key }, [
+      el("figcaption", {}, [el("strong", { text: g.title }), el("span", { cls: "caption", text: ` ${g.caption}` })]),
+      el("div", { cls: "bars" }, rows),
+    ]));
   }
 }
 
@@ -122,24 +170,27 @@ async function predict() {
   if (text.trim()) form.append("text", text);
   for (const mod of ["image", "audio"]) if (state.files[mod]) form.append(mod, state.files[mod], state.files[mod].name);
   if (![...form.keys()].length) {
+    clearResult();
     showError(`Give at least one input (${m.modalities.join(", ")}).`);
     return;
   }
   const size = [...form.values()].reduce((s, v) => s + (typeof v === "string" ? v.length : v.size), 0);
   if (size > m.limits.max_request_bytes) {
+    clearResult();
     showError(`The inputs are ${(size / 1048576).toFixed(1)} MB; this server takes at most ${(m.limits.max_request_bytes / 1048576).toFixed(1)} MB.`);
     return;
   }
   showError("");
+  clearResult();  // the old result never stays beside a new request's answer or error
   $("predict-btn").disabled = true;
   try {
     const resp = await fetch("/predict", { method: "POST", body: form });
     let body = null;
     try { body = await resp.json(); } catch (e) { body = null; }
     if (!resp.ok) {
-      const detail = body && typeof body.detail === "string" ? body.detail : `the server answered ${resp.status}`;
+      const detail = body && typeof body.detail === "string" ? body.detail : `The server answered ${resp.status}.`;
       const retry = resp.headers.get("Retry-After");
-      showError(`${detail}${retry ? ` (retry in ${retry} s)` : ""}`);
+      showError(`${detail.charAt(0).toUpperCase()}${detail.slice(1)}${retry ? ` Try again in ${retry} s.` : ""}`);
       return;
     }
     render(body);
