@@ -42,11 +42,10 @@ from recipes.easyvqa import (  # noqa: E402
     DEFAULT_DIR,
     prepare,
     read_rows,
-    swap_in,
     write_csv,
 )
 
-__all__ = ["DEFAULT_DIR", "COLUMNS", "FIT_ARGS", "read_rows", "write_csv", "swap_in", "prepare", "fit_command",
+__all__ = ["DEFAULT_DIR", "COLUMNS", "FIT_ARGS", "read_rows", "write_csv", "prepare", "fit_command",
            "easyvqa_benchmark", "merge_results", "sweep_benchmark", "main"]
 
 #: the documented command's flags after ``--data.data_dir DIR``: the CSV's question/answer columns named for

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fusion_common import atomic_folder
 from zoo.registry import PRETRAINED_DIR
 
 from .verify import (
@@ -138,21 +139,17 @@ def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = 
     if not (saved / "config.json").is_file():
         raise RuntimeError(f"the run wrote no model folder at {saved}")
     target = out_dir / name
-    tmp = out_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(saved, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    card = tmp / "README.md"
-    if card.is_file():  # the run saved it as "model"; the shipped card carries its zoo name
-        from zoo.card import card_metadata, with_metadata
+    with atomic_folder(target) as tmp:  # the shipped folder is replaced whole, or kept as it was
+        shutil.copytree(saved, tmp, dirs_exist_ok=True)
+        card = tmp / "README.md"
+        if card.is_file():  # the run saved it as "model"; the shipped card carries its zoo name
+            from zoo.card import card_metadata, with_metadata
 
-        text = card.read_text().replace("# model\n", f"# {name}\n", 1)
-        text = text.replace("from_pretrained('model')", f"from_pretrained({name!r})")
-        doc = json.loads((tmp / "config.json").read_text())
-        text = with_data_section(text, dataset, doc.get("metrics") or {})
-        card.write_text(with_metadata(text, card_metadata(doc, name)))
-    tmp.rename(target)
+            text = card.read_text().replace("# model\n", f"# {name}\n", 1)
+            text = text.replace("from_pretrained('model')", f"from_pretrained({name!r})")
+            doc = json.loads((tmp / "config.json").read_text())
+            text = with_data_section(text, dataset, doc.get("metrics") or {})
+            card.write_text(with_metadata(text, card_metadata(doc, name)))
     reported = card_accuracy(target)
     measured = raw_accuracy(from_pretrained(target), dataset=dataset)
     ok = reported is not None and abs(measured - reported) <= TOLERANCE

@@ -13,10 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,12 @@ from typing import Any
 import datasets
 import numpy as np
 
-from fusion_common.atomic import atomic_write
+from fusion_common.atomic import atomic_folder, atomic_write
 from fusion_errors import DataError, MissingDependencyError
 
 from .sources import register_source
 
-__all__ = ["DEFAULT_DIR", "COLUMNS", "prepare", "read_rows", "write_csv", "swap_in"]
+__all__ = ["DEFAULT_DIR", "COLUMNS", "prepare", "read_rows", "write_csv"]
 
 DEFAULT_DIR = Path("~/.cache/fusion-zoo/easyvqa").expanduser()
 COLUMNS = ("image", "question", "answer")
@@ -67,18 +65,6 @@ def read_rows(folder: str | Path, split: str, seed: int | None = None) -> list[d
     if seed is not None:
         random.Random(seed).shuffle(rows)
     return rows
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished folder ``tmp`` at ``out`` by renames (an existing ``out`` is moved aside, then deleted), so
-    an interrupted prepare leaves the old folder or the new one, never half of one."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 def _write_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
@@ -129,9 +115,8 @@ def prepare(out_dir: str | Path = DEFAULT_DIR, val_fraction: float = 0.1, seed: 
     ids = np.array(sorted({i for i, _ in train}))
     n_val = max(1, round(len(ids) * val_fraction))
     val_ids = set(np.random.default_rng(seed).permutation(ids)[:n_val].tolist())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    # an existing out is ours (checked above); the images are a copy of an installed package: no fsync
+    with atomic_folder(out, fsync=False) as tmp:
         for split, paths in (("train", train_paths), ("test", test_paths)):
             folder = tmp / "images" / split
             folder.mkdir(parents=True)
@@ -150,10 +135,6 @@ def prepare(out_dir: str | Path = DEFAULT_DIR, val_fraction: float = 0.1, seed: 
         meta = {"format": _FORMAT, "val_fraction": val_fraction, "seed": seed, "answers": answers, "rows": counts,
                 "source": "pip package easy-vqa (MIT)"}
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        swap_in(tmp, out)  # an existing out is ours (checked above)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
