@@ -1,11 +1,13 @@
 """Named data sources: ``--data.dataset NAME`` for datasets the project can build offline.
 
+Formats (how files, folders and hub names are read) are :mod:`recipes.formats`; a named source is a dataset.
+
 A named source is one registered function that returns the dataset's splits (and the folder its relative paths
 resolve against). ``fit``, ``test``, ``sweep``, ``predict --table`` and ``zoo verify`` read every source through
-:func:`recipes._columns.load_source`, so a registered name works everywhere a Hub name or a folder does. Sources
-register themselves where they live (``recipes/tridigits``, ``recipes/easyvqa.py``); the modules listed in
-:data:`BUILTIN` are imported the first time a name is looked up, so a lookup never misses a built-in source and
-importing this module stays cheap.
+:func:`recipes.formats.load_source`, so a registered name works everywhere a Hub name or a folder does. Sources
+register themselves where they live (``recipes/tridigits``, ``recipes/easyvqa.py``);
+the modules in :data:`BUILTIN` are imported the first time a name is looked up, so a lookup never misses a built-in
+source and importing this module stays cheap.
 """
 
 from __future__ import annotations
