@@ -7,6 +7,7 @@ A format registered without a sample below fails the contract test: its sample i
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from recipes import cli, formats
 from recipes.data import FusionDataModule
 from zoo.model import FusionModel
 
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [("a red square", "a"), ("a blue circle", "b"), ("green", "a"), ("a dot", "b"), ("two", "a"), ("six", "b")]
 Sample = tuple[dict[str, Any], str, list[str]]  # (FusionDataModule data arguments, the modality read, labels)
 
@@ -120,24 +122,35 @@ def test_a_format_error_of_its_own_becomes_one_line_naming_the_format(tmp_path: 
         FusionDataModule(data_dir=str(tmp_path), data_format="textfolder")
 
 
-# The example of docs/data.md, "Adding a data source": one function and its registration.
-def read_textfolder(source: formats.Source) -> datasets.DatasetDict:
-    """Text files in class sub-folders: ``reviews/pos/1.txt`` is one row, text = its content, label = ``pos``."""
-    assert source.folder is not None
-    files = sorted(source.folder.rglob("*.txt"))
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({
-        "text": [f.read_text(encoding="utf-8") for f in files],
-        "label": [f.parent.name for f in files],
-    })})
+def _documented_example() -> tuple[str, str]:
+    """The two code blocks of docs/data.md, "Adding a data source": the format, and its sample writer."""
+    text = (ROOT / "docs" / "data.md").read_text().split("## Adding a data source", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2, "docs/data.md, Adding a data source: expected the format and its test, two blocks"
+    return blocks[0], blocks[1]
 
 
 @pytest.fixture
 def textfolder() -> Iterator[formats.DataFormat]:
-    formats.register_format("textfolder", reads="folder", rank=30,
-                            sniff=lambda source: any(source.folder.rglob("*.txt")))(read_textfolder)
+    """docs/data.md's example format, registered for one test."""
+    exec(compile(_documented_example()[0], "docs/data.md", "exec"), {})
     yield formats.get_format("textfolder")
     formats._REGISTRY._entries.pop("textfolder")
     formats._FORMATS.pop("textfolder")
+
+
+def test_the_documented_format_passes_the_contract_with_its_documented_sample(
+        tmp_path: Path, textfolder: formats.DataFormat) -> None:
+    scope: dict[str, Any] = {"Path": Path, "Sample": Sample, "TEXTS": TEXTS}
+    exec(compile(_documented_example()[1], "docs/data.md", "exec"), scope)
+    data, modality, labels = scope["_textfolder"](tmp_path)
+    for data_format in ("textfolder", None):
+        dm = FusionDataModule(**data, data_format=data_format, cache_features=False, val_fraction=0.2,
+                              test_fraction=0.2)
+        assert dm.modalities == [modality] and dm.labels == labels
+        assert sum(len(ds) for ds, _, _ in dm._parts.values()) == len(TEXTS)
+        read = [t for ds, _, _ in dm._parts.values() for t in ds["text"]]
+        assert sorted(read) == sorted(t for t, _ in TEXTS)  # each file's content, once
 
 
 def test_a_registered_format_works_as_a_fit_flag(tmp_path: Path, textfolder: formats.DataFormat) -> None:
