@@ -3,8 +3,9 @@
 
 A table of unique short texts and unique 16 x 16 PNGs is written for each size; ``fusion-zoo fit`` (``tiny-text`` +
 ``pixels``, 1 epoch) runs on it in a fresh subprocess with its own feature cache, empty (encoding included). The
-slope of the job's peak RSS between two sizes, per 100k rows, is what grows with the data; the constant part
-(Python, torch, Lightning) cancels. ``scale_rowcheck`` times the row checks of the larger table's training split
+least-squares slope of the job's peak RSS over the sizes, per 100k rows, is what grows with the data; the constant
+part (Python, torch, Lightning) and the bounded buffers (one shard while encoding, one chunk of the standardisation)
+cancel once every size is past them. ``scale_rowcheck`` times the row checks of a 100k-row table's training split
 again, warm (every file checked before), per 100k rows.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,26 +30,50 @@ from benchmarks.measure import FIT_PEAK_CODE  # noqa: E402
 
 __all__ = ["write_table", "scale_rss", "warm_rowcheck", "SIZES"]
 
-SIZES = (10_000, 40_000)  # rows; the slope between them is reported per 100k rows
+# rows; the slope of peak RSS over them (least squares) is reported per 100k rows. The issue's span is 50k-400k;
+# 400k rows encode for ~25 min on 2 shared cores, so the default stops at 200k (--only scale_pooled with
+# FUSION_ZOO_SCALE_SIZES=50000,100000,200000,400000 measures the whole span)
+SIZES = (50_000, 200_000)
+SIZES_ENV = "FUSION_ZOO_SCALE_SIZES"
+TABLES_ENV = "FUSION_ZOO_SCALE_TABLES"  # a folder that keeps the generated tables between runs (default: a temp one)
 ENCODERS = "--model.encoders={text: tiny-text, image: pixels}"
 
 
+def _sizes() -> tuple[int, ...]:
+    given = os.environ.get(SIZES_ENV)
+    return tuple(sorted(int(x) for x in given.split(","))) if given else SIZES
+
+
+def slope_per_100k(per: dict[int, float]) -> float:
+    """Least-squares slope of peak MB over rows, per 100k rows (two sizes: the slope between them)."""
+    rows = np.array(sorted(per), dtype=float)
+    peaks = np.array([per[int(n)] for n in rows])
+    return float(np.polyfit(rows, peaks, 1)[0] * 100_000)
+
 
 def write_table(folder: Path, n: int, seed: int = 0) -> Path:
-    """``n`` rows of a unique short text, a unique 16 x 16 grey PNG and a label a/b; returns the CSV's path."""
+    """``n`` rows of a unique short text, a unique 16 x 16 grey PNG and a label a/b; returns the CSV's path.
+
+    Tables of several sizes share one image folder (``table-<n>.csv`` lists the first ``n`` images), so only the
+    images a larger table adds are written.
+    """
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    (folder / "img").mkdir(parents=True, exist_ok=True)
+    img = folder / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if not (img / f"{i}.png").is_file():  # image i is drawn from its own seed: the same in every table
+            pixels = np.random.default_rng([seed, i]).integers(0, 255, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels).save(img / f"{i}.png")
     words = ["red", "blue", "small", "large", "round", "flat", "old", "new"]
-    with open(folder / "table.csv", "w", newline="") as f:
+    path = folder / f"table-{n}.csv"
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "image", "label"])
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
             text = f"{words[i % 8]} {words[(i // 8) % 8]} item {i}"
             writer.writerow([text, f"img/{i}.png", "ab"[(i * 7 + i // 3) % 2]])
-    return folder / "table.csv"
+    return path
 
 
 def _peak_mb(stderr: str) -> float | None:
@@ -73,27 +99,37 @@ def _fit(table: Path, cache: Path, run: Path, tokens: bool, timeout: float) -> t
     return seconds, _peak_mb(proc.stderr), proc.stderr
 
 
-def scale_rss(tokens: bool = False, sizes: tuple[int, int] = SIZES, timeout: float = 900.0,
+def _tables_root(tmp: str, keep: Path | None) -> Path:
+    given = os.environ.get(TABLES_ENV)
+    return keep or (Path(given) if given else Path(tmp))
+
+
+def scale_rss(tokens: bool = False, sizes: tuple[int, ...] | None = None, timeout: float = 7200.0,
               keep: Path | None = None) -> dict[str, Any]:
-    """Peak RSS of a cold 1-epoch fit at two sizes; the slope in MB per 100k rows."""
+    """Peak RSS of a cold 1-epoch fit at each size; the least-squares slope in MB per 100k rows."""
     key = "scale_rss_mb_per_100k_rows" + ("_tokens" if tokens else "")
+    sizes = tuple(sorted(sizes or _sizes()))
     with tempfile.TemporaryDirectory(prefix="fz-scale-") as tmp:
-        root = keep or Path(tmp)
+        root = _tables_root(tmp, keep)
         per: dict[int, dict[str, float | None]] = {}
         for n in sizes:
-            folder = root / f"rows-{n}"
-            table = folder / "table.csv" if (folder / "table.csv").is_file() else write_table(folder, n)
-            cache = folder / ("cache-tokens" if tokens else "cache-pooled")
-            seconds, peak, _ = _fit(table, cache, folder / "run", tokens, timeout)
+            table = root / f"table-{n}.csv"
+            table = table if table.is_file() else write_table(root, n)
+            cache = root / f"cache-{n}-{'tokens' if tokens else 'pooled'}"
+            shutil.rmtree(cache, ignore_errors=True)  # cold: encoding included
+            try:
+                seconds, peak, _ = _fit(table, cache, root / f"run-{n}", tokens, timeout)
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)  # GBs at 400k rows; the tables are what is worth keeping
             per[n] = {"seconds": round(seconds, 1), "peak_mb": peak}
-        lo, hi = sizes
-        p_lo, p_hi = per[lo]["peak_mb"], per[hi]["peak_mb"]
-        slope = (p_hi - p_lo) / (hi - lo) * 100_000 if p_lo is not None and p_hi is not None else None
-    return {key: slope, "per_size": per, "setup": f"tiny-text + pixels, 1 epoch, cold cache, "
-            f"{'token features, cross_attention' if tokens else 'pooled features, concat'}, sizes {lo} and {hi}"}
+        peaks = {n: p["peak_mb"] for n, p in per.items() if p["peak_mb"] is not None}
+        slope = slope_per_100k(peaks) if len(peaks) == len(sizes) >= 2 else None
+    kind = "token features, cross_attention" if tokens else "pooled features, concat"
+    return {key: slope, "per_size": per, "setup": f"tiny-text + pixels, 1 epoch, cold cache, {kind}, sizes "
+            f"{', '.join(str(n) for n in sizes)} (least-squares slope)"}
 
 
-def warm_rowcheck(n: int = SIZES[1], keep: Path | None = None) -> dict[str, Any]:
+def warm_rowcheck(n: int = 100_000, keep: Path | None = None) -> dict[str, Any]:
     """Seconds per 100k rows of the training split's row checks when every file was checked before."""
     from encoders import create_encoder
     from recipes.data import FusionDataModule
@@ -101,8 +137,10 @@ def warm_rowcheck(n: int = SIZES[1], keep: Path | None = None) -> dict[str, Any]
     from zoo.model import FusionModel
 
     with tempfile.TemporaryDirectory(prefix="fz-rowcheck-") as tmp:
-        folder = (keep or Path(tmp)) / f"rows-{n}"
-        table = folder / "table.csv" if (folder / "table.csv").is_file() else write_table(folder, n)
+        folder = _tables_root(tmp, keep)
+        table = folder / f"table-{n}.csv"
+        table = table if table.is_file() else write_table(folder, n)
+        shutil.rmtree(folder / "cache-rowcheck", ignore_errors=True)
         cfg = FusionModelConfig(encoders={"text": "tiny-text", "image": "pixels"}, labels=("a", "b"))
         model = FusionModel(cfg, encoders={"text": create_encoder("tiny-text"), "image": create_encoder("pixels")})
         dm = FusionDataModule(data_files=str(table), cache_dir=str(folder / "cache-rowcheck"))
