@@ -173,7 +173,11 @@ def locate(dataset: str, data_files: Any, data_dir: str | None) -> Source:
     file or folder) or a dataset name."""
     folder = Path(data_dir).expanduser().resolve() if data_dir else None
     if data_files is not None:
-        return Source(files=_by_split(data_files, folder), folder=folder)
+        files = _by_split(data_files, folder)
+        if not any(files.values()):
+            raise DataError(f"--data.data_files {data_files!r} names no file; give a path, a list or "
+                            "{split: path(s)}.")
+        return Source(files=files, folder=folder)
     if folder is not None:
         return Source(folder=folder)
     local = Path(dataset).expanduser()
@@ -252,4 +256,5 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
             return splits, base, named.name
     source = locate(dataset, data_files, data_dir)
     fmt = pick_format(source, data_format)
-    return read(fmt, source), source.base, source.name if fmt.reads == "name" else None
+    name = source.name if fmt.reads == "name" and source.folder is None else None  # a hub name goes on model cards
+    return read(fmt, source), source.base, name

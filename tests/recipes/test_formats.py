@@ -105,6 +105,8 @@ def test_an_unknown_format_lists_the_registered_ones(tmp_path: Path) -> None:
         FusionDataModule(data_files=str(tmp_path / "t.csv"), data_format="cvs")
     with pytest.raises(DataError, match="data_format='imagefolder' needs --data.data_dir"):
         FusionDataModule(data_files=str(tmp_path / "t.csv"), data_format="imagefolder")
+    with pytest.raises(DataError, match=r"--data.data_files \{\} names no file"):
+        FusionDataModule(data_files={})
 
 
 def test_a_format_registers_once_and_says_what_it_claims() -> None:
