@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,148 +39,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.easyvqa import _new_metrics, merge_results, swap_in, write_csv  # noqa: E402
-from fusion_errors import DataError, MissingDependencyError  # noqa: E402
+from benchmarks.easyvqa import _new_metrics, merge_results  # noqa: E402
+from fusion_errors import DataError  # noqa: E402
+from recipes.heldout_speakers import (  # noqa: E402
+    DEFAULT_DIR,
+    IMAGE_SIZE,
+    MARKER,
+    RATE,
+    TEST_SPEAKERS,
+    TRAIN_SPEAKERS,
+    degrade,
+    prepare,
+)
 
 __all__ = ["DEFAULT_DIR", "TRAIN_SPEAKERS", "TEST_SPEAKERS", "prepare", "degrade", "baseline", "heldout_benchmark",
            "main"]
-
-DEFAULT_DIR = Path("~/.cache/fusion-zoo/heldout-speakers").expanduser()
-RATE = 8000  # like the Free Spoken Digit Dataset
-#: train/validation speakers: accent + voice variant; the test ones share neither the accent nor the variant
-TRAIN_SPEAKERS = ("en-us+m1", "en-us+f2", "en-gb+m3", "en-gb-x-rp+f4", "en-gb-x-gbcwmd+m7")
-TEST_SPEAKERS = ("en-gb-scotland+f3", "en-029+m5", "en-us-nyc+m6", "en-gb-x-gbclan+f5")
-SIZES = {"train": 1800, "validation": 200, "test": 600}
-SPEED = (120, 210)  # words per minute, uniform per clip
-PITCH = (20, 80)  # espeak-ng pitch 0..99, uniform per clip
-SNR_DB = (15.0, 35.0)  # mild white background noise, like a quiet room recording
-IMAGE_SIZE = 28
-CONTRAST = (0.35, 0.7)  # share of the grey range the strokes span
-NOISE = (0.15, 0.25)  # pixel noise std, of the grey range
-IMAGE_POOLS = {"train": 0.65, "validation": 0.1, "test": 0.25}  # share of the 1,797 images per split (by image)
-_MARKER = "prepared.json"
-_FORMAT = 1
-
-
-def degrade(img8: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One 8x8 digit (0..16) -> a ``size``² uint8 image: upscaled, blurred, shifted, low contrast, noisy.
-
-    Heavy on purpose: the real check's images gave 0.48 with a logistic regression on raw pixels.
-    """
-    from PIL import Image, ImageFilter
-
-    img = Image.fromarray((img8 * (255 / 16)).astype(np.uint8)).resize((size - 8, size - 8),
-                                                                       Image.Resampling.BILINEAR)
-    canvas = Image.new("L", (size, size))
-    dx, dy = (int(v) for v in rng.integers(2, 7, 2))  # random placement: the digit is not centred
-    canvas.paste(img, (dx, dy))
-    canvas = canvas.rotate(float(rng.uniform(-10, 10)), resample=Image.Resampling.BILINEAR)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.8, 1.8))))
-    x = np.asarray(canvas, dtype=np.float32) / 255  # [H, W] 0..1
-    contrast, background = rng.uniform(CONTRAST[0], CONTRAST[1]), rng.uniform(0.0, 0.4)
-    x = background + contrast * x
-    x = x + rng.normal(0.0, rng.uniform(NOISE[0], NOISE[1]), x.shape)  # heavy pixel noise
-    return np.clip(x * 255, 0, 255).astype(np.uint8)
-
-
-def _speak(word: str, speaker: str, rng: np.random.Generator, workdir: Path) -> np.ndarray:
-    """One clip as int16 at 8 kHz: espeak-ng (random speed/pitch), trimmed, gain, mild noise."""
-    from scipy.signal import resample_poly
-
-    from recipes.tridigits.build import synthesise  # 16 kHz float32, silence trimmed
-
-    wav16 = synthesise(word, speaker, int(rng.integers(*SPEED)), int(rng.integers(*PITCH)), workdir)
-    wav = resample_poly(wav16, 1, 2).astype(np.float64)  # [T] at 8 kHz
-    loud = np.flatnonzero(np.abs(wav) > 0.05 * np.abs(wav).max())  # trim like FSDD: a little silence left
-    pad = int(rng.integers(0, 400))
-    wav = wav[max(0, loud[0] - pad): loud[-1] + int(rng.integers(0, 400))]
-    snr = rng.uniform(*SNR_DB)
-    wav = wav + rng.normal(size=len(wav)) * np.sqrt(np.mean(wav**2) / 10 ** (snr / 10))
-    wav *= rng.uniform(0.1, 0.9) / np.abs(wav).max()
-    return np.round(wav * 32767).astype(np.int16)
-
-
-def _image_pools(labels: np.ndarray, rng: np.random.Generator) -> dict[str, dict[int, np.ndarray]]:
-    """Indices of the digit images each split may use, per class; no image is in two splits."""
-    pools: dict[str, dict[int, np.ndarray]] = {s: {} for s in IMAGE_POOLS}
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_tr, n_va = round(IMAGE_POOLS["train"] * len(idx)), round(IMAGE_POOLS["validation"] * len(idx))
-        pools["train"][c], pools["validation"][c] = idx[:n_tr], idx[n_tr:n_tr + n_va]
-        pools["test"][c] = idx[n_tr + n_va:]
-    return pools
-
-
-COLUMNS = ("image", "audio", "label", "speaker")
-
-
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    write_csv(path, COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
-
-
-def _is_current(out: Path, seed: int) -> bool:
-    try:
-        meta = json.loads((out / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return meta.get("format") == _FORMAT and meta.get("seed") == seed
-
-
-def prepare(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, force: bool = False) -> Path:
-    """Write the held-out-speakers folder to ``out_dir`` (reused when already written with ``seed``); returns it."""
-    import soundfile as sf
-    from PIL import Image
-
-    out = Path(out_dir).expanduser().resolve()
-    if _is_current(out, seed) and not force:
-        return out
-    if out.exists() and any(out.iterdir()) and not (out / _MARKER).is_file():
-        raise DataError(f"{out} exists and was not written by `heldout_speakers.py prepare`; choose a new folder.")
-    if shutil.which("espeak-ng") is None:
-        raise MissingDependencyError("espeak-ng is not on PATH; install it with `apt install espeak-ng` and rerun")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise MissingDependencyError("prepare needs scikit-learn: pip install scikit-learn") from e
-    from recipes.tridigits.build import WORDS
-
-    digits = load_digits()
-    labels = digits.target.astype(int)
-    rng = np.random.default_rng(seed)
-    pools = _image_pools(labels, rng)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        (tmp / "audio").mkdir()
-        (tmp / "images").mkdir()
-        counts: dict[str, int] = {}
-        for split, n in SIZES.items():
-            speakers = TEST_SPEAKERS if split == "test" else TRAIN_SPEAKERS
-            rows = []
-            for i in range(n):
-                label = i % 10  # balanced classes, like FSDD
-                speaker = speakers[int(rng.integers(len(speakers)))]
-                name = f"{split}_{i:04d}"
-                wav = _speak(WORDS[label], speaker, rng, tmp)
-                sf.write(tmp / "audio" / f"{name}.wav", wav, RATE, subtype="PCM_16")
-                img = degrade(digits.images[rng.choice(pools[split][label])], rng)
-                Image.fromarray(img, mode="L").save(tmp / "images" / f"{name}.png")
-                rows.append({"image": f"images/{name}.png", "audio": f"audio/{name}.wav", "label": label,
-                             "speaker": speaker.replace("+", "_")})
-            order = rng.permutation(len(rows))
-            _write_csv(tmp / f"{split}.csv", [rows[j] for j in order])
-            counts[split] = n
-        (tmp / "say.wav").unlink(missing_ok=True)
-        meta = {"format": _FORMAT, "seed": seed, "rows": counts, "train_speakers": TRAIN_SPEAKERS,
-                "test_speakers": TEST_SPEAKERS, "rate": RATE, "image_size": IMAGE_SIZE,
-                "source": "espeak-ng speech + scikit-learn load_digits images"}
-        (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        swap_in(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
-
 
 def _read_split(data: Path, split: str) -> list[dict[str, str]]:
     with open(data / f"{split}.csv", newline="") as f:
@@ -299,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv[:len(argv) - len(rest) - (1 if "--" in argv else 0)])
     if args.cmd == "prepare":
         out = prepare(args.out_dir, args.seed, args.force)
-        print(f"held-out speakers written to {out}: {json.loads((out / _MARKER).read_text())['rows']}")
+        print(f"held-out speakers written to {out}: {json.loads((out / MARKER).read_text())['rows']}")
         return 0
     if args.cmd == "baseline":
         print(json.dumps(baseline(prepare(args.out_dir)), indent=2))

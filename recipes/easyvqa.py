@@ -141,7 +141,7 @@ def prepare(out_dir: str | Path = DEFAULT_DIR, val_fraction: float = 0.1, seed: 
 @register_source("easyvqa", "easy-VQA: questions about images of one coloured shape (13 answers)",
                  "the easy-vqa pip package (MIT), prepared into ~/.cache/fusion-zoo/easyvqa")
 def _easyvqa_source() -> tuple[datasets.DatasetDict, Path | None]:
-    from ._columns import load_source
+    from .formats import load_source
 
     splits, base, _ = load_source(str(prepare(DEFAULT_DIR)), None, None, None)
     return splits, base

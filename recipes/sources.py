@@ -5,7 +5,7 @@ Formats (how files, folders and hub names are read) are :mod:`recipes.formats`; 
 A named source is one registered function that returns the dataset's splits (and the folder its relative paths
 resolve against). ``fit``, ``test``, ``sweep``, ``predict --table`` and ``zoo verify`` read every source through
 :func:`recipes.formats.load_source`, so a registered name works everywhere a Hub name or a folder does. Sources
-register themselves where they live (``recipes/tridigits``, ``recipes/easyvqa.py``);
+register themselves where they live (``recipes/tridigits``, ``recipes/easyvqa.py``, ``recipes/heldout_speakers.py``);
 the modules in :data:`BUILTIN` are imported the first time a name is looked up, so a lookup never misses a built-in
 source and importing this module stays cheap.
 """
@@ -24,7 +24,7 @@ from fusion_errors import RegistryError
 __all__ = ["BUILTIN", "NamedSource", "get_source", "list_sources", "register_source"]
 
 #: modules that register the project's own named sources
-BUILTIN = ("recipes.tridigits.dataset", "recipes.easyvqa")
+BUILTIN = ("recipes.tridigits.dataset", "recipes.easyvqa", "recipes.heldout_speakers")
 
 Loader = Callable[[], tuple[datasets.DatasetDict, Path | None]]
 

@@ -19,6 +19,9 @@ INTENDED_USE = {
     "easyvqa": "answering easy-VQA's questions (colour, shape, yes/no) about 64-px images of one coloured shape, "
                "and a start for `--model.init_from` on small image + question tables; not a general VQA model: "
                "it knows 13 answers and synthetic shapes only",
+    "heldout-speakers": "recognising a digit spoken by a speaker never heard in training, with a noisy small image "
+                        "of the same digit, and a start for `--model.init_from` on small audio + image tables; "
+                        "its voices are synthetic (espeak-ng, English accents), not recordings of people",
 }
 
 

@@ -1,4 +1,5 @@
-"""The held-out-speakers proxy (benchmarks/heldout_speakers.py): a tiny folder (needs espeak-ng), no weights."""
+"""The held-out-speakers proxy (recipes/heldout_speakers.py, benchmarks/heldout_speakers.py): a tiny folder (needs
+espeak-ng), no weights."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 hs = importlib.import_module("benchmarks.heldout_speakers")
+source = importlib.import_module("recipes.heldout_speakers")  # the data itself: `--data.dataset heldout-speakers`
 
 from fusion_errors import DataError  # noqa: E402
 
@@ -38,7 +40,7 @@ def test_speaker_sets_share_neither_accent_nor_variant() -> None:
 
 def test_image_pools_are_disjoint_and_cover_every_class() -> None:
     labels = np.repeat(np.arange(10), 20)
-    pools = hs._image_pools(labels, np.random.default_rng(0))
+    pools = source._image_pools(labels, np.random.default_rng(0))
     for c in range(10):
         used = [set(pools[s][c].tolist()) for s in ("train", "validation", "test")]
         assert all(used) and not used[0] & used[1] and not used[0] & used[2] and not used[1] & used[2]
@@ -60,7 +62,7 @@ def test_degrade_keeps_a_trace_of_the_digit() -> None:
 @needs_espeak
 def test_prepare_writes_a_user_folder_with_disjoint_test_speakers(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hs, "SIZES", {"train": 10, "validation": 4, "test": 6})
+    monkeypatch.setattr(source, "SIZES", {"train": 10, "validation": 4, "test": 6})
     out = hs.prepare(tmp_path / "data", seed=1)
     train, val, test = (_rows(out / f"{s}.csv") for s in ("train", "validation", "test"))
     assert list(train[0]) == ["image", "audio", "label", "speaker"]

@@ -17,9 +17,10 @@ import torch
 import encoders
 from encoders.text_hf import check_texts
 from fusion_errors import ConfigError, DataError, InputError
-from recipes._columns import cell_problem, is_missing, load_source, resolve
+from recipes._columns import cell_problem, is_missing, resolve
 from recipes.cache import FeatureCache, clean_stale_temps
 from recipes.data import FusionDataModule
+from recipes.formats import load_source
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
