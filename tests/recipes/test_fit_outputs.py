@@ -112,7 +112,8 @@ def test_tensorboard_logger_writes_into_the_run_folder(tmp_path: Path, logger: s
     assert [type(lg).__name__ for lg in run.trainer.loggers] == ["CSVLogger", "TensorBoardLogger"]
     events = list(tmp_path.rglob("events.out.tfevents.*"))  # one file per writer: fit, then validate and test
     assert events and {e.parent for e in events} == {tmp_path}
-    for name in ("metrics.json", "metrics.csv", "training_curves.png", "moe_utilisation.png", "model/config.json"):
+    for name in ("metrics.json", "metrics.csv", "training_curves.png", "moe_utilisation.png", "model/config.json",
+                 "checkpoints/best.ckpt", "config.yaml"):
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "lightning_logs").exists() and not list(tmp_path.glob("version_*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
