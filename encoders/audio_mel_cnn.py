@@ -11,24 +11,11 @@ from fusion_errors import ConfigError
 
 from . import register_encoder
 from ._audio_io import AudioPreprocessor, frame_mask
+from ._blocks import ConvBlock
 from ._contract import Encoder, ModalityOutput
 from ._stft import real_mel_spectrogram
 
 __all__ = ["MelCNNEncoder"]
-
-
-class _ConvBlock(nn.Module):
-    """Conv3x3 → BatchNorm → GELU → 2x2 max-pool on [B, C, M, T]."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.norm = nn.BatchNorm2d(c_out)
-        self.act = nn.GELU()
-        self.pool = nn.MaxPool2d(2, ceil_mode=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.act(self.norm(self.conv(x))))
 
 
 class MelCNNEncoder(Encoder):
@@ -78,7 +65,7 @@ class MelCNNEncoder(Encoder):
         self.half_window = n_fft // 2  # a centred STFT frame reads this many samples either side of its centre
         self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=self.hop, n_mels=n_mels)
         widths = [1, *channels]
-        self.blocks = nn.ModuleList([_ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
+        self.blocks = nn.ModuleList([ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
         self.proj = nn.Linear(widths[-1], embed_dim)
         self.layers = nn.ModuleList(
             [

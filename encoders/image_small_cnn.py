@@ -10,24 +10,11 @@ from torch import Tensor, nn
 from fusion_errors import ConfigError
 
 from . import register_encoder
+from ._blocks import ConvBlock
 from ._contract import Encoder, ModalityOutput
 from .image_pixels import PixelPreprocessor
 
 __all__ = ["SmallCNNEncoder"]
-
-
-class _ConvBlock(nn.Module):
-    """Conv3x3 → BatchNorm → GELU → 2x2 max-pool on [B, C, H, W]."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.norm = nn.BatchNorm2d(c_out)
-        self.act = nn.GELU()
-        self.pool = nn.MaxPool2d(2, ceil_mode=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.act(self.norm(self.conv(x))))
 
 
 class SmallCNNEncoder(Encoder):
@@ -50,7 +37,7 @@ class SmallCNNEncoder(Encoder):
         self.preprocessor = PixelPreprocessor(image_size, color)
         self.embed_dim = int(embed_dim)
         widths = [self.preprocessor.channels, *channels]
-        self.blocks = nn.ModuleList([_ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
+        self.blocks = nn.ModuleList([ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)])
         self.proj = nn.Linear(widths[-1], embed_dim)
 
     def encode(self, batch: dict[str, Tensor]) -> ModalityOutput:
