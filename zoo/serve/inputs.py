@@ -41,6 +41,12 @@ def _plain(e: BaseException) -> str:
     return _REPR.sub("", str(e)).strip() or type(e).__name__
 
 
+def _names(names: list[str], most: int = 5) -> str:
+    """User-chosen names as a message shows them: each cut to 24 characters, at most ``most`` of them."""
+    shown = [repr(n if len(n) <= 24 else n[:21] + "...") for n in names[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _part(where: str, key: str) -> str:
     """How a message names one input: "the image" of a single request, "the image of items[2]" in a batch."""
     return f"the {key}" if where == "body" else f"the {key} of {where}"
@@ -120,10 +126,10 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes | str]:
     for raw_name, data in parts:
         name = raw_name.decode("utf-8", "replace")
         if name not in MODALITIES:
-            raise InputError(f"unknown form field {name!r}; this endpoint takes the fields {', '.join(MODALITIES)} "
-                             "(text as a field, image and audio as files).")
+            raise InputError(f"unknown form field {_names([name])}; this endpoint takes the fields "
+                             f"{', '.join(MODALITIES)} (text as a field, image and audio as files).")
         if name in out:
-            raise InputError(f"form field {name!r} is given twice; send one {name} per request "
+            raise InputError(f"form field {_names([name])} is given twice; send one {name} per request "
                              "(POST /predict/batch takes several samples).")
         out[name] = bytes(data)
     return out
@@ -150,7 +156,7 @@ def parse_json_sample(obj: Any, where: str = "body") -> dict[str, bytes | str]:
                          f"\"<base64>\"}}, not {_kind(obj)}.")
     unknown = sorted(set(obj) - set(MODALITIES))
     if unknown:
-        raise InputError(f"{_whole(where)} has unknown key(s) {unknown}; the keys are {', '.join(MODALITIES)} "
+        raise InputError(f"{_whole(where)} has unknown key(s) {_names(unknown)}; the keys are {', '.join(MODALITIES)} "
                          "(image and audio as base64 strings).")
     out: dict[str, bytes | str] = {}
     for key, value in obj.items():
@@ -175,7 +181,7 @@ def parse_urlencoded(body: bytes) -> dict[str, bytes | str]:
         raise InputError(f"the form body is not UTF-8 text (byte {e.start + 1} is not); send UTF-8 text.") from e
     twice = sorted(k for k, v in fields.items() if len(v) > 1)
     if twice:
-        raise InputError(f"form field(s) {twice} given twice; send one of each (POST /predict/batch takes "
+        raise InputError(f"form field(s) {_names(twice)} given twice; send one of each (POST /predict/batch takes "
                          "several samples).")
     return parse_json_sample({k: v[0] for k, v in fields.items()}, "body")
 
