@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TOLERANCE", "INTENDED_USE", "card_accuracy", "dataset_accuracy", "data_section", "with_data_section",
-           "verify"]
+           "transfer_section", "with_transfer_section", "verify"]
 
 TOLERANCE = 0.005  # card vs re-measured test accuracy (0.5 points)
 
@@ -52,6 +52,39 @@ def with_data_section(card: str, dataset: str, metrics: dict[str, Any]) -> str:
     start = card.index("## Data\n")
     end = card.index("\n## ", start + 1)
     return card[:start] + "## Data\n\n" + data_section(dataset, metrics) + "\n" + card[end:]
+
+
+def transfer_section(model: str, dataset: str, measured: dict[str, Any]) -> str:
+    """The card's "What transfers" section from a ``benchmarks/transfer.py`` result (``transfer_<dataset>`` in
+    results.json): test accuracy of ``fit --model.init_from <model>`` against a fit from scratch per training size,
+    or "" when that result was measured from another zoo model."""
+    if measured.get("model") != model or not measured.get("per_rows"):
+        return ""
+    rows = ["| training rows | from scratch | from this model | paired gain (min, max) | seeds |",
+            "|---|---|---|---|---|"]
+    for n, r in sorted(measured["per_rows"].items(), key=lambda kv: int(kv[0])):
+        rows.append(f"| {int(n):,} | {r['scratch']:.3f} | {r['zoo']:.3f} | {r['gain']:+.3f} ({r['gain_min']:+.3f}, "
+                    f"{r['gain_max']:+.3f}) | {len(r['seeds'])} |")
+    return "\n".join([
+        f"`fusion-zoo fit --model.init_from {model}` keeps this model's encoders, stage, head and weights and "
+        f"fine-tunes them on a small table with the same inputs and labels. Measured on seeded {dataset} training "
+        "subsets (400 validation and 2,000 test rows; `python benchmarks/transfer.py`), against the default recipe "
+        "from scratch:", "", *rows, "",
+        "What transfers is the whole fused head: this model saw the full training split of the same task, so the "
+        "gain is what a user with a small table of the same kind gets; a new label set or new inputs start from "
+        "scratch (`init_from` refuses other labels)."])
+
+
+def with_transfer_section(card: str, model: str, dataset: str, measured: dict[str, Any]) -> str:
+    """``card`` with a ``## What transfers`` section (replaced if present) before ``## Training recipe``."""
+    body = transfer_section(model, dataset, measured)
+    if "## What transfers\n" in card:
+        start = card.index("## What transfers\n")
+        card = card[:start] + card[card.index("\n## ", start + 1) + 1:]
+    if not body or "## Training recipe\n" not in card:
+        return card
+    at = card.index("## Training recipe\n")
+    return card[:at] + "## What transfers\n\n" + body + "\n\n" + card[at:]
 
 
 def card_accuracy(folder: Path, split: str = "test") -> float | None:
