@@ -187,3 +187,29 @@ def xor_features() -> Callable[..., tuple[dict[str, ModalityOutput], Tensor]]:
         return feats, bits[:, 0] ^ bits[:, 1]
 
     return make
+
+
+@pytest.fixture
+def train_on_features() -> Callable[..., FusionModel]:
+    """Head-side training on fixed features: ``train_on_features(model, feats, labels, done)``.
+
+    Adam (lr 3e-3) on random batches of 64 for up to 400 steps; every 50 steps ``done(step)`` may stop it early.
+    Returns the model in eval mode.
+    """
+
+    def train(model: FusionModel, feats: dict[str, ModalityOutput], labels: Tensor,
+              done: Callable[[int], bool], steps: int = 400) -> FusionModel:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for step in range(steps):
+            model.train()
+            idx = torch.randint(0, len(labels), (64,))
+            out = model({m: f.index(idx) for m, f in feats.items()})
+            loss = torch.nn.functional.cross_entropy(out.logits, labels[idx]) + out.aux_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 49 and done(step):
+                break
+        return model.eval()
+
+    return train

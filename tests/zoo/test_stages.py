@@ -21,7 +21,7 @@ def accuracy(model: FusionModel, feats: dict[str, ModalityOutput], labels: torch
 
 @pytest.mark.parametrize("stage", ["early", "late", "hybrid"])
 @pytest.mark.parametrize("head", list_fusion_heads())
-def test_every_head_and_stage_learns_xor(head: str, stage: str, xor_features) -> None:
+def test_every_head_and_stage_learns_xor(head: str, stage: str, xor_features, train_on_features) -> None:
     torch.manual_seed(0)
     config = FusionModelConfig(
         encoders={"image": "synthetic", "text": "synthetic"}, labels=("even", "odd"), fusion_head=head,
@@ -30,17 +30,7 @@ def test_every_head_and_stage_learns_xor(head: str, stage: str, xor_features) ->
     model = FusionModel(config, embed_dims={"image": DIM, "text": DIM})
     train, y = xor_features(512, seed=1)
     test, y_test = xor_features(512, seed=2)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(400):
-        model.train()
-        idx = torch.randint(0, 512, (64,))
-        out = model({m: f.index(idx) for m, f in train.items()})
-        loss = torch.nn.functional.cross_entropy(out.logits, y[idx]) + out.aux_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 49 and accuracy(model, test, y_test) >= 0.97:
-            break
+    train_on_features(model, train, y, lambda step: accuracy(model, test, y_test) >= 0.97)
     assert accuracy(model, test, y_test) >= 0.95, f"{head}@{stage} did not learn XOR"
     for m in ("image", "text"):  # one bit alone says nothing about the XOR
         alone = accuracy(model, {m: test[m]}, y_test)
