@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoders import DataError  # noqa: E402
+from benchmarks._fit_run import run_fit  # noqa: E402
 from fusion_common.atomic import atomic_write  # noqa: E402
 from recipes.easyvqa import (  # noqa: E402
     _MARKER,
@@ -58,14 +58,6 @@ def fit_command(data_dir: str | Path, extra: Sequence[str] = ()) -> list[str]:
     return ["fusion-zoo", "fit", "--data.data_dir", str(data_dir), *FIT_ARGS, *extra]
 
 
-def _new_metrics(runs: Path, before: set[Path]) -> Path:
-    made = sorted((p for p in runs.glob("fit-*") if p not in before), key=lambda p: p.stat().st_mtime)
-    found = [m for run in made for m in sorted(run.rglob("metrics.json"))]
-    if not found:
-        raise DataError(f"the fit wrote no metrics.json under {runs} (new run folders: {[p.name for p in made]}).")
-    return found[-1]
-
-
 def easyvqa_benchmark(data_dir: str | Path = DEFAULT_DIR, extra: Sequence[str] = (), workdir: str | Path | None = None,
                       cache_dir: str | Path | None = None, timeout: float = 3600.0) -> dict[str, Any]:
     """Prepare easy-VQA if needed, run the documented fit in a subprocess and return its test accuracy and time.
@@ -87,26 +79,19 @@ def easyvqa_benchmark(data_dir: str | Path = DEFAULT_DIR, extra: Sequence[str] =
         cwd = Path(workdir).expanduser().resolve() if workdir else Path(scratch)
         cwd.mkdir(parents=True, exist_ok=True)
         cache = str(cache_dir) if cache_dir else str(Path(scratch) / "feature-cache")
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "FUSION_ZOO_CACHE": cache, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        runs = cwd / "runs"
-        before = set(runs.glob("fit-*")) if runs.is_dir() else set()
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "recipes.cli", *argv[1:]], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        seconds = time.perf_counter() - start
+        fit = run_fit(argv, cwd, cache, timeout)
         details: dict[str, Any] = {"command": shlex.join(argv),
                                    "cache": "given" if cache_dir else "cold (empty feature cache)"}
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr)[-2000:]
+        if fit.metrics is None:
+            tail = fit.output[-2000:]
             return {"easyvqa_test_accuracy": None, "easyvqa_seconds": None, "easyvqa": {**details, "error": tail}}
-        metrics = json.loads(_new_metrics(runs, before).read_text())
+        metrics = json.loads(fit.metrics.read_text())
     test = metrics["test"]
     details["test_accuracy"] = {row: vals.get("accuracy") for row, vals in test.items()}
     details["validation_fused_accuracy"] = metrics.get("validation", {}).get("fused", {}).get("accuracy")
     if workdir:
-        details["run_dir"] = str(_new_metrics(runs, before).parent)
-    return {"easyvqa_test_accuracy": test["fused"]["accuracy"], "easyvqa_seconds": seconds, "easyvqa": details}
+        details["run_dir"] = str(fit.metrics.parent)
+    return {"easyvqa_test_accuracy": test["fused"]["accuracy"], "easyvqa_seconds": fit.seconds, "easyvqa": details}
 
 
 def merge_results(values: dict[str, Any], path: str | Path = ROOT / "benchmarks" / "results.json",

@@ -26,10 +26,8 @@ import csv
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.easyvqa import _new_metrics, merge_results  # noqa: E402
+from benchmarks._fit_run import run_fit  # noqa: E402
+from benchmarks.easyvqa import merge_results  # noqa: E402
 from fusion_errors import DataError  # noqa: E402
 from recipes.heldout_speakers import (  # noqa: E402
     DEFAULT_DIR,
@@ -119,23 +118,16 @@ def heldout_benchmark(data_dir: str | Path = DEFAULT_DIR, extra: Sequence[str] =
         cwd = Path(workdir).expanduser().resolve() if workdir else Path(scratch)
         cwd.mkdir(parents=True, exist_ok=True)
         cache = Path(cache_dir).expanduser().resolve() if cache_dir else Path(scratch) / "cache"
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "FUSION_ZOO_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1"}
-        runs = cwd / "runs"
-        before = set(runs.glob("fit-*")) if runs.is_dir() else set()
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "recipes.cli", *argv[1:]], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        seconds = time.perf_counter() - start
+        fit = run_fit(argv, cwd, cache, timeout)
+        seconds = fit.seconds
         details: dict[str, Any] = {"command": shlex.join(argv), "cache": "cold (empty feature cache)",
                                    "load_average_before": [round(v, 2) for v in load_before],
                                    "load_average_after": [round(v, 2) for v in os.getloadavg()]}
-        if proc.returncode != 0:
-            details["error"] = (proc.stdout + proc.stderr)[-2000:]
+        if fit.metrics is None:
+            details["error"] = fit.output[-2000:]
             return {"heldout_speakers_test_accuracy": None, "heldout_speakers_seconds": seconds,
                     "heldout_speakers": details}
-        metrics_path = _new_metrics(runs, before)
+        metrics_path = fit.metrics
         metrics = json.loads(metrics_path.read_text())
         if workdir:
             details["run_dir"] = str(metrics_path.parent)
