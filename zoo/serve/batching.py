@@ -54,11 +54,25 @@ class BatchStats:
     busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)
     busy_rejections: int = 0  # requests answered 503 before queueing: expected wait too long, or no slot in time
-    recent_batch_s: float = 0.0  # moving average of the last batches' durations (weight 0.2 on the newest)
+    recent_sample_s: float = 0.0  # busy seconds per sample over the last batches (each older batch weighs 0.8x)
+    _recent_busy: float = 0.0
+    _recent_samples: float = 0.0
+
+    def record(self, size: int, took: float) -> None:
+        """Count one batch of ``size`` samples that ran ``took`` seconds."""
+        self.batches += 1
+        self.samples += size
+        self.max_batch = max(self.max_batch, size)
+        self.busy_s += took
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+        # weighted by size, so full batches (the ones an overload runs) dominate the per-sample time
+        self._recent_busy = 0.8 * self._recent_busy + took
+        self._recent_samples = 0.8 * self._recent_samples + size
+        self.recent_sample_s = self._recent_busy / self._recent_samples
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "samples": self.samples, "max_batch": self.max_batch,
-                "busy_rejections": self.busy_rejections, "recent_batch_ms": 1000.0 * self.recent_batch_s,
+                "busy_rejections": self.busy_rejections, "recent_sample_ms": 1000.0 * self.recent_sample_s,
                 "mean_batch": self.samples / self.batches if self.batches else 0.0,
                 "mean_batch_ms": 1000.0 * self.busy_s / self.batches if self.batches else 0.0}
 
@@ -116,10 +130,10 @@ class DynamicBatcher:
         return max(1, math.ceil((self.depth / self.max_batch_size + 1) * per_batch))
 
     def expected_wait_s(self, extra: int = 0) -> float:
-        """Seconds until ``extra`` more samples would be answered: the batch running, the queue and ``extra`` in
-        full batches, at the recent batch time (0 before the first batch: no estimate yet)."""
-        ahead = self.running + self.depth + extra
-        return math.ceil(ahead / self.max_batch_size) * self.stats.recent_batch_s
+        """Seconds until ``extra`` more samples would be answered: the batch running, the queue and ``extra``, at
+        the recent busy time per sample (0 before the first batch: no estimate yet). Right after single-sample
+        batches it overestimates a burst (batching will cut the per-sample time); one full batch corrects it."""
+        return (self.running + self.depth + extra) * self.stats.recent_sample_s
 
     def start(self) -> None:
         """Start the worker thread (once)."""
@@ -222,13 +236,7 @@ class DynamicBatcher:
                 results = [e] * len(jobs)
             took = time.perf_counter() - start
             self.running = 0
-            st = self.stats
-            st.batches += 1
-            st.samples += len(jobs)
-            st.max_batch = max(st.max_batch, len(jobs))
-            st.busy_s += took
-            st.recent_batch_s = took if st.batches == 1 else 0.8 * st.recent_batch_s + 0.2 * took
-            st.sizes[len(jobs)] = st.sizes.get(len(jobs), 0) + 1
+            self.stats.record(len(jobs), took)
             for job, result in zip(jobs, results, strict=True):
                 try:
                     job.loop.call_soon_threadsafe(_deliver, job, result)
