@@ -596,6 +596,8 @@ def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixtur
     assert "no-such-model-xyz" in capsys.readouterr().err
     assert main(["serve", "--model", "tridigits-late-gating", "--max-queue", "8", "--max-batch-items", "64"]) == 2
     assert "max_batch_items=64 > max_queue=8" in capsys.readouterr().err
+    assert main(["serve", "--model", "tridigits-late-gating", "--max-queue-wait", "0"]) == 2
+    assert "--max-queue-wait 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
     assert e.value.code == 0 and "--max-wait-ms" in capsys.readouterr().out
@@ -612,6 +614,9 @@ def test_a_lower_max_queue_alone_is_a_valid_setting() -> None:
     cfg = config_from_args(parser.parse_args(["--model", "m", "--max-queue", "8"]))
     assert (cfg.max_queue, cfg.limits.max_batch_items) == (8, 8)
     assert config_from_args(parser.parse_args(["--model", "m"])).limits.max_batch_items == 64
+    default = config_from_args(parser.parse_args(["--model", "m", "--timeout", "20"]))
+    assert default.queue_wait_s == 5.0  # a quarter of the request timeout unless --max-queue-wait says otherwise
+    assert config_from_args(parser.parse_args(["--model", "m", "--max-queue-wait", "2"])).queue_wait_s == 2.0
 
 
 def _free_port() -> int:
