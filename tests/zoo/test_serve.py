@@ -586,6 +586,28 @@ def test_closing_the_batcher_runs_the_queued_samples_then_refuses_new_ones() -> 
     assert "shutting down" in refused
 
 
+def test_the_expected_wait_is_per_sample_and_never_less_than_the_oldest_wait() -> None:
+    """What admission compares with --max-queue-wait: samples ahead x recent busy seconds per sample (weighted by
+    batch size, older batches x0.8), at least the measured wait of the oldest queued sample."""
+    import asyncio
+
+    from zoo.serve.batching import DynamicBatcher
+
+    b = DynamicBatcher(lambda xs: xs, max_batch_size=8, max_wait_s=0.0, max_queue=10)  # not started: nothing runs
+    assert b.expected_wait_s(100) == 0.0  # no batch yet, no estimate
+    b.stats.record(4, 2.0)
+    assert b.expected_wait_s(3) == pytest.approx(3 * 0.5)
+    b.stats.record(8, 1.0)  # a full, faster batch now weighs most
+    assert b.stats.recent_sample_s == pytest.approx((0.8 * 2.0 + 1.0) / (0.8 * 4 + 8))
+
+    async def queued_then_waited() -> float:
+        b.enqueue([1, 2])
+        await asyncio.sleep(0.6)
+        return b.expected_wait_s(0)
+
+    assert asyncio.run(queued_then_waited()) >= 0.6 > 2 * b.stats.recent_sample_s  # the measured wait wins
+
+
 # the command ---------------------------------------------------------------------------------------
 def test_cli_rejects_bad_options_and_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
     from recipes.cli import main  # `fusion-zoo serve` is dispatched to zoo.cli

@@ -131,9 +131,15 @@ class DynamicBatcher:
 
     def expected_wait_s(self, extra: int = 0) -> float:
         """Seconds until ``extra`` more samples would be answered: the batch running, the queue and ``extra``, at
-        the recent busy time per sample (0 before the first batch: no estimate yet). Right after single-sample
-        batches it overestimates a burst (batching will cut the per-sample time); one full batch corrects it."""
-        return (self.running + self.depth + extra) * self.stats.recent_sample_s
+        the recent busy time per sample (0 before the first batch: no estimate yet), and never less than the
+        oldest queued sample has already waited (measured, so it holds when the CPU slows down under the
+        estimate). Right after single-sample batches it overestimates a burst; one full batch corrects it."""
+        estimate = (self.running + self.depth + extra) * self.stats.recent_sample_s
+        try:
+            oldest = time.monotonic() - self._pending[0].enqueued
+        except IndexError:  # empty (the worker may take the last sample while this reads)
+            oldest = 0.0
+        return max(estimate, oldest)
 
     def start(self) -> None:
         """Start the worker thread (once)."""
