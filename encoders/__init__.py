@@ -22,6 +22,7 @@ from fusion_errors import (
 )
 
 from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
+from ._options import MAX_LAYERS, MAX_WIDTH, OPTION_BOUNDS, check_option_values
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +39,9 @@ __all__ = [
     "default_finetune",
     "check_options",
     "check_encoder_options",
+    "OPTION_BOUNDS",
+    "MAX_WIDTH",
+    "MAX_LAYERS",
     "FusionZooError",
     "RegistryError",
     "ConfigError",
@@ -75,19 +79,22 @@ def default_finetune(name: str) -> str:
 
 
 def check_options(kind: str, name: str, factory: Any, options: dict[str, Any], reserved: tuple[str, ...] = ()) -> None:
-    """Raise ConfigError when ``options`` holds keywords ``factory`` does not take, listing the accepted ones
-    (a typo in a config would otherwise be a raw ``TypeError`` from deep inside the build)."""
+    """Raise ConfigError when ``options`` holds keywords ``factory`` does not take, listing the accepted ones, or
+    a value of the wrong type or outside its range (``encoders._options``): a typo or a hostile size in a config
+    would otherwise be a raw ``TypeError`` from deep inside the build, or minutes of building."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature: nothing to check
         return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        check_option_values(kind, name, factory, options)
         return
     accepted = [n for n, p in params.items() if n not in reserved and n != "self"
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(f"unknown {kind} option(s) {unknown} for {name!r}; accepted: {accepted or 'none'}.")
+    check_option_values(kind, name, factory, options)
 
 
 def check_encoder_options(name: str, options: dict[str, Any]) -> None:

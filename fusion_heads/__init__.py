@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from encoders import check_options
 from fusion_common import Registry
 
 from ._contract import FusionHead, FusionOutput
@@ -21,7 +22,11 @@ register_fusion_head = _REGISTRY.register
 
 
 def create_fusion_head(name: str, modality_dims: Mapping[str, int], out_dim: int, **options: Any) -> FusionHead:
-    """Build the head registered as ``name`` for ``modality_dims`` (modality -> width), output width ``out_dim``."""
+    """Build the head registered as ``name`` for ``modality_dims`` (modality -> width), output width ``out_dim``.
+
+    Unknown options, and option values of the wrong type or outside their range, are a ConfigError before the
+    head is built (``encoders.check_options``)."""
+    check_options("fusion head", name, _REGISTRY.get(name), options, reserved=("modality_dims", "out_dim"))
     head = _REGISTRY.create(name, modality_dims=dict(modality_dims), out_dim=out_dim, **options)
     head.spec = {"name": name, **options}  # type: ignore[assignment]
     return head

@@ -384,7 +384,8 @@ def _create(m: str, spec: Any, where: str, source: str = "config.json") -> Encod
         if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):
             raise  # out of memory (under _guarded's cap): reported as a size problem there
         raise ConfigError(f"{where}: the {m} encoder {spec.name!r} cannot be built with options {spec.options} "
-                          f"({type(e).__name__}: {str(e)[:200]}); fix encoders.{m}.options in {source}.") from e
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); fix encoders.{m}.options in "
+                          f"{source}.") from e
 
 
 def _check_hash(m: str, enc: Encoder, record: dict[str, Any], where: str) -> None:

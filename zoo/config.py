@@ -12,11 +12,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from encoders import FINETUNE_POLICIES, MODALITIES, check_encoder_options, check_options, default_finetune
+from encoders import (
+    FINETUNE_POLICIES,
+    MAX_LAYERS,
+    MAX_WIDTH,
+    MODALITIES,
+    check_encoder_options,
+    check_options,
+    default_finetune,
+)
 from fusion_errors import ConfigError
 
 __all__ = ["EncoderSpec", "FusionModelConfig", "FORMAT_VERSION", "MODULARITY_KEYS", "MODULE_KEYS", "STAGES", "TASKS",
-           "check_known_keys",
+           "MAX_HIDDEN_DIM", "MAX_LABEL_CHARS", "MAX_LABELS", "MAX_TRUNK_LAYERS", "check_known_keys",
            "dataclass_from_dict", "field_defaults"]
 
 # 2: defaults = the default recipe (early, pooled vectors, dropout 0.2, modality dropout 0.1). A version-1 dict
@@ -33,6 +41,12 @@ TASKS = ("multiclass", "multilabel", "regression")
 MODULARITY_KEYS = ("affinity", "compactness", "dispersion")
 #: the keys of one ``modules`` entry of a composed model (``zoo.modular``)
 MODULE_KEYS = ("class_indices", "config", "labels", "source")
+# Sizes a config can set, bounded before anything is built (a config.json is untrusted input; docs/errors.md).
+# Encoder and head options are bounded by name in encoders._options.OPTION_BOUNDS.
+MAX_HIDDEN_DIM = MAX_WIDTH
+MAX_TRUNK_LAYERS = MAX_LAYERS
+MAX_LABELS = 1_000_000  # classes or regression targets (a 1M x 256 classifier: ~1 GB of float32)
+MAX_LABEL_CHARS = 1000
 
 
 def _check_type(where: str, value: Any, hint: Any) -> None:
@@ -208,6 +222,7 @@ class FusionModelConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         encs = {}
         for m, spec in dict(self.encoders).items():
             if m not in MODALITIES:
@@ -239,8 +254,6 @@ class FusionModelConfig:
                 raise ConfigError(f"modality_dropout[{m!r}]={p} must be in [0, 1).")
         if self.late_decision not in ("embedding", "logits"):
             raise ConfigError(f"late_decision={self.late_decision!r} is not 'embedding' or 'logits'.")
-        if self.hidden_dim < 1 or self.trunk_layers < 0:
-            raise ConfigError("hidden_dim must be >= 1 and trunk_layers >= 0.")
         twice = sorted(x for x, k in collections.Counter(self.labels).items() if k > 1)  # linear: 300k labels are fine
         if twice:
             shown = ", ".join(map(repr, twice[:10])) + (f" and {len(twice) - 10} more" if len(twice) > 10 else "")
@@ -267,6 +280,28 @@ class FusionModelConfig:
                 f"config format_version {self.format_version} is newer than this fusion-zoo understands "
                 f"({FORMAT_VERSION}); upgrade fusion-zoo: pip install -U fusion-zoo."
             )
+
+    def _check_sizes(self) -> None:
+        """Counts and widths within their limits, labels scalar: checked first, in time linear in the config."""
+        labels = self.labels
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+            raise ConfigError(f"labels must be a list of class names, got {type(labels).__name__}.")
+        if len(labels) > MAX_LABELS:
+            raise ConfigError(f"labels has {len(labels):,} entries, above the limit of {MAX_LABELS:,}; this is not a "
+                              "classification a fused model can learn (group rare classes, or use regression).")
+        for i, x in enumerate(labels):
+            if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+                raise ConfigError(f"labels[{i}]={x!r} must be a string (a class name), not {type(x).__name__}.")
+            if isinstance(x, str) and len(x) > MAX_LABEL_CHARS:
+                raise ConfigError(f"labels[{i}] is {len(x):,} characters long, above the limit of {MAX_LABEL_CHARS}.")
+        for key, limit, low in (("hidden_dim", MAX_HIDDEN_DIM, 1), ("trunk_layers", MAX_TRUNK_LAYERS, 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key}={value!r} must be an int.")
+            if not low <= value <= limit:
+                raise ConfigError(f"{key}={value} must be in {low}..{limit}.")
+        if isinstance(self.modules, (list, tuple)) and len(self.modules) > MAX_LABELS:
+            raise ConfigError(f"modules has {len(self.modules):,} entries, above the limit of {MAX_LABELS:,}.")
 
     def _check_modularity(self) -> None:
         """``modularity``: known keys, finite weights >= 0, a multiclass task (the objectives compare classes)."""

@@ -279,8 +279,9 @@ class FusionModel(nn.Module):
         except (ConfigError, RegistryError):
             raise
         except (TypeError, ValueError) as e:  # an option of the wrong type or value, e.g. {"floor": "high"}
+            said = " ".join(str(e).split())[:200]  # one line, whatever the library wrote
             raise ConfigError(f"fusion head {name!r} cannot be built with options {options} ({type(e).__name__}: "
-                              f"{e}); fix --model.head_options.") from e
+                              f"{said}); fix --model.head_options.") from e
         self.trunk = _Trunk(d, self.config.trunk_layers, self.config.dropout)
         self.classifier = nn.Linear(d, self.config.num_outputs)
 

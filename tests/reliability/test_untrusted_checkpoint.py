@@ -144,7 +144,7 @@ def _meta_only(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_huge_hidden_dim_is_refused_before_any_tensor_is_built(saved: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     doc = json.loads((saved / "config.json").read_text())
-    doc["model"]["hidden_dim"] = 30000  # ~3.6 GB of head weights
+    doc["model"]["hidden_dim"] = 16000  # within MAX_HIDDEN_DIM, but ~2 GB of head weights
     (saved / "config.json").write_text(json.dumps(doc))
     devices, build = _meta_only(monkeypatch)
     with pytest.raises(CheckpointError, match="above the limit of 500,000,000"):
@@ -153,7 +153,7 @@ def test_a_huge_hidden_dim_is_refused_before_any_tensor_is_built(saved: Path,
 
 
 def test_a_huge_encoder_option_is_refused_before_it_is_built(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _edit(saved, options={"hidden_size": 20000})  # tiny-text at 20000 wide: ~2.4 GB
+    _edit(saved, options={"hidden_size": 16000})  # tiny-text at 16000 wide (within its bound): ~2 GB
     devices, build = _meta_only(monkeypatch)
     with pytest.raises(CheckpointError, match="its encoders would have .* parameters, above the limit"):
         checkpoint.load_checkpoint(build, saved)

@@ -16,11 +16,14 @@ def test_an_encoder_of_another_modality_is_refused_before_any_data_is_read() -> 
         FusionModel(FusionModelConfig(encoders={"image": "tiny-text"}, labels=LABELS))
 
 
-@pytest.mark.parametrize("kw", [{"fusion_head": "gating", "head_options": {"floor": "high"}},
-                                {"encoders": {"text": {"name": "tiny-text", "options": {"hidden_size": -1}}}}])
-def test_option_values_a_component_cannot_take_are_config_errors(kw) -> None:
-    with pytest.raises(ConfigError, match="cannot be built with options"):
-        FusionModel(FusionModelConfig(**{"encoders": {"text": "tiny-text"}, "labels": LABELS, **kw}))
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"fusion_head": "gating", "head_options": {"floor": "high"}}, "fusion head 'gating': option floor='high' must "
+                                                                      "be float, not str"),
+    ({"encoders": {"text": {"name": "tiny-text", "options": {"hidden_size": -1}}}},
+     r"encoder 'tiny-text': option hidden_size=-1 must be in 1\.\.16384")])
+def test_option_values_a_component_cannot_take_are_config_errors(kw, needle) -> None:
+    with pytest.raises(ConfigError, match=needle):  # refused by the config, before anything is built
+        FusionModelConfig(**{"encoders": {"text": "tiny-text"}, "labels": LABELS, **kw})
 
 
 def test_predict_after_a_head_swap_uses_the_new_head(tmp_path) -> None:
@@ -52,5 +55,5 @@ def test_a_checkpoint_cannot_ask_for_gigantic_images(tmp_path) -> None:
     for where in (doc["model"]["encoders"]["image"], doc["encoders"]["image"]):
         where["options"] = {**where.get("options", {}), "image_size": 60000}
     (path / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(ConfigError, match=r"image_size=60000 must be in 8\.\.1024"):
+    with pytest.raises(ConfigError, match=r"image_size=60000 must be in \d+\.\.1024"):
         from_pretrained(path)
