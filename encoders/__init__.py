@@ -22,6 +22,7 @@ from fusion_errors import (
 )
 
 from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
+from ._hub import hub_or_cache
 from ._options import MAX_LAYERS, MAX_WIDTH, OPTION_BOUNDS, check_option_values
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +41,7 @@ __all__ = [
     "check_options",
     "check_encoder_options",
     "OPTION_BOUNDS",
+    "hub_or_cache",
     "MAX_WIDTH",
     "MAX_LAYERS",
     "FusionZooError",

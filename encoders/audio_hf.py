@@ -25,6 +25,7 @@ from ._audio_io import (
     frame_mask,
 )
 from ._contract import Encoder, ModalityOutput
+from ._hub import hub_or_cache
 
 __all__ = ["HFAudioPreprocessor", "HFAudioEncoder"]
 
@@ -194,12 +195,15 @@ def hf_audio(
 
     try:
         # trust_remote_code=False: ``auto_map`` custom code is refused, never run or prompted for (issue 14)
-        extractor = AutoFeatureExtractor.from_pretrained(model_name, trust_remote_code=False)
-        model = AutoModel.from_pretrained(model_name, trust_remote_code=False) if pretrained else AutoModel.from_config(
-            AutoConfig.from_pretrained(model_name, trust_remote_code=False), trust_remote_code=False
-        )
+        with hub_or_cache(model_name) as unreachable:
+            extractor = AutoFeatureExtractor.from_pretrained(model_name, trust_remote_code=False)
+            model = AutoModel.from_pretrained(model_name, trust_remote_code=False) if pretrained else \
+                AutoModel.from_config(AutoConfig.from_pretrained(model_name, trust_remote_code=False),
+                                      trust_remote_code=False)
     except OSError as e:
-        raise ConfigError(f"cannot load audio model {model_name!r}: {e}. Offline? Use 'resemblyzer-lstm'.") from e
+        said = f"the Hugging Face Hub is unreachable ({unreachable}) and it is not in the local cache" \
+            if unreachable else str(e).splitlines()[0]
+        raise ConfigError(f"cannot load audio model {model_name!r}: {said}. Offline? Use 'resemblyzer-lstm'.") from e
     except ValueError as e:
         raise ConfigError(
             f"cannot load audio model {model_name!r}: {str(e).splitlines()[0]} fusion-zoo never runs a model's own "

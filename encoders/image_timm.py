@@ -18,6 +18,7 @@ from fusion_errors import CheckpointError, ConfigError, MissingDependencyError
 
 from . import register_encoder
 from ._contract import Encoder, ModalityOutput
+from ._hub import hub_or_cache
 from ._image_io import ImagePreprocessor
 from ._weights import efficientnet_lite0_file, load_by_position, load_weights_file
 
@@ -94,10 +95,13 @@ def build_timm(
         raise ConfigError(f"{model_name!r} is not a timm model; see timm.list_models('*pattern*').")
     hub = pretrained and checkpoint_path is None
     try:
-        model: Any = timm.create_model(model_name, pretrained=hub)
+        with hub_or_cache(model_name if hub else ".") as unreachable:
+            model: Any = timm.create_model(model_name, pretrained=hub)
     except (OSError, RuntimeError) as e:
+        said = f"the Hugging Face Hub is unreachable ({unreachable}) and they are not in the local cache" \
+            if unreachable else str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MissingDependencyError(
-            f"cannot fetch pretrained weights for {model_name!r} ({e}); offline? pass checkpoint_path=<file> "
+            f"cannot fetch pretrained weights for {model_name!r} ({said}); offline? pass checkpoint_path=<file> "
             "or pretrained=False, or use 'efficientnet-lite0'."
         ) from e
     if checkpoint_path is not None:

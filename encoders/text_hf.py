@@ -22,6 +22,7 @@ from fusion_errors import ConfigError, InputError
 
 from . import register_encoder
 from ._contract import Encoder, ModalityOutput, Preprocessor
+from ._hub import hub_or_cache
 from ._weights import minilm_l6_path
 
 __all__ = ["TextPreprocessor", "HFTextEncoder", "check_texts"]
@@ -104,7 +105,8 @@ class TextPreprocessor(Preprocessor):
             from transformers import AutoTokenizer
 
             try:  # never the model folder's own code, never a prompt (issue 14)
-                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, trust_remote_code=False)
+                with hub_or_cache(self.tokenizer_name):
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot load the tokenizer {self.tokenizer_name!r}: {e}") from e
         return self._tokenizer
@@ -286,14 +288,17 @@ def _load_text(model_name: str, pooling: str, max_length: int, pretrained: bool,
     try:
         # trust_remote_code=False: a folder or hub repo with ``auto_map`` custom code is refused, never run or
         # prompted for (checkpoints are untrusted input; issue 14)
-        if pretrained:
-            model = AutoModel.from_pretrained(model_name, trust_remote_code=False)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(model_name, trust_remote_code=False),
-                                          trust_remote_code=False)
+        with hub_or_cache(model_name) as unreachable:
+            if pretrained:
+                model = AutoModel.from_pretrained(model_name, trust_remote_code=False)
+            else:
+                model = AutoModel.from_config(AutoConfig.from_pretrained(model_name, trust_remote_code=False),
+                                              trust_remote_code=False)
     except OSError as e:
+        said = f"the Hugging Face Hub is unreachable ({unreachable}) and it is not in the local cache" \
+            if unreachable else str(e).splitlines()[0]
         raise ConfigError(
-            f"cannot load text model {model_name!r}: {e}. Offline? Use 'minilm-l6' or a local folder."
+            f"cannot load text model {model_name!r}: {said}. Offline? Use 'minilm-l6' or a local folder."
         ) from e
     except ValueError as e:
         raise ConfigError(

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +116,48 @@ def test_hub_access_switches_the_hub_client_off_and_back() -> None:
     assert constants.HF_HUB_OFFLINE == before
     with hub_access(True):
         assert constants.HF_HUB_OFFLINE == before  # allowing never turns on what the user switched off
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then closed): connections to it are refused at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def test_an_unreachable_hub_fails_in_one_try_not_after_retries(hub_named: Path) -> None:
+    """Issue 30 (13): with the network down, a Hub id retried for ~50 s (40 "Retrying" lines) before the clear
+    error; one connection check now decides, and the command fails in one line."""
+    proc = _run(["predict", "--model", str(hub_named), "--text", "hello", "--online"], _closed_port())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Retrying" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "acme/not-on-this-machine" in lines[0], proc.stderr[-2000:]
+    assert "Hugging Face Hub is unreachable (127.0.0.1:" in lines[0] and "connection refused" in lines[0]
+
+
+def test_hub_or_cache_turns_the_client_offline_only_while_the_hub_is_unreachable(
+        monkeypatch: pytest.MonkeyPatch, listener: Listener) -> None:
+    from huggingface_hub import constants
+
+    from encoders import _hub, hub_or_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_hub, "_VERDICTS", {})
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    with hub_or_cache("acme/x") as why:
+        assert why is not None and "connection refused" in why and constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.port}")
+    with hub_or_cache("acme/x") as why:
+        assert why is None and constants.HF_HUB_OFFLINE is False  # reachable: the download may go ahead
+    for _ in range(50):  # the listener thread counts the connection once it accepts it
+        if listener.connections:
+            break
+        time.sleep(0.1)
+    assert listener.connections == 1
+    with hub_or_cache(str(ROOT)) as why:  # a local folder needs no check
+        assert why is None
+    assert listener.connections == 1
