@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from encoders import Encoder, create_encoder
+from encoders import Encoder, create_encoder, hub_or_cache
 from fusion_errors import CheckpointError, ConfigError, FusionZooError, MissingDependencyError, RegistryError
 from fusion_heads import list_fusion_heads
 
@@ -147,12 +147,16 @@ def _download(repo_id: str) -> Path:
     except ImportError as e:
         raise MissingDependencyError("Hub models need huggingface_hub: pip install huggingface_hub") from e
     files = [fmt.CONFIG_FILE, fmt.WEIGHTS_FILE, fmt.CARD_FILE]
+    unreachable = None
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=files))
+        with hub_or_cache(repo_id) as unreachable:  # one quick connection check, not a minute of retries
+            return Path(snapshot_download(repo_id=repo_id, allow_patterns=files))
     except Exception as e:
         where = ("it is not in the local Hub cache and HF_HUB_OFFLINE is set: unset it to download, or pass the "
                  "local folder" if constants.HF_HUB_OFFLINE else "check the repo id and the network, or download it "
                  "elsewhere and pass the local folder")
+        if unreachable:
+            where = f"the Hugging Face Hub is unreachable ({unreachable}); connect, or pass the local folder"
         raise CheckpointError(f"{repo_id!r} is no local folder, and fetching it as a Hub model failed "
                               f"({type(e).__name__}: {str(e)[:200]}); {where}.") from e
 
