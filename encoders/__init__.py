@@ -21,6 +21,7 @@ from fusion_errors import (
     RegistryError,
 )
 
+from . import _options
 from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
 from ._hub import hub_or_cache
 from ._options import MAX_LAYERS, MAX_WIDTH, OPTION_BOUNDS, check_option_values
@@ -38,6 +39,7 @@ __all__ = [
     "create_encoder",
     "list_encoders",
     "default_finetune",
+    "encoder_modality",
     "check_options",
     "check_encoder_options",
     "OPTION_BOUNDS",
@@ -78,6 +80,17 @@ def default_finetune(name: str) -> str:
     """The fine-tuning policy of encoder ``name`` when none is given (``frozen`` for unknown names)."""
     _ = name in _REGISTRY  # imports the encoder modules once, so their registrations are known
     return _DEFAULT_FINETUNE.get(name, "frozen")
+
+
+def encoder_modality(name: str) -> str | None:
+    """The modality encoder ``name`` encodes, read from its factory's return type without building it (None for
+    an unknown name or a factory that does not say)."""
+    if name not in _REGISTRY:
+        return None
+    factory = _REGISTRY.get(name)
+    cls = factory if inspect.isclass(factory) else _options.return_type(factory)
+    modality = getattr(cls, "modality", None)
+    return modality if modality in MODALITIES else None
 
 
 def check_options(kind: str, name: str, factory: Any, options: dict[str, Any], reserved: tuple[str, ...] = ()) -> None:

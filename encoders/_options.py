@@ -76,6 +76,14 @@ def _hints(factory: Any) -> dict[str, Any]:
         return {}
 
 
+def return_type(factory: Any) -> Any:
+    """The class a factory function is annotated to return (None when it does not say)."""
+    try:
+        return typing.get_type_hints(factory).get("return")
+    except Exception:
+        return None
+
+
 def _describe(hint: Any) -> str:
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:

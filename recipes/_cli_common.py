@@ -14,7 +14,8 @@ from typing import Any
 
 from fusion_errors import CheckpointError, ConfigError
 
-__all__ = ["LIGHTNING_COMMANDS", "ZOO_COMMANDS", "STEP_BUDGET", "check_flag_names", "latest_checkpoint"]
+__all__ = ["LIGHTNING_COMMANDS", "ZOO_COMMANDS", "STEP_BUDGET", "check_encoder_columns", "check_flag_names",
+           "latest_checkpoint"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 STEP_BUDGET = 3000  # fit's default --step_budget (docs/recipes.md "Schedule and stopping")
@@ -113,6 +114,26 @@ def check_flag_names(argv: Sequence[str], groups: dict[str, Any]) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean --{group}.{close[0]}?" if close else f"see fusion-zoo fit --help for the {group} flags."
         raise ConfigError(f"unknown option --{group}.{name}; {hint}")
+
+
+def check_encoder_columns(encoders: Any, columns: Any) -> None:
+    """``--model.encoders`` against the columns they will read: an encoder of another modality than its column's
+    (``{"image": "tiny-text"}`` reads image paths as text) is one ConfigError naming the encoder, its modality and
+    the column, before anything is built or read."""
+    from encoders import encoder_modality
+
+    if not isinstance(encoders, dict):
+        return
+    mapped = columns if isinstance(columns, dict) else {}
+    for m, spec in sorted(encoders.items(), key=lambda kv: str(kv[0])):
+        name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+        kind = encoder_modality(name) if isinstance(name, str) else None
+        if kind is None or kind == m:
+            continue
+        column = f"column {mapped[m]!r}" if m in mapped else f"{m!r} column"
+        raise ConfigError(f"--model.encoders gives the {m} {column} the encoder {name!r}, which encodes {kind}, not "
+                          f"{m}; give it an {m} encoder (encoders.list_encoders()), or map a {kind} column "
+                          f"with --data.columns '{{\"{kind}\": \"<column>\"}}'.")
 
 
 def _resume_args(argv: list[str]) -> list[str]:

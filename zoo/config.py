@@ -20,6 +20,7 @@ from encoders import (
     check_encoder_options,
     check_options,
     default_finetune,
+    encoder_modality,
 )
 from fusion_errors import ConfigError
 
@@ -228,6 +229,10 @@ class FusionModelConfig:
             if m not in MODALITIES:
                 raise ConfigError(f"encoders key {m!r} is not a modality; use one of {MODALITIES}.")
             encs[m] = EncoderSpec.parse(spec, f"encoders.{m}")
+            kind = encoder_modality(encs[m].name)  # from the registry, before anything is built
+            if kind is not None and kind != m:
+                raise ConfigError(f"encoders.{m} is {encs[m].name!r}, which encodes {kind}, not {m}; give each "
+                                  "modality an encoder of its own kind (encoders.list_encoders()).")
         if not encs:
             raise ConfigError("encoders is empty: give at least one, e.g. {'text': 'minilm-l6'}.")
         object.__setattr__(self, "encoders", {m: encs[m] for m in sorted(encs)})

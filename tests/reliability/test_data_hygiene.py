@@ -148,3 +148,34 @@ def test_stale_temp_files_of_killed_saves_are_cleaned_on_start(tmp_path: Path) -
     assert [p.exists() for p in stale] == [False, False, False]
     assert all(p.exists() for p in keep)
     assert clean_stale_temps(tmp_path / "no-such-folder") == 0
+
+
+def test_a_modality_column_with_no_usable_value_is_an_error_or_a_warning_with_skip(tmp_path: Path) -> None:
+    """Issue 30 (5): a table whose text cells are all empty trained silently on missing-modality embeddings."""
+    rows = [("", "ab"[i % 2]) for i in range(10)]
+    model = FusionModel(FusionModelConfig(encoders={"text": "tiny-text"}, labels=("a", "b"), hidden_dim=8))
+    dm = FusionDataModule(data_files=_csv(tmp_path / "d.csv", rows), cache_features=False, val_fraction=0.2,
+                          test_fraction=0.2).attach(model)
+    with pytest.raises(DataError, match=r"column 'text' \(the text column\) is empty in every row of split .*"
+                                        r"--data.on_bad_rows skip trains without it"):
+        dm.setup("fit")
+    dm = FusionDataModule(data_files=_csv(tmp_path / "d.csv", rows), cache_features=False, val_fraction=0.2,
+                          test_fraction=0.2, on_bad_rows="skip").attach(model)
+    with pytest.warns(UserWarning, match=r"column 'text' \(the text column\) is empty in every row.*training with "
+                                         "text missing in every row"):
+        dm.setup("fit")
+
+
+def test_an_encoder_of_the_wrong_modality_is_refused_at_fit_naming_encoder_modality_and_column(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 30 (6): ``{"image": "tiny-text"}`` read image paths as text, and the saved model failed to load."""
+    from recipes import cli
+
+    table = _csv(tmp_path / "d.csv", [(f"t{i}", "ab"[i % 2]) for i in range(10)])
+    code = cli.main(["fit", "--data.data_files", table, "--data.columns", '{"image": "img_path"}',
+                     "--model.encoders", '{"image": "tiny-text"}', "--trainer.default_root_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "gives the image column 'img_path' the encoder 'tiny-text', which encodes text, not image" in err
+    with pytest.raises(ConfigError, match="encoders.image is 'tiny-text', which encodes text, not image"):
+        FusionModelConfig(encoders={"image": "tiny-text"}, labels=("a", "b"))  # refused before anything is built
