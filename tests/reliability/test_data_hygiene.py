@@ -9,6 +9,7 @@ import os
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
@@ -179,3 +180,38 @@ def test_an_encoder_of_the_wrong_modality_is_refused_at_fit_naming_encoder_modal
     assert "gives the image column 'img_path' the encoder 'tiny-text', which encodes text, not image" in err
     with pytest.raises(ConfigError, match="encoders.image is 'tiny-text', which encodes text, not image"):
         FusionModelConfig(encoders={"image": "tiny-text"}, labels=("a", "b"))  # refused before anything is built
+
+
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_a_full_disk_while_writing_the_feature_cache_is_one_line_and_leaves_the_cache_consistent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """Issue 30 (7): disk full while writing the feature cache ended in ``SafetensorError: No space left on
+    device``; now one line names the folder and the space needed, and no partial entry stays behind."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from recipes import feature_store
+
+    encoder = encoders.create_encoder("tiny-text")
+    rows = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(600)]})
+    cache = FeatureCache(tmp_path / "cache", memory=False)
+    real, calls = feature_store._save, []
+
+    def full(path: Path, array: Any) -> None:
+        calls.append(path)
+        if len(calls) > 2:  # the first shard's files fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device") if failure == "oserror" else \
+                SafetensorError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+        real(path, array)
+
+    monkeypatch.setattr(feature_store, "_save", full)
+    monkeypatch.setattr(feature_store, "SHARD_BYTES", 4 * encoder.embed_dim * 300)  # two shards of 300 rows
+    with pytest.raises(DataError, match=rf"no space left on the device of the feature cache {tmp_path / 'cache'} "
+                                        r"while writing train/text: the entry needs about [\d,]+ MiB") as e:
+        cache.get_or_compute(encoder, rows, "text", store_tokens=False)
+    assert "\n" not in str(e.value)
+    assert list((tmp_path / "cache").iterdir()) in ([], [tmp_path / "cache" / "row-checks.json"])  # no partial entry
+    monkeypatch.setattr(feature_store, "_save", real)
+    out, stats = cache.get_or_compute(encoder, rows, "text", store_tokens=False)  # space again: written whole
+    assert stats.source == "computed" and out.batch_size == 600

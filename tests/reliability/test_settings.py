@@ -56,6 +56,17 @@ CLI_CASES = {
     "unknown_encoder_option": (["--model.encoders", '{"image": {"name": "tiny-image", "options": {"size": 3}}}'],
                                r"unknown encoder option\(s\) \['size'\] for 'tiny-image'; accepted: \["),
     "missing_ckpt": (["--ckpt_path", "nowhere/checkpoints/last.ckpt"], "does not exist; resume a run with --resume"),
+    # issue 30 (8): these three were tracebacks; the same values in a checkpoint give the same message
+    "head_option_wrong_type": (["--model.fusion_head", "gating", "--model.head_options", '{"floor": "high"}'],
+                               "fusion head 'gating': option floor='high' must be float, not str"),
+    "negative_checkpoint_interval": (["--checkpoint.every_n_train_steps", "-1"],
+                                     "--checkpoint.every_n_train_steps -1 must be >= 0"),
+    "negative_encoder_width": (["--model.encoders", '{"image": "rel-fake-image", "text": {"name": "tiny-text", '
+                                                    '"options": {"hidden_size": -1}}}'],
+                               r"encoder 'tiny-text': option hidden_size=-1 must be in 1\.\.16384"),
+    "encoder_layers_100000": (["--model.encoders", '{"image": "rel-fake-image", "text": {"name": "tiny-text", '
+                                                   '"options": {"num_layers": 100000}}}'],
+                              r"encoder 'tiny-text': option num_layers=100000 must be in 0\.\.64"),
 }
 
 
