@@ -202,7 +202,7 @@ def test_a_full_disk_while_writing_the_feature_cache_is_one_line_and_leaves_the_
         calls.append(path)
         if len(calls) > 2:  # the first shard's files fit, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device") if failure == "oserror" else \
-                SafetensorError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+                SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
         real(path, array)
 
     monkeypatch.setattr(feature_store, "_save", full)
