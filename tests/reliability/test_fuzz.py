@@ -160,3 +160,58 @@ def test_the_checker_catches_a_canary_read_and_a_foreign_exception() -> None:
         _check(lambda: (CANARY / "secret.json").open().close())
     with pytest.raises(TypeError):
         _check(lambda: FusionModelConfig(encoders={"text": "tiny-text"}, labels=("a", "b"), hidden_dim=None > 1))
+
+
+# Issue 30 (1, 3, 4): sizes and label lists. Every numeric option a registered component takes, and the config's
+# own sizes, get huge, negative, fractional, non-finite or non-numeric values; label lists get long, duplicated and
+# mistyped. Loading must end in a project error (or load), without a hang or a big allocation.
+SIZE_PATHS = [("model", "hidden_dim"), ("model", "trunk_layers"),
+              *[("model", "encoders", "text", "options", k)
+                for k in ("hidden_size", "num_layers", "num_heads", "max_length", "max_windows")],
+              ("model", "encoders", "image", "options", "image_size")]
+HEAD_OPTIONS = {"concat": ["hidden_dim", "dropout"], "gating": ["hidden_dim", "floor", "per_unit", "dropout"],
+                "moe": ["num_experts", "top_k", "expert_dim", "capacity_factor"], "low_rank": ["rank"],
+                "tensor": ["proj_dim", "hidden_dim"], "bottleneck": ["num_bottlenecks", "layers", "d_model"],
+                "cross_attention": ["layers", "num_heads", "d_model"]}
+SIZES = (st.integers(-(2**63), 2**63) | st.sampled_from([0, 1, -1, 2, 64, 65, 1024, 1025, 16384, 16385, 10**5, 10**9])
+         | st.floats(allow_nan=True, allow_infinity=True) | st.booleans() | st.none() | st.text(max_size=5)
+         | st.lists(st.integers(-3, 10**6), max_size=3)
+         | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+LABEL_ITEMS = (st.text(max_size=8) | st.integers() | st.none() | st.booleans() | st.floats(allow_nan=True)
+               | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)
+               | st.just("x" * 5000))
+LABELS = (st.lists(LABEL_ITEMS, max_size=6)
+          | st.sampled_from([0, 1, 2, 3, 1000, 300_000, 1_000_001]).map(lambda n: [f"c{i}" for i in range(n)])
+          | st.integers(1, 5).map(lambda n: ["a", "b"] * n) | st.text(max_size=4) | st.integers() | st.none())
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_sizes_and_label_lists_in_config_json_fail_cleanly(base: Path, data: st.DataObject) -> None:
+    import signal
+
+    doc = json.loads((base / "config.json").read_text())
+    head = data.draw(st.sampled_from(sorted(HEAD_OPTIONS)), label="head")
+    doc["model"]["fusion_head"], doc["model"]["head_options"] = head, {}
+    if head in ("cross_attention", "bottleneck"):
+        doc["model"]["fuse_tokens"] = True
+    paths = SIZE_PATHS + [("model", "head_options", k) for k in HEAD_OPTIONS[head]]
+    for _ in range(data.draw(st.integers(0, 3), label="sizes")):
+        _set(doc, data.draw(st.sampled_from(paths), label="path"), data.draw(SIZES, label="value"))
+    if data.draw(st.booleans(), label="labels"):
+        doc["model"]["labels"] = data.draw(LABELS, label="label list")
+    folder = Path(tempfile.mkdtemp(dir=base.parent))
+
+    def hang(*_: Any) -> None:
+        raise AssertionError("loading hung (over 60 s) on a fuzzed config")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)  # a hang guard, not a speed goal: a bounded config loads or fails in about a second
+    try:
+        shutil.copy(base / "model.safetensors", folder)
+        (folder / "config.json").write_text(json.dumps(doc, default=str))
+        _check(lambda: FusionModel.from_pretrained(folder, max_parameters=MAX_PARAMETERS))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        shutil.rmtree(folder, ignore_errors=True)
