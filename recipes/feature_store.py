@@ -12,8 +12,11 @@ An entry is a folder ``<key>.features/`` (docs/data.md):
 
 Pooled vectors are stored once: a pooled-only entry's tokens are views ``pooled[:, None]``. Token rows are padded
 per batch (:meth:`StoredFeatures.select`), to the longest row of that batch, never over the whole split.
-Everything is plain ``.npy`` (no pickle), opened with ``mmap_mode='c'``: pages are read only when a batch touches
-them, and a stray in-place write stays private to the process instead of changing the file.
+Everything is plain ``.npy`` (no pickle). A batch's rows are read with ``pread`` into a new buffer (consecutive
+rows in one call), through the OS page cache but never mapped into the process: touching random rows of a memory
+map maps whole folios around each (the kernel's fault-around and large page-cache folios), so a shuffled epoch
+left the whole entry resident, and was ~10x slower per batch. The files are also opened with ``mmap_mode='c'`` for
+whole-split views (``pooled`` of a one-shard entry), where a stray in-place write stays private to the process.
 """
 
 from __future__ import annotations
@@ -37,9 +40,6 @@ __all__ = ["StoredFeatures", "StoreWriter", "CorruptEntry", "open_entry", "STORE
 STORE_FORMAT = 3
 SHARD_BYTES = 64 << 20  # about this many feature bytes per shard: what encoding holds in memory at once
 MAX_SHARD_ROWS = 1 << 16
-# pages a process has touched through the maps stay in its resident set until released: drop them from this
-# process (they stay in the OS page cache, a later touch maps them again) after this many bytes were read
-RELEASE_BYTES = 64 << 20
 META = "meta.json"
 
 
@@ -142,6 +142,65 @@ def _load(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return array
 
 
+class _RowReader:
+    """Rows of one ``.npy`` file [r, ...] read by ``pread`` into fresh arrays (the file is never mapped for this).
+
+    The descriptor opens on first use and again in a forked process (a DataLoader worker).
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array  # the map (whole-split views), or an in-memory array for an empty file
+        self.path = getattr(array, "filename", None)
+        self.offset = int(getattr(array, "offset", 0))
+        self.row_shape, self.dtype = tuple(array.shape[1:]), array.dtype
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * array.dtype.itemsize
+        self._fd: int | None = None
+        self._pid = 0
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` [B] (in that order, repeats allowed) as a new array [B, ...]."""
+        out = np.empty((rows.size, *self.row_shape), self.dtype)
+        if rows.size == 0 or self.path is None or not self.row_bytes:
+            return self.array[rows] if rows.size else out
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), os.getpid()
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]  # [B] sorted: consecutive rows are read by one call
+        cuts = np.flatnonzero(np.diff(ordered) != 1) + 1
+        starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [ordered.size]])
+        buf = np.empty_like(out)
+        view = buf.data.cast("B")  # buf is C-contiguous: its bytes in order
+        rb = self.row_bytes
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            want = (b - a) * rb
+            got = _pread_into(self._fd, view[a * rb:b * rb], self.offset + int(ordered[a]) * rb)
+            if got != want:
+                raise CorruptEntry(f"{Path(self.path).name}: read {got} of {want} bytes (the file is shorter than "
+                                   "its header says); delete the entry folder to encode it again")
+        out[order] = buf
+        return out
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; returns the bytes read (fewer only at the end of the file)."""
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # no preadv (macOS before 11, Windows): a copy through bytes
+            data = os.pread(fd, len(view) - done, offset + done)
+            n = len(data)
+            view[done:done + n] = data
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 def open_entry(folder: Path, rows: int) -> StoredFeatures:
     """Open the entry in ``folder`` by memory map; raise :class:`CorruptEntry` if its files disagree with its
     ``meta.json`` or with ``rows`` (N). Cheap: only headers, ``rows.npy`` and the [S] per-row counts are read."""
@@ -194,7 +253,8 @@ class StoredFeatures(ModalityOutput):
         self.shard_rows, self._dim = int(meta["shard_rows"]), int(meta["dim"])
         self.has_tokens = bool(meta["tokens"]) if with_tokens is None else with_tokens
         self.slots = slots  # [N] int64, -1 = missing
-        self._pooled = [_tensor(a) for a in parts["pooled"]]  # [r, D] each, memory-mapped
+        self._pooled = [_tensor(a) for a in parts["pooled"]]  # [r, D] each, memory-mapped (whole-split views)
+        self._readers = {k: [_RowReader(a) for a in parts[k]] for k in ("pooled", "tokens", "mask")}
         present = torch.from_numpy(np.concatenate(parts["present"])) if parts["present"] else \
             torch.zeros(0, dtype=torch.bool)  # [S]
         self._present = (slots >= 0) & present[slots.clamp_min(0)] if present.numel() else slots >= 0  # [N]
@@ -210,7 +270,6 @@ class StoredFeatures(ModalityOutput):
         self._identity = len(self._pooled) == 1 and self._pooled[0].shape[0] == n and \
             torch.equal(slots, torch.arange(n))
         self._full: tuple[Tensor, Tensor] | None = None
-        self._read = 0
 
     # the ModalityOutput fields, over all N rows ----------------------------------------------------------------
     @property  # type: ignore[override]
@@ -218,7 +277,7 @@ class StoredFeatures(ModalityOutput):
         """[N, D]: a view of the map when rows and stored slots coincide (one shard, no duplicates or gaps)."""
         if self._identity:
             return self._pooled[0]
-        return self._rows(self._pooled, self.slots.clamp_min(0), self.slots < 0)
+        return self._rows(self.slots.clamp_min(0), self.slots < 0)
 
     @pooled.setter
     def pooled(self, value: Tensor) -> None:
@@ -282,7 +341,7 @@ class StoredFeatures(ModalityOutput):
         slot = self.slots.index_select(0, idx)  # [B]
         missing = slot < 0  # [B]
         safe = slot.clamp_min(0)
-        pooled = self._rows(self._pooled, safe, missing)  # [B, D]
+        pooled = self._rows(safe, missing)  # [B, D]
         present = self._present.index_select(0, idx)  # [B]
         if not (tokens and self.has_tokens):
             return ModalityOutput(pooled[:, None], present[:, None], pooled)
@@ -297,8 +356,8 @@ class StoredFeatures(ModalityOutput):
             src = torch.repeat_interleave(safe, lengths)  # [total] distinct slot of each token
             flat = self._offsets.index_select(0, src) + pos  # [total] position in its shard's token file
             shard = src // self.shard_rows
-            out_tokens[row, pos] = self._gather(self._tokens, shard, flat)
-            out_mask[row, pos] = self._gather(self._masks, shard, flat)
+            out_tokens[row, pos] = self._gather("tokens", shard, flat)
+            out_mask[row, pos] = self._gather("mask", shard, flat)
         return ModalityOutput(out_tokens, out_mask, pooled)
 
     def index(self, idx: Tensor | slice) -> ModalityOutput:
@@ -307,30 +366,31 @@ class StoredFeatures(ModalityOutput):
             idx = torch.arange(self.batch_size)[idx]
         return self.select(idx)
 
-    def _rows(self, parts: list[Tensor], safe: Tensor, missing: Tensor) -> Tensor:
+    def _rows(self, safe: Tensor, missing: Tensor) -> Tensor:
         """Pooled rows of slots ``safe`` [B]; zeros where ``missing`` [B]."""
-        if not parts:
+        if not self._readers["pooled"]:
             return torch.zeros(safe.numel(), self._dim)
-        out = self._gather(parts, safe // self.shard_rows, safe % self.shard_rows)  # [B, D]
+        out = self._gather("pooled", safe // self.shard_rows, safe % self.shard_rows)  # [B, D]
         return out.masked_fill_(missing[:, None], 0.0) if bool(missing.any()) else out
 
-    def _gather(self, parts: list[Tensor], shard: Tensor, local: Tensor) -> Tensor:
-        """``parts[shard[i]][local[i]]`` for every i, one ``index_select`` per shard touched."""
-        if len(parts) == 1:
-            out = parts[0].index_select(0, local)
-        else:
-            out = torch.empty((local.numel(), *parts[0].shape[1:]), dtype=parts[0].dtype)
-            for k in torch.unique(shard).tolist():
-                sel = (shard == k).nonzero().squeeze(1)
-                out[sel] = parts[k].index_select(0, local.index_select(0, sel))
-        self._read += out.numel() * out.element_size() * 2  # pages hold neighbours too: a rough upper bound
-        if self._read > RELEASE_BYTES:
-            self.release()
-        return out
+    def _gather(self, part: str, shard: Tensor, local: Tensor) -> Tensor:
+        """Row ``local[i]`` of shard ``shard[i]``'s ``part`` file for every i, read by ``pread`` (one call per run
+        of consecutive rows), so a batch costs no mapped pages."""
+        readers = self._readers[part]
+        rows = local.numpy()
+        if len(readers) == 1:
+            return torch.from_numpy(readers[0].read(rows))
+        first = readers[0]
+        out = np.empty((rows.size, *first.row_shape), first.dtype)
+        shards = shard.numpy()
+        for k in np.unique(shards).tolist():
+            sel = np.flatnonzero(shards == k)
+            out[sel] = readers[k].read(rows[sel])
+        return torch.from_numpy(out)
 
     def release(self) -> None:
-        """Drop the pages this process mapped from its resident set (the files stay in the OS page cache)."""
-        self._read = 0
+        """Drop the pages this process mapped through whole-split views from its resident set (the files stay in
+        the OS page cache; batches never map pages)."""
         for array in self._maps():
             handle = getattr(array, "_mmap", None)
             if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import datasets
@@ -135,6 +136,42 @@ def test_released_pages_read_the_same_values(tmp_path) -> None:
     stored.release()
     after = stored.select(torch.arange(23))
     assert torch.equal(before.tokens, after.tokens) and torch.equal(before.pooled, after.pooled)
+
+
+def _mapped_kb(folder) -> int:
+    """Resident kB of this process's mappings of files in ``folder`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: address range ... path
+            inside = len(head) >= 6 and head[5].startswith(str(folder))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_batches_are_read_without_mapping_pages(tmp_path, small_shards) -> None:
+    """A shuffled epoch over a multi-shard entry reads rows by pread: the maps stay unresident (touching random
+    rows of a map once kept the whole entry in the resident set)."""
+    full = _tokens(n=600)
+    stored = _write(tmp_path / "e", full, batch=50)
+    stored.release()
+    labels = torch.zeros(600, dtype=torch.long)
+    batches = FeatureBatches({"text": stored}, labels, batch_size=64, shuffle=True, seed=1)
+    seen = torch.cat([b["inputs"]["text"].pooled for b in batches])  # [600, D]
+    order = torch.as_tensor(batches.sampler.order(0))
+    assert torch.equal(seen, full.pooled[order])
+    assert _mapped_kb(tmp_path / "e") == 0
+
+
+def test_a_truncated_shard_is_named_when_read(tmp_path) -> None:
+    stored = _write(tmp_path / "e", _tokens())
+    shard = tmp_path / "e" / "shard-00000.pooled.npy"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 8)
+    with pytest.raises(CorruptEntry, match="shard-00000.pooled.npy: read"):
+        stored.select(torch.tensor([22]))
 
 
 # FeatureCache over the store ------------------------------------------------------------------------------------
