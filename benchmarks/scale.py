@@ -116,9 +116,11 @@ def scale_rss(tokens: bool = False, sizes: tuple[int, ...] | None = None, timeou
             table = root / f"table-{n}.csv"
             table = table if table.is_file() else write_table(root, n)
             cache = root / f"cache-{n}-{'tokens' if tokens else 'pooled'}"
-            shutil.rmtree(cache, ignore_errors=True)  # cold: encoding included
+            run = root / f"run-{n}-{'tokens' if tokens else 'pooled'}"
+            for old in (cache, run):  # cold: encoding included, and a new run folder
+                shutil.rmtree(old, ignore_errors=True)
             try:
-                seconds, peak, _ = _fit(table, cache, root / f"run-{n}", tokens, timeout)
+                seconds, peak, _ = _fit(table, cache, run, tokens, timeout)
             finally:
                 shutil.rmtree(cache, ignore_errors=True)  # GBs at 400k rows; the tables are what is worth keeping
             per[n] = {"seconds": round(seconds, 1), "peak_mb": peak}
