@@ -153,9 +153,8 @@ class CachedFeatureThreads(pl.Callback):
     """Run the head-only training on cached features with one intra-op thread.
 
     With frozen encoders the data module serves cached features and a step is a handful of small matrix
-    products; there, OpenMP thread hand-offs cost more than they save (measured on 2 cores: 6.5 ms/step with
-    one thread, 300 ms with two while another process is busy). Encoding keeps every thread. A user's own
-    ``OMP_NUM_THREADS`` always wins.
+    products; there, OpenMP thread hand-offs cost more than they save (docs/benchmarks.md). Encoding keeps every
+    thread. A user's own ``OMP_NUM_THREADS`` always wins.
     """
 
     def __init__(self) -> None:

@@ -27,6 +27,7 @@ from ._cli_common import (
     _check_ckpt,
     _resume_args,
     _run_stamp,
+    check_encoder_columns,
     check_flag_names,
 )
 from ._quiet import configure_output, split_verbose
@@ -81,6 +82,7 @@ class FusionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         _check_trainer(cfg.trainer, str(self.subcommand))
+        check_encoder_columns(cfg.model.get("encoders"), (cfg.get("data") or {}).get("columns"))
         checkpoint = cfg.get("checkpoint") or {}
         for key in ("every_n_train_steps", "every_n_epochs", "last_every_n_epochs"):
             n = checkpoint.get(key)
