@@ -16,8 +16,10 @@ docs/data.md.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -37,17 +39,12 @@ from safetensors.torch import load_file
 
 from encoders import Encoder, ModalityOutput
 from fusion_errors import DataError, InputError
-from zoo.optimize import (
-    INFERENCE_TAG_FOLDED,
-    INFERENCE_TAG_GRAPH,
-    INFERENCE_TAG_PLAIN,
-    count_batchnorms,
-    graph_available,
-    inference_copy,
-    run_in_chunks,
-)
+from zoo.fold import count_batchnorms
+from zoo.graph import graph_available
+from zoo.optimize import INFERENCE_TAG_FOLDED, INFERENCE_TAG_GRAPH, INFERENCE_TAG_PLAIN, inference_copy
 
-from .feature_store import CorruptEntry, StoredFeatures, StoreWriter, open_entry
+from .chunks import run_in_chunks
+from .feature_store import CorruptEntry, StoredFeatures, StoreWriter, fixed_shard_rows, merge_parts, open_entry
 
 __all__ = ["clean_stale_temps", "FeatureCache", "CacheStats", "default_cache_dir", "raw_view", "CACHE_ENV"]
 
@@ -154,6 +151,26 @@ def _identity(item: Any) -> Any:
     return ("object", id(item))  # unknown kinds: never merged
 
 
+def _distinct(column_only: datasets.Dataset, column: str) -> tuple[list[int], list[int]]:
+    """(slot of each row, -1 = missing; the first row of each distinct cell): identical cells share one slot."""
+    slot: list[int] = []
+    first: dict[Any, int] = {}
+    distinct_rows: list[int] = []
+    row = 0
+    for chunk in column_only.iter(batch_size=1024):
+        for v in chunk[column]:
+            if v is None:
+                slot.append(-1)
+            else:
+                k = _identity(v)
+                if k not in first:
+                    first[k] = len(distinct_rows)
+                    distinct_rows.append(row)
+                slot.append(first[k])
+            row += 1
+    return slot, distinct_rows
+
+
 def _describe(item: Any) -> str:
     if isinstance(item, (str, Path)):
         return repr(str(item))
@@ -162,12 +179,44 @@ def _describe(item: Any) -> str:
     return type(item).__name__
 
 
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full (OSError ENOSPC, or safetensors' text for it)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def _disk_full_message(root: Path, writer: StoreWriter, distinct: int, what: str) -> str:
+    """One line: the cache folder, the space the entry needs (extrapolated from what was written) and what is free."""
+    try:
+        written = sum(f.stat().st_size for f in writer.folder.iterdir())
+        free = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free"
+    except OSError:
+        written, free = 0, "free space unknown"
+    done = sum(int(s["rows"]) for s in writer.shards)
+    per_row = written / done if done else 4 * writer.dim  # at least the pooled vector of each row
+    return (f"no space left on the device of the feature cache {root} while writing {what}: the entry needs about "
+            f"{per_row * distinct / 2**20:,.0f} MiB ({free}); the partial entry was removed. Free some space, point "
+            "--data.cache_dir (or $FUSION_ZOO_CACHE) at a larger disk, or pass --data.cache_features false.")
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group when it holds several processes, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(value: Any, world: int) -> list[Any]:
+    """``value`` of every process of the group, in rank order."""
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 def read_ahead(device: torch.device) -> bool:
     """Whether the feature cache reads the next batch in a thread while it encodes one: when the encoder runs on an
     accelerator (the CPU is free) or a CPU core is left over by torch's threads. On a CPU that torch's threads fill,
-    a reader thread slows the encoder more than it saves (2 cores, 2 threads, folded EfficientNet-Lite0: 49.6 -> 45.4
-    images/s on tridigits, 52.3 -> 46.6 on easy-VQA; beside 1 thread: 30.4 -> 34.9 on tridigits, 32.8 -> 32.9 on
-    easy-VQA, docs/data.md)."""
+    a reader thread slows the encoder more than it saves (measurements in docs/benchmarks.md)."""
     if device.type != "cpu":
         return True
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -228,8 +277,8 @@ class FeatureCache:
         self.root = Path(root).expanduser() if root else default_cache_dir()
         self.memory = memory
         self.fold = fold  # encode frozen image encoders BatchNorm-folded and channels-last (zoo.optimize)
-        # opt-in: run the folded copy as a TorchScript graph (zoo.optimize.GraphEncode); ~1.4x faster on CPU, but
-        # its features differ from the plain encoder's by up to 1.4e-4 on easy-VQA images, above the 1e-4 of folding
+        # opt-in: run the folded copy as a TorchScript graph (zoo.graph.GraphEncode); faster on some CPUs, but its
+        # features can differ from the plain encoder's by more than the 1e-4 of folding (docs/benchmarks.md)
         self.graph = graph
         clean_stale_temps(self.root)  # left by saves that were killed
 
@@ -283,6 +332,7 @@ class FeatureCache:
         extra: str = "",
         device: torch.device | str | None = None,
         row_ids: Sequence[int] | None = None,
+        shared: bool = False,
     ) -> tuple[ModalityOutput, CacheStats]:
         """Features of ``encoder`` over every row of ``dataset[column]``, from the cache or computed and stored.
 
@@ -297,6 +347,9 @@ class FeatureCache:
             extra: more text for the key (e.g. a digest of the files the column points to).
             device: where to run the encoder on a miss (default: where its parameters are).
             row_ids: the row numbers error messages name (default 0..N-1).
+            shared: every process of torch.distributed's group makes this same call (a Lightning ``setup``): they
+                agree whether the entry is there, and on a miss each encodes its own block of the distinct inputs
+                into one entry (the cache folder must be one folder all of them see).
 
         Returns:
             (a :class:`~recipes.feature_store.StoredFeatures` over the N rows, memory-mapped: ``select(idx)`` cuts
@@ -317,9 +370,14 @@ class FeatureCache:
                 out = full.pooled_only() if full is not None else None
             if out is None:
                 out = self._convert_legacy(parts, key)
+            rank, world = process_group() if shared else (0, 1)
+            if world > 1 and not all(_gathered(out is not None, world)):
+                out = None  # some process does not see it: all encode together
             if out is None:
-                out, source = self._compute(encoder, dataset, column, split, store_tokens, batch_size, transform,
-                                            device, row_ids, key, parts), "computed"
+                args = (encoder, dataset, column, split, store_tokens, batch_size, transform, device, row_ids, key,
+                        parts)
+                out = self._compute_shared(*args, rank=rank, world=world) if world > 1 else self._compute(*args)
+                source = "computed"
             self._remember(key, out)
         size = int(out.meta.get("bytes", 0)) if isinstance(out, StoredFeatures) else _nbytes(out)
         return out, CacheStats(key, source, out.batch_size, size, time.perf_counter() - start)  # type: ignore
@@ -351,24 +409,31 @@ class FeatureCache:
         return out
 
     def _commit(self, writer: StoreWriter, key: str) -> StoredFeatures:
+        """Rename a finished temp folder into place and open it (:meth:`_commit_folder`)."""
+        return self._commit_folder(writer.folder, key, int(writer.rows))
+
+    def _commit_folder(self, folder: Path, key: str, rows: int) -> StoredFeatures:
         """Rename a finished temp folder into place and open it. An entry already there (unreadable, or written
         meanwhile by another process) is moved aside first; readers that mapped it keep their open files."""
-        final, rows = self.path(key), int(writer.rows)
+        final = self.path(key)
         try:
-            os.rename(writer.folder, final)
+            os.rename(folder, final)
         except OSError:
             trash = self.root / f".{final.name}.{os.getpid()}.{time.time_ns()}.tmp"
             try:
                 os.rename(final, trash)
-                os.rename(writer.folder, final)
+                os.rename(folder, final)
             except OSError:  # yet another writer put its whole entry there in between: use that one
                 if not final.is_dir():
                     raise
             shutil.rmtree(trash, ignore_errors=True)
         return open_entry(final, rows)
 
+    def _temp(self, key: str) -> Path:
+        return self.root / f".{key}{ENTRY_SUFFIX}.{os.getpid()}.{time.time_ns()}.tmp"
+
     def _writer(self, key: str, dim: int, tokens: bool) -> StoreWriter:
-        return StoreWriter(self.root / f".{key}{ENTRY_SUFFIX}.{os.getpid()}.{time.time_ns()}.tmp", dim, tokens)
+        return StoreWriter(self._temp(key), dim, tokens)
 
     def _convert_legacy(self, parts: dict[str, Any], key: str) -> StoredFeatures | None:
         """A format-2 single-file entry of the same features, converted into an entry folder once (None if none)."""
@@ -403,22 +468,7 @@ class FeatureCache:
         if n == 0:
             raise DataError("nothing to encode: the split has no rows.")
         column_only = dataset.select_columns([column])
-        slot: list[int] = []  # row -> index of its distinct cell, -1 = missing
-        first: dict[Any, int] = {}
-        distinct_rows: list[int] = []
-        row = 0
-        for chunk in column_only.iter(batch_size=1024):
-            for v in chunk[column]:
-                if v is None:
-                    slot.append(-1)
-                else:
-                    k = _identity(v)
-                    if k not in first:
-                        first[k] = len(distinct_rows)
-                        distinct_rows.append(row)
-                    slot.append(first[k])
-                row += 1
-        first.clear()
+        slot, distinct_rows = _distinct(column_only, column)
         ids = list(row_ids) if row_ids is not None else list(range(n))
         writer = self._writer(key, int(encoder.embed_dim), store_tokens)
         try:
@@ -431,8 +481,69 @@ class FeatureCache:
                                "them); they are stored but not served, so a later run encodes them again.")
             writer.finish(torch.tensor(slot, dtype=torch.long), parts)  # [N]
             return self._commit(writer, key)
-        finally:
+        except (OSError, SafetensorError) as e:
+            if not _no_space(e):
+                raise
+            raise DataError(_disk_full_message(self.root, writer, len(distinct_rows), f"{split}/{column}")) from e
+        finally:  # a failed write leaves no entry behind: the cache holds whole entries only
             shutil.rmtree(writer.folder, ignore_errors=True)
+
+    def _compute_shared(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str,
+                        store_tokens: bool, batch_size: int, transform: Callable[[Any], Any] | None,
+                        device: torch.device | str | None, row_ids: Sequence[int] | None, key: str,
+                        parts: dict[str, Any], *, rank: int, world: int) -> StoredFeatures:
+        """:meth:`_compute` split over the processes of a group: process ``rank`` encodes the ``rank``-th block of
+        the distinct cells (whole shards) into its own subfolder of one temp folder; process 0 moves the blocks
+        into one entry and renames it into place; then every process opens it by memory map."""
+        n = len(dataset)
+        if n == 0:
+            raise DataError("nothing to encode: the split has no rows.")
+        column_only = dataset.select_columns([column])
+        slot, distinct_rows = _distinct(column_only, column)  # the same in every process: the same rows
+        dim, s = int(encoder.embed_dim), len(distinct_rows)
+        # blocks of whole shards, as even as possible: R divides each process's share into equal shards
+        share = max(1, math.ceil(s / world))
+        r = math.ceil(share / math.ceil(share / fixed_shard_rows(dim, store_tokens)))
+        block = math.ceil(share / r) * r
+        lo, hi = min(s, rank * block), min(s, (rank + 1) * block)
+        name = [self._temp(key).name]
+        torch.distributed.broadcast_object_list(name, src=0)  # one temp folder, named by process 0
+        folder = self.root / name[0]
+        caught: Exception | None = None
+        try:
+            writer = StoreWriter(folder / f"part-{rank:03d}", dim, store_tokens, shard_rows=r, first_shard=lo // r)
+            if hi > lo:
+                ids = list(row_ids) if row_ids is not None else list(range(n))
+                mine = distinct_rows[lo:hi]
+                self._encode(encoder, column_only.select(mine), column, split, store_tokens, batch_size, transform,
+                             device, [ids[i] for i in mine], n, writer)
+            writer.close_shards()
+        except Exception as e:  # every process must reach the gather below, or the others wait forever
+            caught = e
+        blocks = _gathered(([], True, f"{type(caught).__name__}: {caught}") if caught else
+                           (writer.shards, writer.finite, ""), world)
+        failed = [f"process {i}: {b[2]}" for i, b in enumerate(blocks) if b[2]]
+        if not failed and rank == 0:
+            try:
+                merge_parts(folder, [(folder / f"part-{i:03d}", b[0], b[1]) for i, b in enumerate(blocks)],
+                            torch.tensor(slot, dtype=torch.long), dim, store_tokens, r, parts)
+                self._commit_folder(folder, key, n)
+            except (OSError, ValueError) as e:
+                failed = [f"process 0 while joining the blocks: {type(e).__name__}: {e}"]
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        failed = _gathered(failed, world)[0] or failed
+        if failed:
+            if rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            if caught is not None:
+                raise caught
+            raise DataError(f"feature cache: encoding {split}/{column} across {world} processes failed ("
+                            f"{'; '.join(failed)}); fix that, or run once with one process to fill the cache.")
+        if not all(b[1] for b in blocks):
+            rank_zero_warn(f"feature cache: {split}/{column} features hold NaN/inf values (the encoder produced "
+                           "them); they are stored but not served, so a later run encodes them again.")
+        return open_entry(self.path(key), n)
 
     def _encode(self, encoder: Encoder, dataset: datasets.Dataset, column: str, split: str, store_tokens: bool,
                 batch_size: int, transform: Callable[[Any], Any] | None, device: torch.device | str | None,
@@ -446,7 +557,7 @@ class FeatureCache:
         encoder.to(device).eval()
         # a folded copy when the key says so (same features within 1e-4, ~3x faster on CPU); if folding fails its
         # own check the plain encoder runs, which gives those same features
-        # (its graph, zoo.optimize.GraphEncode, is built on the first batch: a miss runs many batches of one shape)
+        # (its graph, zoo.graph.GraphEncode, is built on the first batch: a miss runs many batches of one shape)
         runner = inference_copy(encoder, self.fold, graph=self.graph, graph_after=1)[0] \
             if self._inference_tag(encoder) != INFERENCE_TAG_PLAIN else encoder
         step = max(1, (n // batch_size + 1) // 10) * batch_size
@@ -465,7 +576,7 @@ class FeatureCache:
         try:
             for size, batch in _prepared(prepare, read_ahead(device)):
                 with torch.inference_mode():
-                    # CPU image batches run in cache-sized chunks, folded or not (zoo.optimize.CHUNK_PIXELS)
+                    # CPU image batches run in cache-sized chunks, folded or not (recipes.chunks.CHUNK_PIXELS)
                     out = run_in_chunks(runner, {k: v.to(device) for k, v in batch.items()}, device)
                     writer.add(out)
                 done += size

@@ -35,7 +35,8 @@ from torch import Tensor
 from encoders import ModalityOutput
 from fusion_common.atomic import atomic_write
 
-__all__ = ["StoredFeatures", "StoreWriter", "CorruptEntry", "open_entry", "STORE_FORMAT", "SHARD_BYTES"]
+__all__ = ["StoredFeatures", "StoreWriter", "CorruptEntry", "open_entry", "merge_parts", "fixed_shard_rows",
+           "STORE_FORMAT", "SHARD_BYTES"]
 
 STORE_FORMAT = 3
 SHARD_BYTES = 64 << 20  # about this many feature bytes per shard: what encoding holds in memory at once
@@ -55,6 +56,12 @@ def _save(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def fixed_shard_rows(dim: int, tokens: bool) -> int:
+    """R known before any batch (processes that write parts of one entry must agree on it): pooled rows fill
+    :data:`SHARD_BYTES`; a row with tokens is counted as 16 tokens."""
+    return int(min(MAX_SHARD_ROWS, max(256, SHARD_BYTES // (4 * dim * (17 if tokens else 1)))))
+
+
 class StoreWriter:
     """Writes one entry's distinct rows into ``folder`` shard by shard, as batches arrive from the encoder.
 
@@ -65,12 +72,15 @@ class StoreWriter:
         folder: a new folder (the cache's temp folder).
         dim: D, the feature width.
         tokens: store per-token features (False: pooled vectors only).
+        shard_rows: R, rows per shard (default: from the first batch's size per row).
+        first_shard: number of this writer's first shard (a process writing one block of a shared entry).
     """
 
-    def __init__(self, folder: Path, dim: int, tokens: bool) -> None:
+    def __init__(self, folder: Path, dim: int, tokens: bool, shard_rows: int = 0, first_shard: int = 0) -> None:
         self.folder, self.dim, self.tokens = Path(folder), int(dim), bool(tokens)
         self.folder.mkdir(parents=True, exist_ok=False)
-        self.shard_rows = 0  # R, fixed from the first batch's size per row
+        self.shard_rows = int(shard_rows)  # R, else fixed from the first batch's size per row
+        self.first_shard = int(first_shard)
         self.shards: list[dict[str, int]] = []
         self.finite = True
         self.rows = 0  # N, set by finish
@@ -108,26 +118,53 @@ class StoreWriter:
             t = int(cut["lengths"].sum())
             cut["tokens"], cut["mask"] = joined["tokens"][:t], joined["mask"][:t]
             rest["tokens"], rest["mask"] = joined["tokens"][t:], joined["mask"][t:]
-        k = len(self.shards)
+        k = self.first_shard + len(self.shards)
         for name, array in cut.items():
             _save(self.folder / f"shard-{k:05d}.{name}.npy", array)
         self.shards.append({"rows": int(rows), "tokens": int(cut["lengths"].sum()) if self.tokens else 0})
         self._pending_rows -= rows
         self._pending = [rest] if self._pending_rows else []
 
-    def finish(self, slots: Tensor, key_parts: dict[str, Any]) -> None:
-        """Write the last shard, ``rows.npy`` (slots [N] int64, -1 = missing) and ``meta.json``."""
+    def close_shards(self) -> None:
+        """Write the rows still pending as the last (possibly short) shard."""
         if self._pending_rows:
             self._flush(self._pending_rows)
-        distinct = sum(s["rows"] for s in self.shards)
+
+    def finish(self, slots: Tensor, key_parts: dict[str, Any]) -> None:
+        """Write the last shard, ``rows.npy`` (slots [N] int64, -1 = missing) and ``meta.json``."""
+        self.close_shards()
         self.rows = int(slots.numel())
-        _save(self.folder / "rows.npy", slots.to(torch.int64).numpy())
-        size = sum(p.stat().st_size for p in self.folder.iterdir())
-        meta = {"format": STORE_FORMAT, "rows": int(slots.numel()), "distinct": distinct, "dim": self.dim,
-                "tokens": self.tokens, "shard_rows": self.shard_rows or MAX_SHARD_ROWS, "shards": self.shards,
-                "finite": self.finite, "bytes": size, "key_parts": key_parts}
-        with atomic_write(self.folder / META) as tmp:
-            tmp.write_text(json.dumps(meta, sort_keys=True, default=str))
+        _write_index(self.folder, slots, self.dim, self.tokens, self.shard_rows or MAX_SHARD_ROWS, self.shards,
+                     self.finite, key_parts)
+
+
+def _write_index(folder: Path, slots: Tensor, dim: int, tokens: bool, shard_rows: int, shards: list[dict[str, int]],
+                 finite: bool, key_parts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """``rows.npy`` and ``meta.json`` of an entry whose shard files are all in ``folder``."""
+    _save(folder / "rows.npy", slots.to(torch.int64).numpy())
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    meta = {"format": STORE_FORMAT, "rows": int(slots.numel()), "distinct": sum(s["rows"] for s in shards),
+            "dim": dim, "tokens": tokens, "shard_rows": shard_rows, "shards": shards, "finite": finite,
+            "bytes": size, "key_parts": key_parts, **(extra or {})}
+    with atomic_write(folder / META) as tmp:
+        tmp.write_text(json.dumps(meta, sort_keys=True, default=str))
+
+
+def merge_parts(folder: Path, parts: list[tuple[Path, list[dict[str, int]], bool]], slots: Tensor, dim: int,
+                tokens: bool, shard_rows: int, key_parts: dict[str, Any]) -> None:
+    """Make ``folder`` one entry from blocks written by several processes: ``parts`` are (subfolder, its shards,
+    finite) in shard order, each subfolder's files already numbered by their place in the whole entry; only the
+    entry's last shard may be short. ``meta.json`` records how many distinct rows each block encoded."""
+    shards = [x for _, block, _ in parts for x in block]
+    if any(int(x["rows"]) != shard_rows for x in shards[:-1]):
+        raise ValueError(f"only the last shard may be short: {[x['rows'] for x in shards]} in shards of {shard_rows}")
+    for sub, _, _ in parts:
+        for f in sorted(sub.iterdir()):
+            os.replace(f, folder / f.name)
+        sub.rmdir()
+    encoded = [sum(int(x["rows"]) for x in block) for _, block, _ in parts]
+    _write_index(folder, slots, dim, tokens, shard_rows, shards, all(f for _, _, f in parts), key_parts,
+                 {"encoded_by_process": encoded})
 
 
 def _load(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
