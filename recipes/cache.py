@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from encoders import Encoder, ModalityOutput
+from fusion_common.atomic import swap_folder
 from fusion_errors import DataError, InputError
 from zoo.fold import count_batchnorms
 from zoo.graph import graph_available
@@ -417,16 +418,10 @@ class FeatureCache:
         meanwhile by another process) is moved aside first; readers that mapped it keep their open files."""
         final = self.path(key)
         try:
-            os.rename(folder, final)
-        except OSError:
-            trash = self.root / f".{final.name}.{os.getpid()}.{time.time_ns()}.tmp"
-            try:
-                os.rename(final, trash)
-                os.rename(folder, final)
-            except OSError:  # yet another writer put its whole entry there in between: use that one
-                if not final.is_dir():
-                    raise
-            shutil.rmtree(trash, ignore_errors=True)
+            swap_folder(folder, final)
+        except OSError:  # yet another writer put its whole entry there in between: use that one
+            if not final.is_dir():
+                raise
         return open_entry(final, rows)
 
     def _temp(self, key: str) -> Path:
