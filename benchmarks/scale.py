@@ -12,8 +12,10 @@ again, warm (every file checked before), per 100k rows.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import FIT_PEAK_CODE  # noqa: E402
 
-__all__ = ["write_table", "scale_rss", "warm_rowcheck", "SIZES"]
+__all__ = ["write_table", "scale_rss", "warm_rowcheck", "ddp_encode_share", "SIZES"]
 
 # rows; the slope of peak RSS over them (least squares) is reported per 100k rows. The issue's span is 50k-400k;
 # 400k rows encode for ~25 min on 2 shared cores, so the default stops at 200k (--only scale_pooled with
@@ -156,3 +158,39 @@ def warm_rowcheck(n: int = 100_000, keep: Path | None = None) -> dict[str, Any]:
         warm = time.perf_counter() - start
     return {"scale_warm_rowcheck_seconds_per_100k": warm / rows * 100_000,
             "cold_rowcheck_seconds_per_100k": cold / rows * 100_000, "rows": rows}
+
+
+def ddp_encode_share(n: int = 4_000, timeout: float = 1200.0, keep: Path | None = None) -> dict[str, Any]:
+    """The largest fraction of a split's distinct inputs that one process encodes when two processes (two "nodes"
+    of one process, gloo on 127.0.0.1, started by hand as on two machines) fit on an empty shared cache."""
+    with tempfile.TemporaryDirectory(prefix="fz-ddp-") as tmp:
+        root = _tables_root(tmp, keep)
+        table = root / f"table-{n}.csv"
+        table = table if table.is_file() else write_table(root, n)
+        cache, run = root / "cache-ddp", root / "run-ddp"
+        for old in (cache, run):
+            shutil.rmtree(old, ignore_errors=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+        args = [sys.executable, "-m", "recipes.cli", "fit", "--data.data_files", str(table), "--data.cache_dir",
+                str(cache), ENCODERS, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(run),
+                "--model.hidden_dim", "64", "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2",
+                "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false"]
+        start = time.perf_counter()
+        procs = [subprocess.Popen(args, cwd=str(root), env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        seconds = time.perf_counter() - start
+        for p, (_, err) in zip(procs, outs, strict=True):
+            if p.returncode != 0:
+                raise RuntimeError(f"two-process fit failed:\n{err[-2000:]}")
+        entries = [json.loads((e / "meta.json").read_text()) for e in sorted(cache.glob("*.features"))]
+        shutil.rmtree(cache, ignore_errors=True)
+    shares = {f"{m['key_parts']['column']}/{m['distinct']}": max(m["encoded_by_process"]) / max(1, m["distinct"])
+              for m in entries}
+    return {"ddp_encode_share": max(shares.values()), "per_entry": shares, "seconds": round(seconds, 1),
+            "setup": f"{n} rows, tiny-text + pixels, 2 processes (2 nodes x 1, gloo on 127.0.0.1), empty cache"}
