@@ -524,7 +524,8 @@ class FeatureCache:
                             torch.tensor(slot, dtype=torch.long), dim, store_tokens, r, parts)
                 self._commit_folder(folder, key, n)
             except (OSError, ValueError) as e:
-                failed = [f"process 0 while joining the blocks: {type(e).__name__}: {e}"]
+                failed = [f"process 0 while joining the blocks: {type(e).__name__}: {e}; is the cache folder "
+                          f"{self.root} one folder that every process sees?"]
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         failed = _gathered(failed, world)[0] or failed
