@@ -31,6 +31,7 @@ from zoo.modular import (
     replace_module,
     save_module,
     unit_jaccard,
+    weight_jaccard,
 )
 
 from .sweep.train import SplitFeatures
@@ -46,6 +47,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("model", help="a fused model folder or zoo name (multiclass, frozen encoders)")
         p.add_argument("--coverage", type=float, default=0.9,
                        help="share of each layer's attribution a module keeps (1.0: every unit used; default 0.9)")
+        p.add_argument("--weight-coverage", type=float, default=0.8,
+                       help="share of each weight matrix's attribution a module keeps; the rest is pruned to zero "
+                            "(1.0: no weight pruning; default 0.8, docs/modularity.md)")
         p.add_argument("--split", choices=SPLITS, default="train", help="rows whose activations choose the units")
     elif command == "compose":
         p.add_argument("modules", nargs="+", help="module folders written by fusion-zoo decompose")
@@ -127,18 +131,21 @@ def _decompose(args: argparse.Namespace, data: dict[str, Any] | None) -> int:
     splits = {k: relabel(v, model.config.labels) for k, v in split_features(model, data).items()}
     if args.split not in splits:
         raise DataError(f"the data has no {args.split} split; use --split train.")
-    modules = decompose(model, splits[args.split].feats, args.coverage, source=str(args.model))
+    modules = decompose(model, splits[args.split].feats, args.coverage, source=str(args.model),
+                        weight_coverage=args.weight_coverage)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for mod in modules:
         save_module(mod, out / _safe(mod.label))
     composed = compose(modules, with_encoders=False)
     test = splits["test"]
-    report = {"model": str(args.model), "coverage": args.coverage, "split": args.split,
+    report = {"model": str(args.model), "coverage": args.coverage, "weight_coverage": args.weight_coverage,
+              "split": args.split,
               "modules": {m.label: {"folder": _safe(m.label), "weight_share": m.stats.get("weight_share"),
                                     "units": m.stats["units"]} for m in modules},
               "mean_weight_share": mean(float(m.stats.get("weight_share", 0.0)) for m in modules),
               "mean_jaccard": mean(unit_jaccard(modules)) if len(modules) > 1 else 0.0,
+              "mean_weight_jaccard": mean(weight_jaccard(modules)) if len(modules) > 1 else 0.0,
               "test_accuracy_original": accuracy(model, test), "test_accuracy_composed": accuracy(composed, test)}
     _write_json(out / "decomposition.json", report)
     print(f"{len(modules)} modules in {out}: mean weight share {report['mean_weight_share']:.3f}, mean Jaccard "
@@ -154,14 +161,15 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
 
 
-def _calibrated(model: FusionModel, data: dict[str, Any] | None) -> str:
-    """Calibrate ``model`` on the data's validation split (train when there is none); returns a note."""
+def _calibrated(model: FusionModel, data: dict[str, Any] | None, classes: Sequence[int] | None = None) -> str:
+    """Calibrate ``model`` (its ``classes``' columns; None: all) on the data's validation split (train when there is
+    none); returns a note."""
     if data is None:
         return "uncalibrated (raw module logits; pass --data.* to calibrate on a validation split)"
     splits = split_features(model, data)
     split = "val" if "val" in splits else "train"
     fit = calibrate(model, relabel(splits[split], model.config.labels).feats,
-                    relabel(splits[split], model.config.labels).labels)
+                    relabel(splits[split], model.config.labels).labels, classes=classes)
     test = relabel(splits["test"], model.config.labels)
     return (f"calibrated on {split} (accuracy {fit['val_accuracy_before']:.4f} -> {fit['val_accuracy_after']:.4f}); "
             f"test accuracy {accuracy(model, test):.4f}")
@@ -188,7 +196,7 @@ def _replace(args: argparse.Namespace, data: dict[str, Any] | None) -> int:
             raise ModuleError(f"{args.source} has no class {args.label!r}; its labels are {list(other.config.labels)}.")
         new = found[0]
     repaired = replace_module(model, args.label, new, source=str(args.model))
-    note = _calibrated(repaired, data)
+    note = _calibrated(repaired, data, classes=[list(repaired.config.labels).index(args.label)])
     repaired.save_pretrained(args.output, notes=f"{args.model} with class {args.label!r} from {args.source} "
                                                 f"({note}); docs/modularity.md.")
     print(f"replaced {args.label!r} with the module from {args.source}: {args.output} ({note})")

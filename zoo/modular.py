@@ -36,8 +36,8 @@ from .config import FusionModelConfig
 from .model import FusionModel
 
 __all__ = ["ModuleError", "ClassModule", "modularity_losses", "unit_importance", "class_masks", "extract_module",
-           "decompose", "weight_share", "unit_jaccard", "compose", "calibrate", "replace_module", "save_module",
-           "load_module", "encoder_records", "MODULE_FORMAT"]
+           "decompose", "weight_share", "unit_jaccard", "weight_importance", "weight_masks", "weight_jaccard",
+           "compose", "calibrate", "replace_module", "save_module", "load_module", "encoder_records", "MODULE_FORMAT"]
 
 MODULE_FORMAT = "fusion-zoo-module"
 _EPS = 1e-8
@@ -59,30 +59,41 @@ def modularity_losses(units: Mapping[str, Tensor], labels: Tensor) -> dict[str, 
         ``affinity``: mean over same-class pairs of 1 - cosine(|a_i|, |a_j|); ``dispersion``: mean over
         different-class pairs of cosine(|a_i|, |a_j|); ``compactness``: mean over samples of
         ||a||_1 / (sqrt(W) ||a||_2), a scale-free density in [1/sqrt(W), 1] (an L1 penalty could be met by
-        shrinking a layer and growing the next). Rows that are all zero (a missing modality) are left out.
+        shrinking a layer and growing the next). Rows that are all zero (a missing modality) are left out, and so
+        are layers with fewer than two such rows.
+
+    Layers of one width are stacked and their pairwise cosines taken in one batched matmul, with pair masks as
+    weights instead of boolean indexing: no Python loop over pairs and no host sync, so the objectives cost a
+    small fraction of a head-only training step.
     """
     y = labels.long().reshape(-1)  # [B]
-    same = y[:, None] == y[None, :]  # [B, B]
-    parts: dict[str, list[Tensor]] = {"affinity": [], "dispersion": [], "compactness": []}
+    same = (y[:, None] == y[None, :]).float()  # [B, B]
+    off_diag = 1.0 - torch.eye(len(y), device=y.device)  # [B, B]
+    by_width: dict[int, list[Tensor]] = {}
     for layer in sorted(units):
-        if units[layer].dim() != 2:  # token activations: the objectives read each sample's pooled units
-            continue
-        a = units[layer].float().abs()  # [B, W]
-        norm = a.norm(dim=-1)  # [B]
-        valid = norm > _EPS
-        if int(valid.sum()) < 2:
-            continue
-        n = a / norm.clamp_min(_EPS)[:, None]  # [B, W]
-        sim = n @ n.T  # [B, B], in [0, 1]
-        pair = valid[:, None] & valid[None, :] & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-        if bool((pair & same).any()):
-            parts["affinity"].append((1 - sim)[pair & same].mean())
-        if bool((pair & ~same).any()):
-            parts["dispersion"].append(sim[pair & ~same].mean())
-        density = a.sum(-1)[valid] / (norm[valid] * a.shape[-1] ** 0.5)  # [b]
-        parts["compactness"].append(density.mean())
+        if units[layer].dim() == 2:  # token activations: the objectives read each sample's pooled units
+            by_width.setdefault(units[layer].shape[-1], []).append(units[layer])
+    terms: dict[str, list[Tensor]] = {"affinity": [], "dispersion": [], "compactness": []}
+    counts: dict[str, list[Tensor]] = {"affinity": [], "dispersion": [], "compactness": []}
+    for width, group in by_width.items():
+        a = torch.stack(group).float().abs()  # [L, B, W]
+        norm = a.norm(dim=-1)  # [L, B]
+        valid = (norm > _EPS).float()  # [L, B]
+        used = (valid.sum(-1) >= 2).float()  # [L] layers with a pair of valid rows
+        n = a / norm.clamp_min(_EPS)[..., None]  # [L, B, W]
+        sim = n @ n.transpose(1, 2)  # [L, B, B], in [0, 1]
+        pair = valid[:, :, None] * valid[:, None, :] * off_diag  # [L, B, B]
+        for key, weight, value in (("affinity", pair * same, 1 - sim), ("dispersion", pair * (1 - same), sim)):
+            count = weight.sum((1, 2))  # [L]
+            has = used * (count > 0).float()  # [L]
+            terms[key].append(((value * weight).sum((1, 2)) / count.clamp_min(1)) * has)
+            counts[key].append(has)
+        density = a.sum(-1) / (norm.clamp_min(_EPS) * width**0.5) * valid  # [L, B]
+        terms["compactness"].append(density.sum(-1) / valid.sum(-1).clamp_min(1) * used)
+        counts["compactness"].append(used)
     zero = next(iter(units.values())).new_zeros((), dtype=torch.float32)
-    return {k: torch.stack(v).mean() if v else zero for k, v in parts.items()}
+    return {k: torch.cat(v).sum() / torch.cat(counts[k]).sum().clamp_min(1) if v else zero
+            for k, v in terms.items()}
 
 
 # decomposition -----------------------------------------------------------------------------------------------
@@ -144,6 +155,51 @@ def class_masks(importance: Mapping[str, Tensor], label: int, coverage: float) -
     return masks
 
 
+def _weight_params(model: FusionModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """The head side's weight matrices (2-D parameters): what weight pruning acts on (biases and norms stay)."""
+    return [(n, p) for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("encoders.")]
+
+
+def weight_importance(model: FusionModel, feats: Mapping[str, ModalityOutput], batch_size: int = 16
+                      ) -> dict[str, Tensor]:
+    """Per class, the first-order attribution ``|w * dz_c/dw|`` of each head-side weight entry, summed over
+    batches of ``batch_size`` rows of ``feats`` (small batches: signed gradients of different rows cancel less):
+    parameter name -> [C, *shape]. Memory: C x the head side's weight entries, float32."""
+    model.eval()
+    c = model.config.num_outputs
+    params = _weight_params(model)
+    sums = {n: torch.zeros(c, *p.shape) for n, p in params}
+    for _, batch in _batches(feats, _rows(feats), batch_size):
+        with torch.enable_grad():
+            logits = model.fuse(batch).logits  # [b, C]
+            for k in range(c):
+                grads = torch.autograd.grad(logits[:, k].sum(), [p for _, p in params], retain_graph=k < c - 1,
+                                            allow_unused=True)
+                for (name, p), g in zip(params, grads, strict=True):
+                    if g is not None:
+                        sums[name][k] += (p.detach() * g).abs().float().cpu()
+    return sums
+
+
+def weight_masks(importance: Mapping[str, Tensor], label: int, coverage: float) -> dict[str, Tensor]:
+    """Per weight matrix, the fewest entries whose importance for class ``label`` sums to ``coverage`` of the
+    matrix's total: parameter name -> mask of its shape (1 = keep). ``coverage`` 1.0 keeps every entry."""
+    if not 0.0 < coverage <= 1.0:
+        raise ConfigError(f"weight_coverage={coverage} must be in (0, 1] (1.0: no weight pruning).")
+    masks = {}
+    for name, imp in importance.items():
+        row = imp[label].flatten()  # [N]
+        keep = torch.ones_like(row)
+        total = float(row.sum())
+        if coverage < 1.0 and total > 0:
+            order = row.argsort(descending=True)
+            count = int((row[order].cumsum(0) / total < coverage).sum()) + 1
+            keep.zero_()
+            keep[order[:count]] = 1.0
+        masks[name] = keep.view_as(imp[label])
+    return masks
+
+
 @dataclass
 class ClassModule:
     """One class's module: the source model's head side with the class's unit masks, scoring ``label``.
@@ -201,9 +257,9 @@ def head_parameter_count(model: FusionModel) -> int:
 
 
 def weight_share(model: FusionModel, feats: Mapping[str, ModalityOutput], label: int, rows: int = 256) -> float:
-    """Share of the head-side weights that class ``label``'s score uses under ``model``'s unit masks: entries
-    with a non-zero gradient of z_label on up to ``rows`` rows of ``feats`` (masked units cut their weights off).
-    """
+    """Share of the head-side weights that class ``label``'s score uses under ``model``'s unit masks: non-zero
+    entries with a non-zero gradient of z_label on up to ``rows`` rows of ``feats`` (masked units cut their
+    weights off; pruned weights are zero)."""
     model.eval()
     params = [(n, p) for n, p in model.named_parameters() if not n.startswith("encoders.")]
     used = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params}
@@ -212,19 +268,28 @@ def weight_share(model: FusionModel, feats: Mapping[str, ModalityOutput], label:
         with torch.enable_grad():
             z = model.fuse(batch).logits[:, label]  # [b]
             grads = torch.autograd.grad(z.sum(), [p for _, p in params], allow_unused=True)
-        for (n, _), g in zip(params, grads, strict=True):
+        for (n, p), g in zip(params, grads, strict=True):
             if g is not None:
-                used[n] |= g != 0
+                used[n] |= (g != 0) & (p.detach() != 0)
     total = sum(p.numel() for _, p in params)
     return float(sum(int(u.sum()) for u in used.values()) / max(total, 1))
 
 
 def extract_module(model: FusionModel, label: int, masks: Mapping[str, Tensor], source: str = "",
-                   feats: Mapping[str, ModalityOutput] | None = None) -> ClassModule:
-    """The module of class ``label``: a head-only copy of ``model`` with ``masks``; ``feats`` (optional) measure
-    its weight share."""
-    records = encoder_records(model)
+                   feats: Mapping[str, ModalityOutput] | None = None,
+                   weights: Mapping[str, Tensor] | None = None,
+                   records: dict[str, dict[str, Any]] | None = None) -> ClassModule:
+    """The module of class ``label``: a head-only copy of ``model`` with unit ``masks`` and, if given, its weight
+    matrices multiplied by ``weights`` (``weight_masks``: pruned entries are zero); ``feats`` (optional) measure
+    its weight share. ``records``: ``encoder_records(model)`` when already known (a head-only model rebuilds its
+    encoders to hash them)."""
+    records = records if records is not None else encoder_records(model)
     part = _head_only(model).set_unit_masks(masks)
+    if weights:
+        with torch.no_grad():
+            for name, p in _weight_params(part):
+                if name in weights:
+                    p.mul_(weights[name].to(p.dtype))
     stats: dict[str, Any] = {"units": {k: int(v.sum()) for k, v in masks.items()},
                              "unit_widths": part.unit_widths()}
     if feats is not None:
@@ -233,18 +298,36 @@ def extract_module(model: FusionModel, label: int, masks: Mapping[str, Tensor], 
 
 
 def decompose(model: FusionModel, feats: Mapping[str, ModalityOutput], coverage: float = 0.9,
-              source: str = "", batch_size: int = 512) -> list[ClassModule]:
-    """One module per class of ``model`` (multiclass), masks from ``unit_importance`` on ``feats``."""
+              source: str = "", batch_size: int = 512, weight_coverage: float = 1.0) -> list[ClassModule]:
+    """One module per class of ``model`` (multiclass): unit masks from ``unit_importance`` on ``feats`` at
+    ``coverage``, and below ``weight_coverage`` 1.0 each weight matrix pruned to the entries holding that share
+    of the class's ``weight_importance`` (units alone leave every weight between two kept units in the module)."""
     if model.config.task != "multiclass" or model.config.modules:
         raise ModuleError("decompose takes an ordinary multiclass model (not regression, multilabel or composed).")
+    if not 0.0 < weight_coverage <= 1.0:
+        raise ConfigError(f"weight_coverage={weight_coverage} must be in (0, 1] (1.0: no weight pruning).")
+    records = encoder_records(model)  # once: a head-only model rebuilds each encoder to hash it
     importance = unit_importance(model, feats, batch_size)
-    return [extract_module(model, k, class_masks(importance, k, coverage), source, feats)
+    w_imp = weight_importance(model, feats) if weight_coverage < 1.0 else None
+    return [extract_module(model, k, class_masks(importance, k, coverage), source, feats,
+                           weight_masks(w_imp, k, weight_coverage) if w_imp is not None else None, records)
             for k in range(model.config.num_outputs)]
 
 
 def unit_jaccard(modules: Sequence[ClassModule]) -> list[float]:
     """Pairwise Jaccard overlap of the modules' kept units (all layers together), one value per pair."""
     flat = [torch.cat([m.masks[k] for k in sorted(m.masks)]) > 0 for m in modules]
+    out = []
+    for a, b in combinations(flat, 2):
+        union = int((a | b).sum())
+        out.append(float((a & b).sum()) / union if union else 0.0)
+    return out
+
+
+def weight_jaccard(modules: Sequence[ClassModule]) -> list[float]:
+    """Pairwise Jaccard overlap of the modules' non-zero head-side weight entries (a pruned weight is zero; a
+    masked unit's weights count as kept here, ``weight_share`` leaves them out), one value per pair."""
+    flat = [torch.cat([p.detach().flatten() != 0 for _, p in _weight_params(m.model)]) for m in modules]
     out = []
     for a, b in combinations(flat, 2):
         union = int((a | b).sum())
@@ -307,32 +390,44 @@ def _scores(model: FusionModel, feats: Mapping[str, ModalityOutput], batch_size:
         model.module_bias.copy_(bias)
 
 
-def calibrate(model: FusionModel, feats: Mapping[str, ModalityOutput], labels: Tensor, steps: int = 200
-              ) -> dict[str, float]:
+def calibrate(model: FusionModel, feats: Mapping[str, ModalityOutput], labels: Tensor, steps: int = 200,
+              classes: Sequence[int] | None = None) -> dict[str, float]:
     """Fit the composed model's per-class scale and bias on validation data (cross-entropy of the composed
     logits, L-BFGS; scales kept positive). Makes scores of modules from different models comparable.
+
+    Args:
+        classes: the output columns to fit (None: all). A repaired model fits only the swapped-in class: the
+            other columns are the original model's own logits, and refitting them on a small validation set
+            would move classes the repair should leave alone.
 
     Returns the validation accuracy before and after."""
     if not model.config.modules:
         raise ModuleError("calibrate takes a composed model (zoo.modular.compose).")
     z = _scores(model, feats)  # [N, C]
     y = labels.long()
+    free = torch.zeros(z.shape[1], dtype=torch.bool)  # [C]
+    free[list(range(z.shape[1])) if classes is None else list(classes)] = True
     log_scale = torch.zeros(z.shape[1], requires_grad=True)
     bias = torch.zeros(z.shape[1], requires_grad=True)
     opt = torch.optim.LBFGS([log_scale, bias], max_iter=steps, line_search_fn="strong_wolfe")
 
+    def fitted() -> tuple[Tensor, Tensor]:
+        return torch.where(free, log_scale, 0.0).exp(), torch.where(free, bias, 0.0)  # [C], [C]
+
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(z * log_scale.exp() + bias, y) + 1e-3 * (log_scale.pow(2).sum() + bias.pow(2).sum())
+        scale, shift = fitted()
+        loss = F.cross_entropy(z * scale + shift, y) + 1e-3 * (scale.log().pow(2).sum() + shift.pow(2).sum())
         loss.backward()
         return loss
 
     before = float((z.argmax(-1) == y).float().mean())
     opt.step(closure)
     with torch.no_grad():
-        model.module_scale.copy_(log_scale.exp())
-        model.module_bias.copy_(bias)
-        after = float(((z * log_scale.exp() + bias).argmax(-1) == y).float().mean())
+        scale, shift = fitted()
+        model.module_scale.copy_(scale)
+        model.module_bias.copy_(shift)
+        after = float(((z * scale + shift).argmax(-1) == y).float().mean())
     return {"val_accuracy_before": before, "val_accuracy_after": after}
 
 

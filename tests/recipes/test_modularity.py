@@ -73,7 +73,7 @@ def test_decompose_compose_replace_commands(tmp_path: Path, capsys) -> None:
     cfg = FusionModelConfig(encoders=pixels, labels=tuple(str(i) for i in range(10)), hidden_dim=16)
     FusionModel(cfg).save_pretrained(tmp_path / "model")
     assert cli.main(["decompose", str(tmp_path / "model"), "--output", str(tmp_path / "mods"), "--coverage", "1.0",
-                     *data]) == 0
+                     "--weight-coverage", "1.0", *data]) == 0
     report = json.loads((tmp_path / "mods" / "decomposition.json").read_text())
     assert report["test_accuracy_composed"] == report["test_accuracy_original"]
     assert 0 < report["mean_weight_share"] <= 1 and 0 <= report["mean_jaccard"] <= 1

@@ -26,6 +26,8 @@ from zoo.modular import (
     replace_module,
     save_module,
     unit_jaccard,
+    weight_jaccard,
+    weight_masks,
 )
 
 from .conftest import FAKE, LABELS
@@ -152,6 +154,37 @@ def test_replace_swaps_one_class_and_keeps_the_others() -> None:
         replace_module(weak, "z", new)
     with pytest.raises(ModuleError, match="scores 'b', not 'a'"):
         replace_module(weak, "a", new)
+
+
+def test_weight_masks_keep_the_fewest_entries_covering_the_share() -> None:
+    imp = {"w": torch.tensor([[[4.0, 3.0], [2.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])}  # [C=2, 2, 2]
+    assert weight_masks(imp, 0, 0.6)["w"].tolist() == [[1.0, 1.0], [0.0, 0.0]]  # 4 + 3 = 0.7 of 10
+    assert weight_masks(imp, 0, 0.3)["w"].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert weight_masks(imp, 0, 1.0)["w"].tolist() == [[1.0, 1.0], [1.0, 1.0]]  # 1.0: no pruning
+    with pytest.raises(ConfigError, match="weight_coverage=0"):
+        weight_masks(imp, 0, 0.0)
+
+
+def test_weight_pruning_zeroes_weights_and_shrinks_modules() -> None:
+    model = head_only()
+    f = feats(48)
+    units_only, pruned = decompose(model, f, 1.0), decompose(model, f, 1.0, weight_coverage=0.5)
+    for a, b in zip(units_only, pruned, strict=True):
+        assert b.stats["weight_share"] < a.stats["weight_share"]
+        zero = sum(int((p == 0).sum()) for n, p in b.model.named_parameters() if p.dim() == 2)
+        assert zero > 0 and b.model.classifier.bias.equal(model.classifier.bias)  # biases are not pruned
+    assert all(x == 1.0 for x in weight_jaccard(units_only))  # unpruned: every module keeps every weight
+    assert all(0 <= x < 1 for x in weight_jaccard(pruned))
+
+
+def test_calibrating_one_class_leaves_the_other_columns_alone() -> None:
+    weak, strong = head_only(seed=0), head_only(seed=1)
+    f = feats(64)
+    repaired = replace_module(weak, "b", decompose(strong, f, 1.0)[1])
+    calibrate(repaired, f, logits(strong, f).argmax(-1), classes=[1])
+    assert repaired.module_scale[[0, 2]].tolist() == [1.0, 1.0] and repaired.module_bias[[0, 2]].tolist() == [0, 0]
+    assert float(repaired.module_scale[1]) != 1.0 or float(repaired.module_bias[1]) != 0.0
+    torch.testing.assert_close(logits(repaired, f)[:, [0, 2]], logits(weak, f)[:, [0, 2]], rtol=0, atol=TOLERANCE)
 
 
 def test_calibration_fits_scale_and_bias_on_validation_data() -> None:
