@@ -1,10 +1,11 @@
 """Regenerate every shipped zoo model: ``python -m recipes.build_pretrained [--only NAME ...] [--epochs N]``.
 
 Each entry of :data:`GRID` is trained with the recipes (``fusion-zoo fit --data.dataset <name>`` with the frozen
-offline encoders: tridigits, the bundled demo, and easy-VQA, real data from the ``easy-vqa`` pip package), its
-run's saved model folder is copied to ``zoo/pretrained/<name>/``, and the copy is reloaded and evaluated from raw
-test inputs to check that it reproduces the accuracy its card reports (:func:`verify`, also ``fusion-zoo zoo
-verify NAME``). Runs top to bottom unattended; a failed entry is reported and the others still run.
+offline encoders; tridigits is the bundled demo, easy-VQA real data from the ``easy-vqa`` pip package, the held-out
+speakers proxy made here with espeak-ng and scikit-learn's digits), its run's saved model folder is copied to
+``zoo/pretrained/<name>/``, and the copy is reloaded and evaluated from raw test inputs to check that it reproduces
+the accuracy its card reports (:func:`verify`, also ``fusion-zoo zoo verify NAME``). Runs top to bottom
+unattended; a failed entry is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -30,20 +31,33 @@ from .verify import (
     dataset_accuracy,
     verify,
     with_data_section,
+    with_transfer_section,
 )
 
 __all__ = ["GRID", "INTENDED_USE", "model_name", "build_one", "raw_split", "raw_accuracy", "dataset_accuracy",
            "data_section", "with_data_section", "card_table", "verify", "main"]
 
 DATASET = "tridigits"
-# tridigits: every stage, and every one of the five named heads; easy-VQA: the default recipe on real data
+# tridigits: every stage, and every one of the five named heads. Real data: easy-VQA with the default recipe and
+# with the 3-seed sweep's best cell (concat, late: benchmarks/results.json sweep_easyvqa), and the held-out-speakers
+# proxy (audio + image) with the default recipe.
 GRID: list[tuple[str, str, str]] = [
     (DATASET, "late", "concat"), (DATASET, "late", "average"), (DATASET, "late", "cross_attention"),
     (DATASET, "late", "gating"), (DATASET, "late", "moe"), (DATASET, "early", "concat"),
     (DATASET, "early", "cross_attention"), (DATASET, "hybrid", "concat"), (DATASET, "hybrid", "gating"),
-    ("easyvqa", "early", "concat"),
+    ("easyvqa", "early", "concat"), ("easyvqa", "late", "concat"), ("heldout-speakers", "early", "concat"),
 ]
 RUNS_DIR = Path("runs") / "zoo-build"
+#: the repository's measurements (a source checkout builds the zoo): the transfer table comes from here
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.json"
+
+
+def measured_transfer(dataset: str, results: Path = RESULTS) -> dict[str, Any]:
+    """``transfer_<dataset>`` of ``benchmarks/results.json`` (``benchmarks/transfer.py --merge``), or {}."""
+    try:
+        return dict(json.loads(results.read_text()).get(f"transfer_{dataset}") or {})
+    except (OSError, ValueError):
+        return {}
 
 
 def model_name(stage: str, head: str, dataset: str = DATASET) -> str:
@@ -89,7 +103,7 @@ def _table_split(dataset: str, split: str, limit: int | None) -> tuple[dict[str,
             return str(base / value)
         return value
 
-    raw = {m: [cell(v) for v in ds[dm.columns[m]]] for m in dm.modalities}
+    raw = {m: [v if m == "text" else cell(v) for v in ds[dm.columns[m]]] for m in dm.modalities}  # text is no path
     return raw, [str(v) for v in ds[dm.columns["label"]]]
 
 
@@ -149,6 +163,7 @@ def build_one(stage: str, head: str, extra: Sequence[str] = (), out_dir: Path = 
             text = text.replace("from_pretrained('model')", f"from_pretrained({name!r})")
             doc = json.loads((tmp / "config.json").read_text())
             text = with_data_section(text, dataset, doc.get("metrics") or {})
+            text = with_transfer_section(text, name, dataset, measured_transfer(dataset))
             card.write_text(with_metadata(text, card_metadata(doc, name)))
     reported = card_accuracy(target)
     measured = raw_accuracy(from_pretrained(target), dataset=dataset)
