@@ -11,6 +11,7 @@ __all__ = ["TOLERANCE", "INTENDED_USE", "card_accuracy", "dataset_accuracy", "da
            "transfer_section", "with_transfer_section", "verify"]
 
 TOLERANCE = 0.005  # card vs re-measured test accuracy (0.5 points)
+CARRIES = 0.03  # a modality alone within this of the fused accuracy "carries most of the task" (card wording)
 
 #: what each shipped dataset's models are for (the card's "Data and intended use")
 INTENDED_USE = {
@@ -41,9 +42,16 @@ def data_section(dataset: str, metrics: dict[str, Any]) -> str:
     lines = [f"`--data.dataset {dataset}`: {source.description}. Source: {source.origin}. Rows: {sizes}.", "",
              f"Intended use: {INTENDED_USE.get(dataset, 'see the dataset')}.", ""]
     if alone and "accuracy" in (test.get("fused") or {}):
+        fused = test["fused"]["accuracy"]
         each = ", ".join(f"{m} alone {a:.3f}" for m, a in sorted(alone.items()))
-        lines.append(f"Known limits: fused test accuracy {test['fused']['accuracy']:.3f} against {each}: the model "
-                     "needs all its inputs; a missing modality costs accuracy.")
+        best = max(alone, key=lambda m: alone[m])
+        if fused - alone[best] < CARRIES:  # one input does nearly all the work: say so, not "needs all inputs"
+            lines.append(f"Known limits: fused test accuracy {fused:.3f} against {each}: {best} alone carries most "
+                         f"of the task (the other inputs add {100 * (fused - alone[best]):.1f} points); without "
+                         f"{best} the model is much weaker.")
+        else:
+            lines.append(f"Known limits: fused test accuracy {fused:.3f} against {each}: the model needs all its "
+                         "inputs; a missing modality costs accuracy.")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""A zoo card's "What transfers" section is written from the transfer benchmark's result, for that model only."""
+"""Zoo cards: the "What transfers" section comes from the transfer benchmark for that model only; the data
+section says what each input alone is worth."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def test_the_section_goes_before_the_recipe_and_is_replaced_not_repeated() -> No
     assert once.index("## Data") < once.index("## What transfers") < once.index("## Training recipe")
     again = with_transfer_section(once, "easyvqa-early-concat", "easyvqa", MEASURED)
     assert again == once and again.count("## What transfers") == 1
+
+
+def test_the_data_section_says_when_one_input_carries_the_task() -> None:
+    from recipes.verify import data_section
+
+    near = {"test": {"fused": {"accuracy": 0.975}, "audio": {"accuracy": 0.963}, "image": {"accuracy": 0.593}}}
+    text = data_section("tridigits", near)
+    assert "audio alone carries most of the task (the other inputs add 1.2 points)" in text
+    far = {"test": {"fused": {"accuracy": 0.99}, "audio": {"accuracy": 0.85}, "image": {"accuracy": 0.80}}}
+    assert "the model needs all its inputs" in data_section("tridigits", far)
