@@ -62,6 +62,27 @@ def fixed_shard_rows(dim: int, tokens: bool) -> int:
     return int(min(MAX_SHARD_ROWS, max(256, SHARD_BYTES // (4 * dim * (17 if tokens else 1)))))
 
 
+def _save_pieces(path: Path, pieces: list[np.ndarray], count: int) -> np.ndarray:
+    """Save the first ``count`` rows of ``pieces`` (arrays of one dtype and row shape, in order) as one ``.npy``,
+    each piece written as it is; returns the rows after them (a copy, so the pieces can be freed)."""
+    first = pieces[0]
+    header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+              "shape": (count, *first.shape[1:])}
+    left, rest = count, []
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for piece in pieces:
+            head, tail = piece[:left], piece[left:]
+            if head.size:
+                f.write(np.ascontiguousarray(head).data)
+            left -= head.shape[0]
+            if tail.shape[0]:
+                rest.append(tail)
+        f.flush()
+        os.fsync(f.fileno())
+    return np.concatenate(rest) if rest else first[:0].copy()
+
+
 class StoreWriter:
     """Writes one entry's distinct rows into ``folder`` shard by shard, as batches arrive from the encoder.
 
@@ -110,18 +131,19 @@ class StoreWriter:
             self._flush(self.shard_rows)
 
     def _flush(self, rows: int) -> None:
-        """Write the first ``rows`` pending rows as the next shard; keep the rest pending."""
-        joined = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
-        cut = {k: v[:rows] for k, v in joined.items()}
-        rest = {k: v[rows:] for k, v in joined.items()}
-        if self.tokens:
-            t = int(cut["lengths"].sum())
-            cut["tokens"], cut["mask"] = joined["tokens"][:t], joined["mask"][:t]
-            rest["tokens"], rest["mask"] = joined["tokens"][t:], joined["mask"][t:]
+        """Write the first ``rows`` pending rows as the next shard, piece by piece (no joined copy of the shard);
+        keep the rest pending."""
+        lengths = np.concatenate([p["lengths"] for p in self._pending]) if self.tokens else None  # [pending rows]
+        counts = {k: rows for k in self._pending[0]}
+        if lengths is not None:
+            t = int(lengths[:rows].sum())
+            counts["tokens"] = counts["mask"] = t
         k = self.first_shard + len(self.shards)
-        for name, array in cut.items():
-            _save(self.folder / f"shard-{k:05d}.{name}.npy", array)
-        self.shards.append({"rows": int(rows), "tokens": int(cut["lengths"].sum()) if self.tokens else 0})
+        rest: dict[str, np.ndarray] = {}
+        for name, count in counts.items():
+            rest[name] = _save_pieces(self.folder / f"shard-{k:05d}.{name}.npy", [p[name] for p in self._pending],
+                                      count)
+        self.shards.append({"rows": int(rows), "tokens": counts.get("tokens", 0)})
         self._pending_rows -= rows
         self._pending = [rest] if self._pending_rows else []
 
