@@ -5,13 +5,16 @@ per seed: trains a default-recipe head (early fusion, concat), decomposes it int
 and measures
 
 * ``decompose_cost``: test accuracy of the original minus that of all its modules composed (no calibration);
-* ``module_share`` / ``overlap``: mean head-side weight share of a module, mean pairwise Jaccard of kept units;
+* ``module_share`` / ``overlap``: mean head-side weight share of a module, mean pairwise Jaccard of kept units
+  (and ``weight_overlap``: of non-zero weights);
 * ``reuse_gap``: a model trained on half of the classes alone minus the modules of those classes composed
   (calibrated on validation rows of those classes), with the compute ratio (training time / decompose time);
 * ``replace_gain``: a model trained with one class at 5% of its rows, repaired with that class's module from a
   model trained on all rows (calibrated on validation): the target class's accuracy gain and the largest change
   of another class's accuracy;
-* ``train_overhead``: training time per epoch with the objectives over without.
+* ``train_overhead``: training time per epoch with the objectives over without, measured apart from the rest:
+  plain and modular fits alternate (``--overhead-rounds``), and the median of the per-round ratios is kept, so
+  that load from other processes falls on both sides alike (the load average is recorded with it).
 
 Figures are merged into benchmarks/results.json (``modular_*`` keys; the others kept) and written up in
 docs/modularity.md.
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import types
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 import pytorch_lightning as pl
@@ -40,9 +44,16 @@ from recipes.sweep.features import cached_features  # noqa: E402
 from recipes.sweep.train import CachedFeatureTask, SplitFeatures, feature_loader  # noqa: E402
 from zoo.config import FusionModelConfig  # noqa: E402
 from zoo.model import FusionModel  # noqa: E402
-from zoo.modular import calibrate, compose, decompose, replace_module, unit_jaccard  # noqa: E402
+from zoo.modular import (  # noqa: E402
+    calibrate,
+    compose,
+    decompose,
+    replace_module,
+    unit_jaccard,
+    weight_jaccard,
+)
 
-__all__ = ["TARGETS", "train", "run_seed", "main"]
+__all__ = ["TARGETS", "train", "run_seed", "overhead", "main"]
 
 TARGETS = {"modular_decompose_cost": ("<=", 0.01), "modular_module_share": ("<=", 0.4),
            "modular_overlap": ("<=", 0.3), "modular_reuse_gap": ("<=", 0.02),
@@ -82,13 +93,53 @@ def _subsample(split: SplitFeatures, label: int, share: float, seed: int) -> Spl
     return SplitFeatures({m: f.index(keep) for m, f in split.feats.items()}, y[keep])
 
 
-def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: float) -> dict[str, float]:
-    """Every figure for one seed and one config (with or without the objectives)."""
+def overhead(cfg: FusionModelConfig, weights: dict[str, float], data: SplitFeatures, rounds: int, epochs: int
+             ) -> dict[str, Any]:
+    """Epoch time with the objectives over without: ``rounds`` alternating plain / modular fits of ``epochs``
+    epochs each; the median per-round ratio, the per-round seconds and the load average before and after."""
+    load_before = os.getloadavg()
+    plain, modular = [], []
+    for r in range(rounds):
+        plain.append(train(cfg, data, data, r, epochs)[1])
+        modular.append(train(cfg.replace(modularity=weights), data, data, r, epochs)[1])
+    return {"ratio": median(m / p for m, p in zip(modular, plain, strict=True)), "plain_epoch_s": plain,
+            "modular_epoch_s": modular, "rounds": rounds, "epochs": epochs,
+            "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())}}
+
+
+def _other_rows_change(weak: FusionModel, repaired: FusionModel, split: SplitFeatures, target: int) -> float:
+    """Accuracy change on the rows of every class but ``target``, together (per class, one test row can be
+    several points)."""
+    from recipes.modular_cli import predictions
+
+    y = split.labels.long()
+    rows = y != target
+    before, after = predictions(weak, split.feats)[rows], predictions(repaired, split.feats)[rows]
+    return float((after == y[rows]).float().mean() - (before == y[rows]).float().mean())
+
+
+def tradeoff(model: FusionModel, va: SplitFeatures, te: SplitFeatures, coverages: list[float],
+             weight_coverage: float) -> dict[str, dict[str, float]]:
+    """Module share, unit overlap and decompose cost at each unit ``coverages`` (one trained model)."""
+    acc = accuracy(model, te)
+    out = {}
+    for cov in coverages:
+        modules = decompose(model, va.feats, cov, weight_coverage=weight_coverage)
+        out[str(cov)] = {"module_share": mean(float(m.stats["weight_share"]) for m in modules),
+                         "overlap": mean(unit_jaccard(modules)),
+                         "decompose_cost": acc - accuracy(compose(modules, with_encoders=False), te)}
+    return out
+
+
+def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: float,
+             weight_coverage: float = 1.0, coverages: list[float] | None = None) -> dict[str, Any]:
+    """Every figure for one seed and one config (with or without the objectives); ``coverages``: also the
+    share / overlap / cost trade-off at those unit coverages."""
     labels = list(cfg.labels)
     tr, va, te = fs.train, fs.val, fs.test
     model, epoch_s = train(cfg, tr, va, seed, epochs)
     t = time.perf_counter()
-    modules = decompose(model, va.feats, coverage)
+    modules = decompose(model, va.feats, coverage, weight_coverage=weight_coverage)
     decompose_s = time.perf_counter() - t
     composed = compose(modules, with_encoders=False)
     acc, acc_c = accuracy(model, te), accuracy(composed, te)
@@ -101,20 +152,22 @@ def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: 
     # replacement: the last class under-represented
     target = len(labels) - 1
     weak, _ = train(cfg, _subsample(tr, target, 0.05, seed), va, seed, epochs)
-    donor = next(m for m in decompose(model, va.feats, coverage) if m.label == labels[target])
+    donor = modules[target]
     repaired = replace_module(weak, labels[target], donor)
-    calibrate(repaired, va.feats, va.labels)
+    calibrate(repaired, va.feats, va.labels, classes=[target])
     before, after = per_class(weak, te), per_class(repaired, te)
     return {
         "accuracy": acc, "composed_accuracy": acc_c, "decompose_cost": acc - acc_c,
         "module_share": mean(float(m.stats["weight_share"]) for m in modules),
-        "overlap": mean(unit_jaccard(modules)),
+        "overlap": mean(unit_jaccard(modules)), "weight_overlap": mean(weight_jaccard(modules)),
         "reuse_gap": accuracy(alone, te_s) - accuracy(reused, te_s),
         "reuse_compute_ratio": sub_epoch_s * epochs / max(decompose_s, 1e-9),
         "replace_gain": after[target] - before[target],
         "replace_other_change": max(abs(a - b) for i, (a, b) in enumerate(zip(after, before, strict=True))
                                     if i != target),
+        "replace_other_rows_change": _other_rows_change(weak, repaired, te, target),
         "epoch_seconds": epoch_s,
+        **({"tradeoff": tradeoff(model, va, te, coverages, weight_coverage)} if coverages else {}),
     }
 
 
@@ -128,7 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--coverage", type=float, default=0.9)
+    p.add_argument("--weight-coverage", type=float, default=0.8)
+    p.add_argument("--overhead-rounds", type=int, default=5)
+    p.add_argument("--tradeoff", default="", help="unit coverages to also measure share / overlap / cost at on "
+                                                  "seed 0, comma-separated, e.g. 0.8,0.7,0.6")
     p.add_argument("--no-write", action="store_true", help="print the figures, leave results.json alone")
+    p.add_argument("--no-headline", action="store_true",
+                   help="write only modular_<name> (the summary), not the headline modular_* figures")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data: dict[str, Any] = {"data_dir": args.data_dir} if args.data_dir else {"dataset": "tridigits"}
@@ -142,22 +201,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = FusionModelConfig(encoders=fs.encoders, labels=tuple(fs.labels))
     results: dict[str, Any] = {}
     for name, weights in (("plain", None), ("modular", DEFAULT_WEIGHTS)):
-        rows = [run_seed(fs, base.replace(modularity=weights), s, args.epochs, args.coverage)
-                for s in range(args.seeds)]
-        results[name] = {k: mean(r[k] for r in rows) for k in rows[0]}
+        covs = [float(x) for x in args.tradeoff.split(",") if x]
+        rows = [run_seed(fs, base.replace(modularity=weights), s, args.epochs, args.coverage, args.weight_coverage,
+                         covs if s == 0 else None) for s in range(args.seeds)]
+        results[name] = {k: mean(r[k] for r in rows) for k in rows[0] if k != "tradeoff"}
+        if covs:
+            results[name]["tradeoff_seed0"] = rows[0]["tradeoff"]
         print(name, json.dumps(results[name], indent=1), flush=True)
     mod, plain = results["modular"], results["plain"]
+    cost = overhead(base, DEFAULT_WEIGHTS, fs.train, args.overhead_rounds, 3)
+    print("overhead", json.dumps(cost), flush=True)
     summary = {"dataset": args.name, "seeds": args.seeds, "epochs": args.epochs, "coverage": args.coverage,
-               "weights": DEFAULT_WEIGHTS, "plain": plain, "modular": mod,
-               "accuracy_change": mod["accuracy"] - plain["accuracy"]}
+               "weight_coverage": args.weight_coverage, "weights": DEFAULT_WEIGHTS, "plain": plain, "modular": mod,
+               "accuracy_change": mod["accuracy"] - plain["accuracy"], "overhead": cost,
+               "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
     values = {
         f"modular_{args.name}": summary,
         "modular_decompose_cost": mod["decompose_cost"], "modular_module_share": mod["module_share"],
         "modular_overlap": mod["overlap"], "modular_reuse_gap": mod["reuse_gap"],
         "modular_replace_gain": mod["replace_gain"],
-        "modular_train_overhead": mod["epoch_seconds"] / plain["epoch_seconds"],
+        "modular_train_overhead": cost["ratio"],
     }
     print(json.dumps({k: v for k, v in values.items() if not k.startswith("modular_" + args.name)}, indent=1))
+    if args.no_headline:
+        values = {f"modular_{args.name}": summary}
     if not args.no_write:
         from benchmarks.easyvqa import merge_results
 
