@@ -223,8 +223,8 @@ class _RowReader:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` [B] (in that order, repeats allowed) as a new array [B, ...]."""
         out = np.empty((rows.size, *self.row_shape), self.dtype)
-        if rows.size == 0 or self.path is None or not self.row_bytes:
-            return self.array[rows] if rows.size else out
+        if rows.size == 0 or self.path is None or not self.row_bytes or not hasattr(os, "pread"):
+            return np.array(self.array[rows]) if rows.size else out  # no pread (Windows): through the map
         if self._fd is None or self._pid != os.getpid():
             self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), os.getpid()
         order = np.argsort(rows, kind="stable")
