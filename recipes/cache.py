@@ -1,9 +1,10 @@
 """On-disk cache of frozen-encoder features: encode a dataset column once, reuse it in every later run.
 
 An entry is a folder ``<root>/<key>.features`` (:mod:`recipes.feature_store`): the distinct rows' features in
-fixed-size row shards, written while encoding (memory bounded by a shard), read back by memory map (memory bounded
-by the batches in use), pooled vectors stored once, tokens unpadded and padded per batch. It appears by one rename
-of its temp folder, so readers see the whole entry or none; values are checked finite once, when written.
+fixed-size row shards, written while encoding (memory bounded by a shard), read back a batch's rows at a time
+(memory bounded by the batches in use), pooled vectors stored once, tokens unpadded and padded per batch. It
+appears by one rename of its temp folder, so readers see the whole entry or none; values are checked finite once,
+when written. Under DDP (``shared=True``) the processes split a miss's encoding into blocks of one entry.
 ``key`` is the sha256 of everything the features depend on: the encoder's spec (name and options) and
 ``weights_hash()``, the preprocessor's class and ``to_dict()``, the dataset fingerprint, column, whether tokens are
 stored, and an ``extra`` string (the data module passes a digest of the sizes and modification times of files the
