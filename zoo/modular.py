@@ -9,7 +9,8 @@ unit layers (``FusionModel.unit_widths``): each modality's input to the head (``
   carry each sample);
 * **decomposition**: the module of class c is the model with unit masks that keep the units class c's score
   depends on (attribution ``|a_u * dz_c/da_u|`` on the decomposition data, the smallest set per layer holding
-  ``coverage`` of it) plus its classifier row;
+  ``coverage`` of it) plus its classifier row, and each weight matrix pruned to the entries holding
+  ``weight_coverage`` of the class's weight attribution ``|w * dz_c/dw|``;
 * **composition**: a composed ``FusionModel`` runs each module's masked sub-network and takes its class score;
   scores are made comparable by a per-class scale and bias (identity, or fitted on validation data).
 """
