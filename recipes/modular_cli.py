@@ -47,9 +47,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("model", help="a fused model folder or zoo name (multiclass, frozen encoders)")
         p.add_argument("--coverage", type=float, default=0.9,
                        help="share of each layer's attribution a module keeps (1.0: every unit used; default 0.9)")
-        p.add_argument("--weight-coverage", type=float, default=0.8,
+        p.add_argument("--weight-coverage", type=_weight_coverage, default=None,
                        help="share of each weight matrix's attribution a module keeps; the rest is pruned to zero "
-                            "(1.0: no weight pruning; default 0.8, docs/modularity.md)")
+                            "(1.0: no weight pruning; default auto: the most pruning that keeps 99.5%% of the "
+                            "model's predictions on --split, docs/modularity.md)")
         p.add_argument("--split", choices=SPLITS, default="train", help="rows whose activations choose the units")
     elif command == "compose":
         p.add_argument("modules", nargs="+", help="module folders written by fusion-zoo decompose")
@@ -66,6 +67,19 @@ def _parser(command: str) -> argparse.ArgumentParser:
     data.add_argument("--data.max_samples", dest="max_samples", type=int, default=None, help="rows per split")
     data.add_argument("--data.cache_dir", dest="cache_dir", default=None, help="the feature cache folder")
     return p
+
+
+def _weight_coverage(text: str) -> float | None:
+    """``auto`` (None) or a number in (0, 1]."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1] or 'auto'") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1] (1.0: no pruning; or 'auto')")
+    return value
 
 
 def _data_settings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -139,7 +153,8 @@ def _decompose(args: argparse.Namespace, data: dict[str, Any] | None) -> int:
         save_module(mod, out / _safe(mod.label))
     composed = compose(modules, with_encoders=False)
     test = splits["test"]
-    report = {"model": str(args.model), "coverage": args.coverage, "weight_coverage": args.weight_coverage,
+    report = {"model": str(args.model), "coverage": args.coverage,
+              "weight_coverage": modules[0].stats["weight_coverage"],
               "split": args.split,
               "modules": {m.label: {"folder": _safe(m.label), "weight_share": m.stats.get("weight_share"),
                                     "units": m.stats["units"]} for m in modules},

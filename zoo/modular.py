@@ -38,7 +38,8 @@ from .model import FusionModel
 
 __all__ = ["ModuleError", "ClassModule", "modularity_losses", "unit_importance", "class_masks", "extract_module",
            "decompose", "weight_share", "unit_jaccard", "weight_importance", "weight_masks", "weight_jaccard",
-           "compose", "calibrate", "replace_module", "save_module", "load_module", "encoder_records", "MODULE_FORMAT"]
+           "compose", "calibrate", "replace_module", "save_module", "load_module", "encoder_records", "MODULE_FORMAT",
+           "WEIGHT_COVERAGES"]
 
 MODULE_FORMAT = "fusion-zoo-module"
 _EPS = 1e-8
@@ -298,21 +299,56 @@ def extract_module(model: FusionModel, label: int, masks: Mapping[str, Tensor], 
     return ClassModule(model.config.labels[label], label, part, records, source, stats)
 
 
+#: the weight coverages ``decompose(weight_coverage=None)`` tries, most pruning first
+WEIGHT_COVERAGES = (0.8, 0.85, 0.9, 0.95)
+
+
 def decompose(model: FusionModel, feats: Mapping[str, ModalityOutput], coverage: float = 0.9,
-              source: str = "", batch_size: int = 512, weight_coverage: float = 1.0) -> list[ClassModule]:
+              source: str = "", batch_size: int = 512, weight_coverage: float | None = 1.0,
+              agreement: float = 0.995) -> list[ClassModule]:
     """One module per class of ``model`` (multiclass): unit masks from ``unit_importance`` on ``feats`` at
     ``coverage``, and below ``weight_coverage`` 1.0 each weight matrix pruned to the entries holding that share
-    of the class's ``weight_importance`` (units alone leave every weight between two kept units in the module)."""
+    of the class's ``weight_importance`` (units alone leave every weight between two kept units in the module).
+
+    ``weight_coverage`` None chooses it: the most pruning among ``WEIGHT_COVERAGES`` whose composed modules
+    predict the class ``model`` predicts on at least ``agreement`` of ``feats``' rows (1.0 if none does); how
+    much pruning a model takes differs by data and training. The choice is in each module's ``stats``."""
     if model.config.task != "multiclass" or model.config.modules:
         raise ModuleError("decompose takes an ordinary multiclass model (not regression, multilabel or composed).")
-    if not 0.0 < weight_coverage <= 1.0:
+    if weight_coverage is not None and not 0.0 < weight_coverage <= 1.0:
         raise ConfigError(f"weight_coverage={weight_coverage} must be in (0, 1] (1.0: no weight pruning).")
     records = encoder_records(model)  # once: a head-only model rebuilds each encoder to hash it
     importance = unit_importance(model, feats, batch_size)
-    w_imp = weight_importance(model, feats) if weight_coverage < 1.0 else None
-    return [extract_module(model, k, class_masks(importance, k, coverage), source, feats,
-                           weight_masks(w_imp, k, weight_coverage) if w_imp is not None else None, records)
-            for k in range(model.config.num_outputs)]
+    masks = [class_masks(importance, k, coverage) for k in range(model.config.num_outputs)]
+    w_imp = weight_importance(model, feats) if weight_coverage is None or weight_coverage < 1.0 else None
+    if w_imp is not None and weight_coverage is None:
+        weight_coverage = _choose_weight_coverage(model, feats, masks, w_imp, records, agreement)
+    assert weight_coverage is not None
+    modules = [extract_module(model, k, m, source, feats,
+                              weight_masks(w_imp, k, weight_coverage) if w_imp is not None else None, records)
+               for k, m in enumerate(masks)]
+    for mod in modules:
+        mod.stats["coverage"], mod.stats["weight_coverage"] = coverage, weight_coverage
+    return modules
+
+
+@torch.no_grad()
+def _predicted(model: FusionModel, feats: Mapping[str, ModalityOutput], batch_size: int = 1024) -> Tensor:
+    """Predicted class indices [N]."""
+    model.eval()
+    return torch.cat([model.fuse(b).logits.argmax(-1) for _, b in _batches(feats, _rows(feats), batch_size)])
+
+
+def _choose_weight_coverage(model: FusionModel, feats: Mapping[str, ModalityOutput], masks: Sequence[dict[str, Tensor]],
+                            w_imp: Mapping[str, Tensor], records: dict[str, dict[str, Any]], agreement: float) -> float:
+    """The smallest of ``WEIGHT_COVERAGES`` whose composed modules agree with ``model`` on ``agreement`` of rows."""
+    reference = _predicted(model, feats)  # [N]
+    for cov in WEIGHT_COVERAGES:
+        parts = [extract_module(model, k, m, weights=weight_masks(w_imp, k, cov), records=records)
+                 for k, m in enumerate(masks)]
+        if float((_predicted(compose(parts, with_encoders=False), feats) == reference).float().mean()) >= agreement:
+            return cov
+    return 1.0
 
 
 def unit_jaccard(modules: Sequence[ClassModule]) -> list[float]:

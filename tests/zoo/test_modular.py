@@ -16,6 +16,7 @@ from zoo.config import FusionModelConfig
 from zoo.hub import from_pretrained, save_pretrained
 from zoo.model import FusionModel
 from zoo.modular import (
+    WEIGHT_COVERAGES,
     ModuleError,
     calibrate,
     class_masks,
@@ -175,6 +176,19 @@ def test_weight_pruning_zeroes_weights_and_shrinks_modules() -> None:
         assert zero > 0 and b.model.classifier.bias.equal(model.classifier.bias)  # biases are not pruned
     assert all(x == 1.0 for x in weight_jaccard(units_only))  # unpruned: every module keeps every weight
     assert all(0 <= x < 1 for x in weight_jaccard(pruned))
+
+
+def test_chosen_weight_coverage_keeps_the_models_predictions() -> None:
+    model = head_only()
+    f = feats(48)
+    modules = decompose(model, f, 1.0, weight_coverage=None)
+    chosen = modules[0].stats["weight_coverage"]
+    assert chosen in (*WEIGHT_COVERAGES, 1.0) and all(m.stats["weight_coverage"] == chosen for m in modules)
+    agree = (logits(compose(modules, with_encoders=False), f).argmax(-1) == logits(model, f).argmax(-1)).float()
+    assert float(agree.mean()) >= 0.995
+    if chosen > WEIGHT_COVERAGES[0]:  # a smaller coverage was tried and lost predictions
+        pruned = decompose(model, f, 1.0, weight_coverage=WEIGHT_COVERAGES[0])
+        assert not logits(compose(pruned, with_encoders=False), f).argmax(-1).equal(logits(model, f).argmax(-1))
 
 
 def test_calibrating_one_class_leaves_the_other_columns_alone() -> None:
