@@ -283,7 +283,7 @@ def test_cpu_image_batches_run_in_cache_sized_chunks_with_the_same_features(tmp_
     encoder run on the whole batch at once."""
     from PIL import Image
 
-    import zoo.optimize as optimize
+    import recipes.chunks as chunks
     from encoders import create_encoder
 
     torch.manual_seed(0)
@@ -291,7 +291,7 @@ def test_cpu_image_batches_run_in_cache_sized_chunks_with_the_same_features(tmp_
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(7)]
     ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
-    monkeypatch.setattr(optimize, "CHUNK_PIXELS", 3 * 32 * 32)  # 3 images per chunk
+    monkeypatch.setattr(chunks, "CHUNK_PIXELS", 3 * 32 * 32)  # 3 images per chunk
     sizes: list[int] = []  # batch size of every encoder call (folding first checks its copy on 2-image examples)
     hook = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda m, args: sizes.append(int(args[0]["pixel_values"].shape[0])) if isinstance(m, Encoder) else None)
@@ -310,19 +310,20 @@ def test_a_miss_builds_the_encoders_graph_on_its_first_chunk_and_checks_each_chu
                                                                                       monkeypatch) -> None:
     from PIL import Image
 
-    import zoo.optimize as optimize
+    import recipes.chunks as chunks
     from encoders import create_encoder
+    from zoo.graph import GraphEncode
 
     torch.manual_seed(0)
     enc = create_encoder("tiny-image", finetune="frozen").eval()
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(7)]
     ds = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
-    monkeypatch.setattr(optimize, "CHUNK_PIXELS", 3 * 32 * 32)  # chunks of 3, 3 and 1 images
+    monkeypatch.setattr(chunks, "CHUNK_PIXELS", 3 * 32 * 32)  # chunks of 3, 3 and 1 images
     calls: list[str] = []
-    build, eager = optimize.GraphEncode._build, optimize.GraphEncode._eager
-    monkeypatch.setattr(optimize.GraphEncode, "_build", lambda self, x: calls.append("build") or build(self, x))
-    monkeypatch.setattr(optimize.GraphEncode, "_eager",
+    build, eager = GraphEncode._build, GraphEncode._eager
+    monkeypatch.setattr(GraphEncode, "_build", lambda self, x: calls.append("build") or build(self, x))
+    monkeypatch.setattr(GraphEncode, "_eager",
                         lambda self, b: calls.append(f"eager{b['pixel_values'].shape[0]}") or eager(self, b))
     cache = FeatureCache(tmp_path, memory=False, graph=True)
     assert cache.key_parts(enc, ds, "image", "train", False)["inference"] == "bnfold-cl-ts"
