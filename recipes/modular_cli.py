@@ -49,7 +49,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="share of each layer's attribution a module keeps (1.0: every unit used; default 0.9)")
         p.add_argument("--weight-coverage", type=_weight_coverage, default=None,
                        help="share of each weight matrix's attribution a module keeps; the rest is pruned to zero "
-                            "(1.0: no weight pruning; default auto: the most pruning that keeps 99.5%% of the "
+                            "(1.0: no weight pruning; default auto: the most pruning that keeps 99%% of the "
                             "model's predictions on --split, docs/modularity.md)")
         p.add_argument("--split", choices=SPLITS, default="train", help="rows whose activations choose the units")
     elif command == "compose":

@@ -305,7 +305,7 @@ WEIGHT_COVERAGES = (0.8, 0.85, 0.9, 0.95)
 
 def decompose(model: FusionModel, feats: Mapping[str, ModalityOutput], coverage: float = 0.9,
               source: str = "", batch_size: int = 512, weight_coverage: float | None = 1.0,
-              agreement: float = 0.995) -> list[ClassModule]:
+              agreement: float = 0.99) -> list[ClassModule]:
     """One module per class of ``model`` (multiclass): unit masks from ``unit_importance`` on ``feats`` at
     ``coverage``, and below ``weight_coverage`` 1.0 each weight matrix pruned to the entries holding that share
     of the class's ``weight_importance`` (units alone leave every weight between two kept units in the module).
