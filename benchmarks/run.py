@@ -38,7 +38,7 @@ from benchmarks.measure import (  # noqa: E402
     pipeline_headroom,
     sweep_cache_speedup,
 )
-from benchmarks.scale import scale_rss, warm_rowcheck  # noqa: E402
+from benchmarks.scale import ddp_encode_share, scale_rss, warm_rowcheck  # noqa: E402
 from benchmarks.serve_load import TARGETS as SERVE_TARGETS  # noqa: E402
 from benchmarks.serve_load import measure as serve_load  # noqa: E402
 
@@ -58,11 +58,13 @@ TARGETS: dict[str, tuple[str, float]] = {
     "scale_rss_mb_per_100k_rows": ("<=", 100.0),
     "scale_rss_mb_per_100k_rows_tokens": ("<=", 300.0),
     "scale_warm_rowcheck_seconds_per_100k": ("<=", 2.0),
+    "ddp_encode_share": ("<=", 0.55),
 }
 # steps that run only when --only names them (minutes each); their keys keep their previous values otherwise
 OPTIONAL_STEPS = {"scale_pooled": ("scale_rss_mb_per_100k_rows",),
                   "scale_tokens": ("scale_rss_mb_per_100k_rows_tokens",),
-                  "scale_rowcheck": ("scale_warm_rowcheck_seconds_per_100k",)}
+                  "scale_rowcheck": ("scale_warm_rowcheck_seconds_per_100k",),
+                  "ddp_encode": ("ddp_encode_share",)}
 TARGETS.update(SERVE_TARGETS)
 
 
@@ -147,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated steps to run (sweep_cache_speedup, head_step_share, inference, "
                         "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, cli_startup, "
-                        "main_job; optional, only when named here: scale_pooled, scale_tokens, scale_rowcheck); "
-                        "the keys of the others keep their values from the previous results.json")
+                        "main_job; optional, only when named here: scale_pooled, scale_tokens, scale_rowcheck, "
+                        "ddp_encode); the keys of the others keep their values from the previous results.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the in-process measurements (default: torch's); 1 gives stable "
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
              ("partial_finetune", partial_finetune_overhead), ("serve_load", serve_load),
              ("cache_encode", cache_encode_speedup), ("cached_step", cached_step_overhead),
              ("cli_startup", cli_startup_seconds), ("scale_pooled", scale_rss),
-             ("scale_tokens", lambda: scale_rss(tokens=True)), ("scale_rowcheck", warm_rowcheck)]
+             ("scale_tokens", lambda: scale_rss(tokens=True)), ("scale_rowcheck", warm_rowcheck),
+             ("ddp_encode", ddp_encode_share)]
     only = set(args.only.split(",")) if args.only else None
     if only is not None and (unknown := only - {name for name, _ in steps} - {"main_job"}):
         p.error(f"--only: unknown steps {sorted(unknown)}")

@@ -95,7 +95,8 @@ def check_cell(modality: str, v: Any, checked: CheckedFiles) -> tuple[str | None
         return cell_problem(modality, v), ""
     assert path is not None
     stamp = f"{path}:{st.st_size}:{st.st_mtime_ns};"
-    key = f"{modality}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
+    full = path if os.path.isabs(path) else os.path.abspath(path)  # data paths arrive absolute: skip normpath
+    key = f"{modality}\0{full}\0{st.st_size}\0{st.st_mtime_ns}"
     fingerprint = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
     if checked.known(fingerprint):
         return None, stamp

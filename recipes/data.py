@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -280,6 +280,7 @@ class FusionDataModule(pl.LightningDataModule):
         problems = {i: [f"column {label_col!r}: {p}"] for i, p in label_problems.items()}
         digests = {m: hashlib.sha256() for m in mods}
         filled = dict.fromkeys(mods, 0)
+        usable = dict.fromkeys(mods, 0)  # cells present and readable
         # a file that passed its check before (same path, size and mtime) is not opened again: a warm run only stats
         if self._checked_files is None:
             self._checked_files = CheckedFiles(self.cache.root)
@@ -298,17 +299,20 @@ class FusionDataModule(pl.LightningDataModule):
                     problem, stamp = check_cell(m, v, checked)
                     if problem:
                         problems.setdefault(start + j, []).append(f"column {c!r}: {problem}")
+                    else:
+                        usable[m] += 1
                     digests[m].update(stamp.encode())
             start += size
             bar.update(size)
         bar.close()
         checked.save()
-        empty = [m for m in mods if not filled[m]]
-        if role == "train" and empty:
-            m = empty[0]
-            raise DataError(f"column {cols[m]!r} (the {m} column) is empty in every row of split {source!r}; fill it, "
-                            f"map another column with --data.columns '{{\"{m}\": \"<column>\"}}' or leave {m} out "
-                            "of --model.encoders.")
+        for m in [m for m in mods if not usable[m]] if role == "train" else []:  # nothing to learn the modality from
+            state = "is empty in every row" if not filled[m] else f"has no usable value ({filled[m]} unreadable)"
+            said = (f"column {cols[m]!r} (the {m} column) {state} of split {source!r}; fill it, map another column "
+                    f"with --data.columns '{{\"{m}\": \"<column>\"}}' or leave {m} out of --model.encoders")
+            if self.on_bad_rows == "raise":
+                raise DataError(f"{said} (--data.on_bad_rows skip trains without it).")
+            rank_zero_warn(f"{said}; training with {m} missing in every row (on_bad_rows='skip').")
         bad = sorted(problems)
         if bad and self.on_bad_rows == "raise":
             shown = "\n  ".join(f"row {ids[i]}: {'; '.join(problems[i])}" for i in bad[:BAD_ROWS_SHOWN])
@@ -336,13 +340,13 @@ class FusionDataModule(pl.LightningDataModule):
         for role in roles:
             if role not in self._checked:
                 self._checked[role] = self._check(role, model)
-        for role in roles:
-            self._features(role, model)
+        for role in roles:  # every process runs setup: under DDP they split the encoding of a cache miss
+            self._features(role, model, shared=True)
         skipped = {r: n for r, n in self.bad_rows.items() if n}
         if skipped:
             rank_zero_info(f"data: skipped bad rows per split {skipped} (on_bad_rows='skip').")
 
-    def _features(self, role: str, model: Any) -> dict[str, ModalityOutput]:
+    def _features(self, role: str, model: Any, shared: bool = False) -> dict[str, ModalityOutput]:
         split = self._checked[role]
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         feats = {}
@@ -352,7 +356,7 @@ class FusionDataModule(pl.LightningDataModule):
                 model.encoders[m], split.rows, col, split=role, store_tokens=model.config.needs_tokens,
                 batch_size=max(self.batch_size, model.encoders[m].encode_batch_size),
                 transform=functools.partial(_cell, m, base=self._base),
-                extra=split.stamps[m], device=device, row_ids=split.row_ids.tolist())
+                extra=split.stamps[m], device=device, row_ids=split.row_ids.tolist(), shared=shared)
             if stats.source != "memory":
                 rank_zero_info(f"feature cache {stats.source:<8} {role}/{m}: {stats.rows} rows, "
                                f"{stats.bytes / 2**20:.1f} MiB in {time.perf_counter() - start:.2f}s "

@@ -196,22 +196,22 @@ def test_a_full_disk_while_writing_the_feature_cache_is_one_line_and_leaves_the_
     encoder = encoders.create_encoder("tiny-text")
     rows = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(600)]})
     cache = FeatureCache(tmp_path / "cache", memory=False)
-    real, calls = feature_store._save, []
+    real, calls = feature_store._save_pieces, []
 
-    def full(path: Path, array: Any) -> None:
+    def full(path: Path, *args: Any) -> Any:  # shards are written piece by piece (feature_store._save_pieces)
         calls.append(path)
-        if len(calls) > 2:  # the first shard's files fit, then the disk is full
+        if len(calls) > 1:  # the first shard file fits, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device") if failure == "oserror" else \
                 SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
-        real(path, array)
+        return real(path, *args)
 
-    monkeypatch.setattr(feature_store, "_save", full)
+    monkeypatch.setattr(feature_store, "_save_pieces", full)
     monkeypatch.setattr(feature_store, "SHARD_BYTES", 4 * encoder.embed_dim * 300)  # two shards of 300 rows
     with pytest.raises(DataError, match=rf"no space left on the device of the feature cache {tmp_path / 'cache'} "
                                         r"while writing train/text: the entry needs about [\d,]+ MiB") as e:
         cache.get_or_compute(encoder, rows, "text", store_tokens=False)
     assert "\n" not in str(e.value)
     assert list((tmp_path / "cache").iterdir()) in ([], [tmp_path / "cache" / "row-checks.json"])  # no partial entry
-    monkeypatch.setattr(feature_store, "_save", real)
+    monkeypatch.setattr(feature_store, "_save_pieces", real)
     out, stats = cache.get_or_compute(encoder, rows, "text", store_tokens=False)  # space again: written whole
     assert stats.source == "computed" and out.batch_size == 600
