@@ -119,7 +119,7 @@ def _other_rows_change(weak: FusionModel, repaired: FusionModel, split: SplitFea
 
 
 def tradeoff(model: FusionModel, va: SplitFeatures, te: SplitFeatures, coverages: list[float],
-             weight_coverage: float) -> dict[str, dict[str, float]]:
+             weight_coverage: float | None) -> dict[str, dict[str, float]]:
     """Module share, unit overlap and decompose cost at each unit ``coverages`` (one trained model)."""
     acc = accuracy(model, te)
     out = {}
@@ -132,7 +132,7 @@ def tradeoff(model: FusionModel, va: SplitFeatures, te: SplitFeatures, coverages
 
 
 def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: float,
-             weight_coverage: float = 1.0, coverages: list[float] | None = None) -> dict[str, Any]:
+             weight_coverage: float | None = None, coverages: list[float] | None = None) -> dict[str, Any]:
     """Every figure for one seed and one config (with or without the objectives); ``coverages``: also the
     share / overlap / cost trade-off at those unit coverages."""
     labels = list(cfg.labels)
@@ -160,6 +160,7 @@ def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: 
         "accuracy": acc, "composed_accuracy": acc_c, "decompose_cost": acc - acc_c,
         "module_share": mean(float(m.stats["weight_share"]) for m in modules),
         "overlap": mean(unit_jaccard(modules)), "weight_overlap": mean(weight_jaccard(modules)),
+        "weight_coverage": float(modules[0].stats["weight_coverage"]),
         "reuse_gap": accuracy(alone, te_s) - accuracy(reused, te_s),
         "reuse_compute_ratio": sub_epoch_s * epochs / max(decompose_s, 1e-9),
         "replace_gain": after[target] - before[target],
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--coverage", type=float, default=0.9)
-    p.add_argument("--weight-coverage", type=float, default=0.8)
+    p.add_argument("--weight-coverage", type=float, default=None, help="default: chosen per model (decompose's "
+                                                                       "weight_coverage=None)")
     p.add_argument("--overhead-rounds", type=int, default=5)
     p.add_argument("--tradeoff", default="", help="unit coverages to also measure share / overlap / cost at on "
                                                   "seed 0, comma-separated, e.g. 0.8,0.7,0.6")
