@@ -23,7 +23,6 @@ from fusion_errors import (
 
 from . import _options
 from ._contract import FINETUNE_POLICIES, MODALITIES, Encoder, ModalityOutput, Preprocessor
-from ._hub import hub_or_cache
 from ._options import MAX_LAYERS, MAX_WIDTH, OPTION_BOUNDS, check_option_values
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,7 +42,6 @@ __all__ = [
     "check_options",
     "check_encoder_options",
     "OPTION_BOUNDS",
-    "hub_or_cache",
     "MAX_WIDTH",
     "MAX_LAYERS",
     "FusionZooError",

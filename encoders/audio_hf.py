@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusion_common.hub import hub_or_cache
 from fusion_errors import ConfigError
 
 from . import register_encoder
@@ -25,7 +26,6 @@ from ._audio_io import (
     frame_mask,
 )
 from ._contract import Encoder, ModalityOutput
-from ._hub import hub_or_cache
 
 __all__ = ["HFAudioPreprocessor", "HFAudioEncoder"]
 

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fusion_common.hub import hub_or_cache
 from fusion_errors import CheckpointError, ConfigError, MissingDependencyError
 
 from . import register_encoder
 from ._contract import Encoder, ModalityOutput
-from ._hub import hub_or_cache
 from ._image_io import ImagePreprocessor
 from ._weights import efficientnet_lite0_file, load_by_position, load_weights_file
 

@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fusion_common.hub import hub_or_cache
 from fusion_errors import ConfigError, InputError
 
 from . import register_encoder
 from ._contract import Encoder, ModalityOutput, Preprocessor
-from ._hub import hub_or_cache
 from ._weights import minilm_l6_path
 
 __all__ = ["TextPreprocessor", "HFTextEncoder", "check_texts"]

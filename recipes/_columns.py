@@ -167,7 +167,7 @@ class LabelEncoder:
         """Returns the labels ([N] long, or [N, C] float) and {row: problem} for unusable cells."""
         problems: dict[int, str] = {}
         c = len(self.labels)
-        # filled in numpy (a torch item write costs ~10 us a row), handed over as a tensor without a copy
+        # filled in numpy (a torch item write per row is slow), handed over as a tensor without a copy
         out = np.zeros(len(values), np.int64) if self.task == "multiclass" else np.zeros((len(values), c), np.float32)
         for i, v in enumerate(values):
             if v is None or (isinstance(v, float) and math.isnan(v)):

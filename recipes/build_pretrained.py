@@ -90,20 +90,14 @@ def raw_split(split: str = "test", limit: int | None = None,
 def _table_split(dataset: str, split: str, limit: int | None) -> tuple[dict[str, list[Any]], list[str]]:
     """A named table dataset's split as the data module reads it: cells of each modality column (relative paths
     made absolute against its folder) and the label column as text."""
-    from recipes.data import FusionDataModule
+    from recipes.data import FusionDataModule, raw_cell
 
     dm = FusionDataModule(dataset=dataset, cache_features=False)
     ds = dm._parts[split][0]
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    base = dm._base
-
-    def cell(value: Any) -> Any:
-        if isinstance(value, str) and base is not None and not Path(value).is_absolute():
-            return str(base / value)
-        return value
-
-    raw = {m: [v if m == "text" else cell(v) for v in ds[dm.columns[m]]] for m in dm.modalities}  # text is no path
+    # each cell as the data module hands it to the preprocessor: text as written, file paths made absolute
+    raw = {m: [raw_cell(m, v, dm._base) for v in ds[dm.columns[m]]] for m in dm.modalities}
     return raw, [str(v) for v in ds[dm.columns["label"]]]
 
 

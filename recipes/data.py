@@ -34,7 +34,7 @@ from .cache import FeatureCache, raw_view
 from .formats import load_source
 from .loader import ResumableDataLoader
 
-__all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS"]
+__all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS", "raw_cell"]
 
 DEFAULT_COLUMNS = {"audio": "audio", "image": "image", "label": "label", "text": "text"}
 # usual names of a role's column, used when the role's own name is absent and --data.columns does not map it
@@ -51,7 +51,7 @@ CHECK_CHUNK = 4096  # rows per chunk of the row checks
 CHECK_PROGRESS_ROWS = 20_000  # splits at least this long show a progress bar while their rows are checked
 
 
-def _cell(modality: str, v: Any, base: Path | None) -> Any:
+def raw_cell(modality: str, v: Any, base: Path | None) -> Any:
     """A raw cell as the preprocessor takes it: None when missing, text as str, relative paths resolved."""
     if is_missing(v):
         return None
@@ -106,7 +106,7 @@ class RawCollate:
         index = torch.tensor([r[2] for r in rows], dtype=torch.long)  # [B]
         inputs: dict[str, Any] = dict(self.cached([r[3] for r in rows])["inputs"]) if self.cached else {}
         for m in sorted(self.preprocessors):
-            items = [_cell(m, r[0][self.columns[m]], self.base) for r in rows]
+            items = [raw_cell(m, r[0][self.columns[m]], self.base) for r in rows]
             try:
                 inputs[m] = self.preprocessors[m](items)
             except InputError as e:
@@ -292,7 +292,7 @@ class FusionDataModule(pl.LightningDataModule):
             size = len(chunk[label_col])
             for m, c in cols.items():
                 for j, v in enumerate(chunk[c]):
-                    v = _cell(m, v, self._base)
+                    v = raw_cell(m, v, self._base)
                     if v is None:
                         continue
                     filled[m] += 1
@@ -355,7 +355,7 @@ class FusionDataModule(pl.LightningDataModule):
             feats[m], stats = self.cache.get_or_compute(
                 model.encoders[m], split.rows, col, split=role, store_tokens=model.config.needs_tokens,
                 batch_size=max(self.batch_size, model.encoders[m].encode_batch_size),
-                transform=functools.partial(_cell, m, base=self._base),
+                transform=functools.partial(raw_cell, m, base=self._base),
                 extra=split.stamps[m], device=device, row_ids=split.row_ids.tolist(), shared=shared)
             if stats.source != "memory":
                 rank_zero_info(f"feature cache {stats.source:<8} {role}/{m}: {stats.rows} rows, "

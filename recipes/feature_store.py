@@ -15,7 +15,7 @@ per batch (:meth:`StoredFeatures.select`), to the longest row of that batch, nev
 Everything is plain ``.npy`` (no pickle). A batch's rows are read with ``pread`` into a new buffer (consecutive
 rows in one call), through the OS page cache but never mapped into the process: touching random rows of a memory
 map maps whole folios around each (the kernel's fault-around and large page-cache folios), so a shuffled epoch
-left the whole entry resident, and was ~10x slower per batch. The files are also opened with ``mmap_mode='c'`` for
+left the whole entry resident, and read batches slower. The files are also opened with ``mmap_mode='c'`` for
 whole-split views (``pooled`` of a one-shard entry), where a stray in-place write stays private to the process.
 """
 

@@ -25,7 +25,7 @@ from fusion_common.atomic import atomic_write
 from fusion_errors import DataError, InputError
 
 from .cache import raw_view
-from .data import COLUMN_ALIASES, _cell
+from .data import COLUMN_ALIASES, raw_cell
 from .formats import Source, load_source, pick_format, read, split_tables
 
 __all__ = ["predict_table", "find_columns"]
@@ -139,7 +139,7 @@ def predict_table(model: Any, table: str | Path, output: str | Path, columns: Ma
         writer.writeheader()
         for chunk in ds.iter(batch_size=batch_size):
             n = len(chunk[names[0]])
-            raw = {m: [_cell(m, v, base) for v in chunk[c]] for m, c in used.items() if c}
+            raw = {m: [raw_cell(m, v, base) for v in chunk[c]] for m, c in used.items() if c}
             results: list[dict[str, Any] | str] = []
             try:
                 results = list(model.predict(**raw, batch_size=batch_size, explain=False, fold=fold))

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from encoders import Encoder, create_encoder, hub_or_cache
+from encoders import Encoder, create_encoder
+from fusion_common.hub import hub_or_cache
 from fusion_errors import CheckpointError, ConfigError, FusionZooError, MissingDependencyError, RegistryError
 from fusion_heads import list_fusion_heads
 

@@ -59,9 +59,8 @@ def _die_with_parent(parent: int) -> None:
     """On Linux, ask the kernel to stop this worker when the sweep process dies (a killed sweep must not leave
     workers training for minutes); elsewhere a worker ends when it next asks the dead parent for work. A parent
     that died before this ran (while the worker was still importing) means: stop now. SIGKILL, not SIGTERM:
-    Lightning installs its own SIGTERM handler in a training worker, so SIGTERM only asks it to stop (a loaded
-    test run saw workers outlive the sweep by 20 s); a worker holds nothing to clean up (its results go to the
-    parent, its features are shared memory)."""
+    Lightning installs its own SIGTERM handler in a training worker, so SIGTERM only asks it to stop; a worker
+    holds nothing to clean up (its results go to the parent, its features are shared memory)."""
     try:
         import ctypes
         import signal

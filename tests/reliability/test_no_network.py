@@ -142,7 +142,8 @@ def test_hub_or_cache_turns_the_client_offline_only_while_the_hub_is_unreachable
         monkeypatch: pytest.MonkeyPatch, listener: Listener) -> None:
     from huggingface_hub import constants
 
-    from encoders import _hub, hub_or_cache
+    from fusion_common import hub as _hub
+    from fusion_common.hub import hub_or_cache
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(_hub, "_VERDICTS", {})

@@ -1,9 +1,9 @@
-"""One quick reachability check of the Hugging Face Hub before an encoder downloads from it.
+"""One quick reachability check of the Hugging Face Hub before an encoder or a fused model downloads from it.
 
-The Hub client retries a refused or timed-out connection five times with backoff (~50 s, 40 "Retrying" lines)
-before it says the model is not in the local cache. :func:`hub_or_cache` instead opens one TCP connection to the
-Hub (or the proxy) with a short timeout; when that fails, the load runs with the client offline, so a model in
-the local cache still loads and a missing one fails at once with a message that says the Hub is unreachable.
+The Hub client retries a refused or timed-out connection several times with backoff before it says the model is
+not in the local cache. :func:`hub_or_cache` instead opens one TCP connection to the Hub (or the proxy) with a
+short timeout; when that fails, the load runs with the client offline, so a model in the local cache still loads
+and a missing one fails at once with a message that says the Hub is unreachable.
 """
 
 from __future__ import annotations
