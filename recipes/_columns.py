@@ -20,8 +20,8 @@ from PIL import Image
 
 from fusion_errors import DataError
 
-__all__ = ["pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve", "cell_problem",
-           "IMAGE_EXTS", "AUDIO_EXTS", "SPLIT_ALIASES"]
+__all__ = ["pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve", "raw_cell",
+           "cell_problem", "IMAGE_EXTS", "AUDIO_EXTS", "SPLIT_ALIASES"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
@@ -246,6 +246,13 @@ def _source(v: Any) -> tuple[str | None, bytes | None]:
     if isinstance(v, dict) and v.get("array") is None:
         return v.get("path"), v.get("bytes")
     return None, None
+
+
+def raw_cell(modality: str, v: Any, base: Path | None) -> Any:
+    """A raw cell as the preprocessor takes it: None when missing, text as str, relative paths resolved."""
+    if is_missing(v):
+        return None
+    return str(v) if modality == "text" else resolve(v, base)
 
 
 def cell_problem(modality: str, v: Any) -> str | None:

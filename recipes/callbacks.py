@@ -37,6 +37,7 @@ from fusion_common.atomic import atomic_write
 from fusion_errors import ConfigError
 
 from .loader import ResumableDataLoader
+from .streaming import StreamLoader
 
 __all__ = ["AtomicCheckpointIO", "ResumeCallback", "CachedFeatureThreads", "FusionCheckpoint", "LAST_EVERY_N_EPOCHS",
            "LAST_EVERY_MINUTES"]
@@ -86,7 +87,8 @@ class ResumeCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         states, self._loader_states = self._loader_states, []
-        loaders = [dl for dl in _flatten(trainer.train_dataloader) if isinstance(dl, ResumableDataLoader)]
+        stateful = (ResumableDataLoader, StreamLoader)
+        loaders = [dl for dl in _flatten(trainer.train_dataloader) if isinstance(dl, stateful)]
         if states and len(states) == len(loaders):
             for loader, state in zip(loaders, states, strict=True):
                 loader.load_state_dict(state)

@@ -27,12 +27,13 @@ from tqdm import tqdm
 from encoders import MODALITIES, ModalityOutput, Preprocessor
 from fusion_errors import DataError, InputError
 
-from ._columns import LabelEncoder, infer_labels, is_missing, pick_splits, resolve
+from ._columns import LabelEncoder, infer_labels, pick_splits, raw_cell
 from ._row_checks import CheckedFiles, check_cell
 from .batches import FeatureBatches
 from .cache import FeatureCache, raw_view
-from .formats import load_source
+from .formats import load_source, load_stream
 from .loader import ResumableDataLoader
+from .streaming import StreamBatches, StreamLoader, StreamPart, stream_labels, stream_splits
 
 __all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS", "raw_cell"]
 
@@ -49,13 +50,6 @@ STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "te
 BAD_ROWS_SHOWN = 5
 CHECK_CHUNK = 4096  # rows per chunk of the row checks
 CHECK_PROGRESS_ROWS = 20_000  # splits at least this long show a progress bar while their rows are checked
-
-
-def raw_cell(modality: str, v: Any, base: Path | None) -> Any:
-    """A raw cell as the preprocessor takes it: None when missing, text as str, relative paths resolved."""
-    if is_missing(v):
-        return None
-    return str(v) if modality == "text" else resolve(v, base)
 
 
 @dataclass
@@ -160,6 +154,10 @@ class FusionDataModule(pl.LightningDataModule):
         on_bad_rows: ``raise`` on a bad row (bad label, unreadable file) or ``skip`` it (counted in ``bad_rows``).
         max_samples: keep at most this many rows per split (smoke tests).
         labels: label names; None = the ClassLabel names or the sorted unique values of the label column.
+        streaming: read the table as an iterable (``recipes/streaming.py``): for tables too large to convert or
+            hold; no feature cache (encoders run every step), rows are checked as their batch is built, and
+            ``max_samples`` applies per source split.
+        shuffle_buffer: rows of the seeded shuffle buffer of a streamed training split.
     """
 
     def __init__(
@@ -181,6 +179,8 @@ class FusionDataModule(pl.LightningDataModule):
         on_bad_rows: Literal["raise", "skip"] = "raise",
         max_samples: int | None = None,
         labels: list[str] | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
     ) -> None:
         super().__init__()
         unknown = sorted(set(columns or {}) - set(DEFAULT_COLUMNS))
@@ -188,26 +188,42 @@ class FusionDataModule(pl.LightningDataModule):
             raise DataError(f"columns keys {unknown} are not roles; use {sorted(DEFAULT_COLUMNS)} -> column names.")
         if on_bad_rows not in ("raise", "skip"):
             raise DataError(f"on_bad_rows={on_bad_rows!r} must be 'raise' or 'skip'.")
-        if batch_size < 1 or num_workers < 0 or (max_samples is not None and max_samples < 1):
-            raise DataError("batch_size and max_samples must be >= 1 and num_workers >= 0.")
+        if batch_size < 1 or num_workers < 0 or (max_samples is not None and max_samples < 1) or shuffle_buffer < 1:
+            raise DataError("batch_size, max_samples and shuffle_buffer must be >= 1 and num_workers >= 0.")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
             raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1).")
         self.columns = {**DEFAULT_COLUMNS, **(columns or {})}
         self.batch_size, self.num_workers, self.on_bad_rows = batch_size, num_workers, on_bad_rows
         self.cache_features, self.cache = cache_features, FeatureCache(cache_dir, fold=fold_inference)
-        source, self._base, self.dataset = load_source(dataset, data_files, data_format, data_dir)
-        self.seed = seed
-        self._parts = pick_splits(source, splits, val_fraction, test_fraction, seed)
-        if max_samples is not None:
-            self._parts = {r: (ds.select(range(min(max_samples, len(ds)))), name, ids[:max_samples])
-                           for r, (ds, name, ids) in self._parts.items()}
+        self.seed, self.streaming, self.shuffle_buffer = seed, streaming, shuffle_buffer
+        self._parts: dict[str, tuple[datasets.Dataset, str, np.ndarray]] = {}
+        self._stream: dict[str, StreamPart] = {}
+        if streaming:
+            streamed, self._base, self.dataset = load_stream(dataset, data_files, data_format, data_dir)
+            if max_samples is not None:
+                streamed = {k: (ds.take(max_samples), None if n is None else min(n, max_samples))
+                            for k, (ds, n) in streamed.items()}
+            self._stream = stream_splits({k: ds for k, (ds, _) in streamed.items()},
+                                         {k: n for k, (_, n) in streamed.items()}, splits, val_fraction,
+                                         test_fraction, seed)
+            self._stream_columns: dict[str, list[str]] = {}
+        else:
+            source, self._base, self.dataset = load_source(dataset, data_files, data_format, data_dir)
+            self._parts = pick_splits(source, splits, val_fraction, test_fraction, seed)
+            if max_samples is not None:
+                self._parts = {r: (ds.select(range(min(max_samples, len(ds)))), name, ids[:max_samples])
+                               for r, (ds, name, ids) in self._parts.items()}
         self._alias_columns(set(columns or {}))
         #: the modalities whose column the training split has: with no --model.encoders the columns decide
-        self.modalities: list[str] = [m for m in MODALITIES if self.columns[m] in self._parts["train"][0].column_names]
-        for role in self._parts:
+        self.modalities: list[str] = [m for m in MODALITIES if self.columns[m] in self._column_names("train")]
+        for role in self._roles():
             self._need_column(role, "label")
-        self.labels: list[str] = [str(x) for x in labels] if labels else infer_labels(
-            {role: ds for role, (ds, _, _) in self._parts.items()}, self.columns["label"])
+        if labels:
+            self.labels: list[str] = [str(x) for x in labels]
+        elif streaming:
+            self.labels = stream_labels(self._stream["train"], self.columns["label"])
+        else:
+            self.labels = infer_labels({role: ds for role, (ds, _, _) in self._parts.items()}, self.columns["label"])
         if not self.labels:
             raise DataError(f"label column {self.columns['label']!r} has no values; fill it or pass --data.labels.")
         self.bad_rows: dict[str, int] = {}
@@ -218,7 +234,7 @@ class FusionDataModule(pl.LightningDataModule):
 
     def _alias_columns(self, mapped: set[str]) -> None:
         """A role not mapped by the user whose own column is absent takes the one usual name present, if exactly one."""
-        names = self._parts["train"][0].column_names
+        names = self._column_names("train")
         for role, aliases in COLUMN_ALIASES.items():
             if role in mapped or self.columns[role] in names:
                 continue
@@ -227,6 +243,25 @@ class FusionDataModule(pl.LightningDataModule):
                 self.columns[role] = found[0]
                 rank_zero_info(f"data: using column {found[0]!r} as the {role} column (map another with "
                                f"--data.columns '{{\"{role}\": \"<column>\"}}').")
+
+    def _roles(self) -> list[str]:
+        return list(self._stream if self.streaming else self._parts)
+
+    def _column_names(self, role: str) -> list[str]:
+        """The columns of ``role``'s split (streamed: its declared features, else the keys of its first row)."""
+        if not self.streaming:
+            return list(self._parts[role][0].column_names)
+        if role not in self._stream_columns:
+            part = self._stream[role]
+            names = part.rows.column_names
+            if names is None:
+                first = next(iter(part.rows.take(1)), None)
+                if first is None:
+                    raise DataError(f"split {part.source!r} (used as {role}) is empty; add rows or choose another "
+                                    "split.")
+                names = list(first)
+            self._stream_columns[role] = list(names)
+        return self._stream_columns[role]
 
     # the model ---------------------------------------------------------------------------------
     def attach(self, model: Any) -> FusionDataModule:
@@ -255,12 +290,12 @@ class FusionDataModule(pl.LightningDataModule):
 
     # checks ------------------------------------------------------------------------------------
     def _need_column(self, role: str, key: str) -> None:
-        ds, source, _ = self._parts[role]
-        col = self.columns[key]
-        if col not in ds.column_names:
+        source = self._stream[role].source if self.streaming else self._parts[role][1]
+        col, names = self.columns[key], self._column_names(role)
+        if col not in names:
             drop = "" if key == "label" else f", or leave {key} out of --model.encoders"
             raise DataError(f"column {col!r} (the {key} column) is not in split {source!r}; available columns: "
-                            f"{ds.column_names}. Map yours with --data.columns '{{\"{key}\": \"<column>\"}}'{drop}.")
+                            f"{names}. Map yours with --data.columns '{{\"{key}\": \"<column>\"}}'{drop}.")
 
     def _check(self, role: str, model: Any) -> _Split:
         """Validate labels and cells of one split; drop (and count) bad rows or raise naming them."""
@@ -337,6 +372,11 @@ class FusionDataModule(pl.LightningDataModule):
         if signature != self._signature:
             self._signature, self._checked, self.bad_rows = signature, {}, {}
         roles = STAGE_SPLITS.get(stage, STAGE_SPLITS[None])
+        if self.streaming:  # rows are checked as their batches are built
+            for role in roles:
+                for key in ["label", *[m for m in MODALITIES if m in model.modalities]]:
+                    self._need_column(role, key)
+            return
         for role in roles:
             if role not in self._checked:
                 self._checked[role] = self._check(role, model)
@@ -363,8 +403,10 @@ class FusionDataModule(pl.LightningDataModule):
                                f"({self.cache.path(stats.key)})")
         return feats
 
-    def _loader(self, role: str, shuffle: bool) -> DataLoader | FeatureBatches:
+    def _loader(self, role: str, shuffle: bool) -> DataLoader | FeatureBatches | StreamLoader:
         model = self._get_model()
+        if self.streaming:
+            return self._stream_loader(role, model, shuffle)
         if role not in self._checked or self._signature is None or self._signature[0] != id(model):
             self.setup({"train": "fit", "validation": "validate"}.get(role, "test"))
         split = self._checked[role]
@@ -387,6 +429,26 @@ class FusionDataModule(pl.LightningDataModule):
         collate = RawCollate(preprocessors, {m: self.columns[m] for m in live}, self._base, role, cached)
         return self._make_loader(_Rows(split), shuffle, collate, workers)
 
+    def _stream_loader(self, role: str, model: Any, shuffle: bool) -> StreamLoader:
+        """Batches of a streamed split: every encoder runs each step (no feature cache)."""
+        self.setup({"train": "fit", "validation": "validate"}.get(role, "test"))
+        missing = [m for m in model.modalities if m not in model.encoders]
+        if missing:
+            raise DataError(f"this head-only model has no {missing} encoder(s) to preprocess raw data; build it "
+                            "with encoders (FusionModel(config)).")
+        part = self._stream[role]
+        features = part.rows.features
+        label_col = self.columns["label"]
+        encoder = LabelEncoder(model.config.labels, model.config.task,
+                               features[label_col] if features is not None and label_col in features else None)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = StreamBatches(part, {m: model.encoders[m].preprocessor for m in model.modalities},
+                                {m: self.columns[m] for m in model.modalities}, label_col, encoder, self._base,
+                                self.batch_size, shuffle, self.shuffle_buffer, self.seed, rank, world,
+                                self.on_bad_rows)
+        return StreamLoader(batches, self.num_workers)
+
     def _make_loader(self, dataset: Any, shuffle: bool, collate: Any, workers: dict[str, Any]) -> DataLoader:
         """Training order is a seeded shuffle per epoch that Lightning can checkpoint and resume mid-epoch."""
         if shuffle:
@@ -395,19 +457,27 @@ class FusionDataModule(pl.LightningDataModule):
         return DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate, **workers)
 
     @property
-    def train_size(self) -> int:
-        """Rows of the training split as read (before bad rows are dropped): what an epoch's length is sized by."""
+    def train_size(self) -> int | None:
+        """Rows of the training split as read (before bad rows are dropped): what an epoch's length is sized by
+        (None for a streamed split of unknown length)."""
+        if self.streaming:
+            return self._stream["train"].length
         return len(self._parts["train"][0])
 
     def train_features(self) -> dict[str, ModalityOutput]:
         """The training split's cached features (modality -> ModalityOutput over its N rows) of the modalities
         served from the cache; frozen encoders only (the feature standardisation is fitted on them)."""
+        if self.streaming:
+            return {}  # nothing is cached while streaming
         self._ensure_train()
         return self._features("train", self._get_model())
 
     def train_labels(self) -> Tensor:
         """The training split's labels after row checks ([N] class indices | [N, C] multilabel targets), for
         ``class_weights='balanced'``."""
+        if self.streaming:
+            raise DataError("class_weights='balanced' counts every training label up front, which --data.streaming "
+                            "does not read; give the weights (a list, or a dict label -> weight).")
         self._ensure_train()
         return self._checked["train"].labels
 
@@ -416,14 +486,14 @@ class FusionDataModule(pl.LightningDataModule):
         if "train" not in self._checked or self._signature is None or self._signature[0] != id(self._get_model()):
             self.setup("fit")
 
-    def train_dataloader(self) -> DataLoader | FeatureBatches:
+    def train_dataloader(self) -> DataLoader | FeatureBatches | StreamLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | FeatureBatches:
+    def val_dataloader(self) -> DataLoader | FeatureBatches | StreamLoader:
         return self._loader("validation", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader | FeatureBatches:
+    def test_dataloader(self) -> DataLoader | FeatureBatches | StreamLoader:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader | FeatureBatches:
+    def predict_dataloader(self) -> DataLoader | FeatureBatches | StreamLoader:
         return self._loader("test", shuffle=False)

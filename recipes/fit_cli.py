@@ -157,6 +157,9 @@ class FusionCLI(LightningCLI):
         dm = self.datamodule
         seed = self.config[self.subcommand].get("seed_everything")
         echo = print if self.trainer.is_global_zero else (lambda *_: None)
+        if getattr(dm, "streaming", False):  # the probe fits heads on cached features of the whole split
+            echo("encoders: the probe is off while streaming; training the named (or default) encoders and head")
+            return
         report = probe_encoders(dm, task.cfg, None if task.probe else {}, lr=task.optim.lr,
                                 batch_size=int(getattr(dm, "batch_size", 128)),
                                 seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,

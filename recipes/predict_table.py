@@ -63,7 +63,9 @@ def _folder_rows(root: Path) -> tuple[datasets.Dataset, Path]:
     if fmt.name == "tablefolder":
         raise DataError(f"{root} holds tables ({', '.join(sorted(split_tables(root).values()))}); give one of them "
                         "as --table, or a folder of image or audio files.")
-    parts = list(read(fmt, source).values())
+    splits = read(fmt, source)
+    assert isinstance(splits, datasets.DatasetDict)  # not streaming: every format reads its splits whole
+    parts = list(splits.values())
     if any("label" in p.column_names for p in parts):  # a split folder with files directly in it has no label
         parts = [p if "label" in p.column_names else p.add_column("label", [None] * len(p)) for p in parts]
     return datasets.concatenate_datasets(parts), root

@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import datasets
 
@@ -26,7 +26,7 @@ from fusion_errors import DataError, RegistryError
 from ..sources import get_source
 
 __all__ = ["DataFormat", "Source", "register_format", "get_format", "list_formats", "split_tables", "locate",
-           "pick_format", "read", "load_source"]
+           "pick_format", "read", "load_source", "load_stream"]
 
 Reads = Literal["files", "folder", "name"]
 #: split names a folder of per-split tables may use, in the order they are looked for
@@ -42,11 +42,14 @@ class Source:
             are already resolved against ``folder``.
         folder: ``--data.data_dir`` (or a ``--data.dataset`` that is a folder), absolute.
         name: ``--data.dataset`` when it is not a registered named source.
+        streaming: read the splits as iterables (``--data.streaming``); a format registered with ``streams=True``
+            returns an ``IterableDatasetDict`` then, the others are converted after reading.
     """
 
     files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     folder: Path | None = None
     name: str | None = None
+    streaming: bool = False
 
     @property
     def first(self) -> str:
@@ -61,7 +64,9 @@ class Source:
         return Path(self.first).resolve().parent if self.files else None
 
 
-Loader = Callable[[Source], datasets.DatasetDict]
+#: what a format's loader returns: the splits (an IterableDatasetDict from a ``streams`` format asked to stream)
+Splits: TypeAlias = datasets.DatasetDict | datasets.IterableDatasetDict
+Loader = Callable[[Source], Splits]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ class DataFormat:
         reads: ``files`` (claims files by ``suffixes``), ``folder`` (claims a folder ``sniff`` accepts) or ``name``
             (a dataset name, claimed when nothing local matches).
         rank: lower is asked first when a folder or name could be read by several formats.
+        streams: the loader honours ``Source.streaming`` (reads the splits lazily instead of converting them).
     """
 
     name: str
@@ -81,6 +87,7 @@ class DataFormat:
     sniff: Callable[[Source], bool] | None
     rank: int
     description: str
+    streams: bool = False
 
     def claims(self, source: Source) -> bool:
         """Whether this format reads ``source`` when no ``--data.data_format`` is given."""
@@ -91,13 +98,13 @@ class DataFormat:
         return self.sniff is not None and self.sniff(source)
 
 
-_REGISTRY: Registry[datasets.DatasetDict] = Registry("data format", package=__name__)
+_REGISTRY: Registry[Splits] = Registry("data format", package=__name__)
 _FORMATS: dict[str, DataFormat] = {}
 
 
 def register_format(name: str, *, reads: Reads = "files", suffixes: Sequence[str] = (),
                     sniff: Callable[[Source], bool] | None = None, rank: int = 100,
-                    description: str = "") -> Callable[[Loader], Loader]:
+                    description: str = "", streams: bool = False) -> Callable[[Loader], Loader]:
     """Decorator: register ``load(source) -> DatasetDict`` as ``--data.data_format name``.
 
     Args:
@@ -105,6 +112,8 @@ def register_format(name: str, *, reads: Reads = "files", suffixes: Sequence[str
         suffixes: file suffixes it claims (``".csv"``); they also find ``train<suffix>`` tables in a folder.
         sniff: for ``folder``/``name`` formats, whether it claims a source given without a format.
         rank: order among formats that claim the same source (lower first).
+        streams: ``load`` returns an ``IterableDatasetDict`` when ``source.streaming`` is set (else the splits
+            are read whole and converted with ``Dataset.to_iterable_dataset`` under ``--data.streaming``).
     """
     if reads not in ("files", "folder", "name"):
         raise RegistryError(f"data format {name!r}: reads={reads!r} must be 'files', 'folder' or 'name'.")
@@ -114,7 +123,7 @@ def register_format(name: str, *, reads: Reads = "files", suffixes: Sequence[str
     def wrap(load: Loader) -> Loader:
         _REGISTRY.register(name)(load)  # a duplicate name raises
         _FORMATS[name] = DataFormat(name, load, reads, tuple(s.lower() for s in suffixes), sniff, rank,
-                                    description or (load.__doc__ or "").strip().split("\n")[0])
+                                    description or (load.__doc__ or "").strip().split("\n")[0], streams)
         return load
 
     return wrap
@@ -214,7 +223,7 @@ def not_found(e: BaseException) -> DataError:
                      "directory, then from --data.data_dir).")
 
 
-def read(fmt: DataFormat, source: Source) -> datasets.DatasetDict:
+def read(fmt: DataFormat, source: Source) -> Splits:
     """``fmt``'s splits of ``source``; a file format given only a folder reads the folder's per-split tables.
 
     Errors a format does not translate itself become one-line DataErrors naming the data and the format.
@@ -257,4 +266,58 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
     source = locate(dataset, data_files, data_dir)
     fmt = pick_format(source, data_format)
     name = source.name if fmt.reads == "name" and source.folder is None else None  # a hub name goes on model cards
-    return read(fmt, source), source.base, name
+    splits = read(fmt, source)
+    if not isinstance(splits, datasets.DatasetDict):
+        raise DataError(f"data format {fmt.name!r} returned {type(splits).__name__} without --data.streaming; a "
+                        "format's loader returns a DatasetDict unless source.streaming is set.")
+    return splits, source.base, name
+
+
+Streamed = dict[str, tuple[datasets.IterableDataset, int | None]]  # split -> (its rows, its row count if known)
+
+
+def _streamed(splits: datasets.DatasetDict) -> Streamed:
+    return {name: (ds.to_iterable_dataset(), len(ds)) for name, ds in splits.items()}
+
+
+def _known_rows(split: datasets.IterableDataset, name: str, files: Sequence[str]) -> int | None:
+    """A streamed split's row count when the source states it: hub metadata or Parquet footers."""
+    info = split.info.splits
+    if info is not None and name in info and info[name].num_examples:
+        return int(info[name].num_examples)
+    if files and all(str(f).lower().endswith(".parquet") for f in files):
+        import pyarrow.parquet as pq
+
+        try:
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def load_stream(dataset: str, data_files: Any, data_format: str | None,
+                data_dir: str | None) -> tuple[Streamed, Path | None, str | None]:
+    """:func:`load_source` for ``--data.streaming``: every split as an iterable, with its row count when known.
+
+    Formats registered with ``streams=True`` (CSV, JSON, Parquet, a folder of them, a hub dataset) read lazily;
+    the others, and named sources, are read as usual and converted.
+    """
+    if data_files is None and data_dir is None:
+        named = get_source(dataset)
+        if named is not None:
+            splits, base = named.load()
+            return _streamed(splits), base, named.name
+    source = locate(dataset, data_files, data_dir)
+    fmt = pick_format(source, data_format)
+    name = source.name if fmt.reads == "name" and source.folder is None else None
+    if not fmt.streams:
+        return _streamed(read(fmt, source)), source.base, name
+    loaded = read(fmt, dataclasses.replace(source, streaming=True))
+    if isinstance(loaded, datasets.DatasetDict):  # a format that read its splits whole after all
+        return _streamed(loaded), source.base, name
+    files = source.files if source.files else (split_tables(source.folder) if source.folder else {})
+    out: Streamed = {}
+    for split, rows in loaded.items():
+        given = files.get(split, [])
+        out[split] = (rows, _known_rows(rows, split, [given] if isinstance(given, str) else list(given)))
+    return out, source.base, name

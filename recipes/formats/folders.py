@@ -15,7 +15,7 @@ import datasets
 from fusion_errors import DataError
 
 from .._columns import AUDIO_EXTS, IMAGE_EXTS, SPLIT_ALIASES
-from . import Source, get_format, pick_format, read, register_format, split_tables
+from . import Source, Splits, get_format, pick_format, read, register_format, split_tables
 
 
 def _has_tables(source: Source) -> bool:
@@ -29,8 +29,8 @@ def _holds(exts: set[str]) -> Callable[[Source], bool]:
     return sniff
 
 
-@register_format("tablefolder", reads="folder", sniff=_has_tables, rank=0)
-def read_tablefolder(source: Source) -> datasets.DatasetDict:
+@register_format("tablefolder", reads="folder", sniff=_has_tables, rank=0, streams=True)
+def read_tablefolder(source: Source) -> Splits:
     """A folder of ``train.csv``/``validation.csv``/``test.csv`` (any table format), or ``metadata.*`` as train."""
     assert source.folder is not None
     tables = split_tables(source.folder)
@@ -41,25 +41,31 @@ def read_tablefolder(source: Source) -> datasets.DatasetDict:
     for split, path in tables.items():
         one = Source(files={split: [path]}, folder=source.folder)
         groups.setdefault(pick_format(one).name, {})[split] = [path]
-    out = datasets.DatasetDict()
+    out: dict[str, Any] = {}
     for name, files in groups.items():
-        out.update(read(get_format(name), Source(files=files, folder=source.folder)))
-    return datasets.DatasetDict({split: out[split] for split in tables})
+        out.update(read(get_format(name), Source(files=files, folder=source.folder, streaming=source.streaming)))
+    if all(isinstance(v, datasets.Dataset) for v in out.values()):
+        return datasets.DatasetDict({split: out[split] for split in tables})
+    return datasets.IterableDatasetDict({split: _iterable(out[split]) for split in tables})
+
+
+def _iterable(split: datasets.Dataset | datasets.IterableDataset) -> datasets.IterableDataset:
+    return split.to_iterable_dataset() if isinstance(split, datasets.Dataset) else split
 
 
 @register_format("audiofolder", reads="folder", sniff=_holds(AUDIO_EXTS), rank=10)
-def read_audiofolder(source: Source) -> datasets.DatasetDict:
+def read_audiofolder(source: Source) -> Splits:
     """Audio files in class sub-folders (label = folder name), split sub-folders optional."""
     return _read_media(source, "audio", AUDIO_EXTS)
 
 
 @register_format("imagefolder", reads="folder", sniff=_holds(IMAGE_EXTS), rank=20)
-def read_imagefolder(source: Source) -> datasets.DatasetDict:
+def read_imagefolder(source: Source) -> Splits:
     """Image files in class sub-folders (label = folder name), split sub-folders optional."""
     return _read_media(source, "image", IMAGE_EXTS)
 
 
-def _read_media(source: Source, column: str, exts: set[str]) -> datasets.DatasetDict:
+def _read_media(source: Source, column: str, exts: set[str]) -> Splits:
     """Rows ``{column: path, label: class folder}`` per split; a folder with a metadata table reads that table."""
     root = source.folder
     assert root is not None

@@ -14,11 +14,11 @@ import datasets
 
 from fusion_errors import DataError
 
-from . import Source, not_found, register_format
+from . import Source, Splits, not_found, register_format
 
 
-@register_format("csv", suffixes=(".csv", ".tsv"), rank=0)
-def read_csv(source: Source) -> datasets.DatasetDict:
+@register_format("csv", suffixes=(".csv", ".tsv"), rank=0, streams=True)
+def read_csv(source: Source) -> Splits:
     """Comma-separated tables (semicolon, tab or pipe when the header says so); ``.tsv`` on tabs."""
     first = source.first
     kwargs: dict[str, Any] = {"delimiter": "\t"} if first.lower().endswith(".tsv") else {}
@@ -27,23 +27,26 @@ def read_csv(source: Source) -> datasets.DatasetDict:
     return read_with_datasets("csv", source, keep_default_na=False, na_values=[""], **kwargs)
 
 
-@register_format("json", suffixes=(".json", ".jsonl"), rank=1)
-def read_json(source: Source) -> datasets.DatasetDict:
+@register_format("json", suffixes=(".json", ".jsonl"), rank=1, streams=True)
+def read_json(source: Source) -> Splits:
     """A JSON array of rows, or JSON Lines (one object per line)."""
     return read_with_datasets("json", source)
 
 
-@register_format("parquet", suffixes=(".parquet",), rank=2)
-def read_parquet(source: Source) -> datasets.DatasetDict:
+@register_format("parquet", suffixes=(".parquet",), rank=2, streams=True)
+def read_parquet(source: Source) -> Splits:
     """Apache Parquet files."""
     return read_with_datasets("parquet", source)
 
 
-def read_with_datasets(builder: str, source: Source, **kwargs: Any) -> datasets.DatasetDict:
-    """``datasets.load_dataset(builder)`` over ``source.files``, its errors as one-line DataErrors."""
+def read_with_datasets(builder: str, source: Source, **kwargs: Any) -> Splits:
+    """``datasets.load_dataset(builder)`` over ``source.files`` (lazily with ``source.streaming``: an
+    ``IterableDatasetDict``), its errors as one-line DataErrors."""
     files = {k: list(v) for k, v in source.files.items()}
     first = source.first
     try:
+        if source.streaming:
+            return datasets.load_dataset(builder, data_files=files, streaming=True, **kwargs)
         return datasets.load_dataset(builder, data_files=files, **kwargs)
     except FileNotFoundError as e:
         raise not_found(e) from e

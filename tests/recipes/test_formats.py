@@ -94,6 +94,20 @@ def test_every_format_reads_its_sample_through_the_data_module(name: str, tmp_pa
         assert FusionDataModule(**data, cache_features=False).labels == labels
 
 
+@pytest.mark.parametrize("name", formats.list_formats())
+def test_every_format_streams_the_rows_it_reads(name: str, tmp_path: Path) -> None:
+    """``--data.streaming`` reads the same rows: lazily where the format streams, converted where it does not."""
+    data, _, _ = SAMPLES[name](tmp_path)
+    args = (data.get("dataset", ""), data.get("data_files"), name, data.get("data_dir"))
+    whole, base, _ = formats.load_source(*args)
+    streamed, streamed_base, _ = formats.load_stream(*args)
+    assert set(streamed) == set(whole) and streamed_base == base
+    for split, (rows, total) in streamed.items():
+        assert [dict(r) for r in rows] == [dict(r) for r in whole[split]]
+        assert total in (None, len(whole[split]))
+    assert all(isinstance(rows, datasets.IterableDataset) for rows, _ in streamed.values())
+
+
 def test_a_name_that_is_nothing_local_is_a_hub_dataset() -> None:
     assert formats.pick_format(formats.locate("user/some-dataset", None, None)).name == "hub"
 
