@@ -59,12 +59,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "scale_rss_mb_per_100k_rows_tokens": ("<=", 300.0),
     "scale_warm_rowcheck_seconds_per_100k": ("<=", 2.0),
     "ddp_encode_share": ("<=", 0.55),
+    # a streamed table (--data.streaming) holds a shuffle buffer and a batch per worker, whatever its length
+    "scale_rss_mb_per_100k_rows_stream": ("<=", 25.0),
 }
 # steps that run only when --only names them (minutes each); their keys keep their previous values otherwise
 OPTIONAL_STEPS = {"scale_pooled": ("scale_rss_mb_per_100k_rows",),
                   "scale_tokens": ("scale_rss_mb_per_100k_rows_tokens",),
                   "scale_rowcheck": ("scale_warm_rowcheck_seconds_per_100k",),
-                  "ddp_encode": ("ddp_encode_share",)}
+                  "ddp_encode": ("ddp_encode_share",),
+                  "scale_stream": ("scale_rss_mb_per_100k_rows_stream",)}
 TARGETS.update(SERVE_TARGETS)
 
 
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated steps to run (sweep_cache_speedup, head_step_share, inference, "
                         "pipeline_headroom, partial_finetune, serve_load, cache_encode, cached_step, cli_startup, "
                         "main_job; optional, only when named here: scale_pooled, scale_tokens, scale_rowcheck, "
-                        "ddp_encode); the keys of the others keep their values from the previous results.json")
+                        "scale_stream, ddp_encode); the keys of the others keep their values from the previous "
+                        "results.json")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/report.md")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the in-process measurements (default: torch's); 1 gives stable "
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
              ("cache_encode", cache_encode_speedup), ("cached_step", cached_step_overhead),
              ("cli_startup", cli_startup_seconds), ("scale_pooled", scale_rss),
              ("scale_tokens", lambda: scale_rss(tokens=True)), ("scale_rowcheck", warm_rowcheck),
-             ("ddp_encode", ddp_encode_share)]
+             ("ddp_encode", ddp_encode_share), ("scale_stream", lambda: scale_rss(stream=True))]
     only = set(args.only.split(",")) if args.only else None
     if only is not None and (unknown := only - {name for name, _ in steps} - {"main_job"}):
         p.error(f"--only: unknown steps {sorted(unknown)}")

@@ -85,11 +85,14 @@ def _peak_mb(stderr: str) -> float | None:
     return None
 
 
-def _fit(table: Path, cache: Path, run: Path, tokens: bool, timeout: float) -> tuple[float, float | None, str]:
+def _fit(table: Path, cache: Path, run: Path, tokens: bool, timeout: float,
+         stream: bool = False) -> tuple[float, float | None, str]:
     args = ["--data.data_files", str(table), "--data.cache_dir", str(cache), ENCODERS, "--trainer.max_epochs", "1",
             "--trainer.default_root_dir", str(run), "--model.hidden_dim", "64"]
     if tokens:
         args += ["--model.fuse_tokens", "true", "--model.fusion_head", "cross_attention"]
+    if stream:
+        args += ["--data.streaming", "true"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
@@ -107,9 +110,14 @@ def _tables_root(tmp: str, keep: Path | None) -> Path:
 
 
 def scale_rss(tokens: bool = False, sizes: tuple[int, ...] | None = None, timeout: float = 7200.0,
-              keep: Path | None = None) -> dict[str, Any]:
-    """Peak RSS of a cold 1-epoch fit at each size; the least-squares slope in MB per 100k rows."""
-    key = "scale_rss_mb_per_100k_rows" + ("_tokens" if tokens else "")
+              keep: Path | None = None, stream: bool = False) -> dict[str, Any]:
+    """Peak RSS of a cold 1-epoch fit at each size; the least-squares slope in MB per 100k rows.
+
+    ``stream``: the fit reads the table with ``--data.streaming`` (no feature cache, encoders every step), whose
+    memory should not grow with the table at all.
+    """
+    key = "scale_rss_mb_per_100k_rows" + ("_tokens" if tokens else "") + ("_stream" if stream else "")
+    mode = "stream" if stream else ("tokens" if tokens else "pooled")
     sizes = tuple(sorted(sizes or _sizes()))
     with tempfile.TemporaryDirectory(prefix="fz-scale-") as tmp:
         root = _tables_root(tmp, keep)
@@ -117,18 +125,18 @@ def scale_rss(tokens: bool = False, sizes: tuple[int, ...] | None = None, timeou
         for n in sizes:
             table = root / f"table-{n}.csv"
             table = table if table.is_file() else write_table(root, n)
-            cache = root / f"cache-{n}-{'tokens' if tokens else 'pooled'}"
-            run = root / f"run-{n}-{'tokens' if tokens else 'pooled'}"
+            cache, run = root / f"cache-{n}-{mode}", root / f"run-{n}-{mode}"
             for old in (cache, run):  # cold: encoding included, and a new run folder
                 shutil.rmtree(old, ignore_errors=True)
             try:
-                seconds, peak, _ = _fit(table, cache, run, tokens, timeout)
+                seconds, peak, _ = _fit(table, cache, run, tokens, timeout, stream)
             finally:
                 shutil.rmtree(cache, ignore_errors=True)  # GBs at 400k rows; the tables are what is worth keeping
             per[n] = {"seconds": round(seconds, 1), "peak_mb": peak}
         peaks = {n: p["peak_mb"] for n, p in per.items() if p["peak_mb"] is not None}
         slope = slope_per_100k(peaks) if len(peaks) == len(sizes) >= 2 else None
-    kind = "token features, cross_attention" if tokens else "pooled features, concat"
+    kind = {"stream": "streamed table (--data.streaming, no cache), concat", "tokens": "token features, "
+            "cross_attention", "pooled": "pooled features, concat"}[mode]
     return {key: slope, "per_size": per, "setup": f"tiny-text + pixels, 1 epoch, cold cache, {kind}, sizes "
             f"{', '.join(str(n) for n in sizes)} (least-squares slope)"}
 

@@ -90,6 +90,37 @@ def test_two_nodes_encode_each_input_once_and_match_one_process(tmp_path: Path) 
     assert abs(single - double) <= 3 * (2 * p * (1 - p) / n) ** 0.5 + 1e-9, (single, double)
 
 
+def test_two_nodes_stream_a_table_with_equal_batches_and_match_one_process(tmp_path: Path) -> None:
+    """``--data.streaming`` under DDP: each process reads its own rows and gets as many batches as the other (a
+    process with one more batch would wait forever at the gradient exchange, and the timeout would fail this)."""
+    table = _table(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    stream = ["--data.streaming", "true", "--data.batch_size", "32"]
+    one = subprocess.run([*_args(table, tmp_path / "c1", tmp_path / "one"), *stream], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port, procs = _port(), []
+    for node in (0, 1):
+        node_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node),
+                    "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+        args = [*_args(table, tmp_path / "c2", tmp_path / "two"), *stream, "--trainer.num_nodes", "2",
+                "--trainer.devices", "1", "--trainer.strategy", "ddp"]
+        procs.append(subprocess.Popen(args, cwd=tmp_path, env=node_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert not list((tmp_path / "c2").glob("*.features"))  # nothing is cached while streaming
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())["test"]["fused"]
+    double = json.loads((tmp_path / "two" / "metrics.json").read_text())["test"]["fused"]
+    p, n = (single["accuracy"] + double["accuracy"]) / 2, single["n"]
+    assert abs(single["accuracy"] - double["accuracy"]) <= 3 * (2 * p * (1 - p) / n) ** 0.5 + 1e-9, (single, double)
+
+
 # the shared encode inside one process group, without Lightning -------------------------------------------------
 class _Chars(Preprocessor):
     modality = "text"
