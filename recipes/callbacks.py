@@ -87,8 +87,9 @@ class ResumeCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         states, self._loader_states = self._loader_states, []
-        stateful = (ResumableDataLoader, StreamLoader)
-        loaders = [dl for dl in _flatten(trainer.train_dataloader) if isinstance(dl, stateful)]
+        # a StreamLoader of unknown length was handed its state by Lightning before its first (look-ahead) fetch
+        loaders = [dl for dl in _flatten(trainer.train_dataloader)
+                   if isinstance(dl, ResumableDataLoader) or (isinstance(dl, StreamLoader) and dl.sized)]
         if states and len(states) == len(loaders):
             for loader, state in zip(loaders, states, strict=True):
                 loader.load_state_dict(state)

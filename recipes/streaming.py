@@ -317,6 +317,10 @@ class StreamLoader:
 
     Lightning sets the epoch through ``sampler.set_epoch`` and saves ``state_dict()`` with a checkpoint; its length
     is known when the part's row count is (else ``len()`` raises TypeError and Lightning counts as it goes).
+
+    Resuming: a loop fetches a loader of unknown length one batch ahead (to see the end coming), so the batches it
+    trained on are those handed over less one until the epoch ran out. Lightning hands the saved state over before
+    that first fetch but sets the epoch after it, so a pending resume also says which epoch the iterator is in.
     """
 
     def __init__(self, batches: StreamBatches, num_workers: int = 0) -> None:
@@ -325,8 +329,16 @@ class StreamLoader:
         self.batch_sampler = None
         self.batch_size = batches.batch_size
         self.bad_rows = 0
-        self._consumed: dict[int, int] = {}
+        self._base: dict[int, int] = {}  # worker -> batches a resumed epoch skipped
+        self._order: list[int] = []  # the worker of each batch handed over since (this epoch)
+        self._finished = False  # the epoch's batches ran out
         self._resume: tuple[int, dict[int, int]] | None = None
+        self._next_epoch: int | None = None  # a resume from an epoch's end: the epoch the next iterator starts
+
+    @property
+    def sized(self) -> bool:
+        """Whether the length is known (then no loop fetches ahead)."""
+        return self.batches.part.total is not None
 
     def __len__(self) -> int:
         rows = self.batches.part.length
@@ -340,27 +352,42 @@ class StreamLoader:
         return sum(-(-(rows // workers + (1 if w < rows % workers else 0)) // b) for w in range(workers))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.sampler.epoch
-        self.batches.epoch = epoch
         skip: dict[int, int] = {}
+        if self._next_epoch is not None:
+            self.sampler.epoch, self._next_epoch = max(self.sampler.epoch, self._next_epoch), None
         if self._resume is not None:
-            if self._resume[0] == epoch:
+            if not self.sized:  # started before Lightning sets the epoch: the saved one is the epoch it resumes
+                self.sampler.epoch = max(self.sampler.epoch, self._resume[0])
+            if self._resume[0] == self.sampler.epoch:
                 skip = dict(self._resume[1])
             self._resume = None
+        epoch = self.batches.epoch = self.sampler.epoch
         self.batches.skip = skip
-        self._consumed = dict(skip)
+        self._base, self._order, self._finished = dict(skip), [], False
         loader = DataLoader(self.batches, batch_size=None, num_workers=self.num_workers)
         for batch in loader:
-            worker, number, bad = batch.pop("stream")
-            self._consumed[int(worker)] = int(number) + 1
+            worker, _, bad = batch.pop("stream")
+            self._order.append(int(worker))
             self.bad_rows += int(bad)
             yield batch
+        if self.sampler.epoch == epoch:
+            self._finished = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "batches": sum(self._consumed.values()),
-                "workers": {str(w): n for w, n in self._consumed.items()}}
+        """The epoch, the batches the loop trained on (``batches``), whether the epoch ran out, and the worker of
+        each batch handed over (with what a resume skipped before: ``base``)."""
+        ahead = 0 if (self.sized or self._finished or not self._order) else 1
+        return {"epoch": self.sampler.epoch, "batches": sum(self._base.values()) + len(self._order) - ahead,
+                "finished": self._finished, "base": {str(w): n for w, n in self._base.items()},
+                "order": list(self._order[:len(self._order) - ahead])}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        workers = {int(w): int(n) for w, n in dict(state.get("workers", {})).items()}
+        """Resume the saved epoch after the batches the loop trained on (the next epoch when it ran out)."""
+        if state.get("finished"):
+            self._next_epoch = int(state["epoch"]) + 1
+            return
+        workers = {int(w): int(n) for w, n in dict(state.get("base", {})).items()}
+        for w in state.get("order", []):
+            workers[int(w)] = workers.get(int(w), 0) + 1
         if any(workers.values()):
             self._resume = (int(state["epoch"]), workers)

@@ -548,7 +548,13 @@ class FusionTask(pl.LightningModule):
         # the fused kernel (one call for all tensors) on CPU/CUDA: ~20% of a head-only step on cached features
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, fused=fused or None)
-        total = float(self.trainer.estimated_stepping_batches)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "streaming", False) and getattr(datamodule, "train_size", 0) is None:
+            # a stream of unknown length: no step count, and counting would start the loader before a resume
+            # hands it its position (Lightning fetches such a loader one batch ahead)
+            total = math.inf
+        else:
+            total = float(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim.warmup_ratio * total) if math.isfinite(total) else 0
 
         def schedule(step: int) -> float:

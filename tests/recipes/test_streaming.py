@@ -169,12 +169,17 @@ def test_a_resumed_epoch_goes_on_where_it_stopped(folder, model):
     loader = make(folder, num_workers=0).attach(model).train_dataloader()
     it = iter(loader)
     done = [int(i) for _ in range(3) for i in next(it)["index"]]
+    assert done == whole[:24]
     state = loader.state_dict()
-    assert state["batches"] == 3
+    assert state["batches"] == 2  # a loader of unknown length is read one batch ahead by the loop
     resumed = make(folder).attach(model).train_dataloader()
     resumed.load_state_dict(state)
-    assert done + positions(resumed) == whole
+    assert positions(resumed) == whole[16:]
     assert positions(resumed) == whole  # the skip applies to the resumed epoch only
+    resumed.load_state_dict(resumed.state_dict())  # saved after the epoch ran out: the next one starts whole
+    assert resumed.state_dict()["finished"]
+    again = positions(resumed)
+    assert sorted(again) == list(range(N)) and again != whole and resumed.sampler.epoch == 1
 
 
 def test_streaming_refuses_balanced_class_weights_in_one_line(folder, model):
@@ -200,3 +205,74 @@ def test_fit_streams_a_table_end_to_end(folder, tmp_path):
     assert code in (0, None)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+KILLING_FIT = """
+import os, signal, sys
+import pytorch_lightning as pl
+from recipes import cli, fit_cli
+
+class Kill(pl.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+class KillingCLI(fit_cli.FusionCLI):
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(Kill())
+        return trainer
+
+if os.environ.get("KILL_AT"):
+    fit_cli.FusionCLI = KillingCLI
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])  # length unknown (read ahead) / known from the footers
+def test_a_streamed_fit_killed_mid_epoch_resumes_exactly(folder, tmp_path, kind):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if kind == "parquet":
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "img").symlink_to(folder / "img")
+        for split in ("train", "validation", "test"):
+            pd.read_csv(folder / f"{split}.csv").to_parquet(data / f"{split}.parquet")
+        folder = data
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    args = ["fit", "--data.data_dir", str(folder), "--data.streaming", "true", "--data.batch_size", "8",
+            "--data.shuffle_buffer", "16", "--model.encoders={text: tiny-text, image: pixels}",
+            "--model.hidden_dim", "16", "--model.dropout", "0.2", "--trainer.max_epochs", "2",
+            "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "2",
+            "--seed_everything", "0"]
+
+    def fit(run: str, *extra: str, kill: int | None = None) -> subprocess.CompletedProcess:
+        e = {**env, "KILL_AT": str(kill)} if kill is not None else env
+        return subprocess.run([sys.executable, "-c", KILLING_FIT, *args, "--trainer.default_root_dir",
+                               str(tmp_path / run), *extra], cwd=tmp_path, env=e, capture_output=True, text=True,
+                              timeout=300)
+
+    ref = fit("ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = fit("crash", kill=11)  # 60 rows / 8 = 8 steps an epoch: step 11 is mid-epoch 1, after step 10's save
+    assert killed.returncode < 0, killed.stderr[-2000:]
+    last = tmp_path / "crash" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 10
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 2
+    resumed = fit("crash", "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    want = json.loads((tmp_path / "ref" / "metrics.json").read_text())["test"]["fused"]["accuracy"]
+    assert json.loads((tmp_path / "crash" / "metrics.json").read_text())["test"]["fused"]["accuracy"] == want
