@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recipes.modular_cli import accuracy, relabel  # noqa: E402
+from recipes.modular_cli import accuracy, predictions, relabel  # noqa: E402
 from recipes.settings import OptimConfig  # noqa: E402
 from recipes.sweep.features import cached_features  # noqa: E402
 from recipes.sweep.train import CachedFeatureTask, SplitFeatures, feature_loader  # noqa: E402
@@ -46,6 +46,7 @@ from zoo.config import FusionModelConfig  # noqa: E402
 from zoo.model import FusionModel  # noqa: E402
 from zoo.modular import (  # noqa: E402
     calibrate,
+    calibrate_replacement,
     compose,
     decompose,
     replace_module,
@@ -77,8 +78,6 @@ def train(cfg: FusionModelConfig, data: SplitFeatures, val: SplitFeatures, seed:
 
 def per_class(model: FusionModel, split: SplitFeatures) -> list[float]:
     """Test accuracy of each class [C]."""
-    from recipes.modular_cli import predictions
-
     pred, y = predictions(model, split.feats), split.labels.long()
     return [float((pred[y == c] == c).float().mean()) if bool((y == c).any()) else float("nan")
             for c in range(model.config.num_outputs)]
@@ -110,29 +109,39 @@ def overhead(cfg: FusionModelConfig, weights: dict[str, float], data: SplitFeatu
 def _other_rows_change(weak: FusionModel, repaired: FusionModel, split: SplitFeatures, target: int) -> float:
     """Accuracy change on the rows of every class but ``target``, together (per class, one test row can be
     several points)."""
-    from recipes.modular_cli import predictions
-
     y = split.labels.long()
     rows = y != target
     before, after = predictions(weak, split.feats)[rows], predictions(repaired, split.feats)[rows]
     return float((after == y[rows]).float().mean() - (before == y[rows]).float().mean())
 
 
+def layer_overlap(modules: list[Any]) -> dict[str, float]:
+    """Mean pairwise Jaccard of kept units, per unit layer."""
+    return {layer: mean(unit_jaccard(modules, [layer])) for layer in sorted(modules[0].masks)}
+
+
 def tradeoff(model: FusionModel, va: SplitFeatures, te: SplitFeatures, coverages: list[float],
-             weight_coverage: float | None) -> dict[str, dict[str, float]]:
-    """Module share, unit overlap and decompose cost at each unit ``coverages`` (one trained model)."""
+             weight_coverage: float | None, rules: tuple[str, ...] = ("all",)) -> dict[str, dict[str, Any]]:
+    """Module share, unit overlap (all layers and per layer) and decompose cost at each unit ``coverages`` and
+    each rule of choosing a class's units (``rules``: decompose's ``rows``; keys ``"<coverage>"`` for "all",
+    ``"<coverage>/<rule>"`` for the others), on one trained model."""
     acc = accuracy(model, te)
     out = {}
-    for cov in coverages:
-        modules = decompose(model, va.feats, cov, weight_coverage=weight_coverage)
-        out[str(cov)] = {"module_share": mean(float(m.stats["weight_share"]) for m in modules),
-                         "overlap": mean(unit_jaccard(modules)),
-                         "decompose_cost": acc - accuracy(compose(modules, with_encoders=False), te)}
+    for rule in rules:
+        for cov in coverages:
+            modules = decompose(model, va.feats, cov, weight_coverage=weight_coverage, rows=rule)
+            out[str(cov) if rule == "all" else f"{cov}/{rule}"] = {
+                "module_share": mean(float(m.stats["weight_share"]) for m in modules),
+                "overlap": mean(unit_jaccard(modules)), "layer_overlap": layer_overlap(modules),
+                "weight_coverage": float(modules[0].stats["weight_coverage"]),
+                "hidden_coverage": float(modules[0].stats["hidden_coverage"]),
+                "decompose_cost": acc - accuracy(compose(modules, with_encoders=False), te)}
     return out
 
 
 def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: float,
-             weight_coverage: float | None = None, coverages: list[float] | None = None) -> dict[str, Any]:
+             weight_coverage: float | None = None, coverages: list[float] | None = None,
+             rules: tuple[str, ...] = ("all",)) -> dict[str, Any]:
     """Every figure for one seed and one config (with or without the objectives); ``coverages``: also the
     share / overlap / cost trade-off at those unit coverages."""
     labels = list(cfg.labels)
@@ -143,32 +152,52 @@ def run_seed(fs: Any, cfg: FusionModelConfig, seed: int, epochs: int, coverage: 
     decompose_s = time.perf_counter() - t
     composed = compose(modules, with_encoders=False)
     acc, acc_c = accuracy(model, te), accuracy(composed, te)
-    # reuse: the first half of the classes
+    # reuse: the first half of the classes; the compute a user spends is compose + calibrate (modules are
+    # decomposed once and shipped), decomposition is timed apart
     sub = labels[: len(labels) // 2]
     tr_s, va_s, te_s = (relabel(s, sub) for s in (tr, va, te))
-    alone, sub_epoch_s = train(cfg.replace(labels=tuple(sub)), tr_s, va_s, seed, epochs)
+    t = time.perf_counter()
+    alone, _ = train(cfg.replace(labels=tuple(sub)), tr_s, va_s, seed, epochs)
+    sub_train_s = time.perf_counter() - t
+    t = time.perf_counter()
     reused = compose([m for m in modules if m.label in sub], with_encoders=False)
     calibrate(reused, va_s.feats, va_s.labels)
-    # replacement: the last class under-represented
+    compose_s = time.perf_counter() - t
+    # replacement: the last class under-represented; the swapped class calibrated by the bounded rule
+    # (calibrate_replacement) and, for comparison, by cross-entropy
     target = len(labels) - 1
     weak, _ = train(cfg, _subsample(tr, target, 0.05, seed), va, seed, epochs)
     donor = modules[target]
+    before = per_class(weak, te)
     repaired = replace_module(weak, labels[target], donor)
     calibrate(repaired, va.feats, va.labels, classes=[target])
-    before, after = per_class(weak, te), per_class(repaired, te)
+    ce = per_class(repaired, te)
+    ce_rows = _other_rows_change(weak, repaired, te, target)
+    fit = calibrate_replacement(repaired, va.feats, va.labels, target, predictions(weak, va.feats))
+    after = per_class(repaired, te)
+
+    def other_change(x: list[float]) -> float:
+        return max(abs(a - b) for i, (a, b) in enumerate(zip(x, before, strict=True)) if i != target)
+
     return {
         "accuracy": acc, "composed_accuracy": acc_c, "decompose_cost": acc - acc_c,
         "module_share": mean(float(m.stats["weight_share"]) for m in modules),
         "overlap": mean(unit_jaccard(modules)), "weight_overlap": mean(weight_jaccard(modules)),
+        "layer_overlap": layer_overlap(modules),
         "weight_coverage": float(modules[0].stats["weight_coverage"]),
+        "hidden_coverage": float(modules[0].stats["hidden_coverage"]),
         "reuse_gap": accuracy(alone, te_s) - accuracy(reused, te_s),
-        "reuse_compute_ratio": sub_epoch_s * epochs / max(decompose_s, 1e-9),
+        "subset_train_s": sub_train_s, "compose_calibrate_s": compose_s, "decompose_s": decompose_s,
+        "reuse_compute_ratio": sub_train_s / max(compose_s, 1e-9),
+        "decompose_compute_ratio": sub_train_s / max(decompose_s, 1e-9),
         "replace_gain": after[target] - before[target],
-        "replace_other_change": max(abs(a - b) for i, (a, b) in enumerate(zip(after, before, strict=True))
-                                    if i != target),
+        "replace_other_change": other_change(after),
         "replace_other_rows_change": _other_rows_change(weak, repaired, te, target),
+        "replace_val_target_recall": fit["target_recall"],
+        "replace_gain_ce": ce[target] - before[target], "replace_other_change_ce": other_change(ce),
+        "replace_other_rows_change_ce": ce_rows,
         "epoch_seconds": epoch_s,
-        **({"tradeoff": tradeoff(model, va, te, coverages, weight_coverage)} if coverages else {}),
+        **({"tradeoff": tradeoff(model, va, te, coverages, weight_coverage, rules)} if coverages else {}),
     }
 
 
@@ -187,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--overhead-rounds", type=int, default=5)
     p.add_argument("--tradeoff", default="", help="unit coverages to also measure share / overlap / cost at on "
                                                   "seed 0, comma-separated, e.g. 0.8,0.7,0.6")
+    p.add_argument("--tradeoff-rows", default="all", help="rules choosing a class's units for the trade-off "
+                                                          "(decompose's rows), comma-separated: all,own,own-hidden")
     p.add_argument("--no-write", action="store_true", help="print the figures, leave results.json alone")
     p.add_argument("--no-headline", action="store_true",
                    help="write only modular_<name> (the summary), not the headline modular_* figures")
@@ -205,8 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, weights in (("plain", None), ("modular", DEFAULT_WEIGHTS)):
         covs = [float(x) for x in args.tradeoff.split(",") if x]
         rows = [run_seed(fs, base.replace(modularity=weights), s, args.epochs, args.coverage, args.weight_coverage,
-                         covs if s == 0 else None) for s in range(args.seeds)]
-        results[name] = {k: mean(r[k] for r in rows) for k in rows[0] if k != "tradeoff"}
+                         covs if s == 0 else None, tuple(args.tradeoff_rows.split(","))) for s in range(args.seeds)]
+        results[name] = {k: mean(r[k] for r in rows) for k in rows[0] if k not in ("tradeoff", "layer_overlap")}
+        results[name]["layer_overlap"] = {k: mean(r["layer_overlap"][k] for r in rows)
+                                          for k in rows[0]["layer_overlap"]}
+        results[name]["per_seed"] = [{k: v for k, v in r.items() if k != "tradeoff"} for r in rows]
         if covs:
             results[name]["tradeoff_seed0"] = rows[0]["tradeoff"]
         print(name, json.dumps(results[name], indent=1), flush=True)

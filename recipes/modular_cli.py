@@ -25,6 +25,7 @@ from zoo.modular import (
     ModuleError,
     as_modules,
     calibrate,
+    calibrate_replacement,
     compose,
     decompose,
     load_module,
@@ -51,7 +52,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="share of each weight matrix's attribution a module keeps; the rest is pruned to zero "
                             "(1.0: no weight pruning; default auto: the most pruning that keeps 99%% of the "
                             "model's predictions on --split, docs/modularity.md)")
+        p.add_argument("--hidden-coverage", type=_weight_coverage, default=None,
+                       help="--coverage of the hidden activation layers (head_hidden, trunk_hidden); default auto: "
+                            "the fewest units from --coverage up that keep 99%% of the model's predictions")
         p.add_argument("--split", choices=SPLITS, default="train", help="rows whose activations choose the units")
+        p.add_argument("--rows", choices=("all", "own", "own-hidden"), default="all",
+                       help="which of those rows choose a class's units: all (default; keeps the units that hold "
+                            "the class's score down elsewhere), own (the rows predicted as the class, MODA's rule) "
+                            "or own-hidden (own on the hidden activation layers only); docs/modularity.md")
     elif command == "compose":
         p.add_argument("modules", nargs="+", help="module folders written by fusion-zoo decompose")
     else:
@@ -146,20 +154,24 @@ def _decompose(args: argparse.Namespace, data: dict[str, Any] | None) -> int:
     if args.split not in splits:
         raise DataError(f"the data has no {args.split} split; use --split train.")
     modules = decompose(model, splits[args.split].feats, args.coverage, source=str(args.model),
-                        weight_coverage=args.weight_coverage)
+                        weight_coverage=args.weight_coverage, rows=args.rows,
+                        hidden_coverage=args.hidden_coverage)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for mod in modules:
         save_module(mod, out / _safe(mod.label))
     composed = compose(modules, with_encoders=False)
     test = splits["test"]
-    report = {"model": str(args.model), "coverage": args.coverage,
+    report = {"model": str(args.model), "coverage": args.coverage, "rows": args.rows,
               "weight_coverage": modules[0].stats["weight_coverage"],
+              "hidden_coverage": modules[0].stats["hidden_coverage"],
               "split": args.split,
               "modules": {m.label: {"folder": _safe(m.label), "weight_share": m.stats.get("weight_share"),
                                     "units": m.stats["units"]} for m in modules},
               "mean_weight_share": mean(float(m.stats.get("weight_share", 0.0)) for m in modules),
               "mean_jaccard": mean(unit_jaccard(modules)) if len(modules) > 1 else 0.0,
+              "layer_jaccard": {k: mean(unit_jaccard(modules, [k])) for k in sorted(modules[0].masks)}
+              if len(modules) > 1 else {},
               "mean_weight_jaccard": mean(weight_jaccard(modules)) if len(modules) > 1 else 0.0,
               "test_accuracy_original": accuracy(model, test), "test_accuracy_composed": accuracy(composed, test)}
     _write_json(out / "decomposition.json", report)
@@ -176,18 +188,37 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
 
 
-def _calibrated(model: FusionModel, data: dict[str, Any] | None, classes: Sequence[int] | None = None) -> str:
-    """Calibrate ``model`` (its ``classes``' columns; None: all) on the data's validation split (train when there is
+def _calibrated(model: FusionModel, data: dict[str, Any] | None) -> str:
+    """Calibrate every column of the composed ``model`` on the data's validation split (train when there is
     none); returns a note."""
     if data is None:
         return "uncalibrated (raw module logits; pass --data.* to calibrate on a validation split)"
     splits = split_features(model, data)
     split = "val" if "val" in splits else "train"
     fit = calibrate(model, relabel(splits[split], model.config.labels).feats,
-                    relabel(splits[split], model.config.labels).labels, classes=classes)
+                    relabel(splits[split], model.config.labels).labels)
     test = relabel(splits["test"], model.config.labels)
     return (f"calibrated on {split} (accuracy {fit['val_accuracy_before']:.4f} -> {fit['val_accuracy_after']:.4f}); "
             f"test accuracy {accuracy(model, test):.4f}")
+
+
+def _calibrated_replacement(repaired: FusionModel, model: FusionModel, label: str, data: dict[str, Any] | None
+                            ) -> str:
+    """Calibrate the swapped-in class of ``repaired`` on the validation split (train when there is none) by the
+    bounded rule (``zoo.modular.calibrate_replacement``: no other class loses more than half a point of its
+    validation accuracy against ``model``); returns a note."""
+    if data is None:
+        return "uncalibrated (raw module logits; pass --data.* to calibrate on a validation split)"
+    splits = split_features(model, data)
+    split = "val" if "val" in splits else "train"
+    rows = relabel(splits[split], model.config.labels)
+    target = list(repaired.config.labels).index(label)
+    fit = calibrate_replacement(repaired, rows.feats, rows.labels, target, predictions(model, rows.feats))
+    test = relabel(splits["test"], model.config.labels)
+    return (f"{label!r} calibrated on {split} (scale {fit['scale']:.3g}, bias {fit['bias']:.3g}; its recall "
+            f"{fit['target_recall']:.4f}, accuracy {fit['val_accuracy_before']:.4f} -> "
+            f"{fit['val_accuracy_after']:.4f}, no other class down more than 0.5 points); test accuracy "
+            f"{accuracy(repaired, test):.4f}")
 
 
 def _compose(args: argparse.Namespace, data: dict[str, Any] | None) -> int:
@@ -211,7 +242,7 @@ def _replace(args: argparse.Namespace, data: dict[str, Any] | None) -> int:
             raise ModuleError(f"{args.source} has no class {args.label!r}; its labels are {list(other.config.labels)}.")
         new = found[0]
     repaired = replace_module(model, args.label, new, source=str(args.model))
-    note = _calibrated(repaired, data, classes=[list(repaired.config.labels).index(args.label)])
+    note = _calibrated_replacement(repaired, model, args.label, data)
     repaired.save_pretrained(args.output, notes=f"{args.model} with class {args.label!r} from {args.source} "
                                                 f"({note}); docs/modularity.md.")
     print(f"replaced {args.label!r} with the module from {args.source}: {args.output} ({note})")

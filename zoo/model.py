@@ -54,6 +54,45 @@ class FusionModelOutput:
         return torch.stack(losses).sum() if losses else self.logits.new_zeros(())
 
 
+class _UnitHook:
+    """Forward hook that makes an activation module's output a unit layer of ``owner``: the output times the
+    layer's unit mask, recorded in ``owner``'s units of the running ``fuse`` call. A plain object (not a closure)
+    so that a deep copy of the model hooks the copy, not the original."""
+
+    def __init__(self, owner: FusionModel, layer: str, routed: bool = False) -> None:
+        self.owner = owner
+        self.layer = layer
+        self.routed = routed  # sees the rows routed to it (a mixture-of-experts expert), not one row a sample
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        out = self.owner._mask(self.layer, output)
+        sink, rows = self.owner.__dict__.get("_unit_sink"), self.owner.__dict__.get("_unit_rows")
+        if sink is not None:
+            calls = sum(1 for k in sink if k.split(".")[0] == self.layer)
+            if out.dim() == 2 and calls == 0 and out.shape[0] == rows and not self.routed:
+                sink[self.layer] = out  # [B, W]
+            elif out.dim() == 3:  # [B, S, W]: the first slot (the trunk's fused vector) for the objectives,
+                if calls == 0:  # every slot for decomposition
+                    sink[self.layer] = out[:, 0]
+                sink[f"{self.layer}.tokens{calls}"] = out
+            else:  # a later call, or rows routed to this module only (a mixture-of-experts expert)
+                sink[f"{self.layer}.call{calls}"] = out
+        return out
+
+
+def _hidden_activations(head: nn.Module) -> list[tuple[nn.Module, int, bool]]:
+    """The fusion head's hidden activation modules (GELU / ReLU right after a Linear in a Sequential), their
+    widths and whether they see routed rows (inside ``experts``): the head's hidden unit layers."""
+    found: list[tuple[nn.Module, int, bool]] = []
+    for name, module in head.named_modules():
+        if isinstance(module, nn.Sequential):
+            kids = list(module)
+            for prev, act in zip(kids, kids[1:], strict=False):
+                if isinstance(act, (nn.GELU, nn.ReLU)) and isinstance(prev, nn.Linear):
+                    found.append((act, int(prev.out_features), "experts" in name.split(".")))
+    return found
+
+
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
@@ -72,6 +111,9 @@ class _Trunk(nn.Module):
             nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
             for _ in range(layers)
         )
+        for layer in self.layers:  # the MLP's ReLU as a module, so that it can be a unit layer (a hook masks it);
+            layer.activation = nn.ReLU()  # the fused inference path would skip the hook: always the module path
+            cast(Any, layer).activation_relu_or_gelu = 0
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, fused: Tensor, tokens: Tensor | None, token_mask: Tensor | None) -> Tensor:
@@ -220,12 +262,17 @@ class FusionModel(nn.Module):
 
     def unit_widths(self) -> dict[str, int]:
         """Layer -> width of the head side's unit layers: each modality's input to the fusion head
-        (``proj_<modality>``), the head's fused output (``head``) and the trunk's output (``trunk``)."""
+        (``proj_<modality>``), the fusion head's hidden activations where it has them (``head_hidden``: a GELU /
+        ReLU after a Linear, e.g. the concat MLP's), the head's fused output (``head``), the hidden ReLU of each
+        trunk layer's MLP (``trunk_hidden``) and the trunk's output (``trunk``). Several hidden layers of one kind
+        are numbered (``head_hidden0``, ...)."""
         if self.config.modules:
             raise ConfigError("a composed model's units live in its parts (model.parts[i].unit_widths()).")
         dims = self._head_dims()
-        return {**{f"proj_{m}": dims[m] for m in self.modalities}, "head": self.config.hidden_dim,
-                "trunk": self.config.hidden_dim}
+        hidden = self._hidden_units
+        return {**{f"proj_{m}": dims[m] for m in self.modalities},
+                **{k: w for k, w in hidden.items() if k.startswith("head_hidden")}, "head": self.config.hidden_dim,
+                **{k: w for k, w in hidden.items() if k.startswith("trunk_hidden")}, "trunk": self.config.hidden_dim}
 
     def set_unit_masks(self, masks: Mapping[str, Tensor] | None) -> FusionModel:
         """Multiply the head side's unit activations by ``masks`` (layer -> [W], 1 = keep), saved with the
@@ -284,6 +331,14 @@ class FusionModel(nn.Module):
                               f"{said}); fix --model.head_options.") from e
         self.trunk = _Trunk(d, self.config.trunk_layers, self.config.dropout)
         self.classifier = nn.Linear(d, self.config.num_outputs)
+        self._hidden_units: dict[str, int] = {}  # hidden unit layer -> width (after proj_*, in fuse order)
+        heads = _hidden_activations(self.fusion_head)
+        trunk = [(cast(nn.Module, layer.activation), 2 * d, False) for layer in self.trunk.layers]
+        for prefix, acts in (("head_hidden", heads), ("trunk_hidden", trunk)):
+            for i, (act, width, routed) in enumerate(acts):
+                name = prefix if len(acts) == 1 else f"{prefix}{i}"
+                act.register_forward_hook(_UnitHook(self, name, routed))
+                self._hidden_units[name] = width
 
     def swap_fusion_head(self, name: str, **options: Any) -> FusionModel:
         """Replace the fusion head (and the trunk and classifier after it), keeping encoders and projections.
@@ -439,9 +494,15 @@ class FusionModel(nn.Module):
                     head_in[m] = ModalityOutput(pooled[:, None], f.present[:, None], pooled)
                 if stage == "hybrid":
                     modality_logits[m] = self.late_heads[m](pooled)  # [B, C]
-        out = self.fusion_head(head_in)
-        units["head"] = self._mask("head", out.fused)  # [B, D]
-        fused = units["trunk"] = self._mask("trunk", self.trunk(units["head"], out.tokens, out.token_mask))  # [B, D]
+        self.__dict__["_unit_sink"] = units  # the hidden unit layers' hooks record into it
+        self.__dict__["_unit_rows"] = next(iter(feats.values())).pooled.shape[0]
+        try:
+            out = self.fusion_head(head_in)
+            units["head"] = self._mask("head", out.fused)  # [B, D]
+            fused = units["trunk"] = self._mask("trunk", self.trunk(units["head"], out.tokens, out.token_mask))
+        finally:
+            self.__dict__.pop("_unit_sink", None)
+            self.__dict__.pop("_unit_rows", None)
         logits = self.classifier(fused)  # [B, C]
         if stage == "hybrid":
             logits = self._mix(logits, modality_logits, present)

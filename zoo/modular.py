@@ -38,8 +38,9 @@ from .model import FusionModel
 
 __all__ = ["ModuleError", "ClassModule", "modularity_losses", "unit_importance", "class_masks", "extract_module",
            "decompose", "weight_share", "unit_jaccard", "weight_importance", "weight_masks", "weight_jaccard",
-           "compose", "calibrate", "replace_module", "save_module", "load_module", "encoder_records", "MODULE_FORMAT",
-           "WEIGHT_COVERAGES"]
+           "compose", "calibrate", "calibrate_replacement", "replace_module", "save_module", "load_module",
+           "encoder_records", "MODULE_FORMAT", "WEIGHT_COVERAGES",
+           "HIDDEN_COVERAGES"]
 
 MODULE_FORMAT = "fusion-zoo-module"
 _EPS = 1e-8
@@ -73,7 +74,7 @@ def modularity_losses(units: Mapping[str, Tensor], labels: Tensor) -> dict[str, 
     off_diag = 1.0 - torch.eye(len(y), device=y.device)  # [B, B]
     by_width: dict[int, list[Tensor]] = {}
     for layer in sorted(units):
-        if units[layer].dim() == 2:  # token activations: the objectives read each sample's pooled units
+        if "." not in layer:  # token, later-call and routed activations: the objectives read one row a sample
             by_width.setdefault(units[layer].shape[-1], []).append(units[layer])
     terms: dict[str, list[Tensor]] = {"affinity": [], "dispersion": [], "compactness": []}
     counts: dict[str, list[Tensor]] = {"affinity": [], "dispersion": [], "compactness": []}
@@ -109,28 +110,44 @@ def _rows(feats: Mapping[str, ModalityOutput]) -> int:
     return int(next(iter(feats.values())).pooled.shape[0])
 
 
-def unit_importance(model: FusionModel, feats: Mapping[str, ModalityOutput], batch_size: int = 512
-                    ) -> dict[str, Tensor]:
-    """Per class and unit, the mean attribution ``|a_u * dz_c/da_u|`` of class c's logit to unit u over every
-    row of ``feats`` (eval mode): layer -> [C, W]. Over every row, not only class c's, so that the units that
-    keep z_c low on other classes stay in c's module too (its score then ranks like the original's)."""
+def unit_importance(model: FusionModel, feats: Mapping[str, ModalityOutput], batch_size: int = 512,
+                    rows: str = "all") -> dict[str, Tensor]:
+    """Per class and unit, the mean attribution ``|a_u * dz_c/da_u|`` of class c's logit to unit u (eval mode):
+    layer -> [C, W]. ``rows`` "all": over every row of ``feats``, not only class c's, so that the units that keep
+    z_c low on other classes stay in c's module too (its score then ranks like the original's); "own": over the
+    rows the model predicts as c only (MODA's rule: the units the class activates); "own-hidden": "own" on the
+    hidden activation layers (``*_hidden*``), "all" on the others."""
+    if rows not in ("all", "own", "own-hidden"):
+        raise ConfigError(f"rows={rows!r} must be 'all', 'own' or 'own-hidden'.")
+
+    def own(layer: str) -> bool:
+        return rows == "own" or (rows == "own-hidden" and "_hidden" in layer)
+
     model.eval()
     c = model.config.num_outputs
     sums: dict[str, Tensor] = {}
     n = _rows(feats)
+    counts = torch.zeros(c)
     for _, batch in _batches(feats, n, batch_size):
         with torch.enable_grad():
             out = model.fuse(batch)
+            pred = out.logits.detach().argmax(-1).cpu()  # [b]
+            counts += torch.bincount(pred, minlength=c).float()
             layers = sorted(out.units)
             for k in range(c):
                 grads = torch.autograd.grad(out.logits[:, k].sum(), [out.units[name] for name in layers],
                                             retain_graph=k < c - 1, allow_unused=True)
                 for name, g in zip(layers, grads, strict=True):
                     a = out.units[name].detach()  # [b, W] or [b, T, W] (tokens count for their layer)
-                    score = (a * g).abs().reshape(-1, a.shape[-1]).sum(0) if g is not None \
-                        else torch.zeros(a.shape[-1])  # [W]
+                    if g is None:
+                        score = torch.zeros(a.shape[-1])  # [W]
+                    else:
+                        att = (a * g).abs()
+                        if own(name) and a.shape[0] == len(pred):  # routed expert rows: every row counts
+                            att = att * (pred == k).to(att.dtype).view(-1, *([1] * (att.dim() - 1)))
+                        score = att.reshape(-1, a.shape[-1]).sum(0)  # [W]
                     sums.setdefault(name.split(".")[0], torch.zeros(c, a.shape[-1]))[k] += score.float().cpu()
-    return {name: s / max(n, 1) for name, s in sums.items()}
+    return {name: s / (counts.clamp_min(1)[:, None] if own(name) else max(n, 1)) for name, s in sums.items()}
 
 
 def class_masks(importance: Mapping[str, Tensor], label: int, coverage: float) -> dict[str, Tensor]:
@@ -166,14 +183,29 @@ def weight_importance(model: FusionModel, feats: Mapping[str, ModalityOutput], b
                       ) -> dict[str, Tensor]:
     """Per class, the first-order attribution ``|w * dz_c/dw|`` of each head-side weight entry, summed over
     batches of ``batch_size`` rows of ``feats`` (small batches: signed gradients of different rows cancel less):
-    parameter name -> [C, *shape]. Memory: C x the head side's weight entries, float32."""
+    parameter name -> [C, *shape]. Memory: C x the head side's weight entries, float32.
+
+    The C backward passes of a batch run as one batched (vmapped) backward; where an operation of the head has no
+    batched rule, one pass a class (the same sums)."""
     model.eval()
     c = model.config.num_outputs
     params = _weight_params(model)
     sums = {n: torch.zeros(c, *p.shape) for n, p in params}
+    batched = True
     for _, batch in _batches(feats, _rows(feats), batch_size):
         with torch.enable_grad():
             logits = model.fuse(batch).logits  # [b, C]
+            if batched:
+                eye = torch.eye(c, dtype=logits.dtype, device=logits.device)[:, None, :]  # [C, 1, C]
+                try:
+                    grads = torch.autograd.grad(logits, [p for _, p in params], eye.expand(c, *logits.shape),
+                                                retain_graph=True, is_grads_batched=True, allow_unused=True)
+                    for (name, p), g in zip(params, grads, strict=True):
+                        if g is not None:  # [C, *shape]
+                            sums[name] += (p.detach() * g).abs().float().cpu()
+                    continue
+                except RuntimeError:
+                    batched = False
             for k in range(c):
                 grads = torch.autograd.grad(logits[:, k].sum(), [p for _, p in params], retain_graph=k < c - 1,
                                             allow_unused=True)
@@ -301,34 +333,64 @@ def extract_module(model: FusionModel, label: int, masks: Mapping[str, Tensor], 
 
 #: the weight coverages ``decompose(weight_coverage=None)`` tries, most pruning first
 WEIGHT_COVERAGES = (0.8, 0.85, 0.9, 0.95)
+#: the unit coverages of the hidden activation layers ``decompose(hidden_coverage=None)`` tries (from
+#: ``coverage`` up), fewest units first
+HIDDEN_COVERAGES = (0.9, 0.95, 0.99, 1.0)
+
+
+def _hidden(layer: str) -> bool:
+    """A hidden activation layer (``head_hidden*``, ``trunk_hidden*``)."""
+    return "_hidden" in layer
+
+
+def _layer_masks(importance: Mapping[str, Tensor], label: int, coverage: float, hidden_coverage: float
+                 ) -> dict[str, Tensor]:
+    """``class_masks`` at ``coverage`` on the unit layers and ``hidden_coverage`` on the hidden ones."""
+    dense = class_masks({k: v for k, v in importance.items() if not _hidden(k)}, label, coverage)
+    hidden = class_masks({k: v for k, v in importance.items() if _hidden(k)}, label, hidden_coverage)
+    return {k: (hidden if _hidden(k) else dense)[k] for k in importance}
 
 
 def decompose(model: FusionModel, feats: Mapping[str, ModalityOutput], coverage: float = 0.9,
               source: str = "", batch_size: int = 512, weight_coverage: float | None = 1.0,
-              agreement: float = 0.99) -> list[ClassModule]:
+              agreement: float = 0.99, rows: str = "all", hidden_coverage: float | None = None
+              ) -> list[ClassModule]:
     """One module per class of ``model`` (multiclass): unit masks from ``unit_importance`` on ``feats`` at
-    ``coverage``, and below ``weight_coverage`` 1.0 each weight matrix pruned to the entries holding that share
-    of the class's ``weight_importance`` (units alone leave every weight between two kept units in the module).
+    ``coverage`` (``hidden_coverage`` on the hidden activation layers), and below ``weight_coverage`` 1.0 each
+    weight matrix pruned to the entries holding that share of the class's ``weight_importance`` (units alone leave
+    every weight between two kept units in the module).
 
     ``weight_coverage`` None chooses it: the most pruning among ``WEIGHT_COVERAGES`` whose composed modules
     predict the class ``model`` predicts on at least ``agreement`` of ``feats``' rows (1.0 if none does); how
-    much pruning a model takes differs by data and training. The choice is in each module's ``stats``."""
+    much pruning a model takes differs by data and training. ``hidden_coverage`` None chooses it the same way
+    among ``HIDDEN_COVERAGES`` from ``coverage`` up (the fewest hidden units that, at the chosen weight coverage,
+    keep the predictions; weight pruning is chosen first: it is what makes a module small). The choices are in
+    each module's ``stats``. ``rows``: which rows choose a class's units (``unit_importance``: "all", "own"
+    (MODA's rule) or "own-hidden")."""
     if model.config.task != "multiclass" or model.config.modules:
         raise ModuleError("decompose takes an ordinary multiclass model (not regression, multilabel or composed).")
     if weight_coverage is not None and not 0.0 < weight_coverage <= 1.0:
         raise ConfigError(f"weight_coverage={weight_coverage} must be in (0, 1] (1.0: no weight pruning).")
     records = encoder_records(model)  # once: a head-only model rebuilds each encoder to hash it
-    importance = unit_importance(model, feats, batch_size)
-    masks = [class_masks(importance, k, coverage) for k in range(model.config.num_outputs)]
+    importance = unit_importance(model, feats, batch_size, rows)
+    c = model.config.num_outputs
     w_imp = weight_importance(model, feats) if weight_coverage is None or weight_coverage < 1.0 else None
-    if w_imp is not None and weight_coverage is None:
-        weight_coverage = _choose_weight_coverage(model, feats, masks, w_imp, records, agreement)
-    assert weight_coverage is not None
-    modules = [extract_module(model, k, m, source, feats,
-                              weight_masks(w_imp, k, weight_coverage) if w_imp is not None else None, records)
-               for k, m in enumerate(masks)]
+    hidden_options = [hidden_coverage] if hidden_coverage is not None else \
+        sorted({coverage, *(h for h in HIDDEN_COVERAGES if h > coverage)})
+    weight_options = [weight_coverage] if weight_coverage is not None else [*WEIGHT_COVERAGES, 1.0]
+    choice = (weight_options[-1], hidden_options[-1])
+    if len(weight_options) > 1 or len(hidden_options) > 1:
+        reference = _predicted(model, feats)  # [N]
+        choice = next(((wc, hc) for wc in weight_options for hc in hidden_options
+                       if _agreement(model, feats, importance, w_imp, wc, coverage, hc, records, reference)
+                       >= agreement), choice)
+    weight_coverage, hidden = choice
+    modules = [extract_module(model, k, _layer_masks(importance, k, coverage, hidden), source, feats,
+                              weight_masks(w_imp, k, weight_coverage) if w_imp is not None and weight_coverage < 1.0
+                              else None, records)
+               for k in range(c)]
     for mod in modules:
-        mod.stats["coverage"], mod.stats["weight_coverage"] = coverage, weight_coverage
+        mod.stats.update(coverage=coverage, weight_coverage=weight_coverage, hidden_coverage=hidden, rows=rows)
     return modules
 
 
@@ -339,21 +401,21 @@ def _predicted(model: FusionModel, feats: Mapping[str, ModalityOutput], batch_si
     return torch.cat([model.fuse(b).logits.argmax(-1) for _, b in _batches(feats, _rows(feats), batch_size)])
 
 
-def _choose_weight_coverage(model: FusionModel, feats: Mapping[str, ModalityOutput], masks: Sequence[dict[str, Tensor]],
-                            w_imp: Mapping[str, Tensor], records: dict[str, dict[str, Any]], agreement: float) -> float:
-    """The smallest of ``WEIGHT_COVERAGES`` whose composed modules agree with ``model`` on ``agreement`` of rows."""
-    reference = _predicted(model, feats)  # [N]
-    for cov in WEIGHT_COVERAGES:
-        parts = [extract_module(model, k, m, weights=weight_masks(w_imp, k, cov), records=records)
-                 for k, m in enumerate(masks)]
-        if float((_predicted(compose(parts, with_encoders=False), feats) == reference).float().mean()) >= agreement:
-            return cov
-    return 1.0
+def _agreement(model: FusionModel, feats: Mapping[str, ModalityOutput], importance: Mapping[str, Tensor],
+               w_imp: Mapping[str, Tensor] | None, weight_coverage: float, coverage: float, hidden_coverage: float,
+               records: dict[str, dict[str, Any]], reference: Tensor) -> float:
+    """Share of rows on which the composed modules at these coverages predict ``reference`` (the model's)."""
+    parts = [extract_module(model, k, _layer_masks(importance, k, coverage, hidden_coverage),
+                            weights=weight_masks(w_imp, k, weight_coverage)
+                            if w_imp is not None and weight_coverage < 1.0 else None, records=records)
+             for k in range(model.config.num_outputs)]
+    return float((_predicted(compose(parts, with_encoders=False), feats) == reference).float().mean())
 
 
-def unit_jaccard(modules: Sequence[ClassModule]) -> list[float]:
-    """Pairwise Jaccard overlap of the modules' kept units (all layers together), one value per pair."""
-    flat = [torch.cat([m.masks[k] for k in sorted(m.masks)]) > 0 for m in modules]
+def unit_jaccard(modules: Sequence[ClassModule], layers: Sequence[str] | None = None) -> list[float]:
+    """Pairwise Jaccard overlap of the modules' kept units (all layers together, or only ``layers``), one value
+    per pair."""
+    flat = [torch.cat([m.masks[k] for k in sorted(m.masks) if layers is None or k in layers]) > 0 for m in modules]
     out = []
     for a, b in combinations(flat, 2):
         union = int((a | b).sum())
@@ -466,6 +528,66 @@ def calibrate(model: FusionModel, feats: Mapping[str, ModalityOutput], labels: T
         model.module_bias.copy_(shift)
         after = float(((z * scale + shift).argmax(-1) == y).float().mean())
     return {"val_accuracy_before": before, "val_accuracy_after": after}
+
+
+def calibrate_replacement(model: FusionModel, feats: Mapping[str, ModalityOutput], labels: Tensor, target: int,
+                          reference: Tensor, tolerance: float = 0.005) -> dict[str, Any]:
+    """Fit the swapped-in class's scale and bias of a repaired model (``replace_module``) so that no other class
+    pays for the repair: the (scale, bias) with the highest validation recall of ``target`` among those that drop
+    no other class's validation accuracy by more than ``tolerance`` below the model before the repair.
+
+    Every other column is the original model's own logit, so the only rows that change are those where the new
+    score of ``target`` starts or stops winning. For each scale on a grid (0.25 to 4, log-spaced, and 1), the
+    rows ``target`` wins grow with the bias; the bias is set just below the row that would first push some other
+    class past its allowed loss. Ties in recall go to the higher validation accuracy, then to the scale nearest 1.
+    Cross-entropy (``calibrate``) does not bound the other classes: on easy-VQA it moved one of them by 4.6 points
+    (docs/modularity.md).
+
+    Args:
+        labels: validation class indices [N].
+        target: the swapped-in class's column.
+        reference: the unrepaired model's predictions on the same rows [N] (the accuracy each class keeps).
+        tolerance: the largest drop of another class's validation accuracy, a fraction (0.005 = half a point).
+
+    Returns the chosen ``scale`` and ``bias``, the validation ``target_recall`` and ``accuracy`` before (the
+    unrepaired model) and after."""
+    if not model.config.modules:
+        raise ModuleError("calibrate_replacement takes a repaired model (zoo.modular.replace_module).")
+    z = _scores(model, feats)  # [N, C]
+    y, ref = labels.long(), reference.long()
+    n, c = z.shape
+    others = z.clone()
+    others[:, target] = float("-inf")
+    best_other, other_pred = others.max(-1)  # [N], [N]
+    counts = torch.bincount(y, minlength=c).float()  # [C]
+    ref_right = torch.bincount(y[ref == y], minlength=c).float()  # [C]
+    keep_right = torch.bincount(y[other_pred == y], minlength=c).float()  # [C] right while target never wins
+    allowed = keep_right - torch.ceil((ref_right / counts.clamp_min(1) - tolerance) * counts - 1e-6)  # [C]
+    allowed[target] = float("inf")
+    scales = sorted({1.0, *torch.logspace(-2, 2, 25, base=2.0).tolist()})
+    best: tuple[float, float, float, float] | None = None  # recall, accuracy, -|log scale|, ... -> (s, b)
+    choice = (1.0, float(best_other.min() - z[:, target].max() - 1.0))
+    for scale in scales:
+        t = best_other - scale * z[:, target]  # [N] the target wins row i once bias > t_i
+        order = t.argsort()
+        lost = F.one_hot(y[order], c).float() * (other_pred[order] == y[order]).float()[:, None]  # [N, C]
+        ok = (lost.cumsum(0) <= allowed).all(-1)  # [N] the first k+1 rows can go to the target
+        k = int(ok.long().cumprod(0).sum())  # rows the target may win
+        ts = t[order]
+        bias = float(ts[k - 1] + (ts[k] - ts[k - 1]) / 2) if 0 < k < n else \
+            float(ts[-1] + 1.0) if k == n else float(ts[0] - 1.0)
+        pred = torch.where(scale * z[:, target] + bias > best_other, target, other_pred)  # [N]
+        recall = float((pred[y == target] == target).float().mean()) if bool((y == target).any()) else 0.0
+        key = (recall, float((pred == y).float().mean()), -abs(torch.tensor(scale).log().item()), 0.0)
+        if best is None or key > best:
+            best, choice = key, (scale, bias)
+    assert best is not None
+    with torch.no_grad():
+        model.module_scale.fill_(1.0)
+        model.module_bias.fill_(0.0)
+        model.module_scale[target], model.module_bias[target] = choice
+    return {"scale": choice[0], "bias": choice[1], "target_recall": best[0],
+            "val_accuracy_before": float((ref == y).float().mean()), "val_accuracy_after": best[1]}
 
 
 def as_modules(model: FusionModel, source: str = "") -> list[ClassModule]:

@@ -60,7 +60,8 @@ def test_objectives_add_to_the_loss_only_when_set() -> None:
         task = CachedFeatureTask(cfg.replace(modularity=weights).to_dict(), train.embed_dims)
         losses.append(float(task.training_step(batch, 0)))
         out = task.model(batch["inputs"])
-        assert set(out.units) == {"proj_image", "proj_text", "head", "trunk"}
+        assert {k for k in out.units if "." not in k} == {"proj_image", "proj_text", "head_hidden", "head",
+                                                          "trunk_hidden", "trunk"}
     assert losses[1] > losses[0]  # the same weights: the objectives' weighted sum comes on top
 
 
@@ -77,6 +78,7 @@ def test_decompose_compose_replace_commands(tmp_path: Path, capsys) -> None:
     report = json.loads((tmp_path / "mods" / "decomposition.json").read_text())
     assert report["test_accuracy_composed"] == report["test_accuracy_original"]
     assert 0 < report["mean_weight_share"] <= 1 and 0 <= report["mean_jaccard"] <= 1
+    assert {"head_hidden", "trunk_hidden"} <= set(report["layer_jaccard"]) and report["rows"] == "all"
     folders = sorted(p for p in (tmp_path / "mods").iterdir() if p.is_dir())
     assert [p.name for p in folders] == [str(i) for i in range(10)]
     assert cli.main(["compose", *map(str, folders[:3]), "--output", str(tmp_path / "sub"), *data]) == 0
@@ -84,6 +86,10 @@ def test_decompose_compose_replace_commands(tmp_path: Path, capsys) -> None:
     assert sub.config.labels == ("0", "1", "2")
     assert cli.main(["replace", str(tmp_path / "model"), "--label", "3", "--from", str(folders[3]),
                      "--output", str(tmp_path / "fixed")]) == 0
+    capsys.readouterr()
+    assert cli.main(["replace", str(tmp_path / "model"), "--label", "3", "--from", str(folders[3]),
+                     "--output", str(tmp_path / "fixed2"), *data]) == 0
+    assert "no other class down more than 0.5 points" in capsys.readouterr().out
     assert FusionModel.from_pretrained(tmp_path / "fixed").config.labels == cfg.labels
     other = {"image": {"name": "pixels", "options": {"image_size": 14}}}
     FusionModel(cfg.replace(encoders=other)).save_pretrained(tmp_path / "text")

@@ -19,6 +19,7 @@ from zoo.modular import (
     WEIGHT_COVERAGES,
     ModuleError,
     calibrate,
+    calibrate_replacement,
     class_masks,
     compose,
     decompose,
@@ -227,3 +228,113 @@ def test_modularity_setting_is_validated_and_old_configs_load() -> None:
         cfg.replace(modularity={"affinity": 1.0}, task="regression")
     assert math.isfinite(float(modularity_losses(head_only().fuse(feats()).units, torch.tensor([0, 1] * 12))
                                ["affinity"]))
+
+
+def test_hidden_activations_are_unit_layers_and_their_masks_apply_at_inference() -> None:
+    """The concat MLP's GELU and the trunk MLP's ReLU are unit layers: recorded in ``units`` and masked in eval
+    mode without gradients too (the trunk's fused inference path would skip the mask)."""
+    model = head_only()
+    f = feats()
+    widths = model.unit_widths()
+    assert widths["head_hidden"] == 16 and widths["trunk_hidden"] == 16  # 2 x hidden_dim each
+    out = model.fuse(f)
+    assert out.units["head_hidden"].shape == (24, 16) and out.units["trunk_hidden"].shape == (24, 16)
+    assert bool((out.units["trunk_hidden"] >= 0).all())  # post-ReLU
+    before = logits(model, f)
+    model.set_unit_masks({"trunk_hidden": torch.zeros(16)})
+    with torch.no_grad():
+        masked = model.fuse(f)
+    assert bool((masked.units["trunk_hidden"] == 0).all()) and not torch.allclose(masked.logits, before)
+
+
+def test_a_deep_copy_masks_its_own_hidden_units() -> None:
+    import copy
+
+    model = head_only()
+    f = feats()
+    twin = copy.deepcopy(model).set_unit_masks({"head_hidden": torch.zeros(16)})
+    assert not torch.allclose(logits(twin, f), logits(model, f))
+    assert "head_hidden" in model.fuse(f).units and "head_hidden" in twin.fuse(f).units
+
+
+@pytest.mark.parametrize("head", ["moe", "cross_attention"])
+def test_objectives_read_one_row_a_sample_on_every_hidden_layer(head: str) -> None:
+    """Routed (expert) and repeated activations are recorded apart and left out of the objectives."""
+    model = head_only(head=head)
+    units = model.fuse(feats()).units
+    per_sample = [k for k in units if "." not in k]
+    assert all(units[k].shape[0] == 24 and units[k].dim() == 2 for k in per_sample)
+    assert any(k.startswith("head_hidden") for k in units)
+    assert math.isfinite(float(modularity_losses(units, torch.tensor([0, 1, 2] * 8))["dispersion"]))
+
+
+def test_bounded_replacement_calibration_keeps_every_other_class() -> None:
+    """The swapped class wins as many of its validation rows as it can while no other class loses more than the
+    tolerance against the unrepaired model; only its own scale and bias move."""
+    weak, strong = head_only(seed=0), head_only(seed=1)
+    f = feats(96)
+    y = logits(strong, f).argmax(-1)  # the donor is right on every row
+    repaired = replace_module(weak, "b", decompose(strong, f, 1.0)[1])
+    reference = logits(weak, f).argmax(-1)
+    fit = calibrate_replacement(repaired, f, y, 1, reference, tolerance=0.0)
+    pred = logits(repaired, f).argmax(-1)
+    for c in (0, 2):
+        rows = y == c
+        assert int((pred[rows] == c).sum()) >= int((reference[rows] == c).sum())
+    recall = float((pred[y == 1] == 1).float().mean())
+    assert recall == pytest.approx(fit["target_recall"])
+    assert recall >= float((reference[y == 1] == 1).float().mean())
+    assert repaired.module_scale[[0, 2]].tolist() == [1.0, 1.0] and repaired.module_bias[[0, 2]].tolist() == [0, 0]
+    torch.testing.assert_close(logits(repaired, f)[:, [0, 2]], logits(weak, f)[:, [0, 2]], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("head", ["concat", "moe", "cross_attention"])
+def test_batched_weight_attribution_equals_one_pass_a_class(head: str) -> None:
+    from zoo.modular import _weight_params, weight_importance
+
+    model = head_only(head=head)
+    f = feats(32)
+    got = weight_importance(model, f)
+    for name, p in _weight_params(model):
+        for k in range(3):
+            expected = torch.zeros_like(p)
+            for start in range(0, 32, 16):
+                part = {m: x.index(torch.arange(start, start + 16)) for m, x in f.items()}
+                g = torch.autograd.grad(model.fuse(part).logits[:, k].sum(), p, allow_unused=True)[0]
+                if g is not None:
+                    expected += (p.detach() * g).abs()
+            torch.testing.assert_close(got[name][k], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_own_rows_rule_reads_only_the_rows_predicted_as_the_class() -> None:
+    from zoo.modular import unit_importance
+
+    model = head_only()
+    f = feats(48)
+    pred = logits(model, f).argmax(-1)
+    own, every = unit_importance(model, f, rows="own"), unit_importance(model, f, rows="all")
+    mixed = unit_importance(model, f, rows="own-hidden")
+    for k in pred.unique().tolist():
+        alone = unit_importance(model, {m: x.index((pred == k).nonzero().flatten()) for m, x in f.items()})
+        for layer in own:
+            torch.testing.assert_close(own[layer][k], alone[layer][k], rtol=1e-5, atol=1e-7)
+            want = alone if "_hidden" in layer else every
+            torch.testing.assert_close(mixed[layer][k], want[layer][k], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="rows='some'"):
+        unit_importance(model, f, rows="some")
+
+
+def test_hidden_coverage_is_chosen_to_keep_the_predictions() -> None:
+    from zoo.modular import HIDDEN_COVERAGES
+
+    model = head_only()
+    f = feats(48)
+    modules = decompose(model, f, 0.5)  # weight_coverage 1.0: only the hidden layers' coverage is chosen
+    chosen = modules[0].stats["hidden_coverage"]
+    assert chosen in (0.5, *HIDDEN_COVERAGES) and all(m.stats["hidden_coverage"] == chosen for m in modules)
+    agree = (logits(compose(modules, with_encoders=False), f).argmax(-1) == logits(model, f).argmax(-1)).float()
+    assert float(agree.mean()) >= 0.99 or chosen == 1.0
+    fixed = decompose(model, f, 0.5, hidden_coverage=0.5)
+    assert fixed[0].stats["hidden_coverage"] == 0.5
+    kept = [sum(m.stats["units"]["trunk_hidden"] for m in mods) for mods in (fixed, modules)]
+    assert kept[0] <= kept[1]
