@@ -7,14 +7,25 @@ one, never half of one. Checkpoint folders add their own guards in ``zoo._format
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_folder", "swap_folder"]
+__all__ = ["atomic_write", "atomic_folder", "swap_folder", "temp_name", "HOST_TAG"]
+
+#: this machine in temp names (8 hex digits of its host name): a folder shared by several machines (NFS) holds
+#: temp files of writers whose process ids mean nothing here, and a cleanup must tell them apart
+HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def temp_name(name: str, suffix: str = ".tmp") -> str:
+    """``.<name>.<host>-<pid>-<random><suffix>``: hidden, unique, and saying which machine and process wrote it."""
+    return f".{name}.{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
 @contextmanager
@@ -33,7 +44,7 @@ def atomic_write(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = target.with_name(temp_name(target.name))
     try:
         yield tmp
         if fsync:
@@ -50,7 +61,7 @@ def atomic_folder(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a new empty folder next to ``path``; when the block succeeds it takes ``path``'s place whole.
 
     The temp folder sits beside the target (renames, never a cross-device copy) and is named
-    ``.<name>.<pid>-<tag>.tmp``; when the block raises it is deleted and ``path`` is left as it was. On success
+    ``.<name>.<host>-<pid>-<tag>.tmp``; when the block raises it is deleted and ``path`` is left as it was. On success
     its files are flushed to disk (``fsync``; pass False for data that is cheap to rebuild) and
     :func:`swap_folder` puts it in place: an existing ``path`` is moved aside, the new folder renamed in, then the
     old one deleted; if the rename fails the old one is put back.
@@ -62,7 +73,7 @@ def atomic_folder(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = target.with_name(temp_name(target.name))
     tmp.mkdir()
     try:
         yield tmp
@@ -79,7 +90,7 @@ def atomic_folder(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
 def swap_folder(new: str | Path, target: str | Path) -> None:
     """Put the finished folder ``new`` at ``target`` by renames in the same parent folder.
 
-    An existing ``target`` (folder or file) is first renamed to ``.<name>.<pid>-<tag>.old``, then ``new`` is
+    An existing ``target`` (folder or file) is first renamed to ``.<name>.<host>-<pid>-<tag>.old``, then ``new`` is
     renamed to ``target`` and the old one deleted; when that second rename fails the old one is renamed back, so
     ``target`` is never missing or half-written for longer than between two renames.
     """
@@ -87,7 +98,7 @@ def swap_folder(new: str | Path, target: str | Path) -> None:
     if not target.exists() and not target.is_symlink():
         os.replace(new, target)
         return
-    old = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.old")
+    old = target.with_name(temp_name(target.name, ".old"))
     os.replace(target, old)
     try:
         os.replace(new, target)

@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from encoders import Encoder, ModalityOutput
-from fusion_common.atomic import swap_folder
+from fusion_common.atomic import HOST_TAG, swap_folder, temp_name
 from fusion_errors import DataError, InputError
 from zoo.fold import count_batchnorms
 from zoo.graph import graph_available
@@ -62,9 +62,12 @@ MEMORY_LIMIT_BYTES = 4 << 30
 _MEMORY: OrderedDict[str, ModalityOutput] = OrderedDict()
 
 
-# temp files of this project's atomic writes: ``.<name>.<pid>-<hex>.tmp`` (fusion_common/atomic.py) and
-# ``.<name>.<pid>.<ns>.tmp`` (cache entry folders); the pid tells whether the writer is still alive
-_TEMP = re.compile(r"^\..+\.(\d+)[.-][0-9a-f]+\.tmp$")
+# temp files of this project's writes: ``.<name>.<host>-<pid>-<hex>.tmp`` (fusion_common.atomic.temp_name), and
+# ``.<name>.<pid>[.-]<hex>.tmp`` from versions that did not name the machine
+_TEMP = re.compile(r"^\..+\.([0-9a-f]{8})-(\d+)-[0-9a-f]+\.tmp$")
+_TEMP_NO_HOST = re.compile(r"^\..+\.(\d+)[.-][0-9a-f]+\.tmp$")
+#: a temp file of another machine (whose process cannot be asked) is stale once untouched this long
+OTHER_HOST_STALE_SECONDS = 24 * 3600
 
 
 def _alive(pid: int) -> bool:
@@ -77,17 +80,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stale(path: Path) -> bool:
+    """Whether ``path`` is a temp file or folder of a writer that is gone: on this machine its process is not
+    alive; on another machine (a shared folder) it has not changed for ``OTHER_HOST_STALE_SECONDS``."""
+    match = _TEMP.match(path.name)
+    if match is not None:
+        if match.group(1) == HOST_TAG:
+            return not _alive(int(match.group(2)))
+        try:
+            return time.time() - path.stat().st_mtime > OTHER_HOST_STALE_SECONDS
+        except OSError:
+            return False
+    old = _TEMP_NO_HOST.match(path.name)
+    return old is not None and not _alive(int(old.group(1)))
+
+
 def clean_stale_temps(folder: str | Path) -> int:
-    """Delete this project's temp files and entry folders in ``folder`` whose writing process is gone (a killed
-    save); returns how many. Those of live processes, and every other file, are left alone."""
+    """Delete this project's temp files and entry folders in ``folder`` whose writer is gone (a killed save);
+    returns how many. Those of live writers (and of other machines, for a day), and every other file, stay."""
     removed = 0
     try:
         entries = list(Path(folder).iterdir())
     except OSError:  # no such folder yet
         return 0
     for path in entries:
-        match = _TEMP.match(path.name)
-        if match and not path.is_symlink() and not _alive(int(match.group(1))):
+        if _stale(path) and not path.is_symlink():
             try:
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -426,7 +443,7 @@ class FeatureCache:
         return open_entry(final, rows)
 
     def _temp(self, key: str) -> Path:
-        return self.root / f".{key}{ENTRY_SUFFIX}.{os.getpid()}.{time.time_ns()}.tmp"
+        return self.root / temp_name(f"{key}{ENTRY_SUFFIX}")
 
     def _writer(self, key: str, dim: int, tokens: bool) -> StoreWriter:
         return StoreWriter(self._temp(key), dim, tokens)

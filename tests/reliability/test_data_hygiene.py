@@ -151,6 +151,30 @@ def test_stale_temp_files_of_killed_saves_are_cleaned_on_start(tmp_path: Path) -
     assert clean_stale_temps(tmp_path / "no-such-folder") == 0
 
 
+def test_a_shared_cache_keeps_another_machines_temp_files_until_they_are_a_day_old(tmp_path: Path) -> None:
+    """Issue 31: on a folder several machines share, a process id of another machine means nothing here; its
+    writer's temp folder (an entry being encoded) must survive this machine's cleanup."""
+    import time
+
+    from fusion_common.atomic import HOST_TAG, temp_name
+    from recipes import cache
+
+    other = "ffffffff" if HOST_TAG != "ffffffff" else "00000000"
+    theirs = tmp_path / f".abc.features.{other}-999999999-0a1b2c3d.tmp"  # no such pid here
+    theirs.mkdir()
+    old = tmp_path / f".def.features.{other}-1-0a1b2c3d.tmp"
+    old.mkdir()
+    day = time.time() - cache.OTHER_HOST_STALE_SECONDS - 60
+    os.utime(old, (day, day))
+    mine_dead = tmp_path / temp_name("x.json").replace(f"-{os.getpid()}-", "-999999999-")
+    mine_live = tmp_path / temp_name("y.json")
+    for p in (mine_dead, mine_live):
+        p.write_bytes(b"x")
+    assert mine_live.name.startswith(".y.json." + HOST_TAG)
+    assert clean_stale_temps(tmp_path) == 2
+    assert theirs.exists() and mine_live.exists() and not old.exists() and not mine_dead.exists()
+
+
 def test_a_modality_column_with_no_usable_value_is_an_error_or_a_warning_with_skip(tmp_path: Path) -> None:
     """Issue 30 (5): a table whose text cells are all empty trained silently on missing-modality embeddings."""
     rows = [("", "ab"[i % 2]) for i in range(10)]
