@@ -310,7 +310,34 @@ def _logger_args(argv: list[str], root: str) -> list[str]:
         out += ["--trainer.logger", value]
         if value.rsplit(".", 1)[-1] in _RUN_FOLDER_LOGGERS and not own_dir:
             out += ["--trainer.logger.save_dir", root, "--trainer.logger.name", "", "--trainer.logger.version", ""]
+    if not own_dir and not any(a == "--trainer.logger" for a in out):
+        given = _config_logger(argv)  # a recipe YAML's logger: TensorBoardLogger's save_dir is required
+        if given is not None:
+            out += ["--trainer.logger.save_dir", root]
+            out += [f"--trainer.logger.{k}=" for k in ("name", "version") if k not in given]
     return out
+
+
+def _config_logger(argv: list[str]) -> dict[str, Any] | None:
+    """The init_args of a TensorBoard/CSV logger the last ``--config`` file names without a ``save_dir``."""
+    import yaml
+
+    found: dict[str, Any] | None = None
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith(
+            "--config=") else None
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            cfg = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the CLI's own parser reports it
+        logger = (cfg.get("trainer") or {}).get("logger") if isinstance(cfg, dict) else None
+        if isinstance(logger, dict) and "trainer" in cfg:
+            args = logger.get("init_args") or {}
+            named = str(logger.get("class_path", "")).rsplit(".", 1)[-1] in _RUN_FOLDER_LOGGERS
+            found = dict(args) if named and isinstance(args, dict) and not args.get("save_dir") else None
+    return found
 
 
 def _check_logger(logger: Any) -> None:

@@ -130,6 +130,16 @@ def test_tensorboard_logger_keeps_an_explicit_save_dir(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "training_curves.png").is_file() and (tmp_path / "run" / "metrics.json").is_file()
 
 
+def test_a_recipe_yaml_naming_tensorboard_without_save_dir_logs_into_the_run_folder(tmp_path: Path) -> None:
+    """TensorBoardLogger's save_dir is required: a recipe file that leaves it out used to fail to parse."""
+    pytest.importorskip("tensorboard")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("trainer:\n  logger:\n    class_path: pytorch_lightning.loggers.TensorBoardLogger\n")
+    fit(tmp_path / "run", "--config", str(recipe), "--trainer.max_epochs", "1")
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
 def test_csv_logger_short_name_is_the_default_layout(tmp_path: Path) -> None:
     run = fit(tmp_path, "--trainer.logger", "csv", "--trainer.max_epochs", "1")
     assert [type(lg).__name__ for lg in run.trainer.loggers] == ["CSVLogger"]
