@@ -20,13 +20,36 @@ from PIL import Image
 
 from fusion_errors import DataError
 
-__all__ = ["pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve", "raw_cell",
-           "cell_problem", "IMAGE_EXTS", "AUDIO_EXTS", "SPLIT_ALIASES"]
+__all__ = ["choose_splits", "pick_splits", "infer_labels", "LabelEncoder", "is_missing", "visible", "resolve",
+           "raw_cell", "cell_problem", "IMAGE_EXTS", "AUDIO_EXTS", "SPLIT_ALIASES"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                  "test": ("test", "testing", "eval")}
+
+
+def choose_splits(available: Sequence[str], splits: Mapping[str, str] | None) -> dict[str, str]:
+    """Role -> split name among ``available``: named by ``splits``, else found by usual names; train is the only
+    split when there is one. Roles left out are carved from train by the caller."""
+    chosen: dict[str, str] = {}
+    for role, name in (splits or {}).items():
+        if role not in SPLIT_ALIASES:
+            raise DataError(f"splits key {role!r} is not one of {list(SPLIT_ALIASES)}.")
+        if name not in available:
+            raise DataError(f"split {name!r} (for {role}) is not in the data; available splits: {list(available)}. "
+                            f"Map it with --data.splits '{{\"{role}\": \"<split>\"}}'.")
+        chosen[role] = name
+    for role, aliases in SPLIT_ALIASES.items():
+        found = [a for a in aliases if a in available and a not in chosen.values()]
+        if role not in chosen and found:
+            chosen[role] = found[0]
+    if "train" not in chosen:
+        if len(available) != 1:
+            raise DataError(f"no train split among {list(available)}; name it with "
+                            "--data.splits '{\"train\": \"<split>\"}'.")
+        chosen["train"] = available[0]
+    return chosen
 
 
 def pick_splits(dd: datasets.DatasetDict, splits: dict[str, str] | None, val_fraction: float, test_fraction: float,
@@ -36,24 +59,7 @@ def pick_splits(dd: datasets.DatasetDict, splits: dict[str, str] | None, val_fra
     Returns:
         role -> (rows, the data's split they come from, their row numbers in that split).
     """
-    available = list(dd)
-    chosen: dict[str, str] = {}
-    for role, name in (splits or {}).items():
-        if role not in SPLIT_ALIASES:
-            raise DataError(f"splits key {role!r} is not one of {list(SPLIT_ALIASES)}.")
-        if name not in dd:
-            raise DataError(f"split {name!r} (for {role}) is not in the data; available splits: {available}. "
-                            f"Map it with --data.splits '{{\"{role}\": \"<split>\"}}'.")
-        chosen[role] = name
-    for role, aliases in SPLIT_ALIASES.items():
-        found = [a for a in aliases if a in dd and a not in chosen.values()]
-        if role not in chosen and found:
-            chosen[role] = found[0]
-    if "train" not in chosen:
-        if len(available) != 1:
-            raise DataError(f"no train split among {available}; name it with "
-                            "--data.splits '{\"train\": \"<split>\"}'.")
-        chosen["train"] = available[0]
+    chosen = choose_splits(list(dd), splits)
     out = {role: (dd[name], name, np.arange(len(dd[name]))) for role, name in chosen.items()}
     carve = [r for r in ("validation", "test") if r not in out]
     if carve:

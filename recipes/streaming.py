@@ -35,7 +35,7 @@ from tqdm import tqdm
 from encoders import Preprocessor
 from fusion_errors import DataError, InputError
 
-from ._columns import SPLIT_ALIASES, LabelEncoder, infer_labels, raw_cell
+from ._columns import LabelEncoder, choose_splits, infer_labels, raw_cell
 
 __all__ = ["StreamPart", "stream_splits", "carve_codes", "carved_count", "stream_labels", "StreamBatches",
            "StreamLoader", "MAX_DISTINCT_LABELS"]
@@ -127,24 +127,7 @@ def stream_splits(dd: Mapping[str, datasets.IterableDataset], totals: Mapping[st
                   seed: int) -> dict[str, StreamPart]:
     """train/validation/test parts of streamed splits: named by ``splits``, found by usual names, or carved from
     train by row-position hash (the streaming counterpart of ``_columns.pick_splits``)."""
-    available = list(dd)
-    chosen: dict[str, str] = {}
-    for role, name in (splits or {}).items():
-        if role not in SPLIT_ALIASES:
-            raise DataError(f"splits key {role!r} is not one of {list(SPLIT_ALIASES)}.")
-        if name not in dd:
-            raise DataError(f"split {name!r} (for {role}) is not in the data; available splits: {available}. "
-                            f"Map it with --data.splits '{{\"{role}\": \"<split>\"}}'.")
-        chosen[role] = name
-    for role, aliases in SPLIT_ALIASES.items():
-        found = [a for a in aliases if a in dd and a not in chosen.values()]
-        if role not in chosen and found:
-            chosen[role] = found[0]
-    if "train" not in chosen:
-        if len(available) != 1:
-            raise DataError(f"no train split among {available}; name it with "
-                            "--data.splits '{\"train\": \"<split>\"}'.")
-        chosen["train"] = available[0]
+    chosen = choose_splits(list(dd), splits)
     parts = {role: StreamPart(role, dd[name], name, totals.get(name)) for role, name in chosen.items()}
     carve = [r for r in ("validation", "test") if r not in parts]
     if carve:
