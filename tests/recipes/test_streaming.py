@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +15,8 @@ from recipes.streaming import StreamBatches, StreamLoader, carve_codes, carved_c
 from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
+from .test_data import write_table
+
 LABELS = ("a", "b", "c")
 N = 60
 
@@ -26,14 +26,6 @@ def _rows(n: int, start: int = 0) -> list[dict[str, str]]:
             for i in range(start, start + n)]
 
 
-def _write(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
@@ -41,9 +33,9 @@ def folder(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / "img" / f"{i}.png")
-    _write(root / "train.csv", _rows(N))
-    _write(root / "validation.csv", _rows(9, start=N))
-    _write(root / "test.csv", _rows(9, start=N + 9))
+    write_table(root / "train.csv", _rows(N))
+    write_table(root / "validation.csv", _rows(9, start=N))
+    write_table(root / "test.csv", _rows(9, start=N + 9))
     return root
 
 
@@ -151,9 +143,9 @@ def test_bad_rows_raise_naming_the_row_or_are_left_out_and_counted(folder, model
     rows = _rows(12)
     rows[5]["label"] = "zebra"
     rows[8]["image"] = "img/missing.png"
-    _write(tmp_path / "train.csv", rows)
+    write_table(tmp_path / "train.csv", rows)
     for split in ("validation", "test"):
-        _write(tmp_path / f"{split}.csv", _rows(3))
+        write_table(tmp_path / f"{split}.csv", _rows(3))
     (tmp_path / "img").symlink_to(folder / "img")
     dm = make(tmp_path, labels=list(LABELS)).attach(model)
     with pytest.raises(DataError, match=r"row 5: column 'label'.*zebra.*on_bad_rows skip"):
