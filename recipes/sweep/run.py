@@ -181,6 +181,9 @@ def run_sweep(
                           "and --heads/--seeds non-empty.")
     model, optim = split_model_settings(settings.model)  # a typo fails here, before any encoding
     resolve_jobs(settings.jobs, 1)  # ... and a negative --jobs
+    if (settings.data or {}).get("streaming"):
+        raise ConfigError("a sweep trains every cell on cached features, which data.streaming does not keep; leave "
+                          "it out (the feature cache reads a table larger than memory by memory map).")
     if features is None:
         from .features import cached_features
 

@@ -161,6 +161,15 @@ def test_a_bad_head_variant_is_a_config_error_before_any_encoding(tmp_path: Path
     assert calls == []
 
 
+def test_a_streaming_recipe_is_refused_before_any_encoding(tmp_path: Path) -> None:
+    calls: list[bool] = []
+    settings = _settings(tmp_path)
+    settings.data = {**(settings.data or {}), "streaming": True}
+    with pytest.raises(ConfigError, match="data.streaming"):
+        run_sweep(settings, _provider(calls), echo=lambda s: None)
+    assert calls == []
+
+
 def test_cli_sweep_bad_option_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from recipes.cli import main as cli_main
 
