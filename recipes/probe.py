@@ -178,8 +178,19 @@ def _features(dm: Any, model: FusionModel) -> tuple[dict[str, ModalityOutput], T
     from .sweep.features import collect
 
     dm.attach(model)
-    train, val = collect(dm.train_dataloader()), collect(dm.val_dataloader())
+    train, val = collect(_encoded(dm.train_dataloader(), model)), collect(_encoded(dm.val_dataloader(), model))
     return train.feats, train.labels, val.feats, val.labels
+
+
+def _encoded(loader: Any, model: FusionModel) -> Any:
+    """``loader``'s batches with every input as encoder features: cached ones as they are, raw ones (a data module
+    with ``cache_features=False``) through the frozen encoders, in memory."""
+    for batch in loader:
+        inputs = batch["inputs"]
+        if any(not isinstance(v, ModalityOutput) for v in inputs.values()):
+            with torch.no_grad():
+                inputs = {m: v if isinstance(v, ModalityOutput) else model.encoders[m](v) for m, v in inputs.items()}
+        yield {**batch, "inputs": inputs}
 
 
 def _fit_score(cfg: FusionModelConfig, train: tuple[dict[str, ModalityOutput], Tensor],

@@ -90,8 +90,10 @@ def _write_bar_folder(root: Path, sizes: tuple[int, int, int] = (60, 40, 10)) ->
     return _write_image_folder(root, sizes, draw)
 
 
-def _probe(root: Path, start: str, image_candidates: tuple[str, ...], hidden_dim: int = 16) -> ProbeReport:
-    dm = FusionDataModule(data_dir=str(root), cache_dir=str(root.parent / "cache"), batch_size=32)
+def _probe(root: Path, start: str, image_candidates: tuple[str, ...], hidden_dim: int = 16,
+           cache_features: bool = True) -> ProbeReport:
+    dm = FusionDataModule(data_dir=str(root), cache_dir=str(root.parent / "cache"), batch_size=32,
+                          cache_features=cache_features)
     base = FusionModelConfig(encoders={"image": start, "text": "tiny-text"}, labels=tuple(dm.labels),
                              hidden_dim=hidden_dim)
     torch.manual_seed(0)  # the random tiny encoders the probe builds
@@ -157,6 +159,15 @@ def test_probe_picks_the_encoder_that_sees_the_label(tmp_path: Path) -> None:
     doc = report.to_dict()
     assert doc["choice"] == report.choice and doc["candidates"] == report.rows
     assert {"seconds", "train_rows", "val_rows"} <= set(doc)
+
+
+def test_probe_without_the_feature_cache_encodes_in_memory_and_chooses_alike(tmp_path: Path) -> None:
+    """``--data.cache_features false`` with no encoders named crashed in the probe (it read raw batches as
+    features); the probe now encodes its sample in memory and writes nothing to the cache folder."""
+    data = _write_colour_folder(tmp_path / "data")
+    report = _probe(data, "pixels", ("pixels", "tiny-image"), cache_features=False)
+    assert report.choice == {"image": "tiny-image", "text": "tiny-text"}, format_probe_table(report)
+    assert not list((tmp_path / "cache").glob("*.features"))
 
 
 def test_probe_keeps_the_default_when_the_other_is_worse(tmp_path: Path) -> None:
