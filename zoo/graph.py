@@ -74,6 +74,9 @@ class GraphEncode:
         self._graphs: dict[_GraphKey, Any] = {}  # key -> a ScriptModule, or None when the graph failed
         self._calls: dict[_GraphKey, int] = {}
         self._checked: set[tuple[_GraphKey, int]] = set()
+        # (shape, batch size) -> set when its first check is done: chunks run in parallel threads, and a second
+        # batch of a size being checked waits for the verdict instead of running an unchecked graph
+        self._checking: dict[tuple[_GraphKey, int], threading.Event] = {}
         self._weights: tuple[tuple[int, int], ...] | None = None  # the weights the graphs were built from
         self._lock = threading.Lock()  # a server may call from several threads
 
@@ -112,19 +115,27 @@ class GraphEncode:
             return self._eager(batch)
         key: _GraphKey = (tuple(pixels.shape[1:]), pixels.dtype)
         n = int(pixels.shape[0])
-        with self._lock:  # decide (and build) under the lock; run outside it
-            if weights != self._weights:
-                self._graphs, self._calls, self._checked, self._weights = {}, {}, set(), weights
-            graph = self._graphs.get(key)
-            if key not in self._graphs:
-                self._calls[key] = calls = self._calls.get(key, 0) + 1
-                if calls >= self.after and len(self._graphs) < GRAPH_MAX_SHAPES:
-                    try:
-                        graph = self._build(pixels)
-                    except Exception:  # noqa: BLE001 - any failure to trace or optimize means: run eagerly
-                        graph = None
-                    self._graphs[key] = graph
-            check = (key, n) not in self._checked
+        while True:
+            with self._lock:  # decide (and build) under the lock; run outside it
+                if weights != self._weights:
+                    self._graphs, self._calls, self._checked, self._weights = {}, {}, set(), weights
+                    self._checking = {}
+                graph = self._graphs.get(key)
+                if key not in self._graphs:
+                    self._calls[key] = calls = self._calls.get(key, 0) + 1
+                    if calls >= self.after and len(self._graphs) < GRAPH_MAX_SHAPES:
+                        try:
+                            graph = self._build(pixels)
+                        except Exception:  # noqa: BLE001 - any failure to trace or optimize means: run eagerly
+                            graph = None
+                        self._graphs[key] = graph
+                check = graph is not None and (key, n) not in self._checked
+                pending = self._checking.get((key, n)) if check else None
+                if check and pending is None:
+                    self._checking[(key, n)] = threading.Event()  # this call checks the size
+            if pending is None:
+                break
+            pending.wait()  # another thread is checking this size: use its verdict
         if graph is None:
             return self._eager(batch)
         try:
@@ -132,14 +143,24 @@ class GraphEncode:
         except Exception:  # noqa: BLE001 - a graph that cannot run this batch is dropped for its shape
             out = None
         if out is None or check:
-            expected = self._eager(batch)
-            same = out is not None and all(
-                a.shape == b.shape and a.dtype == b.dtype for a, b in
-                zip((out.tokens, out.mask, out.pooled), (expected.tokens, expected.mask, expected.pooled), strict=True)
-            ) and torch.equal(out.mask, expected.mask) and max_diff(out, expected) <= self.atol
-            with self._lock:
-                if out is None or not same:
-                    self._graphs[key] = None
-                    return expected
-                self._checked.add((key, n))
+            same = False
+            try:
+                expected = self._eager(batch)
+                same = out is not None and all(
+                    a.shape == b.shape and a.dtype == b.dtype for a, b in
+                    zip((out.tokens, out.mask, out.pooled), (expected.tokens, expected.mask, expected.pooled),
+                        strict=True)
+                ) and torch.equal(out.mask, expected.mask) and max_diff(out, expected) <= self.atol
+            finally:  # waiters are released whatever happens; a failed check drops the graph for the shape
+                with self._lock:
+                    if same:
+                        self._checked.add((key, n))
+                    else:
+                        self._graphs[key] = None
+                    done = self._checking.pop((key, n), None)
+                if done is not None:
+                    done.set()
+            if not same:
+                return expected
+        assert out is not None  # a graph that failed to run was checked (and dropped) above
         return out

@@ -129,3 +129,32 @@ def test_a_graph_is_rebuilt_when_the_encoders_weights_change_in_place(frozen_tin
             copy_(batch)
         assert next(iter(runner._graphs.values())) is not first
 
+
+
+def test_parallel_batches_of_one_size_are_checked_once_and_wait_for_the_verdict(monkeypatch, frozen_tiny) -> None:
+    """The feature cache runs chunks in parallel threads: two batches of a size not yet checked used to both run
+    the eager check (or, had the first claimed it, the second would have returned an unchecked graph output)."""
+    import threading
+
+    graph = GraphEncode(frozen_tiny, after=1)
+    calls: list[int] = []
+    eager = GraphEncode._eager
+    monkeypatch.setattr(GraphEncode, "_eager",
+                        lambda self, b: calls.append(int(b["pixel_values"].shape[0])) or eager(self, b))
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+
+    def run() -> None:
+        with torch.no_grad():
+            outs.append(graph({"pixel_values": x}))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [3] and len(outs) == 8
+    with torch.no_grad():
+        want = eager(graph, {"pixel_values": x})
+    for out in outs:
+        torch.testing.assert_close(out.pooled, want.pooled, rtol=0, atol=1e-4)
