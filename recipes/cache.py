@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import datasets
 import torch
@@ -124,12 +124,16 @@ def default_cache_dir() -> Path:
     return Path(given).expanduser() if given else Path.home() / ".cache" / "fusion-zoo" / "features"
 
 
-def raw_view(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
-    """``dataset`` with ``column`` undecoded: ``datasets.Image``/``Audio`` give ``{"bytes", "path"}`` dicts.
+_Rows = TypeVar("_Rows", datasets.Dataset, datasets.IterableDataset)
+
+
+def raw_view(dataset: _Rows, column: str) -> _Rows:
+    """``dataset`` (in memory or streamed) with ``column`` undecoded: ``datasets.Image``/``Audio`` give
+    ``{"bytes", "path"}`` dicts.
 
     Audio decoding in ``datasets`` needs torchcodec/FFmpeg; the encoders' preprocessors decode raw forms themselves.
     """
-    feature = dataset.features.get(column)
+    feature = (dataset.features or {}).get(column)  # a streamed CSV has no declared features
     if isinstance(feature, datasets.Audio) and feature.decode:
         return dataset.cast_column(column, datasets.Audio(sampling_rate=feature.sampling_rate, decode=False))
     if isinstance(feature, datasets.Image) and feature.decode:

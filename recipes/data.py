@@ -7,6 +7,7 @@ How to point it at your own data: docs/data.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import time
@@ -437,6 +438,8 @@ class FusionDataModule(pl.LightningDataModule):
             raise DataError(f"this head-only model has no {missing} encoder(s) to preprocess raw data; build it "
                             "with encoders (FusionModel(config)).")
         part = self._stream[role]
+        for m in model.modalities:  # image/audio cells reach the preprocessors undecoded, as in the cached path
+            part = dataclasses.replace(part, rows=raw_view(part.rows, self.columns[m]))
         features = part.rows.features
         label_col = self.columns["label"]
         encoder = LabelEncoder(model.config.labels, model.config.task,

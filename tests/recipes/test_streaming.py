@@ -268,3 +268,26 @@ def test_a_streamed_fit_killed_mid_epoch_resumes_exactly(folder, tmp_path, kind)
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
     want = json.loads((tmp_path / "ref" / "metrics.json").read_text())["test"]["fused"]["accuracy"]
     assert json.loads((tmp_path / "crash" / "metrics.json").read_text())["test"]["fused"]["accuracy"] == want
+
+
+def test_embedded_audio_and_images_reach_the_preprocessors_undecoded(tmp_path):
+    """A Parquet/hub split with datasets.Audio/Image columns: datasets would decode audio with torchcodec (not
+    installed) as the stream is read; the cells go to the preprocessors as {bytes, path} instead."""
+    import datasets
+    import soundfile as sf
+
+    for i in range(6):
+        sf.write(tmp_path / f"{i}.wav", 0.1 * np.sin(np.arange(1600) * (i + 1) / 50), 16000)
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    ds = datasets.Dataset.from_dict({"audio": [str(tmp_path / f"{i}.wav") for i in range(6)],
+                                     "image": [str(tmp_path / f"{i}.png") for i in range(6)],
+                                     "label": ["lo", "hi"] * 3})
+    ds = ds.cast_column("audio", datasets.Audio()).cast_column("image", datasets.Image())
+    for split in ("train", "validation", "test"):
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))  # the files' bytes are embedded
+    cfg = FusionModelConfig(encoders={"audio": {"name": "mel-cnn", "finetune": "frozen"}, "image": "pixels"},
+                            labels=("hi", "lo"), hidden_dim=8)
+    dm = FusionDataModule(data_dir=str(tmp_path), streaming=True, batch_size=4).attach(FusionModel(cfg).eval())
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["index"]) for b in batches) == 6
+    assert batches[0]["inputs"]["audio"]["present"].all() and batches[0]["inputs"]["image"]["present"].all()
