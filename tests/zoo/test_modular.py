@@ -265,7 +265,11 @@ def test_objectives_read_one_row_a_sample_on_every_hidden_layer(head: str) -> No
     per_sample = [k for k in units if "." not in k]
     assert all(units[k].shape[0] == 24 and units[k].dim() == 2 for k in per_sample)
     assert any(k.startswith("head_hidden") for k in units)
-    assert math.isfinite(float(modularity_losses(units, torch.tensor([0, 1, 2] * 8))["dispersion"]))
+    labels = torch.tensor([0, 1, 2] * 8)
+    assert math.isfinite(float(modularity_losses(units, labels, hidden=True)["dispersion"]))
+    dense = {k: v for k, v in units.items() if "_hidden" not in k}
+    for key, value in modularity_losses(units, labels).items():  # training leaves the hidden layers out
+        torch.testing.assert_close(value, modularity_losses(dense, labels)[key])
 
 
 def test_bounded_replacement_calibration_keeps_every_other_class() -> None:
