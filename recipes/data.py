@@ -49,6 +49,7 @@ COLUMN_ALIASES = {
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
                 "predict": ("test",), None: ("train", "validation", "test")}
 BAD_ROWS_SHOWN = 5
+NORM_SAMPLE_ROWS = 8192  # training rows the standardisation of encoders not served from the cache is fitted on
 CHECK_CHUNK = 4096  # rows per chunk of the row checks
 CHECK_PROGRESS_ROWS = 20_000  # splits at least this long show a progress bar while their rows are checked
 
@@ -129,6 +130,36 @@ class CachedCollate:
 
     def __call__(self, positions: Sequence[int]) -> dict[str, Any]:
         return self.batches.batch(torch.tensor(list(positions), dtype=torch.long))  # [B] positions
+
+
+def _pooled_sample(model: Any, modalities: Sequence[str], batches: Any, rows: int,
+                   device: torch.device) -> dict[str, ModalityOutput]:
+    """Pooled features of ``modalities``' frozen encoders (in eval mode) on the first ``rows`` rows of ``batches``
+    (raw inputs): modality -> ModalityOutput [n, 1, D] whose pooled vectors and presence are the encoder's."""
+    pooled: dict[str, list[Tensor]] = {m: [] for m in modalities}
+    present: dict[str, list[Tensor]] = {m: [] for m in modalities}
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            for m in modalities:
+                enc = model.encoders[m]
+                was = enc.training
+                enc.eval()
+                try:
+                    out = enc({k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch["inputs"][m].items()})
+                finally:
+                    enc.train(was)
+                pooled[m].append(out.pooled.float().cpu())  # [B, D]
+                present[m].append(out.present.cpu())  # [B]
+            seen += len(batch["labels"])
+            if seen >= rows:
+                break
+    out_feats = {}
+    for m in modalities:
+        if pooled[m]:
+            p, ok = torch.cat(pooled[m])[:rows], torch.cat(present[m])[:rows]  # [n, D], [n]
+            out_feats[m] = ModalityOutput(p[:, None], ok[:, None], p)
+    return out_feats
 
 
 class FusionDataModule(pl.LightningDataModule):
@@ -430,24 +461,27 @@ class FusionDataModule(pl.LightningDataModule):
         collate = RawCollate(preprocessors, {m: self.columns[m] for m in live}, self._base, role, cached)
         return self._make_loader(_Rows(split), shuffle, collate, workers)
 
-    def _stream_loader(self, role: str, model: Any, shuffle: bool) -> StreamLoader:
-        """Batches of a streamed split: every encoder runs each step (no feature cache)."""
+    def _stream_loader(self, role: str, model: Any, shuffle: bool, modalities: Sequence[str] | None = None,
+                       shard: tuple[int, int] | None = None) -> StreamLoader:
+        """Batches of a streamed split: every encoder runs each step (no feature cache). ``modalities``: those to
+        preprocess (default: the model's); ``shard``: (rank, world) instead of the trainer's."""
         self.setup({"train": "fit", "validation": "validate"}.get(role, "test"))
-        missing = [m for m in model.modalities if m not in model.encoders]
+        mods = list(model.modalities if modalities is None else modalities)
+        missing = [m for m in mods if m not in model.encoders]
         if missing:
             raise DataError(f"this head-only model has no {missing} encoder(s) to preprocess raw data; build it "
                             "with encoders (FusionModel(config)).")
         part = self._stream[role]
-        for m in model.modalities:  # image/audio cells reach the preprocessors undecoded, as in the cached path
+        for m in mods:  # image/audio cells reach the preprocessors undecoded, as in the cached path
             part = dataclasses.replace(part, rows=raw_view(part.rows, self.columns[m]))
         features = part.rows.features
         label_col = self.columns["label"]
         encoder = LabelEncoder(model.config.labels, model.config.task,
                                features[label_col] if features is not None and label_col in features else None)
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        batches = StreamBatches(part, {m: model.encoders[m].preprocessor for m in model.modalities},
-                                {m: self.columns[m] for m in model.modalities}, label_col, encoder, self._base,
+        rank, world = shard or ((trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
+        batches = StreamBatches(part, {m: model.encoders[m].preprocessor for m in mods},
+                                {m: self.columns[m] for m in mods}, label_col, encoder, self._base,
                                 self.batch_size, shuffle, self.shuffle_buffer, self.seed, rank, world,
                                 self.on_bad_rows)
         return StreamLoader(batches, self.num_workers)
@@ -468,12 +502,31 @@ class FusionDataModule(pl.LightningDataModule):
         return len(self._parts["train"][0])
 
     def train_features(self) -> dict[str, ModalityOutput]:
-        """The training split's cached features (modality -> ModalityOutput over its N rows) of the modalities
-        served from the cache; frozen encoders only (the feature standardisation is fitted on them)."""
+        """Training features of the frozen encoders, for the feature standardisation (and the probe): the whole
+        split's cached features (modality -> ModalityOutput over its N rows) of the modalities served from the
+        cache, and for frozen encoders that are not (``--data.streaming``, ``cache_features=False``) their pooled
+        features on a seeded sample of ``NORM_SAMPLE_ROWS`` training rows, encoded in memory."""
+        model = self._get_model()
+        frozen = [m for m in model.modalities if m in model.encoders and model.encoders[m].finetune == "frozen"]
         if self.streaming:
-            return {}  # nothing is cached while streaming
+            # rank 0's shard on every process: each fits the same statistics
+            loader: Any = self._stream_loader("train", model, True, frozen, shard=(0, 1)) if frozen else []
+            return _pooled_sample(model, frozen, loader, NORM_SAMPLE_ROWS, self._device())
         self._ensure_train()
-        return self._features("train", self._get_model())
+        feats = self._features("train", model)
+        rest = [m for m in frozen if m not in feats]
+        if rest:
+            split = self._checked["train"]
+            pick = np.sort(np.random.default_rng(self.seed).permutation(len(split.rows))[:NORM_SAMPLE_ROWS])
+            collate = RawCollate({m: model.encoders[m].preprocessor for m in rest},
+                                 {m: self.columns[m] for m in rest}, self._base, "train")
+            rows = DataLoader(torch.utils.data.Subset(_Rows(split), pick.tolist()), self.batch_size,
+                              collate_fn=collate)
+            feats = {**feats, **_pooled_sample(model, rest, rows, NORM_SAMPLE_ROWS, self._device())}
+        return feats
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def train_labels(self) -> Tensor:
         """The training split's labels after row checks ([N] class indices | [N, C] multilabel targets), for
