@@ -36,7 +36,7 @@ from .formats import load_source, load_stream
 from .loader import ResumableDataLoader
 from .streaming import StreamBatches, StreamLoader, StreamPart, stream_labels, stream_splits
 
-__all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS", "raw_cell"]
+__all__ = ["FusionDataModule", "RawCollate", "CachedCollate", "DEFAULT_COLUMNS", "raw_cell", "encode_inputs"]
 
 DEFAULT_COLUMNS = {"audio": "audio", "image": "image", "label": "label", "text": "text"}
 # usual names of a role's column, used when the role's own name is absent and --data.columns does not map it
@@ -132,34 +132,41 @@ class CachedCollate:
         return self.batches.batch(torch.tensor(list(positions), dtype=torch.long))  # [B] positions
 
 
+def encode_inputs(model: Any, inputs: Mapping[str, Any], device: torch.device | None = None
+                  ) -> dict[str, ModalityOutput]:
+    """A batch's inputs as encoder features: cached ones as they are, preprocessed ones through the model's encoders
+    without gradients (frozen encoders stay in eval mode), moved to ``device`` first when given."""
+    out = {}
+    with torch.no_grad():
+        for m, v in inputs.items():
+            if not isinstance(v, ModalityOutput):
+                v = model.encoders[m]({k: t.to(device) if device is not None and isinstance(t, Tensor) else t
+                                       for k, t in v.items()})
+            out[m] = v
+    return out
+
+
 def _pooled_sample(model: Any, modalities: Sequence[str], batches: Any, rows: int,
                    device: torch.device) -> dict[str, ModalityOutput]:
-    """Pooled features of ``modalities``' frozen encoders (in eval mode) on the first ``rows`` rows of ``batches``
-    (raw inputs): modality -> ModalityOutput [n, 1, D] whose pooled vectors and presence are the encoder's."""
+    """Pooled features of ``modalities``' frozen encoders on the first ``rows`` rows of ``batches`` (raw inputs):
+    modality -> ModalityOutput [n, 1, D] whose pooled vectors and presence are the encoder's."""
     pooled: dict[str, list[Tensor]] = {m: [] for m in modalities}
     present: dict[str, list[Tensor]] = {m: [] for m in modalities}
     seen = 0
-    with torch.no_grad():
-        for batch in batches:
-            for m in modalities:
-                enc = model.encoders[m]
-                was = enc.training
-                enc.eval()
-                try:
-                    out = enc({k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch["inputs"][m].items()})
-                finally:
-                    enc.train(was)
-                pooled[m].append(out.pooled.float().cpu())  # [B, D]
-                present[m].append(out.present.cpu())  # [B]
-            seen += len(batch["labels"])
-            if seen >= rows:
-                break
-    out_feats = {}
+    for batch in batches:
+        feats = encode_inputs(model, {m: batch["inputs"][m] for m in modalities}, device)
+        for m, f in feats.items():
+            pooled[m].append(f.pooled.float().cpu())  # [B, D]
+            present[m].append(f.present.cpu())  # [B]
+        seen += len(batch["labels"])
+        if seen >= rows:
+            break
+    out = {}
     for m in modalities:
         if pooled[m]:
             p, ok = torch.cat(pooled[m])[:rows], torch.cat(present[m])[:rows]  # [n, D], [n]
-            out_feats[m] = ModalityOutput(p[:, None], ok[:, None], p)
-    return out_feats
+            out[m] = ModalityOutput(p[:, None], ok[:, None], p)
+    return out
 
 
 class FusionDataModule(pl.LightningDataModule):

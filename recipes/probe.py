@@ -39,6 +39,7 @@ from zoo.config import FusionModelConfig
 from zoo.model import FusionModel
 
 from .batches import FeatureBatches
+from .data import encode_inputs
 from .task import task_loss, warmup_cosine
 
 __all__ = ["CANDIDATES", "HEAD_MIN_Z", "MIN_Z", "ProbeReport", "compact_head", "paired_z", "probe_encoders",
@@ -183,14 +184,10 @@ def _features(dm: Any, model: FusionModel) -> tuple[dict[str, ModalityOutput], T
 
 
 def _encoded(loader: Any, model: FusionModel) -> Any:
-    """``loader``'s batches with every input as encoder features: cached ones as they are, raw ones (a data module
-    with ``cache_features=False``) through the frozen encoders, in memory."""
+    """``loader``'s batches with every input as encoder features (raw ones, from a data module with
+    ``cache_features=False``, encoded in memory)."""
     for batch in loader:
-        inputs = batch["inputs"]
-        if any(not isinstance(v, ModalityOutput) for v in inputs.values()):
-            with torch.no_grad():
-                inputs = {m: v if isinstance(v, ModalityOutput) else model.encoders[m](v) for m, v in inputs.items()}
-        yield {**batch, "inputs": inputs}
+        yield {**batch, "inputs": encode_inputs(model, batch["inputs"])}
 
 
 def _fit_score(cfg: FusionModelConfig, train: tuple[dict[str, ModalityOutput], Tensor],

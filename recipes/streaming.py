@@ -21,6 +21,7 @@ Memory is bounded by the shuffle buffer and one batch per loader worker, whateve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,9 @@ class StreamPart:
     val_fraction: float = 0.0
     test_fraction: float = 0.0
 
-    @property
+    @functools.cached_property
     def length(self) -> int | None:
-        """Rows of this role, when the source's count is known."""
+        """Rows of this role, when the source's count is known (a carve's count hashes every position: once)."""
         if self.total is None:
             return None
         if self.code is None:
