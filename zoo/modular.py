@@ -58,7 +58,7 @@ def modularity_losses(units: Mapping[str, Tensor], labels: Tensor, hidden: bool 
         units: layer -> activations [B, W] (``FusionModelOutput.units``).
         labels: class indices [B].
         hidden: also regulate the hidden activation layers (``head_hidden*``, ``trunk_hidden*``). Off in training:
-            on easy-VQA it cost 1.9 points of accuracy over 3 seeds and made modules larger (docs/modularity.md).
+            it cost accuracy and made modules larger (docs/modularity.md has the figures).
 
     Returns:
         ``affinity``: mean over same-class pairs of 1 - cosine(|a_i|, |a_j|); ``dispersion``: mean over
@@ -543,7 +543,7 @@ def calibrate_replacement(model: FusionModel, feats: Mapping[str, ModalityOutput
     score of ``target`` starts or stops winning. For each scale on a grid (0.25 to 4, log-spaced, and 1), the
     rows ``target`` wins grow with the bias; the bias is set just below the row that would first push some other
     class past its allowed loss. Ties in recall go to the higher validation accuracy, then to the scale nearest 1.
-    Cross-entropy (``calibrate``) does not bound the other classes: on easy-VQA it moved one of them by 4.6 points
+    Cross-entropy (``calibrate``) does not bound the other classes, which it can move by several points
     (docs/modularity.md).
 
     Args:

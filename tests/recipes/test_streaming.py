@@ -296,8 +296,7 @@ def test_embedded_audio_and_images_reach_the_preprocessors_undecoded(tmp_path):
 @pytest.mark.parametrize("streaming", [True, False])
 def test_uncached_frozen_encoders_still_standardise_from_a_training_sample(folder, streaming):
     """The standardisation was fitted on cached features only: a streamed (or cache_features=False) fit left it
-    unfitted, and on 2,000 easy-VQA rows the streamed fit trailed the cached one by 10-15 points of validation
-    accuracy in its first epochs. Frozen encoders not served from the cache are now encoded on a training sample."""
+    unfitted (docs/benchmarks.md). Frozen encoders not served from the cache are now encoded on a training sample."""
     torch.manual_seed(0)
     cfg = FusionModelConfig(encoders={"text": "tiny-text", "image": "pixels"}, labels=LABELS, hidden_dim=16,
                             standardize=True)
