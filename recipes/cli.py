@@ -54,6 +54,15 @@ def _run_lightning(command: str, args: list[str]) -> int:
     return 0
 
 
+def _end_process_group() -> None:
+    """Tear down a DDP process group before the interpreter exits: left to the exit, gloo's worker threads can
+    outlive Python and abort the process (SIGABRT, "terminate called without an active exception") after a
+    fit that succeeded."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to end, and no torch import to pay for
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _run_zoo(command: str, args: list[str]) -> int:
     from zoo.cli import main as zoo_main
 
@@ -135,7 +144,10 @@ def _lightning(argv: list[str], datamodule_class: type | None = None) -> Any:
     """Run a Lightning command (``recipes.fit_cli``; imported here, not at start-up)."""
     from .fit_cli import run_lightning
 
-    return run_lightning(argv, datamodule_class)
+    try:
+        return run_lightning(argv, datamodule_class)
+    finally:
+        _end_process_group()
 
 
 def _verify(*args: Any, **kwargs: Any) -> Any:

@@ -156,6 +156,22 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert proc.stdout.count("test metrics") == 1  # only rank 0 reports
 
 
+def test_a_lightning_command_ends_its_process_group_even_when_it_fails(tmp_path):
+    """Left to the interpreter's exit, a gloo group's threads can abort a process whose fit succeeded."""
+    import torch.distributed as dist
+
+    from fusion_errors import FusionZooError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        with pytest.raises((FusionZooError, SystemExit)):
+            cli._lightning(["fit", "--model.no_such_flag", "1"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_zoo_and_sweep_commands_are_dispatched(monkeypatch):
     import recipes.sweep.run
     import zoo.cli
