@@ -4,16 +4,47 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from fusion_errors import DataError, InputError
 from recipes.cli import main as cli_main
 from recipes.predict_table import predict_table
+from zoo.config import FusionModelConfig
+from zoo.model import FusionModel
+
+#: the library's own small encoders (random weights, offline), so no test-only encoder enters the registry
+TINY = {"text": "tiny-text", "image": "pixels", "audio": "mel-cnn"}
+
+
+@pytest.fixture
+def make_model() -> Callable[..., FusionModel]:
+    """A tiny fused model over ``modalities``: ``make_model(task=...)`` and the other config fields."""
+
+    def make(modalities: Sequence[str] = ("audio", "image", "text"), **kw: Any) -> FusionModel:
+        torch.manual_seed(0)
+        kw.setdefault("hidden_dim", 8)
+        cfg = FusionModelConfig(encoders={m: {"name": TINY[m]} for m in modalities}, labels=("a", "b", "c"), **kw)
+        return FusionModel(cfg).eval()
+
+    return make
+
+
+@pytest.fixture
+def raw() -> dict[str, list[Any]]:
+    """Three raw samples per modality (PIL images, (waveform, rate) tuples, strings)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)) for _ in range(3)]
+    audio = [(rng.standard_normal(80).astype(np.float32), 16000) for _ in range(3)]
+    return {"text": ["one", "two two", "three"], "image": images, "audio": audio}
 
 
 def _table(tmp_path: Path, raw: dict[str, list[Any]], text_column: str = "text") -> Path:
