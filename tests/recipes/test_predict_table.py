@@ -36,17 +36,6 @@ def make_model() -> Callable[..., FusionModel]:
     return make
 
 
-@pytest.fixture
-def raw() -> dict[str, list[Any]]:
-    """Three raw samples per modality (PIL images, (waveform, rate) tuples, strings)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)) for _ in range(3)]
-    audio = [(rng.standard_normal(80).astype(np.float32), 16000) for _ in range(3)]
-    return {"text": ["one", "two two", "three"], "image": images, "audio": audio}
-
-
 def _table(tmp_path: Path, raw: dict[str, list[Any]], text_column: str = "text") -> Path:
     (tmp_path / "img").mkdir()
     (tmp_path / "wav").mkdir()

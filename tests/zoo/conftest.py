@@ -133,17 +133,6 @@ def make_model() -> Callable[..., FusionModel]:
 
 
 @pytest.fixture
-def raw() -> dict[str, list[Any]]:
-    """Three raw samples per modality (PIL images, (waveform, rate) tuples, strings)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)) for _ in range(3)]
-    audio = [(rng.standard_normal(80).astype(np.float32), 16000) for _ in range(3)]
-    return {"text": ["one", "two two", "three"], "image": images, "audio": audio}
-
-
-@pytest.fixture
 def randomise_norms() -> Callable[[nn.Module], None]:
     """Gives every BatchNorm2d of a module non-trivial statistics and affine weights (seeded), so a wrong fold shows."""
 
