@@ -250,6 +250,22 @@ def read(fmt: DataFormat, source: Source) -> Splits:
                         "--data.data_format.") from e
 
 
+def _open(dataset: str, data_files: Any, data_format: str | None, data_dir: str | None,
+          streaming: bool) -> tuple[Splits, Path | None, str | None, Source | None]:
+    """The splits a FusionDataModule names (lazily when ``streaming`` and the format ``streams``), the folder
+    relative paths resolve against, a dataset name for model cards, and the located source (None: a named one)."""
+    if data_files is None and data_dir is None:
+        named = get_source(dataset)
+        if named is not None:  # the project's own datasets (recipes/sources.py)
+            splits, base = named.load()
+            return splits, base, named.name, None
+    source = locate(dataset, data_files, data_dir)
+    fmt = pick_format(source, data_format)
+    name = source.name if fmt.reads == "name" and source.folder is None else None  # a hub name goes on model cards
+    lazily = streaming and fmt.streams
+    return read(fmt, dataclasses.replace(source, streaming=True) if lazily else source), source.base, name, source
+
+
 def load_source(dataset: str, data_files: Any, data_format: str | None,
                 data_dir: str | None) -> tuple[datasets.DatasetDict, Path | None, str | None]:
     """Load the data a FusionDataModule names.
@@ -258,19 +274,11 @@ def load_source(dataset: str, data_files: Any, data_format: str | None,
         (the splits, the folder relative paths in cells are resolved against, a dataset name for model cards or
         None for local data).
     """
-    if data_files is None and data_dir is None:
-        named = get_source(dataset)
-        if named is not None:  # the project's own datasets (recipes/sources.py)
-            splits, base = named.load()
-            return splits, base, named.name
-    source = locate(dataset, data_files, data_dir)
-    fmt = pick_format(source, data_format)
-    name = source.name if fmt.reads == "name" and source.folder is None else None  # a hub name goes on model cards
-    splits = read(fmt, source)
+    splits, base, name, _ = _open(dataset, data_files, data_format, data_dir, streaming=False)
     if not isinstance(splits, datasets.DatasetDict):
-        raise DataError(f"data format {fmt.name!r} returned {type(splits).__name__} without --data.streaming; a "
-                        "format's loader returns a DatasetDict unless source.streaming is set.")
-    return splits, source.base, name
+        raise DataError(f"the data loaded as {type(splits).__name__} without --data.streaming; a format's loader "
+                        "returns a DatasetDict unless source.streaming is set.")
+    return splits, base, name
 
 
 Streamed = dict[str, tuple[datasets.IterableDataset, int | None]]  # split -> (its rows, its row count if known)
@@ -302,22 +310,14 @@ def load_stream(dataset: str, data_files: Any, data_format: str | None,
     Formats registered with ``streams=True`` (CSV, JSON, Parquet, a folder of them, a hub dataset) read lazily;
     the others, and named sources, are read as usual and converted.
     """
-    if data_files is None and data_dir is None:
-        named = get_source(dataset)
-        if named is not None:
-            splits, base = named.load()
-            return _streamed(splits), base, named.name
-    source = locate(dataset, data_files, data_dir)
-    fmt = pick_format(source, data_format)
-    name = source.name if fmt.reads == "name" and source.folder is None else None
-    if not fmt.streams:
-        return _streamed(read(fmt, source)), source.base, name
-    loaded = read(fmt, dataclasses.replace(source, streaming=True))
-    if isinstance(loaded, datasets.DatasetDict):  # a format that read its splits whole after all
-        return _streamed(loaded), source.base, name
-    files = source.files if source.files else (split_tables(source.folder) if source.folder else {})
+    loaded, base, name, source = _open(dataset, data_files, data_format, data_dir, streaming=True)
+    if isinstance(loaded, datasets.DatasetDict):  # read whole: a format that does not stream, or a named source
+        return _streamed(loaded), base, name
+    files: Mapping[str, Any] = {}
+    if source is not None:
+        files = source.files if source.files else (split_tables(source.folder) if source.folder else {})
     out: Streamed = {}
     for split, rows in loaded.items():
         given = files.get(split, [])
         out[split] = (rows, _known_rows(rows, split, [given] if isinstance(given, str) else list(given)))
-    return out, source.base, name
+    return out, base, name

@@ -130,6 +130,22 @@ def test_a_format_registers_once_and_says_what_it_claims() -> None:
         formats.register_format("no-suffix")(lambda source: datasets.DatasetDict())
 
 
+def test_a_format_that_streams_without_saying_so_is_refused_unless_streaming(tmp_path: Path) -> None:
+    rows = datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["x", "y"]})
+    formats.register_format("lazy-only", suffixes=(".lazy",))(
+        lambda source: datasets.IterableDatasetDict({"train": rows.to_iterable_dataset()}))
+    (tmp_path / "t.lazy").write_text("rows are made by the format\n")
+    try:
+        with pytest.raises(DataError, match="loaded as IterableDatasetDict without --data.streaming"):
+            formats.load_source("", str(tmp_path / "t.lazy"), None, None)
+        streamed, _, _ = formats.load_stream("", str(tmp_path / "t.lazy"), None, None)
+        assert list(streamed) == ["train"] and streamed["train"][1] is None  # its length is not stated
+        assert [r["text"] for r in streamed["train"][0]] == ["a", "b"]
+    finally:
+        formats._REGISTRY._entries.pop("lazy-only")
+        formats._FORMATS.pop("lazy-only")
+
+
 def test_a_format_error_of_its_own_becomes_one_line_naming_the_format(tmp_path: Path,
                                                                       textfolder: formats.DataFormat) -> None:
     (tmp_path / "pos").mkdir()
