@@ -110,12 +110,12 @@ class GraphEncode:
         if not isinstance(pixels, Tensor) or pixels.dim() != 4 or pixels.device.type != "cpu" \
                 or set(batch) - {"pixel_values", "present"} or torch.is_grad_enabled() or not graph_available():
             return self._eager(batch)
-        weights = self._weights_state()
-        if weights is None:
-            return self._eager(batch)
         key: _GraphKey = (tuple(pixels.shape[1:]), pixels.dtype)
         n = int(pixels.shape[0])
         while True:
+            weights = self._weights_state()  # again after a wait: the weights may have changed meanwhile
+            if weights is None:
+                return self._eager(batch)
             with self._lock:  # decide (and build) under the lock; run outside it
                 if weights != self._weights:
                     self._graphs, self._calls, self._checked, self._weights = {}, {}, set(), weights
@@ -131,8 +131,9 @@ class GraphEncode:
                         self._graphs[key] = graph
                 check = graph is not None and (key, n) not in self._checked
                 pending = self._checking.get((key, n)) if check else None
+                mine = None
                 if check and pending is None:
-                    self._checking[(key, n)] = threading.Event()  # this call checks the size
+                    mine = self._checking[(key, n)] = threading.Event()  # this call checks the size
             if pending is None:
                 break
             pending.wait()  # another thread is checking this size: use its verdict
@@ -153,13 +154,15 @@ class GraphEncode:
                 ) and torch.equal(out.mask, expected.mask) and max_diff(out, expected) <= self.atol
             finally:  # waiters are released whatever happens; a failed check drops the graph for the shape
                 with self._lock:
-                    if same:
-                        self._checked.add((key, n))
-                    else:
-                        self._graphs[key] = None
-                    done = self._checking.pop((key, n), None)
-                if done is not None:
-                    done.set()
+                    if weights == self._weights:  # not a verdict on weights that changed meanwhile
+                        if same:
+                            self._checked.add((key, n))
+                        else:
+                            self._graphs[key] = None
+                    if mine is not None and self._checking.get((key, n)) is mine:
+                        del self._checking[(key, n)]
+                if mine is not None:
+                    mine.set()
             if not same:
                 return expected
         assert out is not None  # a graph that failed to run was checked (and dropped) above

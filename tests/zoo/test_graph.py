@@ -158,3 +158,48 @@ def test_parallel_batches_of_one_size_are_checked_once_and_wait_for_the_verdict(
         want = eager(graph, {"pixel_values": x})
     for out in outs:
         torch.testing.assert_close(out.pooled, want.pooled, rtol=0, atol=1e-4)
+
+
+def test_a_batch_waiting_for_a_check_is_released_when_the_weights_change_meanwhile(monkeypatch, frozen_tiny) -> None:
+    """A check outlived by a change of weights (and a new check for the new weights) still wakes the batches that
+    waited for it: they were left waiting forever when the check released the new weights' waiters instead."""
+    import threading
+    import time
+
+    graph = GraphEncode(frozen_tiny, after=1)
+    x = torch.randn(3, 3, 32, 32)
+    in_check, release, first = threading.Event(), threading.Event(), []
+    eager = GraphEncode._eager
+
+    def slow_first_check(self, b):
+        if not first:  # the first check holds until the weights have changed and been checked again
+            first.append(1)
+            in_check.set()
+            release.wait(60)
+        return eager(self, b)
+
+    monkeypatch.setattr(GraphEncode, "_eager", slow_first_check)
+    outs: list = []
+
+    def run() -> None:
+        with torch.no_grad():
+            outs.append(graph({"pixel_values": x}))
+
+    checker = threading.Thread(target=run, daemon=True)
+    checker.start()
+    assert in_check.wait(60)
+    waiter = threading.Thread(target=run, daemon=True)
+    waiter.start()
+    time.sleep(0.5)  # the waiter reaches the first check's verdict and waits for it
+    with torch.no_grad():
+        for p in frozen_tiny.parameters():
+            p.mul_(1.5)  # new weights: the next call starts over and checks them itself
+        run()
+    release.set()
+    checker.join(60)
+    waiter.join(30)
+    assert not waiter.is_alive() and not checker.is_alive() and len(outs) == 3
+    with torch.no_grad():
+        want = eager(graph, {"pixel_values": x})
+    for out in outs:  # every call answers with the new weights
+        torch.testing.assert_close(out.pooled, want.pooled, rtol=0, atol=1e-4)
