@@ -18,6 +18,7 @@ unit layers (``FusionModel.unit_widths``): each modality's input to the head (``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -124,7 +125,7 @@ def unit_importance(model: FusionModel, feats: Mapping[str, ModalityOutput], bat
         raise ConfigError(f"rows={rows!r} must be 'all', 'own' or 'own-hidden'.")
 
     def own(layer: str) -> bool:
-        return rows == "own" or (rows == "own-hidden" and "_hidden" in layer)
+        return rows == "own" or (rows == "own-hidden" and _hidden(layer))
 
     model.eval()
     c = model.config.num_outputs
@@ -568,7 +569,7 @@ def calibrate_replacement(model: FusionModel, feats: Mapping[str, ModalityOutput
     allowed = keep_right - torch.ceil((ref_right / counts.clamp_min(1) - tolerance) * counts - 1e-6)  # [C]
     allowed[target] = float("inf")
     scales = sorted({1.0, *torch.logspace(-2, 2, 25, base=2.0).tolist()})
-    best: tuple[float, float, float, float] | None = None  # recall, accuracy, -|log scale|, ... -> (s, b)
+    best: tuple[float, float, float] | None = None  # (recall, accuracy, -|log scale|) of ``choice``
     choice = (1.0, float(best_other.min() - z[:, target].max() - 1.0))
     for scale in scales:
         t = best_other - scale * z[:, target]  # [N] the target wins row i once bias > t_i
@@ -581,7 +582,7 @@ def calibrate_replacement(model: FusionModel, feats: Mapping[str, ModalityOutput
             float(ts[-1] + 1.0) if k == n else float(ts[0] - 1.0)
         pred = torch.where(scale * z[:, target] + bias > best_other, target, other_pred)  # [N]
         recall = float((pred[y == target] == target).float().mean()) if bool((y == target).any()) else 0.0
-        key = (recall, float((pred == y).float().mean()), -abs(torch.tensor(scale).log().item()), 0.0)
+        key = (recall, float((pred == y).float().mean()), -abs(math.log(scale)))
         if best is None or key > best:
             best, choice = key, (scale, bias)
     assert best is not None
