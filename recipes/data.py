@@ -511,8 +511,9 @@ class FusionDataModule(pl.LightningDataModule):
     def train_features(self) -> dict[str, ModalityOutput]:
         """Training features of the frozen encoders, for the feature standardisation (and the probe): the whole
         split's cached features (modality -> ModalityOutput over its N rows) of the modalities served from the
-        cache, and for frozen encoders that are not (``--data.streaming``, ``cache_features=False``) their pooled
-        features on a seeded sample of ``NORM_SAMPLE_ROWS`` training rows, encoded in memory."""
+        cache, and for frozen encoders that are not their pooled features on ``NORM_SAMPLE_ROWS`` training rows,
+        encoded in memory: a seeded sample of the split (``cache_features=False``), or the first rows out of the
+        seeded shuffle buffer (``--data.streaming``: a stream has no random access)."""
         model = self._get_model()
         frozen = [m for m in model.modalities if m in model.encoders and model.encoders[m].finetune == "frozen"]
         if self.streaming:
